@@ -1,0 +1,1 @@
+"""Top-level test configuration. Area fixtures live in tests/<area>/conftest.py."""
