@@ -1,0 +1,665 @@
+"""The generic elastic agent: worker specs, worker groups, and the rendezvous/monitor/restart run loop.
+
+Public names and signatures follow ``torch.distributed.elastic.agent.server.api``. The implementation is our own.
+
+Run loop of :class:`SimpleElasticAgent` (``_invoke_run``)::
+
+    rendezvous -> assign ranks -> start workers
+    every monitor_interval:
+        SUCCEEDED            -> wait at the exit barrier (unless a peer already reported the job failed), done
+        FAILED / UNHEALTHY   -> restart (re-rendezvous) while restarts remain, else publish the failure, done
+        HEALTHY              -> if nodes wait to join, or a peer left/was evicted, restart to re-form the group
+                                (membership restarts do not consume max_restarts)
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from elastic_impl.utils.clock import REAL_CLOCK, Clock
+
+__all__ = [
+    "WorkerSpec",
+    "Worker",
+    "WorkerState",
+    "WorkerGroup",
+    "RunResult",
+    "ElasticAgent",
+    "SimpleElasticAgent",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROLE = "default"
+
+# Store keys the agents of one rendezvous round share (the rendezvous store is namespaced per run and round).
+_ROLE_INFO_KEY = "torchelastic/agent/role_info/{group_rank}"
+_MASTER_ADDR_KEY = "torchelastic/agent/master_addr"
+_MASTER_PORT_KEY = "torchelastic/agent/master_port"
+_EXIT_BARRIER_KEY = "torchelastic/agent/exit_barrier"
+_JOB_FAILED_KEY = "torchelastic/agent/job_failed"
+_FAILURE_KEY = "torchelastic/agent/failure/{group_rank}"
+
+
+def _validation_error(what: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"invalid {what}: {value!r} ({allowed})")
+
+
+@dataclass
+class WorkerSpec:
+    """What to run on every node for one role: how many local workers, the entrypoint, restart policy."""
+
+    role: str
+    local_world_size: int
+    rdzv_handler: Any
+    fn: Callable | None = None
+    entrypoint: Callable | str | None = None
+    args: tuple = ()
+    max_restarts: int = 3
+    monitor_interval: float = 0.1
+    master_port: int | None = None
+    master_addr: str | None = None
+    local_addr: str | None = None
+    event_log_handler: str = "null"
+    numa_options: Any = None
+    duplicate_stdout_filters: list[str] | None = None
+    duplicate_stderr_filters: list[str] | None = None
+    virtual_local_rank: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local_world_size, int) or isinstance(self.local_world_size, bool) or (
+            self.local_world_size <= 0
+        ):
+            raise _validation_error("local_world_size", self.local_world_size, "must be an int >= 1")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise _validation_error("max_restarts", self.max_restarts, "must be an int >= 0")
+        if not isinstance(self.monitor_interval, (int, float)) or self.monitor_interval <= 0:
+            raise _validation_error("monitor_interval", self.monitor_interval, "must be a number > 0")
+        if self.fn is not None:
+            # ``fn`` is the deprecated spelling of ``entrypoint``.
+            if self.entrypoint is None:
+                self.entrypoint = self.fn
+        if self.entrypoint is None:
+            raise _validation_error("entrypoint", None, "give a callable or a command string")
+        if not (callable(self.entrypoint) or isinstance(self.entrypoint, str)):
+            raise _validation_error("entrypoint", self.entrypoint, "must be a callable or a command string")
+        if self.master_port is not None and not (0 <= int(self.master_port) <= 65535):
+            raise _validation_error("master_port", self.master_port, "must be in 0..65535")
+
+    def get_entrypoint_name(self) -> str:
+        """The command's base name for a string entrypoint, the function's name for a callable."""
+        if isinstance(self.entrypoint, str):
+            return os.path.basename(self.entrypoint)
+        return getattr(self.entrypoint, "__qualname__", None) or getattr(self.entrypoint, "__name__", "")
+
+
+class Worker:
+    """One worker process slot: its local rank and the ranks it got in the current rendezvous round."""
+
+    __slots__ = ["id", "local_rank", "global_rank", "role_rank", "world_size", "role_world_size"]
+
+    def __init__(
+        self,
+        local_rank: int,
+        global_rank: int = -1,
+        role_rank: int = -1,
+        world_size: int = -1,
+        role_world_size: int = -1,
+    ) -> None:
+        # ``id`` is the process id once started (set by the agent implementation).
+        self.id: Any = None
+        self.local_rank = local_rank
+        self.global_rank = global_rank
+        self.role_rank = role_rank
+        self.world_size = world_size
+        self.role_world_size = role_world_size
+
+    def __str__(self) -> str:
+        return (
+            f"local_rank={self.local_rank},global_rank={self.global_rank},role_rank={self.role_rank},"
+            f"world_size={self.world_size},role_world_size={self.role_world_size}"
+        )
+
+    def __repr__(self) -> str:
+        return f"Worker({self})"
+
+
+class WorkerState(str, Enum):
+    """State of a worker group as a whole (one failed worker makes the group FAILED)."""
+
+    UNKNOWN = "UNKNOWN"
+    INIT = "INIT"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    @staticmethod
+    def is_running(state: WorkerState) -> bool:
+        """Whether workers in ``state`` are still executing (HEALTHY or UNHEALTHY)."""
+        return state in {WorkerState.HEALTHY, WorkerState.UNHEALTHY}
+
+
+class WorkerGroup:
+    """The workers of one spec on this node, plus what the last rendezvous assigned to this node."""
+
+    __slots__ = [
+        "spec",
+        "workers",
+        "store",
+        "group_rank",
+        "group_world_size",
+        "state",
+        "master_addr",
+        "master_port",
+    ]
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.workers = [Worker(local_rank=i) for i in range(spec.local_world_size)]
+        self.store = None
+        self.group_rank: int | None = None
+        self.group_world_size: int | None = None
+        self.master_addr: str | None = None
+        self.master_port: int | None = None
+        self.state = WorkerState.INIT
+
+
+@dataclass
+class RunResult:
+    """Outcome of a worker group: its state, per-global-rank return values, and per-global-rank failures."""
+
+    state: WorkerState
+    return_values: dict[int, Any] = field(default_factory=dict)
+    failures: dict[int, Any] = field(default_factory=dict)
+
+    def is_failed(self) -> bool:
+        return self.state == WorkerState.FAILED
+
+
+class ElasticAgent(abc.ABC):
+    """Supervises the local workers of one or more roles and takes part in the job's rendezvous."""
+
+    @abc.abstractmethod
+    def run(self, role: str = DEFAULT_ROLE) -> RunResult:
+        """Run the workers to completion (restarting them as the policy allows); return the final result."""
+
+    @abc.abstractmethod
+    def get_worker_group(self, role: str = DEFAULT_ROLE) -> WorkerGroup:
+        """The worker group of ``role`` (mutable; it changes as the agent restarts workers)."""
+
+
+class AgentSignalError(Exception):
+    """The agent received a termination signal (SIGTERM/SIGINT/...) and stopped its workers."""
+
+    def __init__(self, msg: str, sigval: signal.Signals) -> None:
+        super().__init__(msg)
+        self.sigval = sigval
+
+
+def _get_free_port(host: str = "") -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _store_try_get(store, key: str) -> bytes | None:
+    """Read ``key`` without blocking on a missing key (TCPStore.get waits until it appears)."""
+    if store.check([key]):
+        return store.get(key)
+    return None
+
+
+class SimpleElasticAgent(ElasticAgent):
+    """An agent for a single worker spec; subclasses say how workers start, stop and are monitored."""
+
+    def __init__(self, spec: WorkerSpec, exit_barrier_timeout: float = 300, shutdown_timeout: int = 30) -> None:
+        self._worker_group = WorkerGroup(spec)
+        self._remaining_restarts = spec.max_restarts
+        self._store = None
+        self._exit_barrier_timeout = exit_barrier_timeout
+        self._shutdown_timeout = shutdown_timeout
+        self._total_execution_time = 0
+        # Protocol timing goes through the clock seam (tests/simulator may inject their own).
+        self._clock: Clock = REAL_CLOCK
+        self._node_id = f"{socket.gethostname()}_{os.getpid()}"
+        self._restart_count = 0
+        self._rdzv_round: int | None = None
+        self._last_failure_published = False
+        self._remote_failures: dict[int, dict[str, Any]] = {}
+        self._members: tuple | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def get_worker_group(self, role: str = DEFAULT_ROLE) -> WorkerGroup:
+        return self._worker_group
+
+    def run(self, role: str = DEFAULT_ROLE) -> RunResult:
+        start = self._clock.monotonic()
+        shutdown_called = False
+        try:
+            result = self._invoke_run(role)
+            self._total_execution_time = int(self._clock.monotonic() - start)
+            self._record_metrics(result)
+            self._emit("agent.exit", state=result.state.value)
+            return result
+        except Exception as e:
+            sigval = getattr(e, "sigval", None)  # ours or elastic_impl.multiprocessing's SignalException
+            if sigval is None:
+                self._emit("agent.exit", state="ERROR", error=f"{type(e).__name__}: {e}")
+                raise
+            sigval = signal.Signals(sigval)
+            logger.warning("agent received %s, stopping workers", sigval.name)
+            shutdown_called = True
+            self._emit("agent.exit", state="TERMINATED", signal=sigval.name)
+            self._shutdown(sigval, timeout=self._shutdown_timeout)
+            raise
+        finally:
+            if not shutdown_called:
+                self._shutdown(timeout=self._shutdown_timeout)
+
+    # ------------------------------------------------------------------ to implement in subclasses
+
+    @abc.abstractmethod
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        """Start ``worker_group.spec.local_world_size`` workers; return ``{local_rank: worker id}``."""
+
+    @abc.abstractmethod
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        """Stop all workers of the group (idempotent)."""
+
+    @abc.abstractmethod
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        """Check the workers once; never blocks for long."""
+
+    @abc.abstractmethod
+    def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: int = 30) -> None:
+        """Release everything the agent holds (workers, servers) when it is done."""
+
+    # ------------------------------------------------------------------ lifecycle steps
+
+    def _rendezvous(self, worker_group: WorkerGroup) -> None:
+        """Join the next rendezvous round and take this node's group rank, store and master address from it."""
+        spec = worker_group.spec
+        info = spec.rdzv_handler.next_rendezvous()
+        if isinstance(info, tuple):  # older handlers return (store, rank, world_size)
+            store, group_rank, group_world_size = info
+            bootstrap = None
+        else:
+            store, group_rank, group_world_size = info.store, info.rank, info.world_size
+            bootstrap = getattr(info, "bootstrap_store_info", None)
+        self._store = store
+        self._rdzv_round = self._read_round(spec.rdzv_handler)
+        workers = self._assign_worker_ranks(store, group_rank, group_world_size, spec)
+        worker_group.workers = workers
+        worker_group.store = store
+        worker_group.group_rank = group_rank
+        worker_group.group_world_size = group_world_size
+        worker_group.master_addr, worker_group.master_port = self._resolve_master(
+            spec, store, group_rank, bootstrap
+        )
+        self._restart_count = self._read_job_restart_count(spec.rdzv_handler)
+        self._members = self._read_members(spec.rdzv_handler)
+        self._emit(
+            "agent.rendezvous",
+            round=self._rdzv_round,
+            group_rank=group_rank,
+            group_world_size=group_world_size,
+            restart_count=self._restart_count,
+        )
+        logger.info(
+            "[%s] rendezvous complete: group_rank=%s group_world_size=%s master=%s:%s",
+            spec.role,
+            group_rank,
+            group_world_size,
+            worker_group.master_addr,
+            worker_group.master_port,
+        )
+
+    def _resolve_master(self, spec: WorkerSpec, store, group_rank: int, bootstrap) -> tuple[str, int]:
+        if spec.master_addr is not None and spec.master_port is not None:
+            return spec.master_addr, int(spec.master_port)
+        if bootstrap is not None and spec.master_port is None and spec.master_addr is None:
+            return bootstrap.master_addr, int(bootstrap.master_port)
+        # No fixed address: node 0 picks one and tells the others through the round's store.
+        if group_rank == 0:
+            addr = spec.master_addr or spec.local_addr or socket.getfqdn()
+            port = int(spec.master_port) if spec.master_port else _get_free_port()
+            store.set(_MASTER_ADDR_KEY, addr.encode())
+            store.set(_MASTER_PORT_KEY, str(port).encode())
+            return addr, port
+        return store.get(_MASTER_ADDR_KEY).decode(), int(store.get(_MASTER_PORT_KEY).decode())
+
+    def _assign_worker_ranks(self, store, group_rank: int, group_world_size: int, spec: WorkerSpec) -> list[Worker]:
+        """Assign global ranks, role ranks and role world sizes to this node's workers.
+
+        Every agent publishes ``(role, local_world_size)`` under its group rank and reads everyone's; each then
+        computes the same answer: nodes are ordered by group rank; a node's global ranks start after all workers of
+        lower group ranks, its role ranks after all workers of the same role on lower group ranks. Deterministic
+        for a given rendezvous outcome, O(N) store reads per agent.
+        """
+        my_info = {"role": spec.role, "local_world_size": spec.local_world_size, "host": socket.gethostname()}
+        store.set(_ROLE_INFO_KEY.format(group_rank=group_rank), json.dumps(my_info).encode())
+        keys = [_ROLE_INFO_KEY.format(group_rank=r) for r in range(group_world_size)]
+        if hasattr(store, "multi_get"):
+            raw = store.multi_get(keys)
+        else:
+            raw = [store.get(k) for k in keys]
+        infos = [json.loads(bytes(v).decode()) for v in raw]
+        world_size = sum(i["local_world_size"] for i in infos)
+        global_base = sum(i["local_world_size"] for i in infos[:group_rank])
+        same_role = [i for i in infos if i["role"] == spec.role]
+        role_world_size = sum(i["local_world_size"] for i in same_role)
+        role_base = sum(i["local_world_size"] for i in infos[:group_rank] if i["role"] == spec.role)
+        return [
+            Worker(
+                local_rank=lr,
+                global_rank=global_base + lr,
+                role_rank=role_base + lr,
+                world_size=world_size,
+                role_world_size=role_world_size,
+            )
+            for lr in range(spec.local_world_size)
+        ]
+
+    def _initialize_workers(self, worker_group: WorkerGroup) -> None:
+        """Rendezvous, then start the workers; leaves the group HEALTHY."""
+        role = worker_group.spec.role
+        logger.info("[%s] rendezvous for workers (restart_count=%s)", role, self._restart_count)
+        self._rendezvous(worker_group)
+        worker_ids = self._start_workers(worker_group)
+        for local_worker in worker_group.workers:
+            local_worker.id = worker_ids[local_worker.local_rank]
+        worker_group.state = WorkerState.HEALTHY
+        self._emit(
+            "agent.workers_started",
+            round=self._rdzv_round,
+            group_rank=worker_group.group_rank,
+            group_world_size=worker_group.group_world_size,
+            restart_count=self._restart_count,
+            ranks=[w.global_rank for w in worker_group.workers],
+            pids=[w.id for w in worker_group.workers],
+        )
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        """Stop the workers, re-rendezvous and start them again."""
+        role = worker_group.spec.role
+        logger.info("[%s] stopping workers for restart", role)
+        self._stop_workers(worker_group)
+        worker_group.state = WorkerState.STOPPED
+        self._initialize_workers(worker_group)
+
+    def _exit_barrier(self) -> None:
+        """Wait until every node's workers succeeded (so no node tears down the store under the others).
+
+        Beyond upstream: the wait ends early when a peer published that the job failed, since the missing
+        nodes will never arrive.
+        """
+        store = self._store
+        group_world_size = self._worker_group.group_world_size
+        if store is None or not group_world_size:
+            return
+        start = self._clock.monotonic()
+        try:
+            store.add(_EXIT_BARRIER_KEY, 1)
+            while True:
+                arrived = store.add(_EXIT_BARRIER_KEY, 0)
+                if arrived >= group_world_size:
+                    logger.info("exit barrier passed (%s nodes)", arrived)
+                    return
+                if store.check([_JOB_FAILED_KEY]):
+                    logger.warning("exit barrier skipped: a peer reported the job failed")
+                    return
+                if self._clock.monotonic() - start > self._exit_barrier_timeout:
+                    logger.error(
+                        "exit barrier timed out after %ss (%s of %s nodes arrived)",
+                        self._exit_barrier_timeout,
+                        arrived,
+                        group_world_size,
+                    )
+                    return
+                self._clock.sleep(min(0.1, self._worker_group.spec.monitor_interval))
+        except AgentSignalError:
+            raise
+        except Exception as e:
+            # The store host may already be gone once everybody else left: nothing left to wait for.
+            logger.warning("exit barrier ended by store error: %s", e)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _invoke_run(self, role: str = DEFAULT_ROLE) -> RunResult:
+        spec = self._worker_group.spec
+        role = spec.role
+        logger.info("[%s] starting workers for entrypoint: %s", role, spec.get_entrypoint_name())
+        self._initialize_workers(self._worker_group)
+        rdzv_handler = spec.rdzv_handler
+        while True:
+            self._clock.sleep(spec.monitor_interval)
+            run_result = self._monitor_workers(self._worker_group)
+            state = run_result.state
+            self._worker_group.state = state
+            self._put_metric(f"workers.{role}.remaining_restarts", self._remaining_restarts)
+            self._put_metric(f"workers.{role}.{state.name.lower()}", 1)
+
+            if state == WorkerState.SUCCEEDED:
+                logger.info("[%s] workers succeeded; waiting at the exit barrier", role)
+                self._exit_barrier()
+                return run_result
+            if state in {WorkerState.UNHEALTHY, WorkerState.FAILED}:
+                self._emit_worker_failures(run_result)
+                if self._remaining_restarts > 0:
+                    self._remaining_restarts -= 1
+                    self._bump_job_restart_count(rdzv_handler)
+                    self._emit("agent.restart", restart_count=self._restart_count + 1, reason="worker_failed")
+                    logger.info(
+                        "[%s] worker group failed; restarting (%s/%s restarts left)",
+                        role,
+                        self._remaining_restarts,
+                        spec.max_restarts,
+                    )
+                    self._restart_workers(self._worker_group)
+                    continue
+                self._stop_workers(self._worker_group)
+                self._worker_group.state = WorkerState.FAILED
+                self._publish_failure(run_result)
+                return run_result
+            if state == WorkerState.HEALTHY:
+                reason = self._membership_change_reason(rdzv_handler)
+                if reason:
+                    logger.info("[%s] membership change (%s); restarting workers", role, reason)
+                    self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
+                    self._restart_workers(self._worker_group)
+                continue
+            raise Exception(f"[{role}] worker group in unexpected state {state.name}")
+
+    # ------------------------------------------------------------------ membership and the job-wide view
+
+    def _membership_change_reason(self, rdzv_handler) -> str | None:
+        waiting = rdzv_handler.num_nodes_waiting()
+        if waiting > 0:
+            return f"{waiting} node(s) waiting to join"
+        members = self._read_members(rdzv_handler)
+        if self._members is not None and members is not None and set(members) != set(self._members):
+            return "participants changed (a node left or was evicted)"
+        return None
+
+    @staticmethod
+    def _read_members(rdzv_handler) -> tuple | None:
+        # Optional rendezvous extension: the current participants, to notice a peer that left or died.
+        fn = getattr(rdzv_handler, "get_participants", None)
+        if fn is None:
+            return None
+        try:
+            members = fn()
+        except Exception as e:  # a transient store error is not a membership change
+            logger.debug("could not read participants: %s", e)
+            return None
+        return tuple(members) if members is not None else None
+
+    @staticmethod
+    def _read_round(rdzv_handler) -> int | None:
+        fn = getattr(rdzv_handler, "get_round", None)
+        if fn is None:
+            return None
+        try:
+            return fn()
+        except Exception:
+            return None
+
+    def _read_job_restart_count(self, rdzv_handler) -> int:
+        # A rendezvous-wide counter keeps every node's TORCHELASTIC_RESTART_COUNT equal and survives nodes
+        # leaving and rejoining; without one we count our own restarts like upstream.
+        local = self._worker_group.spec.max_restarts - self._remaining_restarts
+        fn = getattr(rdzv_handler, "get_restart_count", None)
+        if fn is None:
+            return local
+        try:
+            return int(fn())
+        except Exception as e:
+            logger.warning("rendezvous restart counter unavailable (%s); using the local count", e)
+            return local
+
+    def _bump_job_restart_count(self, rdzv_handler) -> None:
+        fn = getattr(rdzv_handler, "increment_restart_count", None)
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception as e:
+            logger.warning("could not increment the rendezvous restart counter: %s", e)
+
+    def _publish_failure(self, run_result: RunResult) -> None:
+        """Tell the peers this node failed for good, with its root-cause failure (for their reports)."""
+        store = self._store
+        if store is None:
+            return
+        root = _earliest_failure(run_result.failures)
+        try:
+            if root is not None:
+                rank, failure = root
+                store.set(
+                    _FAILURE_KEY.format(group_rank=self._worker_group.group_rank),
+                    json.dumps(_failure_to_dict(rank, failure)).encode(),
+                )
+            store.set(_JOB_FAILED_KEY, str(self._worker_group.group_rank).encode())
+            self._last_failure_published = True
+        except Exception as e:
+            logger.warning("could not publish the failure to peers: %s", e)
+
+    def get_peer_failures(self) -> dict[int, dict[str, Any]]:
+        """Root-cause failures other nodes published in this round: ``{global_rank: failure dict}``."""
+        store = self._store
+        group_world_size = self._worker_group.group_world_size or 0
+        out: dict[int, dict[str, Any]] = {}
+        if store is None:
+            return out
+        for group_rank in range(group_world_size):
+            if group_rank == self._worker_group.group_rank:
+                continue
+            try:
+                raw = _store_try_get(store, _FAILURE_KEY.format(group_rank=group_rank))
+            except Exception:
+                break  # store gone: report what we have
+            if raw:
+                info = json.loads(bytes(raw).decode())
+                out[int(info["rank"])] = info
+        return out
+
+    # ------------------------------------------------------------------ events and metrics
+
+    def _emit(self, name: str, **metadata: Any) -> None:
+        spec = self._worker_group.spec
+        md: dict[str, Any] = {
+            "run_id": _safe_run_id(spec.rdzv_handler),
+            "node_id": self._node_id,
+            "role": spec.role,
+        }
+        md.update(metadata)
+        try:
+            from elastic_impl import events
+
+            event = events.Event(name=name, source=events.EventSource.AGENT, metadata=md)
+            events.record(event, spec.event_log_handler)
+        except ImportError:
+            logger.debug("events module unavailable; event %s not recorded", name)
+        except Exception as e:  # an event sink must never break the agent
+            logger.warning("could not record event %s: %s", name, e)
+
+    def _emit_worker_failures(self, run_result: RunResult) -> None:
+        for rank, failure in sorted(run_result.failures.items()):
+            exitcode = getattr(failure, "exitcode", None)
+            sig = None
+            if exitcode is not None and exitcode < 0:
+                try:
+                    sig = signal.Signals(-exitcode).name
+                except ValueError:
+                    sig = str(-exitcode)
+            self._emit(
+                "agent.worker_failed",
+                round=self._rdzv_round,
+                group_rank=self._worker_group.group_rank,
+                restart_count=self._restart_count,
+                rank=rank,
+                local_rank=getattr(failure, "local_rank", None),
+                exitcode=exitcode,
+                signal=sig,
+            )
+
+    def _put_metric(self, name: str, value: int) -> None:
+        try:
+            from elastic_impl.metrics import put_metric
+
+            put_metric(name, value)
+        except ImportError:
+            pass
+        except Exception as e:
+            logger.debug("could not put metric %s: %s", name, e)
+
+    def _record_metrics(self, group_results: RunResult) -> None:
+        role = self._worker_group.spec.role
+        failed = group_results.is_failed()
+        restarted = self._remaining_restarts != self._worker_group.spec.max_restarts
+        self._put_metric(f"workers.{role}.run_success_with_retries", int(not failed and restarted))
+        self._put_metric(f"workers.{role}.run_success_no_retries", int(not failed and not restarted))
+        self._put_metric(f"workers.{role}.run_failed_with_retries", int(failed and restarted))
+        self._put_metric(f"workers.{role}.run_failed_no_retries", int(failed and not restarted))
+
+
+def _safe_run_id(rdzv_handler) -> str:
+    try:
+        return rdzv_handler.get_run_id()
+    except Exception:
+        return ""
+
+
+def _earliest_failure(failures: dict[int, Any]):
+    if not failures:
+        return None
+    return min(failures.items(), key=lambda kv: (getattr(kv[1], "timestamp", 0) or 0, kv[0]))
+
+
+def _failure_to_dict(rank: int, failure: Any) -> dict[str, Any]:
+    message = getattr(failure, "message", "")
+    if isinstance(message, dict):
+        message = message.get("message", json.dumps(message))
+    return {
+        "rank": rank,
+        "local_rank": getattr(failure, "local_rank", None),
+        "pid": getattr(failure, "pid", None),
+        "exitcode": getattr(failure, "exitcode", None),
+        "timestamp": getattr(failure, "timestamp", None) or int(time.time()),
+        "message": str(message),
+        "host": socket.gethostname(),
+    }

@@ -1,0 +1,217 @@
+"""The local elastic agent: runs this node's workers as OS processes via ``elastic_impl.multiprocessing``.
+
+Public name and signature follow ``torch.distributed.elastic.agent.server.local_elastic_agent``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import string
+import threading
+from typing import Any
+
+from elastic_impl.agent.server.api import (
+    AgentSignalError,
+    RunResult,
+    SimpleElasticAgent,
+    WorkerGroup,
+    WorkerSpec,
+    WorkerState,
+)
+
+__all__ = ["LocalElasticAgent", "DEFAULT_SHUTDOWN_GRACE", "shutdown_grace_from_env"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHUTDOWN_GRACE = 30.0
+SHUTDOWN_GRACE_ENV = "TORCHELASTIC_SHUTDOWN_GRACE"
+
+# Signals that make the agent stop its workers and leave (the job goes on without this node).
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def shutdown_grace_from_env(default: float = DEFAULT_SHUTDOWN_GRACE) -> float:
+    """Seconds between SIGTERM and SIGKILL when stopping workers, from ``TORCHELASTIC_SHUTDOWN_GRACE``."""
+    raw = os.environ.get(SHUTDOWN_GRACE_ENV)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"invalid {SHUTDOWN_GRACE_ENV}: {raw!r} (must be a number of seconds >= 0)"
+        ) from None
+    if value < 0:
+        raise ValueError(f"invalid {SHUTDOWN_GRACE_ENV}: {raw!r} (must be a number of seconds >= 0)")
+    return value
+
+
+def _substitute_local_rank(args: tuple, local_rank: int) -> tuple:
+    # torchrun's "${local_rank}" macro in worker arguments.
+    return tuple(a.replace("${local_rank}", str(local_rank)) if isinstance(a, str) else a for a in args)
+
+
+class LocalElasticAgent(SimpleElasticAgent):
+    """Starts ``spec.local_world_size`` worker processes per rendezvous round and supervises them.
+
+    Workers get torchrun's environment contract (RANK, LOCAL_RANK, WORLD_SIZE, ..., TORCHELASTIC_*); process
+    creation, logs and error files are handled by ``elastic_impl.multiprocessing``. SIGTERM/SIGINT/SIGHUP/SIGQUIT
+    received by the agent stop the workers (SIGTERM, SIGKILL after the shutdown grace) and make ``run`` raise.
+    """
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        logs_specs,
+        start_method: str = "spawn",
+        exit_barrier_timeout: float = 300,
+        log_line_prefix_template: str | None = None,
+        shutdown_timeout: int | float | None = None,
+        health_check_server: Any = None,
+        uninterruptible_state_timeout: float | None = None,
+    ) -> None:
+        if start_method not in ("spawn", "fork", "forkserver"):
+            raise ValueError(f"invalid start_method: {start_method!r} (allowed: spawn, fork, forkserver)")
+        grace = shutdown_grace_from_env() if shutdown_timeout is None else float(shutdown_timeout)
+        if grace < 0:
+            raise ValueError(f"invalid shutdown_timeout: {shutdown_timeout!r} (must be >= 0)")
+        super().__init__(spec, exit_barrier_timeout, shutdown_timeout=grace)
+        self._start_method = start_method
+        self._pcontext = None
+        self._logs_specs = logs_specs
+        self._log_line_prefix_template = log_line_prefix_template
+        self._health_check_server = health_check_server
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ signals
+
+    def run(self, role: str = "default") -> RunResult:
+        self._install_signal_handlers()
+        try:
+            return super().run(role)
+        finally:
+            self._restore_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; an embedding program handles signals itself
+
+        def _raise(signum, _frame):
+            raise AgentSignalError(f"agent received {signal.Signals(signum).name}", signal.Signals(signum))
+
+        for sig in _HANDLED_SIGNALS:
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, _raise)
+            except (ValueError, OSError):
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._previous_handlers.clear()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _log_line_prefixes(self, worker_group: WorkerGroup) -> dict[int, str] | None:
+        if not self._log_line_prefix_template:
+            return None
+        template = string.Template(self._log_line_prefix_template)
+        return {
+            w.local_rank: template.safe_substitute(
+                role_name=worker_group.spec.role, rank=w.global_rank, local_rank=w.local_rank
+            )
+            for w in worker_group.workers
+        }
+
+    def _worker_envs(self, worker_group: WorkerGroup) -> dict[int, dict[str, str]]:
+        spec = worker_group.spec
+        use_agent_store = bool(getattr(spec.rdzv_handler, "use_agent_store", False))
+        run_id = spec.rdzv_handler.get_run_id()
+        envs: dict[int, dict[str, str]] = {}
+        for worker in worker_group.workers:
+            env = {
+                "LOCAL_RANK": str(worker.local_rank),
+                "RANK": str(worker.global_rank),
+                "GROUP_RANK": str(worker_group.group_rank),
+                "ROLE_RANK": str(worker.role_rank),
+                "ROLE_NAME": spec.role,
+                "LOCAL_WORLD_SIZE": str(spec.local_world_size),
+                "WORLD_SIZE": str(worker.world_size),
+                "GROUP_WORLD_SIZE": str(worker_group.group_world_size),
+                "ROLE_WORLD_SIZE": str(worker.role_world_size),
+                "MASTER_ADDR": str(worker_group.master_addr),
+                "MASTER_PORT": str(worker_group.master_port),
+                "TORCHELASTIC_RESTART_COUNT": str(self._restart_count),
+                "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
+                "TORCHELASTIC_RUN_ID": run_id,
+                "TORCHELASTIC_USE_AGENT_STORE": str(use_agent_store),
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.getenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+            }
+            if "OMP_NUM_THREADS" in os.environ:
+                env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+            envs[worker.local_rank] = env
+        return envs
+
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        from elastic_impl.multiprocessing import start_processes
+
+        spec = worker_group.spec
+        envs = self._worker_envs(worker_group)
+        args = {w.local_rank: _substitute_local_rank(tuple(spec.args), w.local_rank) for w in worker_group.workers}
+        self._pcontext = start_processes(
+            name=spec.role,
+            entrypoint=spec.entrypoint,
+            args=args,
+            envs=envs,
+            logs_specs=self._logs_specs,
+            log_line_prefixes=self._log_line_prefixes(worker_group),
+            start_method=self._start_method,
+        )
+        return self._pcontext.pids()
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        self._close_pcontext(signal.SIGTERM, self._shutdown_timeout)
+
+    def _close_pcontext(self, death_sig: signal.Signals, timeout: float) -> None:
+        pcontext, self._pcontext = self._pcontext, None
+        if pcontext is None:
+            return
+        # A second signal while we wait for the workers to exit must not abandon them: block until closed.
+        try:
+            pcontext.close(death_sig, timeout)
+        except AgentSignalError:
+            pcontext.close(signal.SIGKILL, 0)
+            raise
+
+    def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
+        if self._health_check_server is not None:
+            try:
+                self._health_check_server.stop()
+            except Exception as e:
+                logger.warning("health check server did not stop cleanly: %s", e)
+        self._close_pcontext(death_sig, timeout)
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        role = worker_group.spec.role
+        pcontext = self._pcontext
+        if pcontext is None:
+            return RunResult(state=WorkerState.UNKNOWN)
+        expected = {w.id for w in worker_group.workers}
+        actual = set(pcontext.pids().values())
+        if expected != actual:
+            logger.error("[%s] worker pids %s do not match the started ones %s", role, actual, expected)
+            return RunResult(state=WorkerState.UNKNOWN)
+        result = pcontext.wait(0)
+        if result is None:
+            return RunResult(state=WorkerState.HEALTHY)
+        by_local = {w.local_rank: w for w in worker_group.workers}
+        if result.is_failed():
+            failures = {by_local[lr].global_rank: f for lr, f in result.failures.items()}
+            return RunResult(state=WorkerState.FAILED, failures=failures)
+        return_values = {by_local[lr].global_rank: v for lr, v in result.return_values.items()}
+        return RunResult(state=WorkerState.SUCCEEDED, return_values=return_values)

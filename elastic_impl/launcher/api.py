@@ -1,0 +1,263 @@
+"""Programmatic launcher: ``LaunchConfig``, ``elastic_launch`` and ``launch_agent``.
+
+Public names and signatures follow ``torch.distributed.launcher.api``.
+
+Rendezvous lifetime: a job that ENDS (success, or failure after the restarts ran out) closes the rendezvous so
+every node stops; an agent stopped by a signal only LEAVES it, so the surviving nodes re-form without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from elastic_impl.agent.server.api import WorkerSpec
+from elastic_impl.agent.server.local_elastic_agent import LocalElasticAgent, shutdown_grace_from_env
+
+__all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_RDZV_TIMEOUT = 900
+
+
+class LaunchConfigError(ValueError):
+    """The launch configuration is invalid (the CLI reports it on one line and exits with code 2)."""
+
+
+@dataclass
+class LaunchConfig:
+    """Everything ``launch_agent`` needs to start one node's agent (see torchrun's options for meanings)."""
+
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int
+    logs_specs: Any = None
+    run_id: str = ""
+    role: str = "default_role"
+    rdzv_endpoint: str = ""
+    rdzv_backend: str = "etcd"
+    rdzv_configs: dict[str, Any] = field(default_factory=dict)
+    rdzv_timeout: int = -1
+    max_restarts: int = 3
+    monitor_interval: float = 0.1
+    start_method: str = "spawn"
+    log_line_prefix_template: str | None = None
+    metrics_cfg: dict[str, str] = field(default_factory=dict)
+    local_addr: str | None = None
+    event_log_handler: str = "null"
+    numa_options: Any = None
+    signals_to_handle: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+    duplicate_stdout_filters: list[str] | None = None
+    duplicate_stderr_filters: list[str] | None = None
+    virtual_local_rank: bool = False
+    shutdown_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, allowed: str) -> LaunchConfigError:
+            return LaunchConfigError(f"invalid {name}: {value!r} ({allowed})")
+
+        for name in ("min_nodes", "max_nodes", "nproc_per_node", "max_restarts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(name, value, "must be an int")
+        if self.min_nodes < 1:
+            raise bad("min_nodes", self.min_nodes, "must be >= 1")
+        if self.max_nodes < self.min_nodes:
+            raise bad("max_nodes", self.max_nodes, f"must be >= min_nodes ({self.min_nodes})")
+        if self.nproc_per_node < 1:
+            raise bad("nproc_per_node", self.nproc_per_node, "must be >= 1")
+        if self.max_restarts < 0:
+            raise bad("max_restarts", self.max_restarts, "must be >= 0")
+        if not isinstance(self.monitor_interval, (int, float)) or self.monitor_interval <= 0:
+            raise bad("monitor_interval", self.monitor_interval, "must be a number of seconds > 0")
+        if self.start_method not in ("spawn", "fork", "forkserver"):
+            raise bad("start_method", self.start_method, "allowed: spawn, fork, forkserver")
+        if not self.role:
+            raise bad("role", self.role, "must be a non-empty string")
+        if self.shutdown_timeout is not None and self.shutdown_timeout < 0:
+            raise bad("shutdown_timeout", self.shutdown_timeout, "must be >= 0 seconds")
+        if self.rdzv_timeout != -1:
+            self.rdzv_configs["timeout"] = self.rdzv_timeout
+        else:
+            self.rdzv_configs.setdefault("timeout", _DEFAULT_RDZV_TIMEOUT)
+        if self.logs_specs is None:
+            from elastic_impl.multiprocessing import DefaultLogsSpecs
+
+            self.logs_specs = DefaultLogsSpecs()
+
+
+class elastic_launch:  # noqa: N801  (lower-case name kept from upstream)
+    """Launch ``entrypoint`` on this node under an elastic agent: ``elastic_launch(config, fn)(*args)``.
+
+    Returns ``{global_rank: return value}`` of this node's workers (None values for command entrypoints).
+    """
+
+    def __init__(self, config: LaunchConfig, entrypoint: Callable | str | None, health_check_server: Any = None):
+        self._config = config
+        self._entrypoint = entrypoint
+        self._health_check_server = health_check_server
+
+    def __call__(self, *args):
+        return launch_agent(self._config, self._entrypoint, list(args), self._health_check_server)
+
+
+def _entrypoint_name(entrypoint: Callable | str | None, args: list[Any]) -> str:
+    """The name to show in failure reports: the script for ``python script.py``, else the command/function."""
+    if isinstance(entrypoint, Callable):  # type: ignore[arg-type]
+        return getattr(entrypoint, "__name__", str(entrypoint))
+    if isinstance(entrypoint, str):
+        if entrypoint == sys.executable:
+            return next((a for a in args if isinstance(a, str) and not a.startswith("-")), "")
+        return entrypoint
+    return ""
+
+
+def _static_master(params) -> tuple[str | None, int | None]:
+    # For the static backend the endpoint IS the master address; dynamic backends pick one at rendezvous.
+    if params.backend != "static":
+        return None, None
+    endpoint = params.endpoint.strip()
+    if not endpoint:
+        raise LaunchConfigError("invalid rdzv_endpoint: '' (the static backend needs <master_addr>:<port>)")
+    host, port = split_endpoint(endpoint, default_port=29500)
+    return host, port
+
+
+def split_endpoint(endpoint: str, default_port: int | None) -> tuple[str, int | None]:
+    """Split ``host[:port]`` / ``[v6addr][:port]``; one-line LaunchConfigError naming the value when malformed."""
+    raw = endpoint
+    endpoint = endpoint.strip()
+    host, port_str = endpoint, None
+    if endpoint.startswith("["):
+        close = endpoint.find("]")
+        if close < 0:
+            raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (unclosed '[' in IPv6 address)")
+        host, rest = endpoint[1:close], endpoint[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (expected [addr]:port)")
+            port_str = rest[1:]
+    elif endpoint.count(":") == 1:
+        host, port_str = endpoint.split(":")
+    elif endpoint.count(":") > 1:
+        raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (expected host:port; write IPv6 as [addr]:port)")
+    if not host or any(c.isspace() for c in host):
+        raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (missing or malformed host; expected host:port)")
+    if port_str is None:
+        return host, default_port
+    if not port_str.isdigit() or not (0 <= int(port_str) <= 65535):
+        raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (port must be an integer in 0..65535)")
+    return host, int(port_str)
+
+
+def _peer_failures_as_process_failures(agent: LocalElasticAgent) -> dict[int, Any]:
+    """Turn the root-cause failures published by other nodes into ProcessFailure objects for the report."""
+    out: dict[int, Any] = {}
+    try:
+        peers = agent.get_peer_failures()
+    except Exception as e:
+        logger.debug("could not read peer failures: %s", e)
+        return out
+    if not peers:
+        return out
+    from elastic_impl.multiprocessing.errors import ProcessFailure
+
+    for rank, info in peers.items():
+        failure = ProcessFailure(
+            local_rank=info.get("local_rank") or 0,
+            pid=info.get("pid") or -1,
+            exitcode=info.get("exitcode") if info.get("exitcode") is not None else 1,
+            error_file="",
+        )
+        failure.timestamp = int(info.get("timestamp") or failure.timestamp)
+        failure.message = f"[on node {info.get('host')}] {info.get('message')}"
+        out[rank] = failure
+    return out
+
+
+def launch_agent(
+    config: LaunchConfig,
+    entrypoint: Callable | str | None,
+    args: list[Any],
+    health_check_server: Any = None,
+) -> dict[int, Any]:
+    """Run one node's agent for ``entrypoint(*args)`` to the end; raise ChildFailedError if the job failed."""
+    from elastic_impl.multiprocessing.errors import ChildFailedError
+    from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
+
+    if not config.run_id:
+        config.run_id = str(uuid.uuid4().int)
+        logger.warning("config has no run_id; generated a random one: %s", config.run_id)
+    entrypoint_name = _entrypoint_name(entrypoint, args)
+    try:
+        rdzv_parameters = RendezvousParameters(
+            backend=config.rdzv_backend,
+            endpoint=config.rdzv_endpoint,
+            run_id=config.run_id,
+            min_nodes=config.min_nodes,
+            max_nodes=config.max_nodes,
+            local_addr=config.local_addr,
+            **config.rdzv_configs,
+        )
+    except ValueError as e:
+        raise LaunchConfigError(str(e)) from None
+    master_addr, master_port = _static_master(rdzv_parameters)
+    try:
+        rdzv_handler = rendezvous_handler_registry.create_handler(rdzv_parameters)
+    except (ValueError, KeyError) as e:
+        raise LaunchConfigError(str(e).strip("'\"")) from None
+
+    spec = WorkerSpec(
+        role=config.role,
+        local_world_size=config.nproc_per_node,
+        entrypoint=entrypoint,
+        args=tuple(args),
+        rdzv_handler=rdzv_handler,
+        max_restarts=config.max_restarts,
+        monitor_interval=config.monitor_interval,
+        master_addr=master_addr,
+        master_port=master_port,
+        local_addr=config.local_addr,
+        event_log_handler=config.event_log_handler,
+    )
+    grace = config.shutdown_timeout if config.shutdown_timeout is not None else shutdown_grace_from_env()
+    agent = LocalElasticAgent(
+        spec=spec,
+        logs_specs=config.logs_specs,
+        start_method=config.start_method,
+        log_line_prefix_template=config.log_line_prefix_template,
+        shutdown_timeout=grace,
+        health_check_server=health_check_server,
+    )
+    job_ended = True
+    try:
+        result = agent.run()
+        if result.is_failed():
+            failures = dict(result.failures)
+            for rank, failure in _peer_failures_as_process_failures(agent).items():
+                failures.setdefault(rank, failure)
+            raise ChildFailedError(name=entrypoint_name, failures=failures)
+        return result.return_values
+    except Exception as e:
+        if getattr(e, "sigval", None) is not None:
+            job_ended = False  # this node leaves; the job goes on without it
+        elif type(e).__name__ == "RendezvousGracefulExitError":
+            job_ended = False
+        raise
+    finally:
+        _release_rendezvous(rdzv_handler, close=job_ended)
+
+
+def _release_rendezvous(rdzv_handler, close: bool) -> None:
+    try:
+        if close:
+            rdzv_handler.set_closed()
+        rdzv_handler.shutdown()
+    except Exception as e:  # the store host may be gone already; nothing more to release
+        logger.debug("rendezvous release (close=%s) failed: %s", close, e)
+

@@ -1,0 +1,347 @@
+"""``elastic-run`` / ``python -m elastic_impl.run``: a torchrun-compatible launcher.
+
+Accepts torchrun's options (dash and underscore spellings). Invalid options produce ONE line on stderr
+(``elastic-run: error: ...``) and exit code 2. A failed job prints the failure report (root cause first) and exits
+with code 1; an agent stopped by a signal exits with 128 + the signal number.
+
+Extensions: ``--shutdown-grace`` (alias ``--shutdown-timeout``; env ``TORCHELASTIC_SHUTDOWN_GRACE``) = seconds
+between SIGTERM and SIGKILL when stopping workers (default 30).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import runpy
+import signal
+import socket
+import sys
+import uuid
+from argparse import REMAINDER, ArgumentParser
+from contextlib import closing
+from typing import Any
+
+from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch, split_endpoint
+
+__all__ = ["main", "run", "get_args_parser", "parse_args", "config_from_args", "parse_min_max_nnodes"]
+
+logger = logging.getLogger(__name__)
+
+PROG = "elastic-run"
+
+
+class _OneLineArgumentParser(ArgumentParser):
+    """argparse that reports usage errors as a single line (no usage dump) with exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env_default(name: str, default: Any) -> Any:
+    # torchrun lets every option default from PET_<OPTION> in the environment.
+    return os.environ.get(f"PET_{name.upper()}", default)
+
+
+def get_args_parser() -> ArgumentParser:
+    """The launcher's argument parser (torchrun's options plus --shutdown-grace)."""
+    parser = _OneLineArgumentParser(prog=PROG, description="Elastic training launcher (torchrun-compatible)")
+
+    def opt(*names: str, env: str, **kwargs):
+        kwargs.setdefault("default", None)
+        kwargs["default"] = _env_default(env, kwargs["default"])
+        parser.add_argument(*names, **kwargs)
+
+    opt("--nnodes", env="nnodes", type=str, default="1:1", help="Number of nodes, or MIN:MAX.")
+    opt("--nproc-per-node", "--nproc_per_node", env="nproc_per_node", type=str, default="1",
+        help="Workers per node: an int, or cpu, gpu, auto.")
+    opt("--rdzv-backend", "--rdzv_backend", env="rdzv_backend", type=str, default="static",
+        help="Rendezvous backend (c10d, etcd, etcd-v2, etcd-v3, static, ...).")
+    opt("--rdzv-endpoint", "--rdzv_endpoint", env="rdzv_endpoint", type=str, default="",
+        help="Rendezvous endpoint, host[:port].")
+    opt("--rdzv-id", "--rdzv_id", env="rdzv_id", type=str, default="none", help="Job id shared by all nodes.")
+    opt("--rdzv-conf", "--rdzv_conf", env="rdzv_conf", type=str, default="",
+        help="Extra rendezvous settings: key1=value1,key2=value2 (e.g. join_timeout, heartbeat).")
+    parser.add_argument("--standalone", action="store_true",
+                        help="Single-node job: local c10d rendezvous on a free port (ignores --rdzv-*).")
+    opt("--max-restarts", "--max_restarts", env="max_restarts", type=str, default="0",
+        help="Worker group restarts allowed before the job fails.")
+    opt("--monitor-interval", "--monitor_interval", env="monitor_interval", type=str, default="0.1",
+        help="Seconds between worker health checks.")
+    opt("--start-method", "--start_method", env="start_method", type=str, default="spawn",
+        help="Start method for function entrypoints: spawn, fork, forkserver.")
+    opt("--event-log-handler", "--event_log_handler", env="event_log_handler", type=str, default="null",
+        help="Registered event handler name.")
+    opt("--role", env="role", type=str, default="default", help="Worker role name.")
+    parser.add_argument("-m", "--module", action="store_true", help="Run the script as a module (python -m).")
+    parser.add_argument("--no-python", "--no_python", action="store_true",
+                        help="Execute the script directly instead of with python.")
+    parser.add_argument("--run-path", "--run_path", action="store_true",
+                        help="Run the script with runpy.run_path in the worker interpreter.")
+    opt("--log-dir", "--log_dir", env="log_dir", type=str, default=None, help="Base directory for worker logs.")
+    opt("-r", "--redirects", env="redirects", type=str, default="0",
+        help="Redirect std streams to files: 0-3 or local_rank:value,...")
+    opt("-t", "--tee", env="tee", type=str, default="0", help="Tee std streams to files and console.")
+    opt("--local-ranks-filter", "--local_ranks_filter", env="local_ranks_filter", type=str, default="",
+        help="Only show console output of these local ranks (comma separated).")
+    opt("--node-rank", "--node_rank", env="node_rank", type=str, default="0",
+        help="Node rank (static rendezvous only).")
+    opt("--master-addr", "--master_addr", env="master_addr", type=str, default="127.0.0.1",
+        help="Master address (static rendezvous only).")
+    opt("--master-port", "--master_port", env="master_port", type=str, default="29500",
+        help="Master port (static rendezvous only).")
+    opt("--local-addr", "--local_addr", env="local_addr", type=str, default=None,
+        help="Address of this node as seen by peers.")
+    opt("--shutdown-grace", "--shutdown_grace", "--shutdown-timeout", "--shutdown_timeout", env="shutdown_grace",
+        type=str, default=None, dest="shutdown_grace",
+        help="Seconds between SIGTERM and SIGKILL when stopping workers (default: $TORCHELASTIC_SHUTDOWN_GRACE or 30).")
+    opt("--log-line-prefix-template", "--log_line_prefix_template", env="log_line_prefix_template", type=str,
+        default=None, help="Per-line prefix template for worker output (${role_name}, ${rank}, ${local_rank}).")
+    parser.add_argument("training_script", type=str, help="The training program (and its arguments after it).")
+    parser.add_argument("training_script_args", nargs=REMAINDER)
+    return parser
+
+
+def parse_args(args: list[str] | None) -> argparse.Namespace:
+    return get_args_parser().parse_args(args)
+
+
+def _bad(option: str, value: Any, allowed: str) -> LaunchConfigError:
+    return LaunchConfigError(f"invalid {option} value {value!r}: {allowed}")
+
+
+def _parse_int(option: str, value: str, minimum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise _bad(option, value, f"expected an integer >= {minimum}") from None
+    if number < minimum:
+        raise _bad(option, value, f"expected an integer >= {minimum}")
+    return number
+
+
+def _parse_float(option: str, value: str, minimum: float, inclusive: bool) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    ok = number >= minimum if inclusive else number > minimum
+    if not ok:  # also false for nan
+        relation = ">=" if inclusive else ">"
+        raise _bad(option, value, f"expected a number of seconds {relation} {minimum:g}")
+    return number
+
+
+def parse_min_max_nnodes(nnodes: str) -> tuple[int, int]:
+    """``"N"`` -> (N, N); ``"MIN:MAX"`` -> (MIN, MAX) with 1 <= MIN <= MAX."""
+    allowed = "expected N or MIN:MAX with 1 <= MIN <= MAX"
+    parts = str(nnodes).split(":")
+    if len(parts) not in (1, 2):
+        raise _bad("--nnodes", nnodes, allowed)
+    try:
+        values = [int(p.strip()) for p in parts]
+    except ValueError:
+        raise _bad("--nnodes", nnodes, allowed) from None
+    min_nodes, max_nodes = values[0], values[-1]
+    if min_nodes < 1 or max_nodes < min_nodes:
+        raise _bad("--nnodes", nnodes, allowed)
+    return min_nodes, max_nodes
+
+
+def determine_local_world_size(nproc_per_node: str) -> int:
+    value = str(nproc_per_node).strip()
+    allowed = "expected an integer >= 1, or one of cpu, gpu, auto"
+    if value.lstrip("-").isdigit():
+        number = int(value)
+        if number < 1:
+            raise _bad("--nproc-per-node", nproc_per_node, allowed)
+        return number
+    if value == "cpu":
+        return os.cpu_count() or 1
+    if value in ("gpu", "auto"):
+        import torch  # only here: importing torch costs ~1 s
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+        if value == "gpu":
+            raise _bad("--nproc-per-node", nproc_per_node, "no CUDA GPU is available on this machine")
+        return os.cpu_count() or 1
+    raise _bad("--nproc-per-node", nproc_per_node, allowed)
+
+
+def _parse_rdzv_conf(conf: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not conf or not conf.strip():
+        return out
+    for item in conf.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _bad("--rdzv-conf", conf, f"entry {item!r} is not key=value (expected key1=value1,key2=value2)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _parse_std(option: str, value: str):
+    from elastic_impl.multiprocessing import Std
+
+    try:
+        return Std.from_str(str(value))
+    except (ValueError, KeyError, TypeError):
+        raise _bad(option, value, "expected 0-3 (none, out, err, all) or local_rank:value,...") from None
+
+
+def _get_free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_script_path(training_script: str, *training_script_args: str) -> None:
+    """Worker entrypoint for --run-path: run the script in this interpreter as ``__main__``."""
+    sys.argv = [training_script, *training_script_args]
+    runpy.run_path(training_script, run_name="__main__")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[str]]:
+    """Validate the parsed options; return (LaunchConfig, entrypoint command or function, its arguments)."""
+    from elastic_impl.multiprocessing import DefaultLogsSpecs
+
+    min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
+    nproc_per_node = determine_local_world_size(args.nproc_per_node)
+    max_restarts = _parse_int("--max-restarts", args.max_restarts, 0)
+    monitor_interval = _parse_float("--monitor-interval", args.monitor_interval, 0.0, inclusive=False)
+    if args.start_method not in ("spawn", "fork", "forkserver"):
+        raise _bad("--start-method", args.start_method, "expected one of spawn, fork, forkserver")
+    if not args.role or not args.role.strip():
+        raise _bad("--role", args.role, "expected a non-empty name")
+    if args.module and args.no_python:
+        raise LaunchConfigError("--module and --no-python cannot be used together")
+    if not args.rdzv_backend or not args.rdzv_backend.strip():
+        raise _bad("--rdzv-backend", args.rdzv_backend, "expected a backend name such as c10d, etcd or static")
+    rdzv_configs: dict[str, Any] = _parse_rdzv_conf(args.rdzv_conf)
+    shutdown_grace = (
+        _parse_float("--shutdown-grace", args.shutdown_grace, 0.0, inclusive=True)
+        if args.shutdown_grace is not None
+        else None
+    )
+    if shutdown_grace is None:
+        from elastic_impl.agent.server.local_elastic_agent import shutdown_grace_from_env
+
+        try:
+            shutdown_grace = shutdown_grace_from_env()
+        except ValueError as e:
+            raise LaunchConfigError(str(e)) from None
+    node_rank = _parse_int("--node-rank", args.node_rank, 0)
+    master_port = _parse_int("--master-port", args.master_port, 0)
+    if master_port > 65535:
+        raise _bad("--master-port", args.master_port, "expected an integer in 0..65535")
+
+    rdzv_endpoint = args.rdzv_endpoint
+    if args.rdzv_backend == "static":
+        if node_rank >= max_nodes:
+            raise _bad("--node-rank", args.node_rank, f"expected 0 <= node rank < nnodes ({max_nodes})")
+        if min_nodes != max_nodes:
+            raise _bad("--nnodes", args.nnodes, "the static backend needs a fixed node count N, not MIN:MAX")
+        rdzv_configs["rank"] = node_rank
+        if not rdzv_endpoint:
+            master_addr = args.master_addr
+            rdzv_endpoint = f"[{master_addr}]:{master_port}" if ":" in master_addr else f"{master_addr}:{master_port}"
+    if rdzv_endpoint:
+        split_endpoint(rdzv_endpoint, default_port=None)  # validates host[:port]
+
+    redirects = _parse_std("--redirects", args.redirects)
+    tee = _parse_std("--tee", args.tee)
+    ranks_filter = None
+    if args.local_ranks_filter:
+        try:
+            ranks_filter = {int(r) for r in args.local_ranks_filter.split(",") if r.strip()}
+        except ValueError:
+            raise _bad("--local-ranks-filter", args.local_ranks_filter, "expected comma-separated ints") from None
+    logs_specs = DefaultLogsSpecs(
+        log_dir=args.log_dir, redirects=redirects, tee=tee, local_ranks_filter=ranks_filter
+    )
+
+    if nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Like torchrun: N workers each using every core would oversubscribe the machine.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        logger.warning("Setting OMP_NUM_THREADS=1 for each worker to avoid overloading the system.")
+
+    config = LaunchConfig(
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc_per_node,
+        run_id=args.rdzv_id,
+        role=args.role,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_backend=args.rdzv_backend,
+        rdzv_configs=rdzv_configs,
+        max_restarts=max_restarts,
+        monitor_interval=monitor_interval,
+        start_method=args.start_method,
+        log_line_prefix_template=args.log_line_prefix_template,
+        local_addr=args.local_addr,
+        event_log_handler=args.event_log_handler,
+        logs_specs=logs_specs,
+        shutdown_timeout=shutdown_grace,
+    )
+
+    cmd: Any
+    cmd_args: list[str] = []
+    if args.run_path:
+        cmd = _run_script_path
+        cmd_args.append(args.training_script)
+    elif args.no_python:
+        cmd = args.training_script
+    else:
+        cmd = os.getenv("PYTHON_EXEC", sys.executable)
+        cmd_args.append("-u")
+        if args.module:
+            cmd_args.append("-m")
+        cmd_args.append(args.training_script)
+    cmd_args.extend(args.training_script_args)
+    return config, cmd, cmd_args
+
+
+def run(args: argparse.Namespace) -> None:
+    """Launch the job described by parsed ``args`` (raises on failure; see ``main`` for exit codes)."""
+    if args.standalone:
+        args.rdzv_backend = "c10d"
+        args.rdzv_endpoint = f"localhost:{_get_free_port()}"
+        args.rdzv_id = str(uuid.uuid4())
+        logger.info("standalone: c10d rendezvous at %s, run id %s", args.rdzv_endpoint, args.rdzv_id)
+    config, cmd, cmd_args = config_from_args(args)
+    elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main(args: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "WARNING").upper(),
+        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+    )
+    parsed = parse_args(args)
+    try:
+        run(parsed)
+    except LaunchConfigError as e:
+        _fail(str(e), 2)
+    except Exception as e:
+        sigval = getattr(e, "sigval", None)
+        if sigval is not None:
+            sigval = signal.Signals(sigval)
+            sys.stderr.write(f"{PROG}: agent stopped by {sigval.name}; workers stopped\n")
+            sys.exit(128 + int(sigval))
+        if type(e).__name__ == "ChildFailedError":
+            sys.stderr.write(e.format_msg() + "\n")  # type: ignore[attr-defined]
+            sys.exit(1)
+        _fail(f"{type(e).__name__}: {e}".splitlines()[0], 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""A small training script for elastic-run / torchrun, controllable through the environment (used by the tests).
+
+    elastic-run --standalone --nproc-per-node 2 examples/train.py
+
+Environment knobs (all optional):
+  MARKER_DIR              write one JSON marker per rank per attempt: the launcher env this worker saw
+  TRAIN_ALLREDUCE=1       join a gloo process group and all-reduce a tensor (checks sum == WORLD_SIZE)
+  TRAIN_STEPS / TRAIN_STEP_SECONDS   "train" this many steps of this many seconds (default 1 step, 0 s)
+  TRAIN_MIN_WORLD_SIZE    keep running (idle) until the launcher gives a WORLD_SIZE at least this big
+  TRAIN_FAIL_RANK         global rank that fails ...
+  TRAIN_FAIL_ATTEMPT      ... on this TORCHELASTIC_RESTART_COUNT (default: every attempt)
+  TRAIN_FAIL_MODE         raise (exception, error file via @record) | exit (sys.exit(3)) | kill (SIGKILL itself)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+try:  # prefer our implementation; the script also runs where only upstream torch is importable
+    from elastic_impl.multiprocessing.errors import record
+except ImportError:  # pragma: no cover - exercised only without elastic_impl on the path
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+CONTRACT_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "OMP_NUM_THREADS",
+)
+
+
+class InjectedFailure(RuntimeError):
+    """The failure this script was asked to produce."""
+
+
+def _write_marker(marker_dir: str, rank: int, attempt: int, extra: dict) -> None:
+    os.makedirs(marker_dir, exist_ok=True)
+    payload = {name: os.environ.get(name) for name in CONTRACT_VARS}
+    payload.update(extra)
+    payload["pid"] = os.getpid()
+    name = f"attempt{attempt}_rank{rank}_ws{os.environ.get('WORLD_SIZE')}_pid{os.getpid()}.json"
+    tmp = os.path.join(marker_dir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, os.path.join(marker_dir, name))  # atomic: readers never see half a marker
+
+
+def _allreduce(world_size: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        if int(t.item()) != world_size:
+            raise RuntimeError(f"all_reduce gave {t.item()}, expected {world_size}")
+        return float(t.item())
+    finally:
+        dist.destroy_process_group()
+
+
+def _maybe_fail(rank: int, attempt: int) -> None:
+    fail_rank = os.environ.get("TRAIN_FAIL_RANK")
+    if fail_rank is None or int(fail_rank) != rank:
+        return
+    fail_attempt = os.environ.get("TRAIN_FAIL_ATTEMPT")
+    if fail_attempt is not None and int(fail_attempt) != attempt:
+        return
+    mode = os.environ.get("TRAIN_FAIL_MODE", "raise")
+    if mode == "exit":
+        sys.exit(3)
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFailure(f"injected failure on rank {rank} attempt {attempt}")
+
+
+@record
+def main() -> None:
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    extra: dict = {}
+    marker_dir = os.environ.get("MARKER_DIR")
+    if marker_dir:
+        _write_marker(marker_dir, rank, attempt, extra)
+
+    min_world = int(os.environ.get("TRAIN_MIN_WORLD_SIZE", "0"))
+    while world_size < min_world:
+        time.sleep(0.2)  # idle until the agent re-forms a bigger group and restarts us
+
+    if os.environ.get("TRAIN_ALLREDUCE") == "1":
+        extra["allreduce"] = _allreduce(world_size)
+
+    steps = int(os.environ.get("TRAIN_STEPS", "1"))
+    step_seconds = float(os.environ.get("TRAIN_STEP_SECONDS", "0"))
+    for _ in range(steps):
+        _maybe_fail(rank, attempt)
+        time.sleep(step_seconds)
+
+    if marker_dir:
+        extra["done"] = True
+        _write_marker(marker_dir, rank, attempt, extra)
+    print(f"rank {rank}/{world_size} attempt {attempt} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
