@@ -206,8 +206,6 @@ def _run_script_path(training_script: str, *training_script_args: str) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[str]]:
     """Validate the parsed options; return (LaunchConfig, entrypoint command or function, its arguments)."""
-    from elastic_impl.multiprocessing import DefaultLogsSpecs
-
     min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
     nproc_per_node = determine_local_world_size(args.nproc_per_node)
     max_restarts = _parse_int("--max-restarts", args.max_restarts, 0)
@@ -259,6 +257,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
             ranks_filter = {int(r) for r in args.local_ranks_filter.split(",") if r.strip()}
         except ValueError:
             raise _bad("--local-ranks-filter", args.local_ranks_filter, "expected comma-separated ints") from None
+    from elastic_impl.multiprocessing import DefaultLogsSpecs
+
     logs_specs = DefaultLogsSpecs(
         log_dir=args.log_dir, redirects=redirects, tee=tee, local_ranks_filter=ranks_filter
     )

@@ -107,13 +107,15 @@ def main() -> None:
     while world_size < min_world:
         time.sleep(0.2)  # idle until the agent re-forms a bigger group and restarts us
 
+    # Fail before the collective so the peers see a broken group, as with a real crash mid-training.
+    _maybe_fail(rank, attempt)
+
     if os.environ.get("TRAIN_ALLREDUCE") == "1":
         extra["allreduce"] = _allreduce(world_size)
 
     steps = int(os.environ.get("TRAIN_STEPS", "1"))
     step_seconds = float(os.environ.get("TRAIN_STEP_SECONDS", "0"))
     for _ in range(steps):
-        _maybe_fail(rank, attempt)
         time.sleep(step_seconds)
 
     if marker_dir:

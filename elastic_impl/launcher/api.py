@@ -243,11 +243,20 @@ def launch_agent(
                 failures.setdefault(rank, failure)
             raise ChildFailedError(name=entrypoint_name, failures=failures)
         return result.return_values
+    except ChildFailedError:
+        raise
     except Exception as e:
         if getattr(e, "sigval", None) is not None:
             job_ended = False  # this node leaves; the job goes on without it
-        elif type(e).__name__ == "RendezvousGracefulExitError":
+            raise
+        if type(e).__name__ == "RendezvousGracefulExitError":
             job_ended = False
+            raise
+        if type(e).__name__ == "RendezvousClosedError":
+            # A peer ended the job while we were re-forming: report its root cause if it left one.
+            peer_failures = _peer_failures_as_process_failures(agent)
+            if peer_failures:
+                raise ChildFailedError(name=entrypoint_name, failures=peer_failures) from None
         raise
     finally:
         _release_rendezvous(rdzv_handler, close=job_ended)

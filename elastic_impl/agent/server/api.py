@@ -50,6 +50,12 @@ _MASTER_PORT_KEY = "torchelastic/agent/master_port"
 _EXIT_BARRIER_KEY = "torchelastic/agent/exit_barrier"
 _JOB_FAILED_KEY = "torchelastic/agent/job_failed"
 _FAILURE_KEY = "torchelastic/agent/failure/{group_rank}"
+_FAILURE_ACK_KEY = "torchelastic/agent/job_failed_ack"
+_RESTART_BUMP_KEY = "torchelastic/agent/restart_bump"
+# How long a node that failed the job keeps its store up for peers to read the root cause.
+_FAILURE_ACK_TIMEOUT = 5.0
+# Seconds between checks whether a peer failed the job (one store read each).
+_PEER_FAILURE_POLL = 1.0
 
 
 def _validation_error(what: str, value: Any, allowed: str) -> ValueError:
@@ -240,6 +246,9 @@ class SimpleElasticAgent(ElasticAgent):
         self._last_failure_published = False
         self._remote_failures: dict[int, dict[str, Any]] = {}
         self._members: tuple | None = None
+        self._failed_by_peer = False
+        self._acked_peer_failure = False
+        self._next_peer_failure_check = 0.0
 
     # ------------------------------------------------------------------ public API
 
@@ -421,6 +430,7 @@ class SimpleElasticAgent(ElasticAgent):
                     return
                 if store.check([_JOB_FAILED_KEY]):
                     logger.warning("exit barrier skipped: a peer reported the job failed")
+                    self._ack_peer_failure(store)
                     return
                 if self._clock.monotonic() - start > self._exit_barrier_timeout:
                     logger.error(
@@ -459,6 +469,12 @@ class SimpleElasticAgent(ElasticAgent):
                 return run_result
             if state in {WorkerState.UNHEALTHY, WorkerState.FAILED}:
                 self._emit_worker_failures(run_result)
+                if self._peer_failed_job(force=True):
+                    # Our workers most likely broke because a peer gave up: restarting cannot help.
+                    logger.error("[%s] workers failed after a peer failed the job; not restarting", role)
+                    self._stop_workers(self._worker_group)
+                    self._worker_group.state = WorkerState.FAILED
+                    return run_result
                 if self._remaining_restarts > 0:
                     self._remaining_restarts -= 1
                     self._bump_job_restart_count(rdzv_handler)
@@ -476,6 +492,11 @@ class SimpleElasticAgent(ElasticAgent):
                 self._publish_failure(run_result)
                 return run_result
             if state == WorkerState.HEALTHY:
+                if self._peer_failed_job():
+                    logger.error("[%s] a peer failed the job; stopping workers", role)
+                    self._stop_workers(self._worker_group)
+                    self._worker_group.state = WorkerState.FAILED
+                    return RunResult(state=WorkerState.FAILED)
                 reason = self._membership_change_reason(rdzv_handler)
                 if reason:
                     logger.info("[%s] membership change (%s); restarting workers", role, reason)
@@ -536,6 +557,10 @@ class SimpleElasticAgent(ElasticAgent):
         if fn is None:
             return
         try:
+            # One failure usually breaks every node's workers (collectives fail): count one restart per round,
+            # bumped by whichever node notices first.
+            if self._store is not None and self._store.add(_RESTART_BUMP_KEY, 1) != 1:
+                return
             fn()
         except Exception as e:
             logger.warning("could not increment the rendezvous restart counter: %s", e)
@@ -555,14 +580,48 @@ class SimpleElasticAgent(ElasticAgent):
                 )
             store.set(_JOB_FAILED_KEY, str(self._worker_group.group_rank).encode())
             self._last_failure_published = True
+            # This node may host the store: give the peers a moment to read the root cause before it goes away.
+            peers = (self._worker_group.group_world_size or 1) - 1
+            deadline = self._clock.monotonic() + _FAILURE_ACK_TIMEOUT
+            while peers > 0 and store.add(_FAILURE_ACK_KEY, 0) < peers and self._clock.monotonic() < deadline:
+                self._clock.sleep(0.1)
         except Exception as e:
             logger.warning("could not publish the failure to peers: %s", e)
+
+    def _peer_failed_job(self, force: bool = False) -> bool:
+        """Whether another node published that the job failed (checked at most once per second)."""
+        store = self._store
+        if store is None or self._last_failure_published:
+            return False
+        now = self._clock.monotonic()
+        if not force and now < self._next_peer_failure_check:
+            return False
+        self._next_peer_failure_check = now + _PEER_FAILURE_POLL
+        try:
+            failed = store.check([_JOB_FAILED_KEY])
+        except Exception as e:
+            logger.debug("peer failure check failed: %s", e)
+            return False
+        if failed:
+            self._failed_by_peer = True
+            self._ack_peer_failure(store)
+        return failed
+
+    def _ack_peer_failure(self, store) -> None:
+        if self._acked_peer_failure:
+            return
+        self._acked_peer_failure = True
+        try:
+            self.get_peer_failures()  # read the reports before acknowledging (the host may leave after)
+            store.add(_FAILURE_ACK_KEY, 1)
+        except Exception as e:
+            logger.debug("could not acknowledge the peer failure: %s", e)
 
     def get_peer_failures(self) -> dict[int, dict[str, Any]]:
         """Root-cause failures other nodes published in this round: ``{global_rank: failure dict}``."""
         store = self._store
         group_world_size = self._worker_group.group_world_size or 0
-        out: dict[int, dict[str, Any]] = {}
+        out = self._remote_failures  # cached: the store that held them may be gone by the time we report
         if store is None:
             return out
         for group_rank in range(group_world_size):

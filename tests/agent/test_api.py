@@ -1,0 +1,139 @@
+"""Unit tests of the agent's data types and rank assignment (real TCPStore, no worker processes)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from elastic_impl.agent.server import (
+    RunResult,
+    SimpleElasticAgent,
+    Worker,
+    WorkerGroup,
+    WorkerSpec,
+    WorkerState,
+)
+
+
+class _NoRendezvous:
+    """Placeholder handler for specs whose tests never rendezvous."""
+
+    def get_run_id(self) -> str:
+        return "test-run"
+
+
+def _spec(**overrides) -> WorkerSpec:
+    kwargs = dict(role="trainer", local_world_size=2, rdzv_handler=_NoRendezvous(), entrypoint="/bin/true")
+    kwargs.update(overrides)
+    return WorkerSpec(**kwargs)
+
+
+class _RanksOnlyAgent(SimpleElasticAgent):
+    """Concrete agent used only to call the (store-based) rank assignment."""
+
+    def _start_workers(self, worker_group):
+        raise AssertionError("not used")
+
+    def _stop_workers(self, worker_group):
+        pass
+
+    def _monitor_workers(self, worker_group):
+        raise AssertionError("not used")
+
+    def _shutdown(self, death_sig=None, timeout=30):
+        pass
+
+
+def train_fn(x):
+    return x
+
+
+def test_worker_spec_defaults_match_upstream():
+    spec = _spec()
+    assert (spec.max_restarts, spec.monitor_interval, spec.event_log_handler) == (3, 0.1, "null")
+    assert spec.master_addr is None and spec.master_port is None and spec.args == ()
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"local_world_size": 0}, "local_world_size: 0"),
+        ({"max_restarts": -1}, "max_restarts: -1"),
+        ({"monitor_interval": 0}, "monitor_interval: 0"),
+        ({"entrypoint": None}, "entrypoint"),
+        ({"entrypoint": 42}, "entrypoint: 42"),
+    ],
+)
+def test_worker_spec_rejects_bad_values_with_one_line(overrides, fragment):
+    with pytest.raises(ValueError) as info:
+        _spec(**overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_entrypoint_name_for_command_and_function():
+    assert _spec(entrypoint="/usr/bin/python3").get_entrypoint_name() == "python3"
+    assert _spec(entrypoint=train_fn).get_entrypoint_name() == "train_fn"
+    # ``fn`` is the deprecated alias of ``entrypoint``
+    assert _spec(entrypoint=None, fn=train_fn).entrypoint is train_fn
+
+
+def test_worker_state_is_running():
+    running = {s for s in WorkerState if WorkerState.is_running(s)}
+    assert running == {WorkerState.HEALTHY, WorkerState.UNHEALTHY}
+
+
+def test_run_result_and_worker_group_basics():
+    assert RunResult(state=WorkerState.FAILED).is_failed()
+    assert not RunResult(state=WorkerState.SUCCEEDED).is_failed()
+    group = WorkerGroup(_spec(local_world_size=3))
+    assert [w.local_rank for w in group.workers] == [0, 1, 2]
+    assert group.state == WorkerState.INIT and group.group_rank is None
+    w = Worker(local_rank=1)
+    assert (w.global_rank, w.role_rank, w.world_size, w.role_world_size, w.id) == (-1, -1, -1, -1, None)
+
+
+def _assign_concurrently(store_port: int, nodes: list[tuple[str, int]]) -> dict[int, list[Worker]]:
+    """Run one agent's rank assignment per node, concurrently, each with its own client of the real store."""
+    from torch.distributed import TCPStore
+
+    results: dict[int, list[Worker]] = {}
+    errors: list[BaseException] = []
+
+    def node(group_rank: int, role: str, lws: int) -> None:
+        try:
+            store = TCPStore("127.0.0.1", store_port, is_master=False, timeout=__import__("datetime").timedelta(seconds=10))
+            agent = _RanksOnlyAgent(_spec(role=role, local_world_size=lws))
+            results[group_rank] = agent._assign_worker_ranks(store, group_rank, len(nodes), agent._worker_group.spec)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=node, args=(r, role, lws)) for r, (role, lws) in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    return results
+
+
+@pytest.fixture
+def tcp_store():
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    yield store
+    del store
+
+
+def test_assign_worker_ranks_heterogeneous_roles(tcp_store):
+    nodes = [("trainer", 2), ("ps", 1), ("trainer", 3)]
+    results = _assign_concurrently(tcp_store.port, nodes)
+    ranks = {g: [(w.global_rank, w.role_rank, w.world_size, w.role_world_size) for w in ws] for g, ws in results.items()}
+    assert ranks[0] == [(0, 0, 6, 5), (1, 1, 6, 5)]
+    assert ranks[1] == [(2, 0, 6, 1)]
+    assert ranks[2] == [(3, 2, 6, 5), (4, 3, 6, 5), (5, 4, 6, 5)]
+    # every global rank used exactly once
+    assert sorted(w.global_rank for ws in results.values() for w in ws) == list(range(6))
