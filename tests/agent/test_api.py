@@ -117,17 +117,6 @@ def _assign_concurrently(store_port: int, nodes: list[tuple[str, int]]) -> dict[
     return results
 
 
-@pytest.fixture
-def tcp_store():
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
-    yield store
-    del store
-
-
 def test_assign_worker_ranks_heterogeneous_roles(tcp_store):
     nodes = [("trainer", 2), ("ps", 1), ("trainer", 3)]
     results = _assign_concurrently(tcp_store.port, nodes)

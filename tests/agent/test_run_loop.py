@@ -1,0 +1,201 @@
+"""The SimpleElasticAgent run loop: restart policy, membership restarts, exit barrier, failure publication.
+
+Workers are scripted (the loop's decisions are under test, not process handling); the rendezvous round store is a
+real TCPStore, namespaced per round like the real handler's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+
+from torch.distributed import PrefixStore
+
+from elastic_impl.agent.server import RunResult, SimpleElasticAgent, WorkerSpec, WorkerState
+
+
+@dataclass
+class _Info:
+    store: object
+    rank: int
+    world_size: int
+    bootstrap_store_info: object = None
+
+
+@dataclass
+class _Failure:
+    local_rank: int
+    exitcode: int
+    timestamp: int
+    pid: int = 1234
+    message: str = "boom"
+
+
+class RoundStoreHandler:
+    """Rendezvous double: each call to next_rendezvous is a new round with its own prefix of one real store."""
+
+    def __init__(self, store, world_size=1, rank=0, waiting=None, restart_counter=False):
+        self.store = store
+        self.world_size = world_size
+        self.rank = rank
+        self.rounds = 0
+        self.waiting = list(waiting or [])  # successive num_nodes_waiting() answers, then 0
+        self.closed = False
+        self.job_restarts = 0 if restart_counter else None
+
+    def next_rendezvous(self):
+        self.rounds += 1
+        return _Info(PrefixStore(f"round{self.rounds}", self.store), self.rank, self.world_size)
+
+    def num_nodes_waiting(self):
+        return self.waiting.pop(0) if self.waiting else 0
+
+    def get_run_id(self):
+        return "loop-test"
+
+    def get_round(self):
+        return self.rounds
+
+    def set_closed(self):
+        self.closed = True
+
+    def shutdown(self):
+        return True
+
+    # job-wide restart counter extension (only when enabled)
+    def __getattr__(self, name):
+        if self.__dict__.get("job_restarts") is not None:
+            if name == "get_restart_count":
+                return lambda: self.job_restarts
+            if name == "increment_restart_count":
+                def bump():
+                    self.job_restarts += 1
+                return bump
+        raise AttributeError(name)
+
+
+class ScriptedAgent(SimpleElasticAgent):
+    """Workers whose monitored states come from a script; records lifecycle calls."""
+
+    def __init__(self, spec, script, **kwargs):
+        super().__init__(spec, **kwargs)
+        self.script = list(script)
+        self.calls: list[str] = []
+        self.started_restart_counts: list[int] = []
+
+    def _start_workers(self, worker_group):
+        self.calls.append("start")
+        self.started_restart_counts.append(self._restart_count)
+        return {w.local_rank: 1000 + w.local_rank for w in worker_group.workers}
+
+    def _stop_workers(self, worker_group):
+        self.calls.append("stop")
+
+    def _monitor_workers(self, worker_group):
+        return self.script.pop(0) if self.script else RunResult(state=WorkerState.HEALTHY)
+
+    def _shutdown(self, death_sig=signal.SIGTERM, timeout=30):
+        self.calls.append("shutdown")
+
+
+def _spec(handler, max_restarts=3):
+    return WorkerSpec(
+        role="trainer",
+        local_world_size=2,
+        rdzv_handler=handler,
+        entrypoint="/bin/true",
+        max_restarts=max_restarts,
+        monitor_interval=0.01,
+        master_addr="127.0.0.1",
+        master_port=29999,
+    )
+
+
+FAILED = RunResult(state=WorkerState.FAILED, failures={1: _Failure(local_rank=1, exitcode=3, timestamp=10)})
+HEALTHY = RunResult(state=WorkerState.HEALTHY)
+SUCCEEDED = RunResult(state=WorkerState.SUCCEEDED, return_values={0: None, 1: None})
+
+
+def test_failures_restart_until_success(tcp_store):
+    handler = RoundStoreHandler(tcp_store)
+    agent = ScriptedAgent(_spec(handler, max_restarts=3), [FAILED, HEALTHY, FAILED, SUCCEEDED])
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert handler.rounds == 3
+    assert agent._remaining_restarts == 1
+    assert agent.started_restart_counts == [0, 1, 2]  # TORCHELASTIC_RESTART_COUNT per attempt
+    assert agent.calls == ["start", "stop", "start", "stop", "start", "shutdown"]
+
+
+def test_no_restarts_left_fails_and_publishes_root_cause(tcp_store):
+    handler = RoundStoreHandler(tcp_store)
+    agent = ScriptedAgent(_spec(handler, max_restarts=1), [FAILED, FAILED])
+    result = agent.run()
+    assert result.is_failed() and 1 in result.failures
+    assert handler.rounds == 2
+    round_store = PrefixStore("round2", tcp_store)
+    assert round_store.get("torchelastic/agent/job_failed") == b"0"
+    published = json.loads(round_store.get("torchelastic/agent/failure/0"))
+    assert (published["rank"], published["exitcode"], published["message"]) == (1, 3, "boom")
+
+
+def test_waiting_nodes_trigger_restart_without_consuming_restarts(tcp_store):
+    handler = RoundStoreHandler(tcp_store, waiting=[0, 1])
+    agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY, HEALTHY, HEALTHY, SUCCEEDED])
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert handler.rounds == 2
+    assert agent._remaining_restarts == 0 and agent.started_restart_counts == [0, 0]
+
+
+def test_job_wide_restart_counter_is_used_and_bumped_once_per_round(tcp_store):
+    handler = RoundStoreHandler(tcp_store, restart_counter=True)
+    handler.job_restarts = 5  # e.g. restarts that happened before this node joined
+    agent = ScriptedAgent(_spec(handler, max_restarts=2), [FAILED, SUCCEEDED])
+    agent.run()
+    assert agent.started_restart_counts == [5, 6]
+    # a second agent failing in the same round does not bump the counter again
+    other = ScriptedAgent(_spec(handler, max_restarts=2), [])
+    other._store = PrefixStore("round1", tcp_store)
+    other._bump_job_restart_count(handler)
+    assert handler.job_restarts == 6
+
+
+def test_exit_barrier_skipped_when_peer_failed_the_job(tcp_store):
+    # two nodes; the peer never reaches the barrier but reported the job failed
+    handler = RoundStoreHandler(tcp_store, world_size=2, rank=0)
+    agent = ScriptedAgent(_spec(handler), [SUCCEEDED], exit_barrier_timeout=60)
+    peer_view = PrefixStore("round1", tcp_store)
+    peer_view.set("torchelastic/agent/role_info/1", json.dumps({"role": "trainer", "local_world_size": 2}))
+    peer_view.set("torchelastic/agent/job_failed", b"1")
+    start = time.monotonic()
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert time.monotonic() - start < 10  # not the 60 s barrier timeout
+    assert peer_view.add("torchelastic/agent/job_failed_ack", 0) == 1
+
+
+def test_exit_barrier_waits_for_all_nodes_then_times_out(tcp_store):
+    handler = RoundStoreHandler(tcp_store, world_size=2, rank=0)
+    agent = ScriptedAgent(_spec(handler), [SUCCEEDED], exit_barrier_timeout=0.5)
+    PrefixStore("round1", tcp_store).set(
+        "torchelastic/agent/role_info/1", json.dumps({"role": "trainer", "local_world_size": 2})
+    )
+    start = time.monotonic()
+    agent.run()
+    assert 0.5 <= time.monotonic() - start < 10
+
+
+def test_healthy_workers_stopped_when_peer_failed_the_job(tcp_store):
+    handler = RoundStoreHandler(tcp_store, world_size=2, rank=1)
+    peer_view = PrefixStore("round1", tcp_store)
+    peer_view.set("torchelastic/agent/role_info/0", json.dumps({"role": "trainer", "local_world_size": 2}))
+    peer_failure = {"rank": 0, "local_rank": 0, "pid": 1, "exitcode": 7, "timestamp": 5, "message": "oom", "host": "h"}
+    peer_view.set("torchelastic/agent/failure/0", json.dumps(peer_failure))
+    peer_view.set("torchelastic/agent/job_failed", b"0")
+    agent = ScriptedAgent(_spec(handler, max_restarts=3), [HEALTHY] * 5)
+    result = agent.run()
+    assert result.is_failed() and handler.rounds == 1  # no restart: the job is over
+    assert agent.get_peer_failures() == {0: peer_failure}
