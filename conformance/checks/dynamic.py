@@ -1,0 +1,171 @@
+"""torch.distributed.elastic.rendezvous.dynamic_rendezvous: the handler, its backend seam and timeouts."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from conformance.checks._rdzv import c10d_handler, in_threads, timeout
+from conformance.registry import check
+
+DR = "rendezvous.dynamic_rendezvous"
+
+
+def _memory_backend_class(ctx):
+    """A user-written RendezvousBackend (the documented extension point): CAS over a dict, counting calls."""
+    base = ctx.get(f"{DR}.RendezvousBackend")
+
+    class MemoryBackend(base):
+        def __init__(self) -> None:
+            self.state: bytes | None = None
+            self.token = 0
+            self.calls = {"get_state": 0, "set_state": 0, "name": 0}
+
+        @property
+        def name(self) -> str:
+            self.calls["name"] += 1
+            return "conformance-memory"
+
+        def get_state(self):
+            self.calls["get_state"] += 1
+            return None if self.state is None else (self.state, self.token)
+
+        def set_state(self, state, token=None):
+            self.calls["set_state"] += 1
+            if (self.state is None and token is None) or token == self.token:
+                self.state, self.token = state, self.token + 1
+                return self.state, self.token, True
+            return None if self.state is None else (self.state, self.token, False)
+
+    return MemoryBackend
+
+
+def _memory_rendezvous(ctx):
+    backend = _memory_backend_class(ctx)()
+    store = ctx.resources.tcp_store_client()
+    handler = ctx.get(f"{DR}.DynamicRendezvousHandler").from_backend(
+        run_id=ctx.run_id("mem"), store=store, backend=backend, min_nodes=1, max_nodes=1, timeout=timeout(ctx)
+    )
+    ctx.add_cleanup(handler.shutdown)
+    info = handler.next_rendezvous()
+    return backend, handler, info
+
+
+@check(f"{DR}.create_handler", timeout=30)
+def create_handler(ctx) -> None:
+    rp = ctx.get("rendezvous.RendezvousParameters")
+    run_id = ctx.run_id("create")
+    store = ctx.resources.tcp_store_client()
+    backend = ctx.get("rendezvous.c10d_rendezvous_backend.C10dRendezvousBackend")(store, run_id)
+    params = rp(backend="c10d", endpoint="", run_id=run_id, min_nodes=2, max_nodes=2, join_timeout="1",
+                last_call_timeout="1", close_timeout="1")
+    handler = ctx.get(f"{DR}.create_handler")(store, backend, params)
+    ctx.add_cleanup(handler.shutdown)
+    ctx.expect(isinstance(handler, ctx.get(f"{DR}.DynamicRendezvousHandler")), "create_handler() type")
+    ctx.expect_equal(handler.get_run_id(), run_id, "run id from params")
+    started = time.monotonic()
+    ctx.expect_raises(ctx.get("rendezvous.api.RendezvousTimeoutError"), handler.next_rendezvous,
+                      what="next_rendezvous() with join_timeout=1 from params and 1 of 2 nodes")
+    ctx.expect(time.monotonic() - started < 15, "join_timeout from params was not honoured")
+    bad = rp(backend="c10d", endpoint="", run_id=run_id, min_nodes=1, max_nodes=1, join_timeout="-1")
+    ctx.expect_raises(ValueError, ctx.get(f"{DR}.create_handler"), store, backend, bad,
+                      what="create_handler() with join_timeout=-1")
+
+
+@check(f"{DR}.DynamicRendezvousHandler", timeout=60)
+def dynamic_handler(ctx) -> None:
+    run_id = ctx.run_id("dyn")
+    nodes = [c10d_handler(ctx, run_id, 2, 2) for _ in range(2)]
+    infos = in_threads(ctx, [n.next_rendezvous for n in nodes])
+    ctx.expect_equal(sorted(i.rank for i in infos), [0, 1], "ranks of a 2-node rendezvous over TCPStore")
+    ctx.expect_equal({i.world_size for i in infos}, {2}, "world_size of a 2-node rendezvous")
+    # A second round (as after a worker failure): both nodes re-rendezvous and get a consistent new round.
+    again = in_threads(ctx, [n.next_rendezvous for n in nodes])
+    ctx.expect_equal(sorted(i.rank for i in again), [0, 1], "ranks of the second round")
+
+
+@check(f"{DR}.DynamicRendezvousHandler.from_backend")
+def from_backend(ctx) -> None:
+    backend, handler, info = _memory_rendezvous(ctx)
+    ctx.expect(isinstance(handler, ctx.get(f"{DR}.DynamicRendezvousHandler")), "from_backend() type")
+    ctx.expect_equal(handler.get_backend(), "conformance-memory", "get_backend() is the backend's name")
+    ctx.expect_equal((info.rank, info.world_size), (0, 1), "1-node rendezvous over a user backend")
+    dh = ctx.get(f"{DR}.DynamicRendezvousHandler")
+    ctx.expect_raises(ValueError, dh.from_backend, run_id="x", store=ctx.resources.tcp_store_client(),
+                      backend=backend, min_nodes=2, max_nodes=1, what="from_backend() with max_nodes < min_nodes")
+
+
+@check(f"{DR}.RendezvousBackend")
+def rendezvous_backend(ctx) -> None:
+    base = ctx.get(f"{DR}.RendezvousBackend")
+    ctx.expect_raises(TypeError, base, what="instantiating the abstract RendezvousBackend")
+    ctx.expect({"get_state", "set_state", "name"} <= set(base.__abstractmethods__),
+               f"abstract methods {sorted(base.__abstractmethods__)}")
+    backend, _, info = _memory_rendezvous(ctx)
+    ctx.expect_equal(info.world_size, 1, "rendezvous completed over a user-written backend")
+
+
+@check(f"{DR}.RendezvousBackend.get_state")
+def backend_get_state(ctx) -> None:
+    backend, _, _ = _memory_rendezvous(ctx)
+    ctx.expect(backend.calls["get_state"] >= 1, "the handler never read the state through get_state()")
+    ctx.expect(backend.state is not None, "the handler left no state in the backend")
+
+
+@check(f"{DR}.RendezvousBackend.set_state")
+def backend_set_state(ctx) -> None:
+    backend, _, _ = _memory_rendezvous(ctx)
+    ctx.expect(backend.calls["set_state"] >= 1, "the handler never wrote the state through set_state()")
+    ctx.expect(backend.token >= 1, "no set_state() call succeeded")
+
+
+@check(f"{DR}.RendezvousBackend.name")
+def backend_name(ctx) -> None:
+    backend, handler, _ = _memory_rendezvous(ctx)
+    ctx.expect_equal(handler.get_backend(), "conformance-memory", "get_backend() is RendezvousBackend.name")
+
+
+@check(f"{DR}.RendezvousTimeout")
+def rendezvous_timeout(ctx) -> None:
+    rt = ctx.get(f"{DR}.RendezvousTimeout")
+    default = rt()
+    ctx.expect_equal((default.join, default.last_call, default.close, default.heartbeat),
+                     (timedelta(seconds=600), timedelta(seconds=30), timedelta(seconds=30), timedelta(seconds=5)),
+                     "RendezvousTimeout() defaults (join, last_call, close, heartbeat)")
+    for field in ("join", "last_call", "close", "heartbeat"):
+        ctx.expect_raises(ValueError, rt, **{field: timedelta(seconds=0)}, what=f"RendezvousTimeout({field}=0)")
+
+
+def _timeout_property(ctx, field: str, default_s: float) -> None:
+    rt = ctx.get(f"{DR}.RendezvousTimeout")
+    ctx.expect_equal(getattr(rt(), field), timedelta(seconds=default_s), f"default {field}")
+    ctx.expect_equal(getattr(rt(**{field: timedelta(seconds=7)}), field), timedelta(seconds=7), f"given {field}")
+    ctx.expect_equal(getattr(rt(**{field: None}), field), timedelta(seconds=default_s), f"{field}=None falls back")
+    ctx.expect(isinstance(vars(rt).get(field) or getattr(rt, field), property), f"{field} is not a property")
+
+
+@check(f"{DR}.RendezvousTimeout.close")
+def timeout_close(ctx) -> None:
+    _timeout_property(ctx, "close", 30)
+
+
+@check(f"{DR}.RendezvousTimeout.heartbeat")
+def timeout_heartbeat(ctx) -> None:
+    _timeout_property(ctx, "heartbeat", 5)
+
+
+@check(f"{DR}.RendezvousTimeout.join")
+def timeout_join(ctx) -> None:
+    _timeout_property(ctx, "join", 600)
+
+
+@check(f"{DR}.RendezvousTimeout.last_call", timeout=60)
+def timeout_last_call(ctx) -> None:
+    _timeout_property(ctx, "last_call", 30)
+    # Behaviour: with min 1 / max 2 a lone node completes only after last_call has passed.
+    handler = c10d_handler(ctx, ctx.run_id("lastcall"), 1, 2, last_call=1.0)
+    started = time.monotonic()
+    info = handler.next_rendezvous()
+    waited = time.monotonic() - started
+    ctx.expect_equal(info.world_size, 1, "world size after last call with one node")
+    ctx.expect(waited >= 0.9, f"rendezvous completed after {waited:.2f} s, before last_call (1 s) passed")

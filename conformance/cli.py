@@ -1,0 +1,102 @@
+"""``elastic-conformance certify --impl X --device Y [--table PATH] [--out DIR] [-k PATTERN]``.
+
+Exit status: 0 all rows conform or are honestly unsupported, 1 on any VIOLATION (or a row without a check),
+2 on bad input (one-line error on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from conformance.adapters import AdapterError, get_adapter, reference_adapter
+from conformance.device import DEVICE_CHOICES, DeviceError, detect
+from conformance.table import TableError, default_table_path, load_table, validate_paths
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"elastic-conformance: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="elastic-conformance", description="Certify an elastic implementation against the support table.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    cert = sub.add_parser("certify", help="run one check per table row and write reports")
+    cert.add_argument("--impl", required=True, help="elastic_impl | torch | a package mirroring torch.distributed.elastic")
+    cert.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} (default auto)")
+    cert.add_argument("--table", default=None, help="support table (.md or .csv); default: the published table")
+    cert.add_argument("--out", default=None, help="directory for report.json, report.md, junit.xml")
+    cert.add_argument("-k", dest="pattern", default=None, help="only rows whose api contains one of these comma-separated substrings")
+    cert.add_argument("-q", "--quiet", action="store_true", help="no per-check progress lines")
+    cert.add_argument("-v", "--verbose", action="store_true", help="let the implementations' own log lines through")
+    lst = sub.add_parser("list", help="list the table rows and the module of their check")
+    lst.add_argument("--table", default=None)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"elastic-conformance: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _quiet_implementation_logs() -> None:
+    # The implementations log every worker failure the checks provoke on purpose; the verdicts say what matters.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    # Module loggers set their own levels, so the level of a parent logger would not hold them back.
+    logging.disable(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    table_path = Path(args.table) if args.table else default_table_path()
+    try:
+        rows = load_table(table_path)
+        validate_paths(rows, reference_adapter().exists, table_path.name)
+    except TableError as exc:
+        return _fail(str(exc))
+    if args.command == "list":
+        from conformance.registry import REGISTRY, load_checks
+
+        load_checks()
+        for row in rows:
+            check = REGISTRY.get(row.api)
+            print(f"{row.claimed:<4} {check.group if check else 'NO CHECK':<16} {row.api}")
+        return 0
+    try:
+        adapter = get_adapter(args.impl)
+        device = detect(args.device)
+    except (AdapterError, DeviceError) as exc:
+        return _fail(str(exc))
+    if not args.verbose:
+        _quiet_implementation_logs()
+    from conformance.report import progress_line, terminal_table, write_reports
+    from conformance.runner import certify, exit_code, select
+
+    selected = select(rows, args.pattern)
+    if not selected:
+        return _fail(f"-k {args.pattern!r} matches no api in {table_path.name}")
+    print(f"certifying {adapter.name} ({adapter.root}) on {device.describe()}: {len(selected)} rows", flush=True)
+
+    def progress(index: int, total: int, result) -> None:
+        if not args.quiet:
+            print(progress_line(index, total, result), flush=True)
+
+    results = certify(selected, adapter, device, progress=progress)
+    print(terminal_table(results))
+    if args.out:
+        paths = write_reports(results, Path(args.out), impl=adapter.name, device=args.device if device.requested != "auto"
+                              else f"auto->{device.kind}", table=table_path.name)
+        print("reports: " + ", ".join(str(p) for p in paths))
+    code = exit_code(results)
+    if code:
+        print("certification FAILED: at least one VIOLATION (or a row without a check)", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""What a check gets: the implementation under test, the device, a private temp dir and shared real resources.
+
+Shared resources (one TCPStore server, one etcd server) are started lazily on first use and stopped by
+:meth:`SuiteResources.close`, so the whole suite pays for each only once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from conformance.adapters import Adapter
+from conformance.device import Device
+from conformance.registry import CheckFailed, CheckSkipped
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ETCD_BINARY = os.environ.get("ETCD_BINARY", "/usr/bin/etcd")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EtcdProcess:
+    """A real etcd server on loopback (v2 API enabled), in its own session so it can be reaped as a group."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not (os.path.isfile(ETCD_BINARY) and os.access(ETCD_BINARY, os.X_OK)):
+            raise CheckSkipped(f"etcd binary {ETCD_BINARY} not found (install etcd-server or set ETCD_BINARY)")
+        last_error = ""
+        for _attempt in range(3):  # a free port can be taken between probing and binding
+            self.host, self.port, peer = "127.0.0.1", free_port(), free_port()
+            data_dir = workdir / f"etcd-{uuid.uuid4().hex[:8]}"
+            self._log = open(workdir / f"{data_dir.name}.log", "wb")  # noqa: SIM115 (closed in stop)
+            self.proc = subprocess.Popen(
+                [
+                    ETCD_BINARY, "--name", "conformance", "--data-dir", str(data_dir),
+                    "--listen-client-urls", f"http://{self.host}:{self.port}",
+                    "--advertise-client-urls", f"http://{self.host}:{self.port}",
+                    "--listen-peer-urls", f"http://{self.host}:{peer}",
+                    "--initial-advertise-peer-urls", f"http://{self.host}:{peer}",
+                    "--initial-cluster", f"conformance=http://{self.host}:{peer}",
+                    "--enable-v2=true",
+                ],
+                stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://{self.host}:{self.port}/v2/keys", timeout=1) as resp:
+                        json.load(resp)
+                    return
+                except OSError as exc:
+                    last_error = str(exc)
+                    time.sleep(0.1)
+            self.stop()
+        raise CheckSkipped(f"etcd did not start on loopback: {last_error}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def client(self):
+        import etcd  # python-etcd: the documented v2 client, independent of the implementation under test
+
+        return etcd.Client(host=self.host, port=self.port, protocol="http", read_timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        self._log.close()
+
+
+class SuiteResources:
+    """Real servers shared by all checks of one certification run."""
+
+    def __init__(self, adapter: Adapter, device: Device, workdir: Path) -> None:
+        self.adapter = adapter
+        self.device = device
+        self.workdir = workdir
+        self._store: Any = None
+        self._etcd: EtcdProcess | None = None
+        self.cache: dict[str, Any] = {}  # results of expensive real runs shared by several rows
+        self._cleanups: list[Callable[[], None]] = []
+
+    def tcp_store(self):
+        """The shared master TCPStore (torch primitive, used by both implementations)."""
+        if self._store is None:
+            from torch.distributed import TCPStore
+
+            self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=30))
+        return self._store
+
+    def tcp_store_client(self):
+        from torch.distributed import TCPStore
+
+        master = self.tcp_store()
+        return TCPStore("127.0.0.1", master.port, is_master=False, timeout=timedelta(seconds=30))
+
+    def etcd(self) -> EtcdProcess:
+        if self._etcd is None:
+            self._etcd = EtcdProcess(self.workdir)
+        return self._etcd
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._cleanups):
+            try:
+                fn()
+            except Exception:  # cleanup must go on for the rest
+                pass
+        self._cleanups.clear()
+        if self._etcd is not None:
+            self._etcd.stop()
+            self._etcd = None
+        self._store = None
+
+
+class CheckContext:
+    """Handed to each check: resolve documented names in the implementation under test, assert, clean up."""
+
+    def __init__(self, api: str, resources: SuiteResources) -> None:
+        self.api = api
+        self.resources = resources
+        self.adapter = resources.adapter
+        self.device = resources.device
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="check-", dir=resources.workdir))
+        self._cleanups: list[Callable[[], None]] = []
+
+    # -- names -------------------------------------------------------------------------------------------------
+    def get(self, path: str) -> Any:
+        """The implementation's object for a documented path (relative to torch.distributed.elastic or full)."""
+        full = path if path.startswith("torch.") else f"torch.distributed.elastic.{path}"
+        return self.adapter.resolve(full)
+
+    @property
+    def impl_root(self) -> str:
+        return self.adapter.root
+
+    def run_id(self, tag: str) -> str:
+        return f"conf-{tag}-{uuid.uuid4().hex[:8]}"
+
+    # -- assertions --------------------------------------------------------------------------------------------
+    @staticmethod
+    def expect(condition: Any, message: str) -> None:
+        if not condition:
+            raise CheckFailed(message)
+
+    @staticmethod
+    def expect_equal(actual: Any, expected: Any, what: str) -> None:
+        if actual != expected:
+            raise CheckFailed(f"{what}: got {actual!r}, documented {expected!r}")
+
+    @staticmethod
+    def expect_raises(exc_types: type | tuple, fn: Callable, *args: Any, what: str, **kwargs: Any) -> BaseException:
+        try:
+            fn(*args, **kwargs)
+        except exc_types as exc:
+            return exc
+        except Exception as exc:
+            names = exc_types.__name__ if isinstance(exc_types, type) else "/".join(t.__name__ for t in exc_types)
+            raise CheckFailed(f"{what}: raised {type(exc).__name__}: {exc}, documented {names}") from exc
+        names = exc_types.__name__ if isinstance(exc_types, type) else "/".join(t.__name__ for t in exc_types)
+        raise CheckFailed(f"{what}: returned normally, documented to raise {names}")
+
+    @staticmethod
+    def skip(reason: str) -> None:
+        raise CheckSkipped(reason)
+
+    # -- processes ---------------------------------------------------------------------------------------------
+    def worker_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for child processes: they must import ``conformance`` and the implementation."""
+        paths = [str(REPO_ROOT)] + [p for p in sys.path if p and os.path.isdir(p)]
+        env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "CONFORMANCE_IMPL_ROOT": self.impl_root}
+        env.update(extra or {})
+        return env
+
+    def worker_command(self, *args: str) -> tuple[str, tuple[str, ...]]:
+        """(entrypoint, args) running ``python -m conformance.workers ARGS``."""
+        return sys.executable, ("-m", "conformance.workers", *args)
+
+    def run_python(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ)
+        full_env.update(self.worker_env(env))
+        return subprocess.run(
+            [sys.executable, "-m", "conformance.workers", *args],
+            capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(self.tmpdir),
+        )
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._cleanups):
+            try:
+                fn()
+            except Exception:
+                pass
+        shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""Certification reports: terminal table, report.json, report.md and JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import platform
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from conformance.runner import Result
+
+VERDICT_ORDER = ("VIOLATION", "NO-CHECK", "UNDOCUMENTED-SUPPORT", "KNOWN-DIFFERENCE", "CLAIMED-UNSUPPORTED",
+                 "SKIPPED", "CONFORMS")
+
+
+def summary(results: Iterable[Result]) -> dict[str, int]:
+    counts = Counter(r.verdict for r in results)
+    return {v: counts[v] for v in VERDICT_ORDER if counts[v]}
+
+
+def progress_line(index: int, total: int, result: Result) -> str:
+    tail = f"  {result.error}" if result.error else ""
+    if len(tail) > 160:
+        tail = tail[:157] + "..."
+    return f"[{index:>3}/{total}] {result.verdict:<20} {result.observed:<4} {result.duration_s:6.2f}s  {result.api}{tail}"
+
+
+def terminal_table(results: list[Result]) -> str:
+    width = max((len(r.api) for r in results), default=10)
+    lines = [f"{'api':<{width}}  claimed  observed  verdict", "-" * (width + 40)]
+    lines += [f"{r.api:<{width}}  {r.claimed:<7}  {r.observed:<8}  {r.verdict}" for r in results]
+    lines.append("summary: " + ", ".join(f"{k}={v}" for k, v in summary(results).items()))
+    return "\n".join(lines)
+
+
+def _meta(impl: str, device: str, table: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "impl": impl,
+        "device": device,
+        "table": table,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: str, table: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = _meta(impl, device, table)
+    meta["summary"] = summary(results)
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1) + "\n")
+    md_path = out_dir / "report.md"
+    md_path.write_text(_markdown(results, meta))
+    xml_path = out_dir / "junit.xml"
+    _junit(results, meta).write(xml_path, encoding="utf-8", xml_declaration=True)
+    return [json_path, md_path, xml_path]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(results: list[Result], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# Conformance report: `{meta['impl']}` on `{meta['device']}`",
+        "",
+        f"torch {meta['torch']}, Python {meta['python']}, table `{meta['table']}`, created {meta['created']}.",
+        "",
+        "Summary: " + ", ".join(f"**{k}** {v}" for k, v in meta["summary"].items()),
+        "",
+        "|api|claimed|observed|verdict|duration s|error / notes|",
+        "|--|--|--|--|--|--|",
+    ]
+    for r in results:
+        extra = "; ".join(x for x in (r.error, r.notes) if x)
+        lines.append(f"|`{r.api}`|{r.claimed}|{r.observed}|{r.verdict}|{r.duration_s:.2f}|{_cell(extra)}|")
+    return "\n".join(lines) + "\n"
+
+
+def _junit(results: list[Result], meta: dict[str, Any]) -> ET.ElementTree:
+    counts = Counter(r.verdict for r in results)
+    suite = ET.Element(
+        "testsuite",
+        name=f"conformance-{meta['impl']}-{meta['device']}",
+        tests=str(len(results)),
+        failures=str(counts["VIOLATION"] + counts["NO-CHECK"]),
+        skipped=str(counts["SKIPPED"]),
+        errors="0",
+        time=f"{sum(r.duration_s for r in results):.3f}",
+    )
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"conformance.{r.group}", name=r.api,
+                             time=f"{r.duration_s:.3f}")
+        props = ET.SubElement(case, "properties")
+        for key in ("claimed", "observed", "verdict"):
+            ET.SubElement(props, "property", name=key, value=getattr(r, key))
+        if r.verdict in ("VIOLATION", "NO-CHECK"):
+            failure = ET.SubElement(case, "failure", message=f"{r.verdict}: {r.error}")
+            failure.text = r.detail or r.error
+        elif r.verdict == "SKIPPED":
+            ET.SubElement(case, "skipped", message=r.error)
+        elif r.error:
+            ET.SubElement(case, "system-out").text = f"{r.verdict}: {r.error}"
+    return ET.ElementTree(suite)

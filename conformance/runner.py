@@ -1,0 +1,150 @@
+"""Runs the registered checks for the rows of a table and assigns each row a verdict."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from conformance.adapters import Adapter, ApiNotFound
+from conformance.context import CheckContext, SuiteResources
+from conformance.device import Device
+from conformance.known_differences import known_difference
+from conformance.registry import REGISTRY, Check, CheckFailed, CheckSkipped, load_checks
+from conformance.signatures import compare, describe, load_snapshot
+from conformance.table import Row
+
+CONFORMS = "CONFORMS"
+VIOLATION = "VIOLATION"
+CLAIMED_UNSUPPORTED = "CLAIMED-UNSUPPORTED"
+UNDOCUMENTED_SUPPORT = "UNDOCUMENTED-SUPPORT"
+SKIPPED = "SKIPPED"
+KNOWN_DIFFERENCE = "KNOWN-DIFFERENCE"
+NO_CHECK = "NO-CHECK"  # a table row the suite has no check for: a defect of the suite itself
+FAILING_VERDICTS = (VIOLATION, NO_CHECK)
+
+
+@dataclass
+class Result:
+    api: str
+    group: str
+    claimed: str  # yes | no
+    observed: str  # pass | fail | skip
+    duration_s: float
+    verdict: str
+    error: str = ""  # one line
+    detail: str = ""  # traceback or extra lines, for report.json
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verdict_for(supported: bool, observed: str) -> str:
+    if observed == "skip":
+        return SKIPPED
+    if supported:
+        return CONFORMS if observed == "pass" else VIOLATION
+    return UNDOCUMENTED_SUPPORT if observed == "pass" else CLAIMED_UNSUPPORTED
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def select(rows: Iterable[Row], pattern: str | None) -> list[Row]:
+    """Rows whose API contains any of the comma-separated, case-insensitive substrings of ``pattern``."""
+    rows = list(rows)
+    if not pattern:
+        return rows
+    needles = [p.strip().lower() for p in pattern.split(",") if p.strip()]
+    return [r for r in rows if any(n in r.api.lower() for n in needles)]
+
+
+def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any]) -> None:
+    try:
+        obj = ctx.adapter.resolve(check.api)
+    except ApiNotFound as exc:
+        raise CheckFailed(f"missing: {exc}") from None
+    expected = snapshot.get(check.api)
+    if expected is not None:
+        problems = compare(check.api.rsplit(".", 1)[-1], expected, describe(obj))
+        if problems:
+            raise CheckFailed("signature: " + "; ".join(problems))
+    check.fn(ctx)
+
+
+def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Result:
+    check = REGISTRY.get(row.api)
+    if check is None:
+        return Result(row.api, "-", row.claimed, "fail", 0.0, NO_CHECK, f"no check registered for {row.api}")
+    if check.device and not resources.device.available:
+        return Result(row.api, check.group, row.claimed, "skip", 0.0, SKIPPED, resources.device.reason)
+    ctx = CheckContext(row.api, resources)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            _execute(check, ctx, snapshot)
+            outcome["observed"] = "pass"
+        except CheckSkipped as exc:
+            outcome.update(observed="skip", error=str(exc))
+        except BaseException as exc:  # any failure of the implementation is a finding, not a crash of the suite
+            outcome.update(observed="fail", error=_one_line(exc), detail=traceback.format_exc(limit=8))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=target, name=f"check:{row.short_api}", daemon=True)
+    thread.start()
+    thread.join(check.timeout)
+    if thread.is_alive():
+        outcome = {"observed": "fail", "error": f"timed out after {check.timeout:.0f} s"}
+    duration = time.monotonic() - started
+    ctx.close()
+    observed = outcome["observed"]
+    verdict = verdict_for(row.supported, observed)
+    notes = row.notes if row.notes not in ("", "-") else ""
+    reason = known_difference(resources.adapter.name, row.api)
+    if reason is not None:
+        if observed == "fail":
+            verdict = KNOWN_DIFFERENCE
+            notes = f"known difference: {reason}"
+        elif observed == "pass":
+            notes = f"listed as known difference but passes (stale entry?): {reason}"
+    return Result(row.api, check.group, row.claimed, observed, round(duration, 3), verdict,
+                  outcome.get("error", ""), outcome.get("detail", ""), notes)
+
+
+def certify(
+    rows: Iterable[Row],
+    adapter: Adapter,
+    device: Device,
+    *,
+    progress: Callable[[int, int, Result], None] | None = None,
+    workdir: Path | None = None,
+) -> list[Result]:
+    """Run the check of every row (in table order) against ``adapter`` on ``device``."""
+    load_checks()
+    rows = list(rows)
+    snapshot = load_snapshot()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="conformance-", dir=workdir) as tmp:
+        resources = SuiteResources(adapter, device, Path(tmp))
+        try:
+            for index, row in enumerate(rows, start=1):
+                result = run_row(row, resources, snapshot)
+                results.append(result)
+                if progress is not None:
+                    progress(index, len(rows), result)
+        finally:
+            resources.close()
+    return results
+
+
+def exit_code(results: Iterable[Result]) -> int:
+    return 1 if any(r.verdict in FAILING_VERDICTS for r in results) else 0

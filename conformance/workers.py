@@ -1,0 +1,127 @@
+"""Worker programs the checks start as real processes: ``python -m conformance.workers MODE ARGS``.
+
+Modes that only exercise process management stay free of ``import torch`` (it costs ~1.2 s of CPU); modes that need
+the implementation import it from ``$CONFORMANCE_IMPL_ROOT`` (e.g. ``elastic_impl`` or ``torch.distributed.elastic``).
+The module-level functions are the entrypoints of function-based (multiprocessing) workers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+
+ENV_KEYS = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE",
+)
+
+
+def impl_module(relative: str):
+    root = os.environ.get("CONFORMANCE_IMPL_ROOT", "torch.distributed.elastic")
+    return importlib.import_module(f"{root}.{relative}")
+
+
+def square(value: int) -> int:
+    """Function entrypoint: its return value must come back through RunProcsResult.return_values."""
+    return value * value
+
+
+def local_timer_child(mp_queue, impl_root: str, mode: str) -> None:
+    """Function entrypoint: hold a LocalTimerClient timer that either expires (and we get killed) or is released."""
+    timer = importlib.import_module(f"{impl_root}.timer")
+    timer.configure(timer.LocalTimerClient(mp_queue))
+    if mode == "expire":
+        with timer.expires(after=0.5, scope="conformance-expire"):
+            time.sleep(30)
+    else:
+        with timer.expires(after=60, scope="conformance-release"):
+            time.sleep(0.1)
+
+
+def _agent_worker(out_dir: str, fail_mode: str) -> int:
+    env = {k: os.environ.get(k) for k in ENV_KEYS}
+    env["pid"] = os.getpid()
+    restart = env["TORCHELASTIC_RESTART_COUNT"]
+    with open(os.path.join(out_dir, f"rank{env['RANK']}-restart{restart}.json"), "w") as fh:
+        json.dump(env, fh)
+    if env["RANK"] == "1" and (fail_mode == "always" or (fail_mode == "first" and restart == "0")):
+        return 3
+    return 0
+
+
+def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif device_kind == "npu":
+        import torch_npu  # noqa: F401
+
+        torch.npu.set_device(local_rank)
+        device = torch.device("npu", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend=backend, init_method="env://")
+    try:
+        tensor = torch.tensor([float(dist.get_rank() + 1)], device=device)
+        dist.all_reduce(tensor)
+        result = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "sum": tensor.item(),
+                  "device": str(tensor.device), "local_rank": local_rank}
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"allreduce-rank{result['rank']}.json"), "w") as fh:
+        json.dump(result, fh)
+    return 0
+
+
+def _file_timer(file_path: str, mode: str) -> int:
+    timer = impl_module("timer")
+    timer.configure(timer.FileTimerClient(file_path))
+    if mode == "expire":
+        with timer.expires(after=0.5, scope="conformance-expire"):
+            time.sleep(30)
+        return 0
+    with timer.expires(after=60, scope="conformance-release"):
+        time.sleep(0.1)
+    return 0
+
+
+def _record_event(destination: str, name: str) -> int:
+    events = impl_module("events")
+    api = impl_module("events.api")
+    events.record(api.Event(name=name, source=api.EventSource.WORKER, metadata={"k": 7}), destination)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    mode, args = argv[0], argv[1:]
+    if mode == "sleep":
+        time.sleep(float(args[0]))
+        return 0
+    if mode == "exit":
+        return int(args[0])
+    if mode == "echo":
+        print(args[0], flush=True)
+        print(f"err:{args[0]}", file=sys.stderr, flush=True)
+        return 0
+    if mode == "agent_worker":
+        return _agent_worker(*args)
+    if mode == "allreduce":
+        return _allreduce(*args)
+    if mode == "filetimer":
+        return _file_timer(*args)
+    if mode == "record_event":
+        return _record_event(*args)
+    print(f"conformance.workers: unknown mode {mode!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
