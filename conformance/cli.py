@@ -53,6 +53,8 @@ def _quiet_implementation_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "certify" and not args.verbose:
+        _quiet_implementation_logs()  # before the first torch import: the C++ log level is read at load
     table_path = Path(args.table) if args.table else default_table_path()
     try:
         rows = load_table(table_path)
@@ -72,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         device = detect(args.device)
     except (AdapterError, DeviceError) as exc:
         return _fail(str(exc))
-    if not args.verbose:
-        _quiet_implementation_logs()
     from conformance.report import progress_line, terminal_table, write_reports
     from conformance.runner import certify, exit_code, select
 

@@ -93,6 +93,19 @@ def _file_timer(file_path: str, mode: str) -> int:
     return 0
 
 
+def _file_timer_server(file_path: str, run_id: str, ready_file: str, seconds: str) -> int:
+    # Upstream's FileTimerServer terminates its own process after reaping a worker, so it runs here, apart from the
+    # certifier.
+    timer = impl_module("timer")
+    server = timer.FileTimerServer(file_path=file_path, run_id=run_id, max_interval=0.1)
+    server.start()
+    with open(ready_file, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(float(seconds))
+    server.stop()
+    return 0
+
+
 def _record_event(destination: str, name: str) -> int:
     events = impl_module("events")
     api = impl_module("events.api")
@@ -117,6 +130,8 @@ def main(argv: list[str]) -> int:
         return _allreduce(*args)
     if mode == "filetimer":
         return _file_timer(*args)
+    if mode == "filetimer_server":
+        return _file_timer_server(*args)
     if mode == "record_event":
         return _record_event(*args)
     print(f"conformance.workers: unknown mode {mode!r}", file=sys.stderr)

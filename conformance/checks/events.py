@@ -1,1 +1,71 @@
-"""placeholder"""
+"""torch.distributed.elastic.events: Event, EventSource, metadata values, record and logging handlers."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from conformance.registry import check
+
+EV = "events"
+
+
+def _event(ctx, **kwargs):
+    api_event = ctx.get(f"{EV}.api.Event")
+    return api_event(name=kwargs.pop("name", "conformance.event"), source=ctx.get(f"{EV}.api.EventSource").AGENT,
+                     **kwargs)
+
+
+@check(f"{EV}.record", timeout=60)
+def record(ctx) -> None:
+    proc = ctx.run_python("record_event", "console", "conformance-record-marker")
+    ctx.expect_equal(proc.returncode, 0, f"record() in a worker failed: {proc.stderr.strip()[-300:]!r}")
+    lines = [ln for ln in proc.stderr.splitlines() if "conformance-record-marker" in ln]
+    ctx.expect(lines, f"record(event, 'console') wrote nothing naming the event: {proc.stderr[-300:]!r}")
+    start = lines[0].find("{")
+    payload = json.loads(lines[0][start:])
+    ctx.expect_equal((payload.get("name"), payload.get("source")), ("conformance-record-marker", "WORKER"),
+                     "recorded event JSON")
+    ctx.get(f"{EV}.record")(_event(ctx))  # the default 'null' destination accepts and drops the event
+
+
+@check(f"{EV}.get_logging_handler")
+def get_logging_handler(ctx) -> None:
+    get = ctx.get(f"{EV}.get_logging_handler")
+    null = get()
+    ctx.expect(isinstance(null, logging.Handler), f"get_logging_handler() gave {type(null).__name__}")
+    ctx.expect(isinstance(get("null"), logging.NullHandler), "the 'null' destination is not a NullHandler")
+    console = get("console")
+    ctx.expect(isinstance(console, logging.StreamHandler) and not isinstance(console, logging.NullHandler),
+               f"the 'console' destination is {type(console).__name__}, documented a stream handler")
+
+
+@check(f"{EV}.api.Event")
+def event(ctx) -> None:
+    ev = _event(ctx, timestamp=123, metadata={"k": "v"})
+    text = ev.serialize()
+    data = json.loads(text)
+    ctx.expect_equal((data["name"], data["source"], data["timestamp"], data["metadata"]),
+                     ("conformance.event", "AGENT", 123, {"k": "v"}), "serialized Event")
+    back = ctx.get(f"{EV}.api.Event").deserialize(text)
+    ctx.expect_equal(back, ev, "Event.deserialize(serialize())")
+    ctx.expect_equal(_event(ctx).metadata, {}, "default metadata")
+
+
+@check(f"{EV}.api.EventSource")
+def event_source(ctx) -> None:
+    src = ctx.get(f"{EV}.api.EventSource")
+    ctx.expect_equal(list(src.__members__), ["AGENT", "WORKER"], "EventSource members")
+    ev = ctx.get(f"{EV}.api.Event")(name="n", source=src.WORKER)
+    back = ctx.get(f"{EV}.api.Event").deserialize(ev.serialize())
+    ctx.expect(back.source is src.WORKER, f"source after a round trip: {back.source!r}")
+
+
+@check(f"{EV}.api.EventMetadataValue")
+def event_metadata_value(ctx) -> None:
+    metadata = {"s": "text", "i": 3, "f": 2.5, "b": True, "n": None}
+    ev = _event(ctx, metadata=metadata)
+    back = ctx.get(f"{EV}.api.Event").deserialize(ev.serialize())
+    ctx.expect_equal(back.metadata, metadata, "metadata of every EventMetadataValue type after a round trip")
+    ctx.expect_equal({type(v) for v in back.metadata.values()}, {str, int, float, bool, type(None)},
+                     "metadata value types after a round trip")

@@ -1,1 +1,109 @@
-"""placeholder"""
+"""torch.distributed.elastic.metrics: handlers, configure, put_metric and @prof."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import uuid
+
+from conformance.registry import check
+
+MT = "metrics"
+
+
+def _collector(ctx):
+    base = ctx.get(f"{MT}.api.MetricHandler")
+
+    class Collector(base):
+        def __init__(self) -> None:
+            self.seen = []
+
+        def emit(self, metric_data):
+            self.seen.append(metric_data)
+
+    return Collector()
+
+
+def _group() -> str:
+    # A fresh group per check, so the process-wide handler table of other groups is never touched.
+    return f"conformance-{uuid.uuid4().hex[:8]}"
+
+
+@check(f"{MT}.api.MetricHandler")
+def metric_handler(ctx) -> None:
+    base = ctx.get(f"{MT}.api.MetricHandler")
+    ctx.expect_raises(TypeError, base, what="instantiating the abstract MetricHandler")
+    collector, group = _collector(ctx), _group()
+    ctx.get(f"{MT}.configure")(collector, group)
+    ctx.get(f"{MT}.put_metric")("m", 5, group)
+    ctx.expect_equal(len(collector.seen), 1, "emit() calls for one put_metric()")
+
+
+@check(f"{MT}.api.ConsoleMetricHandler")
+def console_handler(ctx) -> None:
+    group = _group()
+    ctx.get(f"{MT}.configure")(ctx.get(f"{MT}.api.ConsoleMetricHandler")(), group)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ctx.get(f"{MT}.put_metric")("console_metric", 42, group)
+    text = out.getvalue()
+    ctx.expect("console_metric=42" in text and group in text, f"console output {text!r} lacks name=value and group")
+
+
+@check(f"{MT}.api.NullMetricHandler")
+def null_handler(ctx) -> None:
+    group = _group()
+    handler = ctx.get(f"{MT}.api.NullMetricHandler")()
+    ctx.expect(isinstance(handler, ctx.get(f"{MT}.api.MetricHandler")), "NullMetricHandler is not a MetricHandler")
+    ctx.get(f"{MT}.configure")(handler, group)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        ctx.get(f"{MT}.put_metric")("null_metric", 1, group)
+    ctx.expect_equal(out.getvalue() + err.getvalue(), "", "output of NullMetricHandler")
+
+
+@check(f"{MT}.configure")
+def configure(ctx) -> None:
+    first, second, group = _collector(ctx), _collector(ctx), _group()
+    configure = ctx.get(f"{MT}.configure")
+    configure(first, group)
+    ctx.get(f"{MT}.put_metric")("a", 1, group)
+    configure(second, group)  # reconfiguring a group replaces its handler
+    ctx.get(f"{MT}.put_metric")("b", 2, group)
+    ctx.get(f"{MT}.put_metric")("c", 3, _group())  # another group never reaches these handlers
+    ctx.expect_equal([m.name for m in first.seen], ["a"], "metrics seen by the first handler")
+    ctx.expect_equal([m.name for m in second.seen], ["b"], "metrics seen by the replacing handler")
+
+
+@check(f"{MT}.prof")
+def prof(ctx) -> None:
+    collector, group = _collector(ctx), _group()
+    ctx.get(f"{MT}.configure")(collector, group)
+    prof_ = ctx.get(f"{MT}.prof")
+
+    @prof_(group=group)
+    def profiled_ok(x):
+        return x * 2
+
+    @prof_(group=group)
+    def profiled_fail():
+        raise OSError("fail")
+
+    ctx.expect_equal(profiled_ok(21), 42, "return value through @prof")
+    ctx.expect_raises(OSError, profiled_fail, what="exception through @prof")
+    names = [m.name for m in collector.seen]
+    for suffix, fn in ((".success", "profiled_ok"), (".duration.ms", "profiled_ok"), (".failure", "profiled_fail")):
+        ctx.expect(any(n.endswith(suffix) and fn in n for n in names), f"no '{fn}...{suffix}' metric in {names}")
+    ok = next(m for m in collector.seen if m.name.endswith(".success"))
+    ctx.expect_equal((ok.value, ok.group_name), (1, group), "success metric value and group")
+
+
+@check(f"{MT}.put_metric")
+def put_metric(ctx) -> None:
+    collector, group = _collector(ctx), _group()
+    ctx.get(f"{MT}.configure")(collector, group)
+    ctx.get(f"{MT}.put_metric")("conformance.metric", 17, group)
+    ctx.expect_equal(len(collector.seen), 1, "metrics emitted")
+    data = collector.seen[0]
+    ctx.expect_equal((data.name, data.value, data.group_name), ("conformance.metric", 17, group), "MetricData")
+    ctx.expect(isinstance(data.timestamp, float) and data.timestamp > 1e9, f"MetricData.timestamp {data.timestamp!r}")

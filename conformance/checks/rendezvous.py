@@ -67,7 +67,12 @@ def parameters_get_as_int(ctx) -> None:
 def handler_registry(ctx) -> None:
     registry = ctx.get(f"{R}.RendezvousHandlerRegistry")()
     seen = []
-    sentinel = object()
+
+    class Created:  # create_handler() may check that the handler reports the requested backend
+        def get_backend(self):
+            return "conformance-backend"
+
+    sentinel = Created()
 
     def creator(params):
         seen.append(params)
