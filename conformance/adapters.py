@@ -74,7 +74,8 @@ class Adapter:
             try:
                 obj = _class_attr(obj, attr)
             except AttributeError:
-                raise ApiNotFound(f"{target}: {walked} has no attribute {attr!r}") from None
+                what = "submodule or attribute" if isinstance(obj, ModuleType) else "attribute"
+                raise ApiNotFound(f"{target}: {walked} has no {what} {attr!r}") from None
             walked = f"{walked}.{attr}"
         return obj
 

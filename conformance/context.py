@@ -126,6 +126,21 @@ class SuiteResources:
             self._etcd = EtcdProcess(self.workdir)
         return self._etcd
 
+    def shared(self, key: str, produce: Callable[[], Any]) -> Any:
+        """Run an expensive real scenario once per certification; later rows get its result or its failure."""
+        if key not in self.cache:
+            try:
+                self.cache[key] = ("ok", produce())
+            except CheckSkipped:
+                raise
+            except BaseException as exc:
+                self.cache[key] = ("error", exc)
+                raise
+        status, value = self.cache[key]
+        if status == "error":
+            raise CheckFailed(f"shared scenario {key!r} failed: {type(value).__name__}: {value}")
+        return value
+
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         self._cleanups.append(fn)
 

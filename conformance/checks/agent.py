@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+from conformance.adapters import ApiNotFound
 from conformance.checks._rdzv import c10d_handler
 from conformance.registry import check
 
@@ -53,6 +54,14 @@ def _instrumented(ctx):
     return type("InstrumentedAgent", (base,), {"__init__": init, **{n: wrap(n) for n in HOOKS}})
 
 
+def _handler_for_spec(ctx):
+    """A real handler when the implementation has one; WorkerSpec itself only stores it."""
+    try:
+        return c10d_handler(ctx, ctx.run_id("spec"))
+    except ApiNotFound:
+        return object()
+
+
 def _spec(ctx, handler, out_dir, fail_mode: str, max_restarts: int, nproc: int = 2, args=None):
     entry, default_args = ctx.worker_command("agent_worker", str(out_dir), fail_mode)
     return ctx.get(f"{A}.WorkerSpec")(
@@ -63,7 +72,7 @@ def _spec(ctx, handler, out_dir, fail_mode: str, max_restarts: int, nproc: int =
 
 def _run_agent(ctx, tag: str, fail_mode: str, max_restarts: int):
     out_dir = ctx.resources.workdir / f"agent-{tag}"
-    out_dir.mkdir()
+    out_dir.mkdir(exist_ok=True)
     run_id = ctx.run_id(tag)
     handler = c10d_handler(ctx, run_id, 1, 1)
     logs = ctx.get("multiprocessing.api.DefaultLogsSpecs")(log_dir=str(out_dir / "logs"))
@@ -80,17 +89,11 @@ def _run_agent(ctx, tag: str, fail_mode: str, max_restarts: int):
 
 def shared_run(ctx):
     """Rank 1 fails once, the agent restarts the group, the second attempt succeeds."""
-    cache = ctx.resources.cache
-    if "agent_run" not in cache:
-        cache["agent_run"] = _run_agent(ctx, "restart", "first", 1)
-    return cache["agent_run"]
+    return ctx.resources.shared("agent_run", lambda: _run_agent(ctx, "restart", "first", 1))
 
 
 def failing_run(ctx):
-    cache = ctx.resources.cache
-    if "agent_fail" not in cache:
-        cache["agent_fail"] = _run_agent(ctx, "fail", "always", 0)
-    return cache["agent_fail"]
+    return ctx.resources.shared("agent_fail", lambda: _run_agent(ctx, "fail", "always", 0))
 
 
 def _calls(run, name, phase="exit"):
@@ -142,7 +145,7 @@ def agent_run(ctx) -> None:
 @check(f"{A}.WorkerSpec")
 def worker_spec(ctx) -> None:
     ws = ctx.get(f"{A}.WorkerSpec")
-    handler = c10d_handler(ctx, ctx.run_id("spec"))
+    handler = _handler_for_spec(ctx)
     spec = ws(role="r", local_world_size=3, rdzv_handler=handler, entrypoint="/bin/true")
     ctx.expect_equal((spec.role, spec.local_world_size, spec.entrypoint, spec.args, spec.max_restarts,
                       spec.monitor_interval), ("r", 3, "/bin/true", (), 3, 0.1), "WorkerSpec fields and defaults")
@@ -154,7 +157,7 @@ def worker_spec(ctx) -> None:
 @check(f"{A}.WorkerSpec.get_entrypoint_name")
 def get_entrypoint_name(ctx) -> None:
     ws = ctx.get(f"{A}.WorkerSpec")
-    handler = c10d_handler(ctx, ctx.run_id("epname"))
+    handler = _handler_for_spec(ctx)
     by_path = ws(role="r", local_world_size=1, rdzv_handler=handler, entrypoint="/usr/local/bin/train_job")
     ctx.expect_equal(by_path.get_entrypoint_name(), "train_job", "get_entrypoint_name() of a binary path")
 
@@ -194,7 +197,7 @@ def worker(ctx) -> None:
 
 @check(f"{A}.WorkerGroup")
 def worker_group(ctx) -> None:
-    handler = c10d_handler(ctx, ctx.run_id("group"))
+    handler = _handler_for_spec(ctx)
     spec = ctx.get(f"{A}.WorkerSpec")(role="r", local_world_size=3, rdzv_handler=handler, entrypoint="/bin/true")
     group = ctx.get(f"{A}.WorkerGroup")(spec)
     ctx.expect(group.spec is spec, "WorkerGroup.spec")

@@ -67,9 +67,10 @@ def expires(ctx) -> None:
 
 
 def _local_timer_run(ctx):
-    cache = ctx.resources.cache
-    if "local_timer" in cache:
-        return cache["local_timer"]
+    return ctx.resources.shared("local_timer", lambda: _local_timer_scenario(ctx))
+
+
+def _local_timer_scenario(ctx):
     from conformance.workers import local_timer_child
 
     mp = multiprocessing.get_context("spawn")
@@ -89,8 +90,7 @@ def _local_timer_run(ctx):
                 p.kill()
                 p.join(5)
         server.stop()
-    cache["local_timer"] = {mode: p.exitcode for mode, p in procs.items()}
-    return cache["local_timer"]
+    return {mode: p.exitcode for mode, p in procs.items()}
 
 
 @check(f"{T}.LocalTimerServer", timeout=90)
@@ -109,10 +109,11 @@ def local_timer_client(ctx) -> None:
 
 
 def _file_timer_run(ctx):
+    return ctx.resources.shared("file_timer", lambda: _file_timer_scenario(ctx))
+
+
+def _file_timer_scenario(ctx):
     """A FileTimerServer process and two real workers: one releases its timer in time, one lets it expire."""
-    cache = ctx.resources.cache
-    if "file_timer" in cache:
-        return cache["file_timer"]
     path = str(ctx.resources.workdir / "file-timer.pipe")
     ready = ctx.resources.workdir / "file-timer.ready"
     env = dict(os.environ)
@@ -139,8 +140,7 @@ def _file_timer_run(ctx):
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
-    cache["file_timer"] = {"codes": codes, "stderr": errs}
-    return cache["file_timer"]
+    return {"codes": codes, "stderr": errs}
 
 
 def _tail(proc) -> str:
