@@ -52,6 +52,14 @@ def _quiet_implementation_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous_disable = logging.root.manager.disable
+    try:
+        return _main(argv)
+    finally:
+        logging.disable(previous_disable)  # main() may be called in-process (tests, the pytest plugin)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "certify" and not args.verbose:
         _quiet_implementation_logs()  # before the first torch import: the C++ log level is read at load

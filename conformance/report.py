@@ -33,6 +33,10 @@ def terminal_table(results: list[Result]) -> str:
     width = max((len(r.api) for r in results), default=10)
     lines = [f"{'api':<{width}}  claimed  observed  verdict", "-" * (width + 40)]
     lines += [f"{r.api:<{width}}  {r.claimed:<7}  {r.observed:<8}  {r.verdict}" for r in results]
+    failing = [r for r in results if r.verdict in ("VIOLATION", "NO-CHECK")]
+    if failing:
+        lines.append(f"{len(failing)} failing row(s):")
+        lines += [f"  {r.verdict}: {r.api}: {r.error}" for r in failing]
     lines.append("summary: " + ", ".join(f"{k}={v}" for k, v in summary(results).items()))
     return "\n".join(lines)
 

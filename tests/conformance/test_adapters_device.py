@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conformance import runner
+from conformance.adapters import AdapterError, ApiNotFound, get_adapter
+from conformance.context import SuiteResources
+from conformance.device import DeviceError, detect
+from conformance.registry import load_checks
+from conformance.signatures import load_snapshot
+from conformance.table import Row
+
+
+def test_torch_adapter_resolves_upstream_objects():
+    import torch.distributed.elastic.rendezvous.api as upstream
+
+    adapter = get_adapter("torch")
+    assert adapter.resolve("torch.distributed.elastic.rendezvous.api.RendezvousError") is upstream.RendezvousError
+    assert adapter.launcher_command() == [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_elastic_impl_adapter_maps_paths_onto_our_package():
+    adapter = get_adapter("elastic_impl")
+    assert adapter.map_path("torch.distributed.elastic.rendezvous.api.RendezvousError") == \
+        "elastic_impl.rendezvous.api.RendezvousError"
+    assert adapter.launcher_command() == [sys.executable, "-m", "elastic_impl.run"]
+
+
+def test_properties_resolve_to_the_property_object():
+    prop = get_adapter("torch").resolve("torch.distributed.elastic.rendezvous.dynamic_rendezvous.RendezvousTimeout.join")
+    assert isinstance(prop, property)
+
+
+def test_missing_api_names_the_missing_part():
+    with pytest.raises(ApiNotFound) as info:
+        get_adapter("torch").resolve("torch.distributed.elastic.timer.NoSuchThing")
+    assert "torch.distributed.elastic.timer has no submodule or attribute 'NoSuchThing'" in str(info.value)
+
+
+@pytest.mark.parametrize("name, needle", [("no_such_pkg_xyz", "not importable"), ("bad name!", "not a package name"),
+                                          ("", "not a package name")])
+def test_bad_impl_is_a_one_line_error(name, needle):
+    with pytest.raises(AdapterError) as info:
+        get_adapter(name)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_device_detection():
+    assert detect("cpu").available and detect("cpu").backend == "gloo"
+    with pytest.raises(DeviceError, match="--device 'tpu' is not one of cpu, cuda, npu, auto"):
+        detect("tpu")
+    auto = detect("auto")
+    assert auto.available and auto.kind in ("cpu", "cuda", "npu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")
+def test_npu_without_torch_npu_is_reported_unavailable_and_device_rows_skip(tmp_path):
+    npu = detect("npu")
+    assert not npu.available and npu.backend == "hccl"
+    assert "not available on this machine" in npu.reason
+    load_checks()
+    resources = SuiteResources(get_adapter("torch"), npu, tmp_path)
+    try:
+        row = Row("torch.distributed.elastic.multiprocessing.start_processes", True, "-", 1)
+        result = runner.run_row(row, resources, load_snapshot())
+    finally:
+        resources.close()
+    assert (result.observed, result.verdict) == ("skip", "SKIPPED")
+    assert "not available on this machine" in result.error
+
+
+def test_cuda_request_on_a_machine_without_cuda_is_unavailable():
+    import torch
+
+    cuda = detect("cuda")
+    assert cuda.available == torch.cuda.is_available()
+    if not cuda.available:
+        assert "not available on this machine" in cuda.reason

@@ -1,0 +1,80 @@
+"""The certifier must catch deliberately broken implementations, and not flag the correct one."""
+
+from __future__ import annotations
+
+import json
+
+from conformance import runner
+from conformance.adapters import Adapter
+from conformance.device import detect
+from conformance.table import load_table
+
+from .conftest import TABLE, run_cli
+
+GET_AS_INT = "torch.distributed.elastic.rendezvous.RendezvousParameters.get_as_int"
+CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+
+
+def test_planted_get_as_int_is_a_violation_with_nonzero_exit(planted_impl, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["certify", "--impl", "planted_impl", "--device", "cpu", "-k", "RendezvousParameters.get_as_int",
+                    "--out", str(out)], extra_path=planted_impl)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "VIOLATION" in proc.stdout and "certification FAILED" in proc.stderr
+    (row,) = json.loads((out / "report.json").read_text())["results"]
+    assert (row["api"], row["claimed"], row["observed"], row["verdict"]) == (GET_AS_INT, "yes", "fail", "VIOLATION")
+    assert "get_as_int('42')" in row["error"] and "43" in row["error"]
+
+
+def test_the_reference_passes_the_same_row(tmp_path):
+    proc = run_cli(["certify", "--impl", "torch", "--device", "cpu", "-k", "RendezvousParameters.get_as_int"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CONFORMS" in proc.stdout
+
+
+class BrokenChildFailedAdapter(Adapter):
+    """Upstream, except that ChildFailedError blames the LAST failure instead of the first (root cause)."""
+
+    def __init__(self) -> None:
+        super().__init__("broken-child-failed", "torch.distributed.elastic", "torch.distributed.run")
+
+    def resolve(self, api):
+        obj = super().resolve(api)
+        if api != CHILD_FAILED:
+            return obj
+
+        class ChildFailedError(obj):
+            def get_first_failure(self):
+                rank = max(self.failures, key=lambda r: self.failures[r].timestamp)
+                return rank, self.failures[rank]
+
+        return ChildFailedError
+
+
+def test_planted_child_failed_error_is_a_violation(tmp_path):
+    rows = [r for r in load_table(TABLE) if r.api == CHILD_FAILED]
+    broken = runner.certify(rows, BrokenChildFailedAdapter(), detect("cpu"), workdir=tmp_path)
+    assert [r.verdict for r in broken] == ["VIOLATION"]
+    assert "root cause rank" in broken[0].error
+    assert runner.exit_code(broken) == 1
+    honest = runner.certify(rows, Adapter("torch", "torch.distributed.elastic", "torch.distributed.run"),
+                            detect("cpu"), workdir=tmp_path)
+    assert [r.verdict for r in honest] == ["CONFORMS"]
+
+
+def test_missing_module_is_a_violation_naming_it(planted_impl, tmp_path):
+    # planted_impl has no timer package at all.
+    proc = run_cli(["certify", "--impl", "planted_impl", "--device", "cpu", "-k", "timer.configure", "-q"],
+                   extra_path=planted_impl)
+    assert proc.returncode == 1
+    assert "planted_impl has no submodule or attribute 'timer'" in proc.stdout
+
+
+def test_claimed_unsupported_rows_do_not_fail_the_certification(planted_impl, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["certify", "--impl", "planted_impl", "--device", "cpu", "-k", "etcd_store.EtcdStore.add",
+                    "--out", str(out)], extra_path=planted_impl)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads((out / "report.json").read_text())["results"]
+    assert (row["claimed"], row["observed"], row["verdict"]) == ("no", "fail", "CLAIMED-UNSUPPORTED")
+    assert "planted_impl" in row["error"]  # what actually happened is recorded

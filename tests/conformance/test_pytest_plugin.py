@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+from .conftest import REPO_ROOT
+
+
+def _plugin_args() -> list[str]:
+    # Installed, the package registers the plugin through its pytest11 entry point; otherwise load it by name.
+    registered = any(ep.value == "conformance.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
+    return [] if registered else ["-p", "conformance.pytest_plugin"]
+
+
+def _pytest(tmp_path, *args, extra_path=None):
+    (tmp_path / "conftest.py").write_text("")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), str(extra_path or ""), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", *_plugin_args(), "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "--rootdir", str(tmp_path), str(tmp_path), *args],
+        capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path),
+    )
+
+
+def test_one_item_per_row_and_passing_rows(tmp_path):
+    proc = _pytest(tmp_path, "--conformance-impl=torch", "--conformance-device=cpu", "-k", "RendezvousParameters")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "4 passed, 100 deselected" in proc.stdout
+
+
+def test_planted_violation_fails_the_item(tmp_path, planted_impl):
+    proc = _pytest(tmp_path, "--conformance-impl=planted_impl", "--conformance-device=cpu", "-k", "get_as_int",
+                   extra_path=planted_impl)
+    assert proc.returncode == 1
+    assert "VIOLATION: CheckFailed: get_as_int('42')" in proc.stdout
+    assert "1 failed, 103 deselected" in proc.stdout
+
+
+def test_bad_impl_is_a_usage_error(tmp_path):
+    proc = _pytest(tmp_path, "--conformance-impl=no_such_impl_pkg")
+    assert proc.returncode == 4
+    assert "--impl 'no_such_impl_pkg' is not importable" in proc.stderr
+
+
+def test_no_items_without_the_option(tmp_path):
+    proc = _pytest(tmp_path)
+    assert proc.returncode == 5  # nothing collected

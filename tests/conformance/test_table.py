@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pytest
+
+from conformance.adapters import reference_adapter
+from conformance.cli import main
+from conformance.table import TableError, load_table, parse_csv, parse_markdown, validate_paths
+
+from .conftest import TABLE
+
+HEADER = "|api|supported|notes|\n|--|--|--|\n"
+
+
+def test_published_table_parses_into_104_rows():
+    rows = load_table(TABLE)
+    assert len(rows) == 104
+    assert sum(not r.supported for r in rows) == 13
+    assert all(r.api.startswith("torch.distributed.elastic.") for r in rows)
+    first = rows[0]
+    assert (first.api, first.supported, first.notes) == ("torch.distributed.elastic.agent.server.ElasticAgent", True, "-")
+
+
+def test_csv_table_gives_the_same_rows(tmp_path):
+    rows = load_table(TABLE)
+    csv_path = tmp_path / "table.csv"
+    csv_path.write_text("api,supported,notes\n" + "".join(f"{r.api},{r.claimed},{r.notes}\n" for r in rows))
+    again = load_table(csv_path)
+    assert [(r.api, r.supported, r.notes) for r in again] == [(r.api, r.supported, r.notes) for r in rows]
+
+
+def test_csv_without_suffix_is_sniffed(tmp_path):
+    path = tmp_path / "table.txt"
+    path.write_text("api,supported,notes\ntorch.distributed.elastic.timer.configure,YES,fine\n")
+    (row,) = load_table(path)
+    assert row.supported and row.notes == "fine"
+
+
+@pytest.mark.parametrize(
+    "body, line, needle",
+    [
+        ("|torch.distributed.elastic.timer.configure|yes|\n", 5, "expected 3 cells"),
+        ("|torch.distributed.elastic.timer.configure|maybe|-|\n", 5, "'maybe'"),
+        ("|torch.nn.Linear|yes|-|\n", 5, "'torch.nn.Linear'"),
+        ("|torch.distributed.elastic.timer.configure|yes|-\n", 5, "must start and end with '|'"),
+        ("|torch.distributed.elastic.timer.configure|yes|-|\n|torch.distributed.elastic.timer.configure|no|-|\n",
+         6, "duplicate api"),
+    ],
+)
+def test_malformed_markdown_gives_one_line_error_naming_the_line(body, line, needle):
+    with pytest.raises(TableError) as info:
+        parse_markdown("# title\n\n" + HEADER + body, "t.md")
+    message = str(info.value)
+    assert "\n" not in message
+    assert needle in message
+    assert message.startswith(f"t.md:{line}: ")
+
+
+def test_missing_header_and_bad_csv():
+    with pytest.raises(TableError, match="no table with header"):
+        parse_markdown("just text\n", "t.md")
+    with pytest.raises(TableError, match=r"^t.csv:1: header must be api\|supported\|notes"):
+        parse_csv("name,ok\n", "t.csv")
+    with pytest.raises(TableError, match=r"^t.csv:2: expected 3 cells"):
+        parse_csv("api,supported,notes\ntorch.distributed.elastic.timer.configure,yes\n", "t.csv")
+
+
+def test_unknown_api_path_is_rejected_against_the_reference():
+    rows = parse_markdown(HEADER + "|torch.distributed.elastic.timer.configure|yes|-|\n"
+                          "|torch.distributed.elastic.timer.NoSuchTimer|yes|-|\n", "t.md")
+    with pytest.raises(TableError) as info:
+        validate_paths(rows, reference_adapter().exists, "t.md")
+    assert str(info.value) == ("t.md:4: api torch.distributed.elastic.timer.NoSuchTimer does not exist in the "
+                               "reference implementation")
+
+
+def test_cli_reports_malformed_table_in_one_line_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.md"
+    bad.write_text(HEADER + "|torch.distributed.elastic.timer.configure|sometimes|-|\n")
+    assert main(["certify", "--impl", "torch", "--device", "cpu", "--table", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "bad.md:3" in err and "'sometimes'" in err and "Traceback" not in err
+
+
+def test_cli_missing_table_file(tmp_path, capsys):
+    assert main(["certify", "--impl", "torch", "--table", str(tmp_path / "nope.md")]) == 2
+    assert "cannot read table" in capsys.readouterr().err
