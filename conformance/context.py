@@ -36,6 +36,71 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ppid_and_start(pid: int) -> tuple[int, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])  # ppid, starttime (clock ticks after boot)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_start_ticks(pid: int) -> int:
+    info = _ppid_and_start(pid)
+    return info[1] if info else 0
+
+
+def descendants(root: int, started_after: int = 0) -> list[int]:
+    """Live descendants of ``root`` started at or after ``started_after`` (multiprocessing helpers excluded)."""
+    parents: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _ppid_and_start(int(entry))
+            if info:
+                parents.setdefault(info[0], []).append(int(entry))
+                starts[int(entry)] = info[1]
+    found, stack = [], list(parents.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(parents.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if b"resource_tracker" in cmdline or b"forkserver" in cmdline or not cmdline:
+            continue
+        if starts.get(pid, 0) >= started_after:
+            found.append(pid)
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_process_group(cmd: list[str], timeout: float, env: dict[str, str], cwd: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on timeout kill it and everything it started, then raise TimeoutExpired."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_pids(descendants(proc.pid))
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 class EtcdProcess:
     """A real etcd server on loopback (v2 API enabled), in its own session so it can be reaped as a group."""
 

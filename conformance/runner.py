@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 import threading
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.adapters import Adapter, ApiNotFound
-from conformance.context import CheckContext, SuiteResources
+from conformance.context import CheckContext, SuiteResources, descendants, kill_pids, process_start_ticks
 from conformance.device import Device
 from conformance.known_differences import known_difference
 from conformance.registry import REGISTRY, Check, CheckFailed, CheckSkipped, load_checks
@@ -103,7 +105,7 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
     thread.start()
     thread.join(check.timeout)
     if thread.is_alive():
-        outcome = {"observed": "fail", "error": f"timed out after {check.timeout:.0f} s"}
+        outcome = {"observed": "fail", "error": f"timed out after {check.timeout:g} s"}
     duration = time.monotonic() - started
     ctx.close()
     observed = outcome["observed"]
@@ -133,6 +135,8 @@ def certify(
     rows = list(rows)
     snapshot = load_snapshot()
     results: list[Result] = []
+    started_ticks = process_start_ticks(os.getpid()) if os.path.exists("/proc") else 0
+    began = _now_ticks()
     with tempfile.TemporaryDirectory(prefix="conformance-", dir=workdir) as tmp:
         resources = SuiteResources(adapter, device, Path(tmp))
         try:
@@ -143,7 +147,27 @@ def certify(
                     progress(index, len(rows), result)
         finally:
             resources.close()
+            if began is not None:
+                _reap_leftovers(max(began, started_ticks))
     return results
+
+
+def _now_ticks() -> int | None:
+    """Clock ticks since boot (the unit of /proc/<pid>/stat start times), or None off Linux."""
+    try:
+        with open("/proc/uptime") as fh:
+            return int(float(fh.read().split()[0]) * os.sysconf("SC_CLK_TCK")) - 1
+    except (OSError, ValueError):
+        return None
+
+
+def _reap_leftovers(since_ticks: int) -> None:
+    # A check that timed out, or an implementation that leaks workers, must not leave orphans behind the suite.
+    leftovers = descendants(os.getpid(), since_ticks)
+    if leftovers:
+        print(f"conformance: killing {len(leftovers)} process(es) left behind by checks: {leftovers}",
+              file=sys.stderr)
+        kill_pids(leftovers)
 
 
 def exit_code(results: Iterable[Result]) -> int:

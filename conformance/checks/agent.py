@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 from conformance.adapters import ApiNotFound
 from conformance.checks._rdzv import c10d_handler
+from conformance.context import run_process_group
 from conformance.registry import check
 
 A = "agent.server"
@@ -235,6 +237,32 @@ def local_elastic_agent(ctx) -> None:
         ctx.expect_equal(out["sum"], float(sum(range(1, nproc + 1))), f"all-reduce on rank {r} via {device.backend}")
         if device.kind != "cpu":
             ctx.expect_equal(out["device"], f"{device.kind}:{out['local_rank']}", "LOCAL_RANK -> device index")
+    _launcher_job(ctx, nproc)
+
+
+def _launcher_job(ctx, nproc: int) -> None:
+    """End to end: the implementation's torchrun-equivalent runs the same all-reduce job (standalone)."""
+    device = ctx.device
+    out_dir = ctx.tmpdir / "launcher"
+    out_dir.mkdir()
+    # "gpu" asks the launcher itself to count the devices (one worker per GPU).
+    nproc_arg = "gpu" if device.kind == "cuda" else str(nproc)
+    cmd = [*ctx.adapter.launcher_command(), "--standalone", "--nproc-per-node", nproc_arg, "--max-restarts", "0",
+           "--monitor-interval", "0.1", "-m", "conformance.workers", "allreduce", str(out_dir), device.backend,
+           device.kind]
+    env = dict(os.environ)
+    env.update(ctx.worker_env())
+    try:
+        proc = run_process_group(cmd, 120, env, str(ctx.tmpdir))
+    except subprocess.TimeoutExpired:
+        ctx.expect(False, f"launcher job did not finish in 120 s: {' '.join(cmd[1:4])}")
+    tail = (proc.stderr.strip().splitlines() or [""])[-1]
+    ctx.expect_equal(proc.returncode, 0, f"exit status of `{' '.join(cmd[1:3])} --standalone` ({tail})")
+    expected_workers = device.count if device.kind == "cuda" else nproc
+    results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("allreduce-rank*.json"))]
+    ctx.expect_equal(len(results), expected_workers, "workers started by the launcher")
+    total = float(sum(range(1, expected_workers + 1)))
+    ctx.expect(all(r["sum"] == total for r in results), f"launcher job all-reduce results {results}")
 
 
 @check(f"{A}.SimpleElasticAgent", timeout=90)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from conformance import runner
+from conformance.adapters import get_adapter
+from conformance.device import detect
+from conformance.registry import REGISTRY, Check, load_checks
+from conformance.table import Row
+
+API = "torch.distributed.elastic.timer.configure"
+
+
+def _certify_with(monkeypatch, tmp_path, fn, timeout=30.0):
+    load_checks()
+    monkeypatch.setitem(REGISTRY, API, Check(API, fn, "timer", timeout=timeout))
+    return runner.certify([Row(API, True, "-", 1)], get_adapter("torch"), detect("cpu"), workdir=tmp_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_processes_leaked_by_a_check_are_reaped(monkeypatch, tmp_path):
+    leaked = []
+
+    def leaky(ctx):
+        leaked.append(subprocess.Popen(["sleep", "60"]))
+
+    (result,) = _certify_with(monkeypatch, tmp_path, leaky)
+    assert result.verdict == "CONFORMS"
+    leaked[0].wait(5)  # the sweep killed it; reap our own zombie
+    assert leaked[0].returncode == -9
+
+
+def test_a_hanging_check_fails_with_its_timeout(monkeypatch, tmp_path):
+    def hangs(ctx):
+        time.sleep(3)
+
+    started = time.monotonic()
+    (result,) = _certify_with(monkeypatch, tmp_path, hangs, timeout=0.5)
+    assert (result.observed, result.verdict, result.error) == ("fail", "VIOLATION", "timed out after 0.5 s")
+    assert time.monotonic() - started < 3
+
+
+def test_an_exception_in_a_check_is_a_one_line_failure(monkeypatch, tmp_path):
+    def broken(ctx):
+        raise KeyError("no\nsuch key")
+
+    (result,) = _certify_with(monkeypatch, tmp_path, broken)
+    assert result.verdict == "VIOLATION" and "\n" not in result.error
+    assert result.error.startswith("KeyError:") and "Traceback" in result.detail
+    assert os.getpid()  # the certifier itself survived
