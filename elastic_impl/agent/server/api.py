@@ -340,9 +340,10 @@ class SimpleElasticAgent(ElasticAgent):
     def _resolve_master(self, spec: WorkerSpec, store, group_rank: int, bootstrap) -> tuple[str, int]:
         if spec.master_addr is not None and spec.master_port is not None:
             return spec.master_addr, int(spec.master_port)
-        if bootstrap is not None and spec.master_port is None and spec.master_addr is None:
-            return bootstrap.master_addr, int(bootstrap.master_port)
-        # No fixed address: node 0 picks one and tells the others through the round's store.
+        # No fixed address: node 0 picks a FRESH port every round and tells the others through the round's store.
+        # We deliberately do not hand the rendezvous store (bootstrap_store_info) to the workers: their process
+        # group keys would live under /worker/attempt_<restart count>, which a membership restart does not change,
+        # so re-formed workers would read the previous round's stale addresses (gloo "connection refused").
         if group_rank == 0:
             addr = spec.master_addr or spec.local_addr or socket.getfqdn()
             port = int(spec.master_port) if spec.master_port else _get_free_port()

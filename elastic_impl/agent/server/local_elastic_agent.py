@@ -130,7 +130,6 @@ class LocalElasticAgent(SimpleElasticAgent):
 
     def _worker_envs(self, worker_group: WorkerGroup) -> dict[int, dict[str, str]]:
         spec = worker_group.spec
-        use_agent_store = bool(getattr(spec.rdzv_handler, "use_agent_store", False))
         run_id = spec.rdzv_handler.get_run_id()
         envs: dict[int, dict[str, str]] = {}
         for worker in worker_group.workers:
@@ -149,7 +148,8 @@ class LocalElasticAgent(SimpleElasticAgent):
                 "TORCHELASTIC_RESTART_COUNT": str(self._restart_count),
                 "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
                 "TORCHELASTIC_RUN_ID": run_id,
-                "TORCHELASTIC_USE_AGENT_STORE": str(use_agent_store),
+                # Workers get a fresh store per round (see SimpleElasticAgent._resolve_master), never the agent's.
+                "TORCHELASTIC_USE_AGENT_STORE": "False",
                 "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.getenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
             }
             if "OMP_NUM_THREADS" in os.environ:

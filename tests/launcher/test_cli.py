@@ -1,0 +1,144 @@
+"""elastic-run option parsing: valid spellings map to the right config; bad values give ONE line + exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from elastic_impl.launcher.api import LaunchConfigError
+from elastic_impl.run import config_from_args, main, parse_args, parse_min_max_nnodes
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BAD_INPUTS = [
+    (["--nnodes", "5:2"], "'5:2'"),
+    (["--nnodes", "0"], "'0'"),
+    (["--nnodes", "a:b"], "'a:b'"),
+    (["--nnodes", "1:2:3"], "'1:2:3'"),
+    (["--nproc-per-node", "0"], "'0'"),
+    (["--nproc-per-node", "many"], "'many'"),
+    (["--max-restarts", "-1"], "'-1'"),
+    (["--max-restarts", "x"], "'x'"),
+    (["--monitor-interval", "0"], "'0'"),
+    (["--monitor-interval", "nan"], "'nan'"),
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:notaport"], "localhost:notaport"),
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:70000"], "localhost:70000"),
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "a:b:c"], "a:b:c"),
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", ":29400"], ":29400"),
+    (["--rdzv-backend", "c10d", "--rdzv-endpoint", "[::1"], "[::1"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "join_timeout"], "join_timeout"),
+    (["--rdzv-backend", ""], "''"),
+    (["--start-method", "teleport"], "'teleport'"),
+    (["--module", "--no-python"], "--module and --no-python"),
+    (["--nnodes", "2", "--node-rank", "2"], "'2'"),
+    (["--nnodes", "1:2"], "'1:2'"),  # static backend needs a fixed count
+    (["--shutdown-grace", "-1"], "'-1'"),
+    (["--master-port", "99999"], "'99999'"),
+    (["--redirects", "7"], "'7'"),
+    (["--tee", "0:9"], "'0:9'"),
+    (["--bogus-option", "1"], "--bogus-option"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_code_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "examples/train.py"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("elastic-run: error:"), err
+    assert fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_missing_training_script_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--standalone"])
+    assert info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_real_process_bad_input_has_no_traceback():
+    """The console path end to end: the interpreter prints exactly the one line and exits 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic_impl.run", "--nnodes", "5:2", "examples/train.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "elastic-run: error: invalid --nnodes value '5:2': expected N or MIN:MAX with 1 <= MIN <= MAX"
+    ]
+
+
+@pytest.mark.parametrize("value, expected", [("1", (1, 1)), ("3", (3, 3)), ("1:2", (1, 2)), ("2:2", (2, 2))])
+def test_parse_min_max_nnodes(value, expected):
+    assert parse_min_max_nnodes(value) == expected
+
+
+def test_parse_min_max_nnodes_rejects_inverted_range():
+    with pytest.raises(LaunchConfigError, match="'5:2'"):
+        parse_min_max_nnodes("5:2")
+
+
+def test_config_from_args_c10d_with_underscore_aliases(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    args = parse_args(
+        [
+            "--nnodes=1:3",
+            "--nproc_per_node=2",
+            "--rdzv_backend=c10d",
+            "--rdzv_endpoint=127.0.0.1:29400",
+            "--rdzv_id=job7",
+            "--rdzv_conf=join_timeout=5,heartbeat=0.5",
+            "--max_restarts=2",
+            "--monitor_interval=0.2",
+            "--role=trainer",
+            "--shutdown-grace=4",
+            "train.py",
+            "--lr",
+            "0.1",
+        ]
+    )
+    config, cmd, cmd_args = config_from_args(args)
+    assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (1, 3, 2)
+    assert (config.rdzv_backend, config.rdzv_endpoint, config.run_id) == ("c10d", "127.0.0.1:29400", "job7")
+    assert config.rdzv_configs["join_timeout"] == "5" and config.rdzv_configs["heartbeat"] == "0.5"
+    assert config.rdzv_configs["timeout"] == 900  # torchrun's default rendezvous timeout
+    assert (config.max_restarts, config.monitor_interval, config.role) == (2, 0.2, "trainer")
+    assert config.shutdown_timeout == 4.0
+    assert cmd == sys.executable and cmd_args == ["-u", "train.py", "--lr", "0.1"]
+
+
+def test_config_from_args_static_defaults_and_entrypoint_modes(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_SHUTDOWN_GRACE", raising=False)
+    config, cmd, cmd_args = config_from_args(parse_args(["--nproc-per-node", "2", "-m", "pkg.train"]))
+    assert config.rdzv_backend == "static" and config.rdzv_endpoint == "127.0.0.1:29500"
+    assert config.rdzv_configs["rank"] == 0
+    assert config.shutdown_timeout == 30.0
+    assert cmd_args == ["-u", "-m", "pkg.train"]
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # nproc > 1 and unset: like torchrun
+    _, cmd, cmd_args = config_from_args(parse_args(["--no-python", "/bin/echo", "hi"]))
+    assert (cmd, cmd_args) == ("/bin/echo", ["hi"])
+
+
+def test_shutdown_grace_from_environment(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_SHUTDOWN_GRACE", "2.5")
+    config, _, _ = config_from_args(parse_args(["x.py"]))
+    assert config.shutdown_timeout == 2.5
+    monkeypatch.setenv("TORCHELASTIC_SHUTDOWN_GRACE", "soon")
+    with pytest.raises(LaunchConfigError, match="'soon'"):
+        config_from_args(parse_args(["x.py"]))
+
+
+def test_nproc_per_node_cpu():
+    config, _, _ = config_from_args(parse_args(["--nproc-per-node", "cpu", "x.py"]))
+    assert config.nproc_per_node == (os.cpu_count() or 1)

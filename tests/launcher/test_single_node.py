@@ -1,0 +1,62 @@
+"""elastic-run end to end on one node (real agent, real worker processes, c10d standalone rendezvous)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.launcher.conftest import TRAIN, read_markers
+
+COMMON = ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1"]
+
+
+def test_success_env_contract_and_allreduce(launcher, tmp_path):
+    markers = tmp_path / "markers"
+    launcher.marker_dirs.append(markers)
+    proc = launcher.start([*COMMON, TRAIN], MARKER_DIR=markers, TRAIN_ALLREDUCE="1")
+    rc = launcher.wait(proc, 120)
+    out, err = launcher.output(proc)
+    assert rc == 0, err
+    done = [m for m in read_markers(markers) if m.get("done")]
+    assert sorted(int(m["RANK"]) for m in done) == [0, 1]
+    for m in done:
+        assert m["allreduce"] == 2.0
+        assert (m["WORLD_SIZE"], m["LOCAL_WORLD_SIZE"], m["GROUP_RANK"], m["GROUP_WORLD_SIZE"]) == ("2", "2", "0", "1")
+        assert m["LOCAL_RANK"] == m["RANK"] == m["ROLE_RANK"]
+        assert (m["ROLE_NAME"], m["ROLE_WORLD_SIZE"]) == ("default", "2")
+        assert (m["TORCHELASTIC_RESTART_COUNT"], m["TORCHELASTIC_MAX_RESTARTS"]) == ("0", "0")
+        assert m["OMP_NUM_THREADS"] == "1"
+        assert m["TORCHELASTIC_ERROR_FILE"] and m["TORCHELASTIC_ERROR_FILE"].endswith("error.json")
+        assert m["MASTER_ADDR"] and int(m["MASTER_PORT"]) > 0
+        assert m["TORCHELASTIC_RUN_ID"]
+
+
+def test_worker_failure_restarts_group_then_succeeds(launcher, tmp_path):
+    markers = tmp_path / "markers"
+    launcher.marker_dirs.append(markers)
+    proc = launcher.start(
+        [*COMMON, "--max-restarts", "2", TRAIN],
+        MARKER_DIR=markers,
+        TRAIN_FAIL_RANK="1",
+        TRAIN_FAIL_ATTEMPT="0",
+        TRAIN_FAIL_MODE="exit",
+        TRAIN_ALLREDUCE="1",  # rank 0 cannot finish attempt 0 without rank 1
+    )
+    rc = launcher.wait(proc, 120)
+    _, err = launcher.output(proc)
+    assert rc == 0, err
+    attempts = {(int(m["RANK"]), m["TORCHELASTIC_RESTART_COUNT"]) for m in read_markers(markers)}
+    assert attempts == {(0, "0"), (1, "0"), (0, "1"), (1, "1")}
+    done = [m for m in read_markers(markers) if m.get("done")]
+    assert {m["TORCHELASTIC_RESTART_COUNT"] for m in done} == {"1"}
+
+
+@pytest.mark.parametrize("mode, expect", [("raise", "InjectedFailure"), ("kill", "SIGKILL")])
+def test_exceeding_max_restarts_reports_root_cause(launcher, tmp_path, mode, expect):
+    proc = launcher.start(
+        [*COMMON, "--max-restarts", "1", TRAIN], TRAIN_FAIL_RANK="1", TRAIN_FAIL_MODE=mode
+    )
+    rc = launcher.wait(proc, 120)
+    _, err = launcher.output(proc)
+    assert rc == 1, err
+    assert "Root Cause" in err or "root cause" in err.lower(), err
+    assert "rank" in err and expect in err, err
