@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     previous_disable = logging.root.manager.disable
     try:
         return _main(argv)
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("elastic-conformance: interrupted", file=sys.stderr)
+        return 130
     finally:
         logging.disable(previous_disable)  # main() may be called in-process (tests, the pytest plugin)
 
