@@ -57,3 +57,20 @@ def test_an_exception_in_a_check_is_a_one_line_failure(monkeypatch, tmp_path):
     assert result.verdict == "VIOLATION" and "\n" not in result.error
     assert result.error.startswith("KeyError:") and "Traceback" in result.detail
     assert os.getpid()  # the certifier itself survived
+
+
+def test_known_differences_are_reported_with_their_reason(monkeypatch, tmp_path):
+    from conformance import known_differences
+
+    monkeypatch.setitem(known_differences.KNOWN_DIFFERENCES, ("torch", API), "documented upstream deviation X")
+
+    def fails(ctx):
+        ctx.expect(False, "behaves like X")
+
+    (result,) = _certify_with(monkeypatch, tmp_path, fails)
+    assert (result.observed, result.verdict) == ("fail", "KNOWN-DIFFERENCE")
+    assert "documented upstream deviation X" in result.notes and result.error == "CheckFailed: behaves like X"
+    assert runner.exit_code([result]) == 0
+
+    (stale,) = _certify_with(monkeypatch, tmp_path, lambda ctx: None)
+    assert stale.verdict == "CONFORMS" and "stale entry" in stale.notes
