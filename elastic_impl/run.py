@@ -340,7 +340,8 @@ def main(args: list[str] | None = None) -> None:
         if type(e).__name__ == "ChildFailedError":
             sys.stderr.write(e.format_msg() + "\n")  # type: ignore[attr-defined]
             sys.exit(1)
-        _fail(f"{type(e).__name__}: {e}".splitlines()[0], 1)
+        detail = str(e).strip().splitlines()
+        _fail(f"{type(e).__name__}: {detail[0]}" if detail else type(e).__name__, 1)
 
 
 if __name__ == "__main__":

@@ -712,8 +712,9 @@ def _earliest_failure(failures: dict[int, Any]):
 
 def _failure_to_dict(rank: int, failure: Any) -> dict[str, Any]:
     message = getattr(failure, "message", "")
-    if isinstance(message, dict):
-        message = message.get("message", json.dumps(message))
+    if isinstance(message, dict):  # error-file contents: prefer the worker's traceback
+        extra = message.get("extraInfo") or {}
+        message = extra.get("py_callstack") or message.get("message") or json.dumps(message)
     return {
         "rank": rank,
         "local_rank": getattr(failure, "local_rank", None),
