@@ -221,6 +221,20 @@ def _get_free_port(host: str = "") -> int:
         return sock.getsockname()[1]
 
 
+def _wait_for_keys(store, keys: list[str], clock: Clock, timeout: float) -> None:
+    """Poll until ``keys`` exist (non-blocking checks).
+
+    The rendezvous store client is shared with the rendezvous keep-alive thread; a long blocking ``get``/``wait``
+    on it stalls (and with some store versions wedges) the heartbeats, so peers' keys are polled instead.
+    """
+    deadline = clock.monotonic() + timeout
+    while not store.check(keys):
+        if clock.monotonic() > deadline:
+            missing = [k for k in keys if not store.check([k])]
+            raise TimeoutError(f"peers did not publish {missing} within {timeout:g}s")
+        clock.sleep(0.05)
+
+
 def _store_try_get(store, key: str) -> bytes | None:
     """Read ``key`` without blocking on a missing key (TCPStore.get waits until it appears)."""
     if store.check([key]):
@@ -249,6 +263,8 @@ class SimpleElasticAgent(ElasticAgent):
         self._failed_by_peer = False
         self._acked_peer_failure = False
         self._next_peer_failure_check = 0.0
+        # Bound on waiting for peers' keys right after a rendezvous (they are a few store round trips behind).
+        self._store_wait_timeout = 300.0
 
     # ------------------------------------------------------------------ public API
 
@@ -350,6 +366,7 @@ class SimpleElasticAgent(ElasticAgent):
             store.set(_MASTER_ADDR_KEY, addr.encode())
             store.set(_MASTER_PORT_KEY, str(port).encode())
             return addr, port
+        _wait_for_keys(store, [_MASTER_ADDR_KEY, _MASTER_PORT_KEY], self._clock, self._store_wait_timeout)
         return store.get(_MASTER_ADDR_KEY).decode(), int(store.get(_MASTER_PORT_KEY).decode())
 
     def _assign_worker_ranks(self, store, group_rank: int, group_world_size: int, spec: WorkerSpec) -> list[Worker]:
@@ -363,6 +380,7 @@ class SimpleElasticAgent(ElasticAgent):
         my_info = {"role": spec.role, "local_world_size": spec.local_world_size, "host": socket.gethostname()}
         store.set(_ROLE_INFO_KEY.format(group_rank=group_rank), json.dumps(my_info).encode())
         keys = [_ROLE_INFO_KEY.format(group_rank=r) for r in range(group_world_size)]
+        _wait_for_keys(store, keys, self._clock, self._store_wait_timeout)
         if hasattr(store, "multi_get"):
             raw = store.multi_get(keys)
         else:
