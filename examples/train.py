@@ -10,6 +10,7 @@ Environment knobs (all optional):
   TRAIN_FAIL_RANK         global rank that fails ...
   TRAIN_FAIL_ATTEMPT      ... on this TORCHELASTIC_RESTART_COUNT (default: every attempt)
   TRAIN_FAIL_MODE         raise (exception, error file via @record) | exit (sys.exit(3)) | kill (SIGKILL itself)
+  TRAIN_IGNORE_SIGTERM=1  ignore SIGTERM (a worker stuck in native code), so only SIGKILL stops it
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def _maybe_fail(rank: int, attempt: int) -> None:
 
 @record
 def main() -> None:
+    if os.environ.get("TRAIN_IGNORE_SIGTERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

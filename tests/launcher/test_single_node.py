@@ -60,3 +60,41 @@ def test_exceeding_max_restarts_reports_root_cause(launcher, tmp_path, mode, exp
     assert rc == 1, err
     assert "Root Cause" in err or "root cause" in err.lower(), err
     assert "rank" in err and expect in err, err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("ignore_sigterm", [False, True], ids=["cooperative", "ignores-sigterm"])
+def test_sigterm_stops_workers_within_shutdown_grace(launcher, tmp_path, ignore_sigterm):
+    import os
+    import signal
+    import time
+
+    from tests.launcher.conftest import wait_for
+
+    markers = tmp_path / "markers"
+    launcher.marker_dirs.append(markers)
+    env = dict(MARKER_DIR=markers, TRAIN_STEPS="100000", TRAIN_STEP_SECONDS="0.1")
+    if ignore_sigterm:
+        env["TRAIN_IGNORE_SIGTERM"] = "1"
+    proc = launcher.start([*COMMON, "--shutdown-grace", "2", TRAIN], **env)
+    started = wait_for(lambda: len(read_markers(markers)) == 2 and read_markers(markers), 120, "2 workers")
+    time.sleep(0.5)  # let the worker install its SIGTERM disposition
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    rc = launcher.wait(proc, 60)
+    elapsed = time.monotonic() - sent
+    _, err = launcher.output(proc)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err.strip().splitlines()[-1]
+    pids = [m["pid"] for m in started]
+    assert not any(_alive(pid) for pid in pids), "a worker outlived its agent"
+    if ignore_sigterm:
+        assert elapsed >= 2  # waited the grace before SIGKILL
+    assert elapsed < 30  # never the 30 s default when 2 s was asked for
