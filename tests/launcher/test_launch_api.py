@@ -1,0 +1,74 @@
+"""elastic_launch / launch_agent with a Python function entrypoint (workers are spawned processes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch, split_endpoint
+from tests.launcher.conftest import free_port
+
+
+def rank_times(factor: int) -> int:
+    return int(os.environ["RANK"]) * factor + int(os.environ["WORLD_SIZE"])
+
+
+def failing_on_rank_one() -> None:
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank one refuses")
+
+
+def _config(**overrides) -> LaunchConfig:
+    kwargs = dict(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=2,
+        run_id="api-test",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.1,
+        shutdown_timeout=2,
+    )
+    kwargs.update(overrides)
+    return LaunchConfig(**kwargs)
+
+
+def test_function_entrypoint_returns_values_by_global_rank():
+    assert elastic_launch(_config(), rank_times)(10) == {0: 2, 1: 12}
+
+
+def test_function_failure_raises_child_failed_error_naming_the_rank():
+    from elastic_impl.multiprocessing.errors import ChildFailedError
+
+    with pytest.raises(ChildFailedError) as info:
+        elastic_launch(_config(), failing_on_rank_one)()
+    rank, failure = info.value.get_first_failure()
+    assert rank == 1
+    assert "rank one refuses" in info.value.format_msg()
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"min_nodes": 0}, "min_nodes: 0"),
+        ({"min_nodes": 3, "max_nodes": 2}, "max_nodes: 2"),
+        ({"nproc_per_node": 0}, "nproc_per_node: 0"),
+        ({"max_restarts": -2}, "max_restarts: -2"),
+        ({"monitor_interval": 0}, "monitor_interval: 0"),
+        ({"start_method": "clone"}, "start_method: 'clone'"),
+    ],
+)
+def test_launch_config_validation(overrides, fragment):
+    with pytest.raises(LaunchConfigError) as info:
+        _config(**overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint, expected",
+    [("host", ("host", None)), ("host:29400", ("host", 29400)), ("[::1]:5", ("::1", 5)), ("[fe80::1]", ("fe80::1", None))],
+)
+def test_split_endpoint(endpoint, expected):
+    assert split_endpoint(endpoint, default_port=None) == expected
