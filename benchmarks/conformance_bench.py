@@ -1,0 +1,79 @@
+"""Wall time of the full conformance table: `elastic-conformance certify --impl elastic_impl|torch`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._harness import (
+    Unavailable,
+    bench_env,
+    module_available,
+    python,
+    ratio,
+    run_side,
+    spawn,
+    stop_group,
+    tail,
+)
+
+IMPLS = {"ours": "elastic_impl", "upstream": "torch"}
+
+
+def certify(side: str, timeout: float, rows: str | None = None) -> dict:
+    reason = module_available("conformance.cli")
+    if reason:
+        raise Unavailable(reason)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"bench-conf-{side}-"))
+    log = out_dir / "certify.log"
+    cmd = [python(), "-m", "conformance.cli", "certify", "--impl", IMPLS[side], "--device", "cpu", "-q",
+           "--out", str(out_dir)]
+    if rows:
+        cmd += ["-k", rows]
+    t0 = time.time()
+    proc = spawn(cmd, bench_env(), log)
+    try:
+        try:
+            proc.wait(timeout=timeout)
+        except Exception:  # noqa: BLE001 - TimeoutExpired; the group is killed below
+            raise Unavailable(f"certify --impl {IMPLS[side]} did not finish within {timeout:.0f}s") from None
+        wall = time.time() - t0
+        out = {"n": 1, "median": wall, "min": wall, "max": wall, "stdev": 0.0, "samples": [wall],
+               "exit_code": proc.returncode}
+        report = out_dir / "report.json"
+        if report.exists():
+            out["verdicts"] = _verdict_counts(json.loads(report.read_text()))
+        elif proc.returncode != 0:
+            raise Unavailable(f"certify exited rc={proc.returncode} without a report: {tail(log, 1)}")
+        return out
+    finally:
+        stop_group(proc, grace=5.0)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _verdict_counts(report) -> dict:
+    """Counts of check outcomes, whatever the exact report layout (a list of rows with a status-like field)."""
+    rows = report.get("results") or report.get("rows") or report.get("checks") if isinstance(report, dict) else report
+    counts: dict[str, int] = {}
+    for row in rows or []:
+        if isinstance(row, dict):
+            verdict = str(row.get("verdict") or row.get("status") or row.get("outcome") or "?")
+            counts[verdict] = counts.get(verdict, 0) + 1
+    return counts
+
+
+def run(quick: bool) -> dict:
+    # --quick certifies a few cheap rows only, to prove the plumbing; the full table is the real measurement.
+    rows = "errors,ChildFailedError" if quick else None
+    timeout = 120.0 if quick else 300.0
+    case = {side: run_side(certify, side, timeout, rows) for side in ("upstream", "ours")}
+    case["ratio"] = ratio(case["ours"], case["upstream"])
+    return {
+        "description": "elastic-conformance certify --impl X --device cpu, wall time (s), one run each"
+                       + (" (quick: a few rows only)" if quick else " (full table)"),
+        "unit": "s", "target": None,
+        "cases": {"certify " + ("subset" if quick else "full table"): case},
+    }

@@ -1,0 +1,98 @@
+"""Rendezvous latency and store cost for N local agents (c10d, min = max = N), one OS process per node."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import timedelta
+
+from benchmarks._harness import (
+    Unavailable,
+    bench_env,
+    free_port,
+    module_available,
+    python,
+    ratio,
+    run_side,
+    spawn,
+    stop_group,
+    summarize,
+)
+
+IMPLS = {"ours": "elastic_impl", "upstream": "torch.distributed.elastic"}
+
+
+def measure(side: str, n: int, rounds: int, timeout: float = 120.0) -> dict:
+    impl = IMPLS[side]
+    reason = module_available(f"{impl}.rendezvous.dynamic_rendezvous")
+    if reason:
+        raise Unavailable(reason)
+    import torch.distributed as dist
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    prefix = f"bench-{side}-{n}-{uuid.uuid4().hex[:6]}"
+    env = bench_env()
+    procs = [spawn([python(), "-m", "benchmarks._rdzv_node", impl, str(port), str(n), str(i), str(rounds), prefix], env)
+             for i in range(n)]
+    try:
+        deadline = time.time() + timeout
+        # Every node has imported and connected before the clock starts: we time rendezvous, not `import torch`.
+        while store.add(f"{prefix}/ready", 0) < n:
+            dead = [p.returncode for p in procs if p.poll() is not None]
+            if dead:
+                raise Unavailable(f"a node process exited rc={dead[0]} before it was ready")
+            if time.time() > deadline:
+                raise Unavailable(f"nodes not ready within {timeout}s")
+            time.sleep(0.05)
+        errors = [store.get(f"{prefix}/error/{i}").decode() for i in range(n) if store.check([f"{prefix}/error/{i}"])]
+        if errors:
+            raise Unavailable(errors[0])
+        latencies, ops, nbytes, by_op = [], [], [], {}
+        for r in range(rounds):
+            t0 = time.time()
+            store.set(f"{prefix}/go{r}", "1")
+            keys = [f"{prefix}/res{r}/{i}" for i in range(n)]
+            store.wait(keys, timedelta(seconds=timeout))
+            results = [json.loads(store.get(k)) for k in keys]
+            store.set(f"{prefix}/done{r}", "1")
+            failed = [res["error"] for res in results if "error" in res]
+            if failed:
+                raise Unavailable(f"rendezvous failed: {failed[0]}")
+            ranks = sorted(res["rank"] for res in results)
+            if ranks != list(range(n)) or {res["world_size"] for res in results} != {n}:
+                raise Unavailable(f"rendezvous gave invalid ranks {ranks} / world sizes")
+            latencies.append(max(res["t_end"] for res in results) - t0)
+            ops.append(sum(res["ops"] for res in results))
+            nbytes.append(sum(res["bytes"] for res in results))
+            for res in results:
+                for op, count in res["by_op"].items():
+                    by_op[op] = by_op.get(op, 0) + count
+        for p in procs:
+            p.wait(timeout=30)
+        out = summarize(latencies)
+        out["store_ops_per_rendezvous"] = summarize(ops)["median"]
+        out["store_bytes_per_rendezvous"] = summarize(nbytes)["median"]
+        out["store_ops_by_kind"] = {k: v / rounds for k, v in sorted(by_op.items())}
+        return out
+    finally:
+        for p in procs:
+            stop_group(p, grace=2.0)
+        del store
+
+
+def run(quick: bool) -> dict:
+    sizes = (2, 4) if quick else (2, 4, 8, 16)
+    rounds = 1 if quick else 5
+    cases = {}
+    for n in sizes:
+        case = {side: run_side(measure, side, n, rounds) for side in ("upstream", "ours")}
+        case["ratio"] = ratio(case["ours"], case["upstream"])
+        cases[f"N={n}"] = case
+    return {
+        "description": "N local agents (one process each), c10d on one TCPStore, min=max=N: all started -> all "
+                       "have a rank (s); store ops/bytes summed over nodes per rendezvous",
+        "unit": "s", "target": "N=16: ours <= 0.5x upstream, store ops O(N)",
+        "cases": cases,
+    }

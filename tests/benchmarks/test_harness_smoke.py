@@ -1,0 +1,50 @@
+"""Smoke test: the benchmark harness runs end to end at minimal size and writes its results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main, table
+from benchmarks._harness import summarize
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_summarize_median_and_spread():
+    s = summarize([3.0, 1.0, 2.0, 10.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 10.0, 5)
+    with pytest.raises(ValueError, match="at least one sample"):
+        summarize([])
+
+
+def test_unknown_benchmark_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "nosuch"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "'nosuch'" in proc.stderr and "recovery" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_quick_cold_start_writes_results(tmp_path, capsys):
+    assert main(["--quick", "--only", "cold_start", "--results-dir", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "cold_start.json").read_text())
+    assert res["machine"]["cores"] == os.cpu_count() and len(res["loadavg_after"]) == 3
+    case = res["cases"]["standalone 2 workers"]
+    for side in ("ours", "upstream"):
+        # Each side is either measured (a positive time) or says why it could not be.
+        assert case[side].get("median", 0) > 0 or case[side]["unavailable"]
+    assert "standalone 2 workers" in (tmp_path / "latest.md").read_text()
+    assert "| cold_start |" in capsys.readouterr().out
+
+
+def test_table_marks_unavailable_sides():
+    results = {"x": {"unit": "s", "cases": {"c": {"ours": {"unavailable": "no module"},
+                                                   "upstream": summarize([1.0, 2.0, 3.0]), "ratio": None}}}}
+    text = table(results)
+    assert "| x | c | unavailable | 2 s [1-3] | - |" in text
+    assert "x / c / ours: unavailable: no module" in text
