@@ -34,7 +34,8 @@ def _extra(side: dict | None) -> str:
     if not side or "unavailable" in side:
         return ""
     if "store_ops_per_rendezvous" in side:
-        return f"{side['store_ops_per_rendezvous']:.0f} ops/{side['store_bytes_per_rendezvous'] / 1024:.1f} KiB"
+        return (f"{side['store_ops_per_rendezvous']:.0f} ops, {side['store_bytes_per_rendezvous'] / 1024:.1f} KiB"
+                f" ({side['store_ops_per_node']:.1f} ops/node)")
     if side.get("events_per_s"):
         return f"{side['events_per_s']:.3g} events/s"
     if "verdicts" in side:
@@ -52,9 +53,16 @@ def table(results: dict) -> str:
             r = sides.get("ratio")
             lines.append(f"| {name} | {case} | {_fmt(ours, res['unit'])} | {_fmt(upstream, res['unit'])} | "
                          f"{'-' if r is None else f'{r:.2f}x'} | {_extra(ours)} | {_extra(upstream)} |")
+            if sides.get("note"):
+                notes.append(f"- {name} / {case}: {sides['note']}")
             for label, side in (("ours", ours), ("upstream", upstream)):
                 if side and "unavailable" in side:
                     notes.append(f"- {name} / {case} / {label}: unavailable: {side['unavailable']}")
+    for name, res in results.items():
+        for key in ("store_ops_growth_exponent", "store_bytes_growth_exponent"):
+            if key in res:
+                exps = ", ".join(f"{side} N^{v:.2f}" for side, v in res[key].items() if v is not None)
+                notes.append(f"- {name}: {key.replace('_', ' ')}: {exps or 'n/a'}")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -62,8 +62,10 @@ def _wait_for(predicate, procs, deadline: float, what: str, logs: list[Path]):
         time.sleep(0.02)
 
 
-def recovery_trial(side: str, workdir: Path, timeout: float = 90.0) -> float:
-    """2 agents x 2 workers (c10d, loopback); SIGKILL one worker; seconds until all 4 workers of the new round run."""
+def recovery_trial(side: str, workdir: Path, nodes: int = 2, timeout: float = 90.0) -> float:
+    """`nodes` agents x 2 workers (c10d on loopback; 1 node = --standalone); SIGKILL the highest-ranked worker;
+    seconds until every worker of the new round runs."""
+    world = 2 * nodes
     cmd = _launcher_cmd(side)
     marker_dir = Path(tempfile.mkdtemp(prefix=f"recovery-{side}-", dir=workdir))
     port = free_port()
@@ -71,22 +73,22 @@ def recovery_trial(side: str, workdir: Path, timeout: float = 90.0) -> float:
     env = bench_env({"BENCH_MARKER_DIR": str(marker_dir), "BENCH_WORKER_LIFETIME": str(timeout + 30)})
     agents, logs = [], []
     try:
-        for node in range(2):
+        for node in range(nodes):
             log = marker_dir / f"agent{node}.log"
-            agent_cmd = cmd + [
-                "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, "--max-restarts", "3",
-                "--monitor-interval", "0.1", WORKER,
-            ]
+            topology = ["--standalone"] if nodes == 1 else [
+                "--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                "--rdzv-id", run_id]
+            agent_cmd = cmd + topology + [
+                "--nproc-per-node", "2", "--max-restarts", "3", "--monitor-interval", "0.1", WORKER]
             agents.append(spawn(agent_cmd, env, log))
             logs.append(log)
         deadline = time.time() + timeout
 
         def first_round():
             markers = _read_markers(marker_dir)
-            return markers if len({m["rank"] for m in markers}) >= 4 else None
+            return markers if len({m["rank"] for m in markers}) >= world else None
 
-        first = _wait_for(first_round, agents, deadline, "4 workers of the first round", logs)
+        first = _wait_for(first_round, agents, deadline, f"{world} workers of the first round", logs)
         time.sleep(0.5)  # let both agents settle into their monitor loops
         victim = max(first, key=lambda m: m["rank"])
         t_kill = time.time()
@@ -97,9 +99,9 @@ def recovery_trial(side: str, workdir: Path, timeout: float = 90.0) -> float:
             for m in _read_markers(marker_dir):
                 if m["t"] > t_kill and m["pid"] != victim["pid"]:
                     fresh.setdefault(m["rank"], m["t"])
-            return fresh if len(fresh) >= 4 else None
+            return fresh if len(fresh) >= world else None
 
-        fresh = _wait_for(second_round, agents, deadline, "4 workers of the round after the kill", logs)
+        fresh = _wait_for(second_round, agents, deadline, f"{world} workers of the round after the kill", logs)
         return max(fresh.values()) - t_kill
     finally:
         for agent in agents:
@@ -154,14 +156,16 @@ def _compare(trial, repeats: int, workdir: Path) -> dict:
 def run_recovery(quick: bool) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     try:
-        result = _compare(recovery_trial, 1 if quick else 5, workdir)
+        repeats = 1 if quick else 5
+        multi = _compare(recovery_trial, repeats, workdir)
+        single = _compare(lambda side, wd: recovery_trial(side, wd, nodes=1), repeats, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
-        "description": "2 agents x 2 workers, c10d on loopback, monitor interval 0.1 s: SIGKILL one worker -> "
-                       "all 4 workers of the next round running (s)",
+        "description": "2 agents x 2 workers, c10d on loopback (and 1 x 2 --standalone), monitor interval 0.1 s, "
+                       "max-restarts 3: SIGKILL one worker -> every worker of the next round running (s)",
         "unit": "s", "target": "ours <= 0.5x torchrun",
-        "cases": {"2x2 kill worker": result},
+        "cases": {"2x2 kill worker": multi, "1x2 standalone kill worker": single},
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from datetime import timedelta
@@ -74,6 +75,8 @@ def measure(side: str, n: int, rounds: int, timeout: float = 120.0) -> dict:
         out = summarize(latencies)
         out["store_ops_per_rendezvous"] = summarize(ops)["median"]
         out["store_bytes_per_rendezvous"] = summarize(nbytes)["median"]
+        out["store_ops_per_node"] = out["store_ops_per_rendezvous"] / n
+        out["store_bytes_per_node"] = out["store_bytes_per_rendezvous"] / n
         out["store_ops_by_kind"] = {k: v / rounds for k, v in sorted(by_op.items())}
         return out
     finally:
@@ -90,9 +93,23 @@ def run(quick: bool) -> dict:
         case = {side: run_side(measure, side, n, rounds) for side in ("upstream", "ours")}
         case["ratio"] = ratio(case["ours"], case["upstream"])
         cases[f"N={n}"] = case
+    growth = {side: _growth_exponent(cases, side, "store_ops_per_rendezvous") for side in ("ours", "upstream")}
+    byte_growth = {side: _growth_exponent(cases, side, "store_bytes_per_rendezvous") for side in ("ours", "upstream")}
     return {
         "description": "N local agents (one process each), c10d on one TCPStore, min=max=N: all started -> all "
                        "have a rank (s); store ops/bytes summed over nodes per rendezvous",
         "unit": "s", "target": "N=16: ours <= 0.5x upstream, store ops O(N)",
         "cases": cases,
+        # k in cost ~ N^k between the smallest and largest N (1 = linear, 2 = quadratic).
+        "store_ops_growth_exponent": growth,
+        "store_bytes_growth_exponent": byte_growth,
     }
+
+
+def _growth_exponent(cases: dict, side: str, key: str) -> float | None:
+    points = [(int(name.split("=")[1]), case[side].get(key)) for name, case in cases.items()]
+    points = [(n, v) for n, v in points if v]
+    if len(points) < 2:
+        return None
+    (n0, v0), (n1, v1) = points[0], points[-1]
+    return math.log(v1 / v0) / math.log(n1 / n0)
