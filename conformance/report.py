@@ -79,6 +79,17 @@ def _markdown(results: list[Result], meta: dict[str, Any]) -> str:
         "",
         "Summary: " + ", ".join(f"**{k}** {v}" for k, v in meta["summary"].items()),
         "",
+        "|module|rows|" + "|".join(VERDICT_ORDER) + "|",
+        "|--|--|" + "--|" * len(VERDICT_ORDER),
+    ]
+    groups: dict[str, Counter] = {}
+    for r in results:
+        groups.setdefault(r.group, Counter())[r.verdict] += 1
+    for group, counts in groups.items():
+        cells = "|".join(str(counts[v] or "") for v in VERDICT_ORDER)
+        lines.append(f"|{group}|{sum(counts.values())}|{cells}|")
+    lines += [
+        "",
         "|api|claimed|observed|verdict|duration s|error / notes|",
         "|--|--|--|--|--|--|",
     ]
