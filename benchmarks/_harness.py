@@ -182,13 +182,27 @@ def run_side(fn, *args, **kwargs) -> dict:
 def write_json(name: str, payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
-
-
-def now() -> float:
-    return time.time()
 
 
 def python() -> str:
     return sys.executable
+
+
+def timed_command(cmd: list[str], timeout: float, workdir: Path) -> tuple[float, int, str]:
+    """Run a command once in its own process group: (wall seconds, exit code, last output line).
+
+    A command still running after `timeout` is killed with its group and reported as Unavailable.
+    """
+    log = workdir / "command.log"
+    t0 = time.time()
+    proc = spawn(cmd, bench_env(), log)
+    try:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"{' '.join(cmd[2:5])} did not finish within {timeout:.0f}s") from None
+        return time.time() - t0, proc.returncode, tail(log, 1)
+    finally:
+        stop_group(proc, grace=5.0)

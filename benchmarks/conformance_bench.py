@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks._harness import (
     Unavailable,
-    bench_env,
     module_available,
     python,
     ratio,
     run_side,
-    spawn,
-    stop_group,
-    tail,
+    summarize,
+    timed_command,
 )
 
 IMPLS = {"ours": "elastic_impl", "upstream": "torch"}
@@ -29,29 +26,20 @@ def certify(side: str, timeout: float, rows: str | None = None) -> dict:
     if reason:
         raise Unavailable(reason)
     out_dir = Path(tempfile.mkdtemp(prefix=f"bench-conf-{side}-"))
-    log = out_dir / "certify.log"
     cmd = [python(), "-m", "conformance.cli", "certify", "--impl", IMPLS[side], "--device", "cpu", "-q",
            "--out", str(out_dir)]
     if rows:
         cmd += ["-k", rows]
-    t0 = time.time()
-    proc = spawn(cmd, bench_env(), log)
     try:
-        try:
-            proc.wait(timeout=timeout)
-        except Exception:  # noqa: BLE001 - TimeoutExpired; the group is killed below
-            raise Unavailable(f"certify --impl {IMPLS[side]} did not finish within {timeout:.0f}s") from None
-        wall = time.time() - t0
-        out = {"n": 1, "median": wall, "min": wall, "max": wall, "stdev": 0.0, "samples": [wall],
-               "exit_code": proc.returncode}
+        wall, rc, last_line = timed_command(cmd, timeout, out_dir)
         report = out_dir / "report.json"
-        if report.exists():
-            out["verdicts"] = _verdict_counts(json.loads(report.read_text()))
-        elif proc.returncode != 0:
-            raise Unavailable(f"certify exited rc={proc.returncode} without a report: {tail(log, 1)}")
+        if not report.exists():
+            raise Unavailable(f"certify --impl {IMPLS[side]} exited rc={rc} without a report: {last_line}")
+        out = summarize([wall])
+        out["exit_code"] = rc
+        out["verdicts"] = _verdict_counts(json.loads(report.read_text()))
         return out
     finally:
-        stop_group(proc, grace=5.0)
         shutil.rmtree(out_dir, ignore_errors=True)
 
 

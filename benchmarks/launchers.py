@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -122,7 +123,7 @@ def cold_start_trial(side: str, workdir: Path, timeout: float = 60.0) -> float:
         first = min(m["t"] for m in markers) - t0
         try:
             proc.wait(timeout=timeout)
-        except Exception:  # noqa: BLE001 - a hung launcher is cleaned up below and reported
+        except subprocess.TimeoutExpired:
             raise Unavailable(f"launcher did not exit within {timeout}s after its workers finished") from None
         if proc.returncode != 0:
             raise Unavailable(f"launcher exited rc={proc.returncode}: {tail(log, 2)}")

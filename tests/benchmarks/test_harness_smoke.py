@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.__main__ import main, table
-from benchmarks._harness import summarize
+from benchmarks._harness import Unavailable, kill_pids, summarize, timed_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,3 +48,21 @@ def test_table_marks_unavailable_sides():
     text = table(results)
     assert "| x | c | unavailable | 2 s [1-3] | - |" in text
     assert "x / c / ours: unavailable: no module" in text
+
+
+def test_timed_command_kills_the_whole_group_on_timeout(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # The parent starts a child in its own process group and both hang: the timeout must take down both.
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    with pytest.raises(Unavailable, match="did not finish within 2s"):
+        timed_command([sys.executable, "-c", script], 2.0, tmp_path)
+    child = int(pid_file.read_text())
+    assert kill_pids([child]) == []  # already gone: nothing left to kill
+
+
+def test_timed_command_reports_exit_code_and_last_line(tmp_path):
+    wall, rc, last = timed_command([sys.executable, "-c", "print('a'); print('last one'); raise SystemExit(3)"],
+                                   30.0, tmp_path)
+    assert (rc, last) == (3, "last one") and wall > 0
