@@ -76,6 +76,19 @@ def _counting_store_class(dist):
             self._count("wait", *keys)
             return self._inner.wait(keys) if timeout is None else self._inner.wait(keys, timeout)
 
+        def append(self, key, value):
+            self._count("append", key, value)
+            return self._inner.append(key, value)
+
+        def multi_get(self, keys):
+            values = self._inner.multi_get(keys)
+            self._count("multi_get", *keys, *values)
+            return values
+
+        def multi_set(self, keys, values):
+            self._count("multi_set", *keys, *values)
+            return self._inner.multi_set(keys, values)
+
         def set_timeout(self, timeout):
             return self._inner.set_timeout(timeout)
 
