@@ -10,6 +10,10 @@ import pytest
 
 from elastic_impl.launcher.api import LaunchConfigError
 from elastic_impl.run import config_from_args, main, parse_args, parse_min_max_nnodes
+from tests.launcher.conftest import requires
+
+# Std (redirects/tee) and DefaultLogsSpecs come from the multiprocessing package.
+needs_mp = requires("elastic_impl.multiprocessing")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,13 +41,17 @@ BAD_INPUTS = [
     (["--nnodes", "1:2"], "'1:2'"),  # static backend needs a fixed count
     (["--shutdown-grace", "-1"], "'-1'"),
     (["--master-port", "99999"], "'99999'"),
-    (["--redirects", "7"], "'7'"),
-    (["--tee", "0:9"], "'0:9'"),
+    pytest.param(["--redirects", "7"], "'7'", marks=needs_mp),
+    pytest.param(["--tee", "0:9"], "'0:9'", marks=needs_mp),
     (["--bogus-option", "1"], "--bogus-option"),
 ]
 
 
-@pytest.mark.parametrize("argv, fragment", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def _argv(case):
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUTS, ids=[" ".join(_argv(c)) for c in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_code_2(argv, fragment, capsys):
     with pytest.raises(SystemExit) as info:
         main([*argv, "examples/train.py"])
@@ -88,6 +96,7 @@ def test_parse_min_max_nnodes_rejects_inverted_range():
         parse_min_max_nnodes("5:2")
 
 
+@needs_mp
 def test_config_from_args_c10d_with_underscore_aliases(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     args = parse_args(
@@ -117,6 +126,7 @@ def test_config_from_args_c10d_with_underscore_aliases(monkeypatch):
     assert cmd == sys.executable and cmd_args == ["-u", "train.py", "--lr", "0.1"]
 
 
+@needs_mp
 def test_config_from_args_static_defaults_and_entrypoint_modes(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TORCHELASTIC_SHUTDOWN_GRACE", raising=False)
@@ -130,6 +140,7 @@ def test_config_from_args_static_defaults_and_entrypoint_modes(monkeypatch):
     assert (cmd, cmd_args) == ("/bin/echo", ["hi"])
 
 
+@needs_mp
 def test_shutdown_grace_from_environment(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_SHUTDOWN_GRACE", "2.5")
     config, _, _ = config_from_args(parse_args(["x.py"]))
@@ -139,6 +150,7 @@ def test_shutdown_grace_from_environment(monkeypatch):
         config_from_args(parse_args(["x.py"]))
 
 
+@needs_mp
 def test_nproc_per_node_cpu():
     config, _, _ = config_from_args(parse_args(["--nproc-per-node", "cpu", "x.py"]))
     assert config.nproc_per_node == (os.cpu_count() or 1)

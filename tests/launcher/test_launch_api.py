@@ -7,7 +7,7 @@ import os
 import pytest
 
 from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch, split_endpoint
-from tests.launcher.conftest import free_port
+from tests.launcher.conftest import free_port, needs_runtime
 
 
 def rank_times(factor: int) -> int:
@@ -35,10 +35,12 @@ def _config(**overrides) -> LaunchConfig:
     return LaunchConfig(**kwargs)
 
 
+@needs_runtime
 def test_function_entrypoint_returns_values_by_global_rank():
     assert elastic_launch(_config(), rank_times)(10) == {0: 2, 1: 12}
 
 
+@needs_runtime
 def test_function_failure_raises_child_failed_error_naming_the_rank():
     from elastic_impl.multiprocessing.errors import ChildFailedError
 

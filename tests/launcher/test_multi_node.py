@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tests.launcher.conftest import TRAIN, free_port, read_markers, wait_for
+from tests.launcher.conftest import TRAIN, free_port, needs_runtime, read_markers, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_runtime]
 
 
 def _agent_args(port: int, nnodes: str, max_restarts: int = 0, run_id: str = "job", extra_conf: str = "") -> list[str]:

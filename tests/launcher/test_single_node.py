@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.launcher.conftest import TRAIN, read_markers
+from tests.launcher.conftest import TRAIN, needs_runtime, read_markers
+
+pytestmark = needs_runtime
 
 COMMON = ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.launcher.conftest import TRAIN, read_markers
+from tests.launcher.conftest import TRAIN, needs_runtime, read_markers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_runtime]
 
 # Values that must be identical under both launchers (the rest is per-run: ports, run ids, file paths).
 # TORCHELASTIC_USE_AGENT_STORE differs by design: our workers get a fresh store per round (no stale keys).
