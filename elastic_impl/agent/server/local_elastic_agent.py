@@ -84,6 +84,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._log_line_prefix_template = log_line_prefix_template
         self._health_check_server = health_check_server
         self._previous_handlers: dict[int, Any] = {}
+        self._terminating = False
 
     # ------------------------------------------------------------------ signals
 
@@ -99,6 +100,11 @@ class LocalElasticAgent(SimpleElasticAgent):
             return  # only the main thread may set handlers; an embedding program handles signals itself
 
         def _raise(signum, _frame):
+            # Only the first signal interrupts; later ones must not abort the shutdown it started half-way.
+            if self._terminating:
+                logger.warning("agent already stopping; ignoring %s", signal.Signals(signum).name)
+                return
+            self._terminating = True
             raise AgentSignalError(f"agent received {signal.Signals(signum).name}", signal.Signals(signum))
 
         for sig in _HANDLED_SIGNALS:
@@ -181,12 +187,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         pcontext, self._pcontext = self._pcontext, None
         if pcontext is None:
             return
-        # A second signal while we wait for the workers to exit must not abandon them: block until closed.
-        try:
-            pcontext.close(death_sig, timeout)
-        except AgentSignalError:
-            pcontext.close(signal.SIGKILL, 0)
-            raise
+        pcontext.close(death_sig, timeout)
 
     def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
         if self._health_check_server is not None:
