@@ -10,6 +10,22 @@ Run loop of :class:`SimpleElasticAgent` (``_invoke_run``)::
         FAILED / UNHEALTHY   -> restart (re-rendezvous) while restarts remain, else publish the failure, done
         HEALTHY              -> if nodes wait to join, or a peer left/was evicted, restart to re-form the group
                                 (membership restarts do not consume max_restarts)
+
+Rendezvous handler extensions the agent uses when the handler has them (all optional; without them the agent
+behaves like upstream):
+
+- ``get_participants() -> iterable``: the current participants of the round. A change while workers are healthy
+  (a peer left, or was evicted after missing heartbeats) makes the agent restart to re-form the group.
+- ``get_round() -> int``: reported in the agent's events.
+- ``get_restart_count() -> int`` / ``increment_restart_count()``: a job-wide restart counter, used for
+  TORCHELASTIC_RESTART_COUNT so every node agrees; bumped at most once per round (first failing node).
+- ``shutdown()`` LEAVES the rendezvous (the launcher calls it alone when the agent is stopped by a signal);
+  ``set_closed()`` CLOSES it (the launcher calls it first when the job ended).
+
+Round-store keys the agents share (under the round's store namespace): ``torchelastic/agent/role_info/<group
+rank>`` (rank assignment), ``master_addr``/``master_port`` (a fresh worker store per round), ``exit_barrier``,
+``job_failed`` + ``failure/<group rank>`` + ``job_failed_ack`` (a node that failed for good tells its peers, which
+stop at once and report its root cause instead of waiting out the exit barrier or a hung collective).
 """
 
 from __future__ import annotations
