@@ -199,3 +199,26 @@ def test_healthy_workers_stopped_when_peer_failed_the_job(tcp_store):
     result = agent.run()
     assert result.is_failed() and handler.rounds == 1  # no restart: the job is over
     assert agent.get_peer_failures() == {0: peer_failure}
+
+
+class ParticipantsHandler(RoundStoreHandler):
+    """Adds the participants extension: the set shrinks when a peer leaves or is evicted."""
+
+    def __init__(self, store, participants_script):
+        super().__init__(store)
+        self.participants_script = list(participants_script)
+        self.current = self.participants_script[0]
+
+    def get_participants(self):
+        if self.participants_script:
+            self.current = self.participants_script.pop(0)
+        return self.current
+
+
+def test_lost_peer_triggers_reformation_without_consuming_restarts(tcp_store):
+    # the rendezvous reports {a, b}; later b is gone (left or missed its heartbeats)
+    handler = ParticipantsHandler(tcp_store, [("a", "b"), ("a", "b"), ("a",), ("a",)])
+    agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY, HEALTHY, HEALTHY, SUCCEEDED])
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert handler.rounds == 2 and agent._remaining_restarts == 0
