@@ -22,7 +22,8 @@ import os
 import socket
 import threading
 import traceback
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Union
 
 from elastic_impl.events.api import Event, EventMetadataValue, EventSource, NodeState, RdzvEvent
 from elastic_impl.events.handlers import get_logging_handler
@@ -115,8 +116,13 @@ def _dispatch(event: Union[Event, RdzvEvent]) -> None:
     try:
         _append_to_events_file(event.serialize())
     except Exception as e:
-        _log.warning("could not append event %s to %s=%s: %s", event.name, EVENTS_FILE_ENV,
-                     os.environ.get(EVENTS_FILE_ENV), e)
+        _log.warning(
+            "could not append event %s to %s=%s: %s",
+            event.name,
+            EVENTS_FILE_ENV,
+            os.environ.get(EVENTS_FILE_ENV),
+            e,
+        )
 
 
 def record(event: Event, destination: str = "null") -> None:
@@ -130,7 +136,9 @@ def record(event: Event, destination: str = "null") -> None:
     try:
         _get_or_create_logger(destination).info(event.serialize())
     except Exception as e:
-        _log.warning("could not log event %s to destination %r: %s", getattr(event, "name", event), destination, e)
+        _log.warning(
+            "could not log event %s to destination %r: %s", getattr(event, "name", event), destination, e
+        )
 
 
 def record_rdzv_event(event: RdzvEvent) -> None:
@@ -144,10 +152,10 @@ def construct_and_record_rdzv_event(
     node_state: NodeState,
     name: str = "",
     hostname: str = "",
-    pid: Optional[int] = None,
+    pid: int | None = None,
     master_endpoint: str = "",
-    local_id: Optional[int] = None,
-    rank: Optional[int] = None,
+    local_id: int | None = None,
+    rank: int | None = None,
 ) -> None:
     """Build a :class:`RdzvEvent` (filling in caller name, host, pid and the current exception) and record it."""
     # building an event costs a stack walk; skip it when nobody can observe the result

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Optional, Union
+from typing import Union
 
 __all__ = ["EventSource", "Event", "NodeState", "RdzvEvent", "EventMetadataValue"]
 
-EventMetadataValue = Optional[Union[str, int, float, bool]]
+EventMetadataValue = str | int | float | bool | None
 
 
 class EventSource(str, Enum):
@@ -54,7 +54,7 @@ class Event:
         return self.serialize()
 
     @staticmethod
-    def deserialize(data: Union[str, "Event"]) -> "Event":
+    def deserialize(data: Union[str, Event]) -> Event:
         if isinstance(data, Event):
             return data
         obj = _loads_object(data, "Event")
@@ -88,15 +88,15 @@ class RdzvEvent:
     pid: int
     node_state: NodeState
     master_endpoint: str = ""
-    rank: Optional[int] = None
-    local_id: Optional[int] = None
+    rank: int | None = None
+    local_id: int | None = None
     error_trace: str = ""
 
     def __str__(self) -> str:
         return self.serialize()
 
     @staticmethod
-    def deserialize(data: Union[str, "RdzvEvent"]) -> "RdzvEvent":
+    def deserialize(data: Union[str, RdzvEvent]) -> RdzvEvent:
         if isinstance(data, RdzvEvent):
             return data
         obj = _loads_object(data, "RdzvEvent")

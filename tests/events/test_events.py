@@ -23,14 +23,21 @@ def collected():
 
 
 def test_event_round_trip_keeps_all_fields():
-    ev = Event("agent.x", EventSource.WORKER, timestamp=12, metadata={"a": 1, "b": "s", "c": None, "d": 1.5, "e": True})
+    ev = Event(
+        "agent.x",
+        EventSource.WORKER,
+        timestamp=12,
+        metadata={"a": 1, "b": "s", "c": None, "d": 1.5, "e": True},
+    )
     back = Event.deserialize(ev.serialize())
     assert back == ev and back.source is EventSource.WORKER
     assert json.loads(ev.serialize())["source"] == "WORKER"
 
 
 def test_rdzv_event_round_trip():
-    ev = RdzvEvent("n", "run", "msg", "host", 7, NodeState.FAILED, "h:1", rank=3, local_id=2, error_trace="tb")
+    ev = RdzvEvent(
+        "n", "run", "msg", "host", 7, NodeState.FAILED, "h:1", rank=3, local_id=2, error_trace="tb"
+    )
     back = RdzvEvent.deserialize(ev.serialize())
     assert back == ev and back.node_state is NodeState.FAILED
 
