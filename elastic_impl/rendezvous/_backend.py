@@ -1,0 +1,34 @@
+"""The storage seam of the dynamic rendezvous: an opaque state blob guarded by compare-and-set tokens."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class RendezvousBackend(ABC):
+    """Stores one rendezvous state blob per run.
+
+    Contract (every implementation, and the state machine relies on it):
+
+    - ``get_state()`` returns ``(state, token)`` or ``None`` when no state was ever written.
+    - ``set_state(state, token)`` writes ``state`` only if the stored state still carries ``token`` (``None``
+      means "only if nothing is stored yet"). It returns ``(current_state, current_token, has_set)``: on success
+      the written state and its new token with ``has_set=True``; otherwise the state that won, its token and
+      ``False``. ``None`` may be returned when the blob vanished between the compare and the read.
+    - Any failure to reach the storage raises :class:`~elastic_impl.rendezvous.api.RendezvousConnectionError`
+      (naming where the storage is); unreadable stored data raises ``RendezvousStateError``.
+    """
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The backend's name (``c10d``, ``etcd-v2``, ``in-memory``...)."""
+
+    @abstractmethod
+    def get_state(self) -> tuple[bytes, Any] | None:
+        """The stored state and its token, or ``None``."""
+
+    @abstractmethod
+    def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
+        """Compare-and-set; see the class docstring."""

@@ -1,0 +1,722 @@
+"""The dynamic rendezvous: a state machine over a :class:`RendezvousBackend`, plus the handler that drives it.
+
+Semantics (one "run" = one run id; it goes through numbered rounds):
+
+- A round is *open* while nodes join it. Once ``min_nodes`` have joined, a *last call* window of
+  ``timeout.last_call`` starts; the round *completes* when ``max_nodes`` have joined or when the last call ends.
+  Ranks are ``0..world_size-1``, assigned by sorting the participants' node keys (deterministic, contiguous).
+- Nodes that arrive while a round is complete go on the *wait list*; ``num_nodes_waiting()`` counts them (only while
+  the round has room, i.e. fewer than ``max_nodes`` participants), which tells agents to re-rendezvous.
+- A participant of a completed round that calls ``next_rendezvous`` again opens round ``r+1``: it becomes a
+  participant of the new round with the waiting nodes promoted; the other old participants rejoin as they notice
+  (``num_nodes_waiting() > 0`` for them once the round moved on, or ``get_participants()`` changed).
+- Every node heartbeats (``keep_alive_interval``) into the state; a node whose last heartbeat is older than
+  ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state.
+- ``set_closed()`` closes the run: every node's next step raises ``RendezvousClosedError``. ``shutdown()`` only
+  *leaves* (removes this node; survivors re-form); it does not close the run (unlike upstream, where it closes).
+- The state carries a job-wide ``restart_count`` (``increment_restart_count()`` / ``get_restart_count()``) that all
+  nodes share and that leaving/rejoining cannot reset.
+
+Simulator seam. :class:`RendezvousStepper` runs the state machine one step at a time, with no threads and no
+sleeping: each ``step(op)`` does at most one ``get_state`` and at most one ``set_state`` on the backend and returns a
+:class:`StepResult` saying whether the operation finished and, if not, until when (``clock.monotonic()`` scale) the
+caller should wait before stepping again. Shared timestamps (heartbeats, last-call deadline) use ``clock.time()``.
+:class:`DynamicRendezvousHandler` is a thin loop around a stepper plus a keep-alive thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from elastic_impl.utils.clock import REAL_CLOCK, Clock
+
+from ._backend import RendezvousBackend
+from .api import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStateError,
+    RendezvousStoreInfo,
+    RendezvousTimeoutError,
+)
+
+__all__ = [
+    "DynamicRendezvousHandler",
+    "NodeDesc",
+    "RendezvousBackend",
+    "RendezvousSettings",
+    "RendezvousState",
+    "RendezvousStepper",
+    "RendezvousTimeout",
+    "StepResult",
+    "create_handler",
+]
+
+logger = logging.getLogger(__name__)
+
+STEP_OPS = ("join", "keep_alive", "close", "leave", "sync", "increment_restart_count")
+
+
+def _seconds(name: str, value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"rendezvous {name} timeout must be a timedelta or seconds, got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"rendezvous {name} timeout must be positive, got {seconds} s")
+    return seconds
+
+
+class RendezvousTimeout:
+    """Timeouts of the dynamic rendezvous (defaults: join 600 s, last call 30 s, close 30 s, heartbeat 5 s).
+
+    Each accepts a ``timedelta`` (like upstream) or a number of seconds; non-positive values raise ValueError.
+    """
+
+    _DEFAULT_JOIN = 600.0
+    _DEFAULT_LAST_CALL = 30.0
+    _DEFAULT_CLOSE = 30.0
+    _DEFAULT_HEARTBEAT = 5.0
+
+    def __init__(
+        self,
+        join: timedelta | None = None,
+        last_call: timedelta | None = None,
+        close: timedelta | None = None,
+        heartbeat: timedelta | None = None,
+    ) -> None:
+        self._join = timedelta(seconds=_seconds("join", join, self._DEFAULT_JOIN))
+        self._last_call = timedelta(seconds=_seconds("last_call", last_call, self._DEFAULT_LAST_CALL))
+        self._close = timedelta(seconds=_seconds("close", close, self._DEFAULT_CLOSE))
+        self._heartbeat = timedelta(seconds=_seconds("heartbeat", heartbeat, self._DEFAULT_HEARTBEAT))
+
+    @property
+    def join(self) -> timedelta:
+        """How long a node waits for a round to complete."""
+        return self._join
+
+    @property
+    def last_call(self) -> timedelta:
+        """How long a round with ``min_nodes`` waits for more before completing."""
+        return self._last_call
+
+    @property
+    def close(self) -> timedelta:
+        """How long closing (or leaving) may take."""
+        return self._close
+
+    @property
+    def heartbeat(self) -> timedelta:
+        """Keep-alive interval."""
+        return self._heartbeat
+
+    def __repr__(self) -> str:
+        return (
+            f"RendezvousTimeout(join={self._join.total_seconds()}, last_call={self._last_call.total_seconds()}, "
+            f"close={self._close.total_seconds()}, heartbeat={self._heartbeat.total_seconds()})"
+        )
+
+
+@dataclass(repr=False)
+class RendezvousSettings:
+    """Settings of one run's dynamic rendezvous; ``keep_alive_interval`` is a timedelta or seconds."""
+
+    run_id: str
+    min_nodes: int
+    max_nodes: int
+    timeout: RendezvousTimeout
+    keep_alive_interval: timedelta | float
+    keep_alive_max_attempt: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, str) or not self.run_id:
+            raise ValueError(f"rendezvous run_id must be a non-empty string, got {self.run_id!r}")
+        if not isinstance(self.min_nodes, int) or self.min_nodes < 1:
+            raise ValueError(f"rendezvous min_nodes must be an integer >= 1, got {self.min_nodes!r}")
+        if not isinstance(self.max_nodes, int) or self.max_nodes < self.min_nodes:
+            raise ValueError(f"rendezvous max_nodes must be an integer >= min_nodes ({self.min_nodes}), got {self.max_nodes!r}")
+        seconds = _seconds("keep_alive_interval", self.keep_alive_interval, 5.0)
+        self.keep_alive_interval = timedelta(seconds=seconds)
+        if not isinstance(self.keep_alive_max_attempt, int) or self.keep_alive_max_attempt < 1:
+            raise ValueError(f"rendezvous keep_alive_max_attempt must be an integer >= 1, got {self.keep_alive_max_attempt!r}")
+
+    @property
+    def keep_alive_seconds(self) -> float:
+        return self.keep_alive_interval.total_seconds()
+
+    @property
+    def heartbeat_expiry_seconds(self) -> float:
+        """A node silent for longer than this is evicted."""
+        return self.keep_alive_seconds * self.keep_alive_max_attempt
+
+    def __repr__(self) -> str:
+        return (
+            f"RendezvousSettings(run_id={self.run_id!r}, min_nodes={self.min_nodes}, max_nodes={self.max_nodes}, "
+            f"timeout={self.timeout!r}, keep_alive_interval={self.keep_alive_seconds}, "
+            f"keep_alive_max_attempt={self.keep_alive_max_attempt})"
+        )
+
+
+@dataclass(frozen=True, order=True)
+class NodeDesc:
+    """Identifies one rendezvous participant: host address, process id, and a per-process counter."""
+
+    addr: str
+    pid: int
+    local_id: int = 0
+
+    @property
+    def key(self) -> str:
+        """The compact key the node has in the shared state (also its sort key for rank assignment)."""
+        return f"{self.addr}_{self.pid}_{self.local_id}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+_node_counter_lock = threading.Lock()
+_node_counter = 0
+
+
+def new_node_desc(local_addr: str | None = None) -> NodeDesc:
+    """A NodeDesc unique to this process (each handler in a process gets a fresh ``local_id``)."""
+    global _node_counter
+    with _node_counter_lock:
+        local_id = _node_counter
+        _node_counter += 1
+    return NodeDesc(local_addr or socket.getfqdn(), os.getpid(), local_id)
+
+
+@dataclass
+class RendezvousState:
+    """The shared state of a run, serialized compactly as JSON.
+
+    ``participants`` maps node key -> rank (-1 until the round completes); ``heartbeats`` maps node key -> last
+    heartbeat (``clock.time()``); ``deadline`` is the end of the last call (``clock.time()``) or None.
+    """
+
+    round: int = 0
+    complete: bool = False
+    closed: bool = False
+    deadline: float | None = None
+    participants: dict[str, int] = field(default_factory=dict)
+    wait_list: list[str] = field(default_factory=list)
+    heartbeats: dict[str, float] = field(default_factory=dict)
+    restart_count: int = 0
+
+    def to_bytes(self) -> bytes:
+        # Millisecond heartbeats keep the blob small; nothing here needs finer resolution.
+        data = {"r": self.round, "p": self.participants, "h": {k: round(v, 3) for k, v in self.heartbeats.items()}}
+        if self.complete:
+            data["c"] = 1
+        if self.closed:
+            data["x"] = 1
+        if self.deadline is not None:
+            data["d"] = round(self.deadline, 3)
+        if self.wait_list:
+            data["w"] = self.wait_list
+        if self.restart_count:
+            data["n"] = self.restart_count
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> RendezvousState:
+        try:
+            data = json.loads(blob)
+            return cls(
+                round=int(data["r"]),
+                complete=bool(data.get("c", 0)),
+                closed=bool(data.get("x", 0)),
+                deadline=data.get("d"),
+                participants={str(k): int(v) for k, v in data["p"].items()},
+                wait_list=[str(k) for k in data.get("w", [])],
+                heartbeats={str(k): float(v) for k, v in data["h"].items()},
+                restart_count=int(data.get("n", 0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RendezvousStateError(f"rendezvous state is corrupt ({type(e).__name__}: {e}): {blob[:80]!r}") from None
+
+    def copy(self) -> RendezvousState:
+        return RendezvousState(
+            self.round,
+            self.complete,
+            self.closed,
+            self.deadline,
+            dict(self.participants),
+            list(self.wait_list),
+            dict(self.heartbeats),
+            self.restart_count,
+        )
+
+
+@dataclass
+class StepResult:
+    """Outcome of one :meth:`RendezvousStepper.step`.
+
+    ``done``: the operation finished (for ``join``: this node is in a completed round, ``round``/``rank``/
+    ``world_size`` are set). ``error``: the operation failed for good (closed, timed out, backend unreachable);
+    raise it. Otherwise step again at ``wait_until`` (``clock.monotonic()`` scale; "now" after a lost
+    compare-and-set).
+    """
+
+    done: bool
+    wait_until: float | None = None
+    error: RendezvousError | None = None
+    round: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+
+class RendezvousStepper:
+    """Non-blocking driver of the rendezvous state machine for one node.
+
+    Usage (the handler does exactly this; a simulator does it on virtual time)::
+
+        stepper = RendezvousStepper(backend, settings, node, clock)
+        stepper.begin_join()                 # starts the join timeout
+        while not (r := stepper.step("join")).done:
+            if r.error: raise r.error
+            clock.sleep(max(0.0, r.wait_until - clock.monotonic()))
+        r.round, r.rank, r.world_size
+
+    Ops: ``join``, ``keep_alive`` (heartbeat, and evict dead nodes), ``leave`` (remove this node), ``close`` (close
+    the run), ``sync`` (just read), ``increment_restart_count``. Every step reads the state once and writes it at most
+    once; a lost compare-and-set returns ``done=False`` with ``wait_until`` = now, and the step is simply repeated.
+    :attr:`state` is the last state seen. Not thread-safe: callers serialize steps.
+    """
+
+    def __init__(
+        self,
+        backend: RendezvousBackend,
+        settings: RendezvousSettings,
+        node: NodeDesc,
+        clock: Clock = REAL_CLOCK,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.node = node
+        self.clock = clock
+        # How often a waiting node re-reads the state; bounded by the keep-alive interval so heartbeats stay fresh.
+        self.poll_interval = poll_interval if poll_interval is not None else min(1.0, settings.keep_alive_seconds)
+        self.state = RendezvousState()
+        self._join_deadline: float | None = None
+        # The round this node last completed (so a new join knows it must open the next one).
+        self.completed_round: int | None = None
+
+    def begin_join(self) -> None:
+        """Start a new ``join`` operation: arm its timeout."""
+        self._join_deadline = self.clock.time() + self.settings.timeout.join.total_seconds()
+
+    def step(self, op: str) -> StepResult:
+        if op not in STEP_OPS:
+            raise ValueError(f"unknown rendezvous step op {op!r}; allowed: {', '.join(STEP_OPS)}")
+        try:
+            got = self.backend.get_state()
+        except RendezvousError as e:
+            return StepResult(done=False, error=e)
+        token = None
+        state = RendezvousState()
+        if got is not None:
+            state = RendezvousState.from_bytes(got[0])
+            token = got[1]
+        now = self.clock.time()
+        mono = self.clock.monotonic()
+        new_state, result = self._decide(op, state, now)
+        self.state = state
+        if new_state is not None:
+            try:
+                written = self.backend.set_state(new_state.to_bytes(), token)
+            except RendezvousError as e:
+                return StepResult(done=False, error=e)
+            if written is None or not written[2]:
+                if written is not None:
+                    self.state = RendezvousState.from_bytes(written[0])
+                return StepResult(done=False, wait_until=mono)
+            self.state = new_state
+        if result.done and op == "join":
+            self.completed_round = result.round
+            self._join_deadline = None
+        if result.wait_until is not None:
+            # Decisions are made on clock.time(); callers wait on clock.monotonic().
+            result.wait_until = mono + max(0.0, result.wait_until - now)
+        return result
+
+    # ------------------------------------------------------------------ decisions (pure: state in, state out)
+
+    def _decide(self, op: str, state: RendezvousState, now: float) -> tuple[RendezvousState | None, StepResult]:
+        s = state.copy()
+        changed = self._evict_dead(s, now)
+        me = self.node.key
+        if op == "sync":
+            return (s if changed else None), StepResult(done=True)
+        if op == "close":
+            s.closed = True
+            return s, StepResult(done=True)
+        if op == "increment_restart_count":
+            s.restart_count += 1
+            return s, StepResult(done=True)
+        if op == "leave":
+            changed |= self._remove(s, me)
+            return (s if changed else None), StepResult(done=True)
+        if op == "keep_alive":
+            if me in s.participants or me in s.wait_list:
+                s.heartbeats[me] = now
+                changed = True
+            return (s if changed else None), StepResult(done=True)
+        return self._decide_join(s, changed, now)
+
+    def _decide_join(self, s: RendezvousState, changed: bool, now: float) -> tuple[RendezvousState | None, StepResult]:
+        me = self.node.key
+        settings = self.settings
+        if s.closed:
+            return None, StepResult(done=False, error=RendezvousClosedError(f"rendezvous run {settings.run_id!r} is closed"))
+        if self._join_deadline is not None and now > self._join_deadline:
+            if not s.complete or me not in s.participants:
+                changed |= self._remove(s, me)
+            error = RendezvousTimeoutError(
+                f"rendezvous run {settings.run_id!r} round {s.round} did not complete within the join timeout of "
+                f"{settings.timeout.join.total_seconds()} s ({len(s.participants)} of min {settings.min_nodes} nodes joined)"
+            )
+            return (s if changed else None), StepResult(done=False, error=error)
+
+        heartbeat_due = now - s.heartbeats.get(me, float("-inf")) >= settings.keep_alive_seconds / 2
+        poll_until = now + self.poll_interval
+
+        if s.complete:
+            if me in s.participants:
+                if s.round != self.completed_round:
+                    result = StepResult(done=True, round=s.round, rank=s.participants[me], world_size=len(s.participants))
+                    return (s if changed else None), result
+                # A participant of the round it already got asks for the next one: open it.
+                self._open_next_round(s, now)
+                s.participants[me] = -1
+                s.heartbeats[me] = now
+                return s, StepResult(done=False, wait_until=now)
+            if me not in s.wait_list:
+                s.wait_list.append(me)
+                s.heartbeats[me] = now
+                changed = True
+            elif heartbeat_due:
+                s.heartbeats[me] = now
+                changed = True
+            return (s if changed else None), StepResult(done=False, wait_until=poll_until)
+
+        # The round is open.
+        if me not in s.participants:
+            if len(s.participants) < settings.max_nodes:
+                if me in s.wait_list:
+                    s.wait_list.remove(me)
+                s.participants[me] = -1
+            elif me not in s.wait_list:
+                s.wait_list.append(me)
+            s.heartbeats[me] = now
+            changed = True
+        elif heartbeat_due:
+            s.heartbeats[me] = now
+            changed = True
+        if me not in s.participants:
+            return (s if changed else None), StepResult(done=False, wait_until=poll_until)
+
+        count = len(s.participants)
+        if count >= settings.max_nodes or (count >= settings.min_nodes and s.deadline is not None and now >= s.deadline):
+            self._complete(s)
+            result = StepResult(done=True, round=s.round, rank=s.participants[me], world_size=count)
+            return s, result
+        if count >= settings.min_nodes:
+            if s.deadline is None:
+                s.deadline = now + settings.timeout.last_call.total_seconds()
+                changed = True
+            return (s if changed else None), StepResult(done=False, wait_until=min(s.deadline, poll_until))
+        if s.deadline is not None:
+            s.deadline = None
+            changed = True
+        return (s if changed else None), StepResult(done=False, wait_until=poll_until)
+
+    def _complete(self, s: RendezvousState) -> None:
+        for rank, key in enumerate(sorted(s.participants)):
+            s.participants[key] = rank
+        s.complete = True
+        s.deadline = None
+
+    def _open_next_round(self, s: RendezvousState, now: float) -> None:
+        """Round r+1: empty, with waiting nodes promoted (up to max_nodes, in arrival order)."""
+        s.round += 1
+        s.complete = False
+        s.deadline = None
+        keep = set(s.wait_list)
+        s.participants = {}
+        while s.wait_list and len(s.participants) < self.settings.max_nodes:
+            s.participants[s.wait_list.pop(0)] = -1
+        s.heartbeats = {k: v for k, v in s.heartbeats.items() if k in keep}
+
+    def _remove(self, s: RendezvousState, key: str) -> bool:
+        present = key in s.participants or key in s.wait_list or key in s.heartbeats
+        s.participants.pop(key, None)
+        if key in s.wait_list:
+            s.wait_list.remove(key)
+        s.heartbeats.pop(key, None)
+        if s.complete and not s.participants and s.wait_list:
+            self._open_next_round(s, 0.0)
+        elif not s.complete and len(s.participants) < self.settings.min_nodes:
+            s.deadline = None
+        return present
+
+    def _evict_dead(self, s: RendezvousState, now: float) -> bool:
+        expiry = self.settings.heartbeat_expiry_seconds
+        me = self.node.key
+        dead = [k for k, t in s.heartbeats.items() if k != me and now - t > expiry]
+        # Nodes present without a heartbeat entry cannot be judged; they are removed with their first heartbeat lapse.
+        for key in dead:
+            logger.info("rendezvous %s: evicting node %s (no heartbeat for > %.1f s)", self.settings.run_id, key, expiry)
+            self._remove(s, key)
+        return bool(dead)
+
+
+def num_nodes_waiting_in(state: RendezvousState, settings: RendezvousSettings, completed_round: int | None) -> int:
+    """How many nodes wait for this node to re-rendezvous.
+
+    If the run already moved past the round this node completed, everybody in the newer round is waiting for it
+    (at least 1); otherwise the wait list counts while the round has room for them.
+    """
+    if state.closed:
+        return 0
+    if completed_round is not None and state.round > completed_round:
+        return max(1, len(state.participants) + len(state.wait_list))
+    if len(state.participants) < settings.max_nodes:
+        return len(state.wait_list)
+    return 0
+
+
+class DynamicRendezvousHandler(RendezvousHandler):
+    """A :class:`RendezvousHandler` running the dynamic rendezvous over any :class:`RendezvousBackend`.
+
+    Extensions beyond upstream: ``get_round()``, ``get_participants()``, ``get_restart_count()``,
+    ``increment_restart_count()``; ``shutdown()`` leaves instead of closing.
+    """
+
+    def __init__(
+        self,
+        node: NodeDesc,
+        settings: RendezvousSettings,
+        backend_name: str,
+        store,
+        backend: RendezvousBackend,
+        clock: Clock = REAL_CLOCK,
+        local_addr: str | None = None,
+    ) -> None:
+        self._node = node
+        self._settings = settings
+        self._backend_name = backend_name
+        self._store = store
+        self._backend = backend
+        self._clock = clock
+        self._local_addr = local_addr
+        self._stepper = RendezvousStepper(backend, settings, node, clock)
+        self._lock = threading.Lock()
+        self._keep_alive_stop = threading.Event()
+        self._keep_alive_thread: threading.Thread | None = None
+        self._shut_down = False
+
+    @classmethod
+    def from_backend(
+        cls,
+        run_id: str,
+        store,
+        backend: RendezvousBackend,
+        min_nodes: int,
+        max_nodes: int,
+        local_addr: str | None = None,
+        timeout: RendezvousTimeout | None = None,
+        keep_alive_interval: float = 5,
+        keep_alive_max_attempt: int = 3,
+        clock: Clock = REAL_CLOCK,
+    ) -> DynamicRendezvousHandler:
+        """Build a handler for ``run_id`` over ``backend``; ``store`` is what ``next_rendezvous`` hands out."""
+        timeout = timeout or RendezvousTimeout()
+        settings = RendezvousSettings(run_id, min_nodes, max_nodes, timeout, keep_alive_interval, keep_alive_max_attempt)
+        return cls(new_node_desc(local_addr), settings, backend.name, store, backend, clock, local_addr)
+
+    @property
+    def settings(self) -> RendezvousSettings:
+        return self._settings
+
+    @property
+    def node(self) -> NodeDesc:
+        return self._node
+
+    def get_backend(self) -> str:
+        return self._backend_name
+
+    @property
+    def use_agent_store(self) -> bool:
+        return True
+
+    def _step(self, op: str) -> StepResult:
+        with self._lock:
+            return self._stepper.step(op)
+
+    def _run(self, op: str, timeout: float) -> StepResult:
+        """Step ``op`` until done; errors raise; bounded by ``timeout`` seconds for non-join ops."""
+        deadline = self._clock.monotonic() + timeout
+        while True:
+            result = self._step(op)
+            if result.error is not None:
+                raise result.error
+            if result.done:
+                return result
+            if self._clock.monotonic() > deadline:
+                raise RendezvousTimeoutError(f"rendezvous run {self._settings.run_id!r}: {op} did not finish within {timeout} s")
+            self._clock.sleep(max(0.0, (result.wait_until or 0.0) - self._clock.monotonic()))
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        if self._shut_down:
+            raise RendezvousGracefulExitError(f"rendezvous handler of node {self._node} was shut down")
+        with self._lock:
+            self._stepper.begin_join()
+        result = self._run("join", float("inf"))
+        logger.info(
+            "rendezvous %s round %s complete: node %s rank %s of %s",
+            self._settings.run_id, result.round, self._node, result.rank, result.world_size,
+        )
+        self._start_keep_alive()
+        store = self._round_store(result.round)
+        return RendezvousInfo(store, result.rank, result.world_size, self._bootstrap_info(store, result.rank))
+
+    def _round_store(self, round_: int):
+        if self._store is None:
+            return None
+        from torch.distributed import PrefixStore
+
+        return PrefixStore(f"torch.rendezvous.{self._settings.run_id}.{round_}", self._store)
+
+    def _bootstrap_info(self, store, rank: int) -> RendezvousStoreInfo | None:
+        # The shared TCPStore already has an address everyone knows; no need for rank 0 to publish one.
+        host = getattr(self._store, "host", None)
+        port = getattr(self._store, "port", None)
+        if host is not None and port is not None:
+            return RendezvousStoreInfo(host, int(port))
+        return None
+
+    def _start_keep_alive(self) -> None:
+        if self._keep_alive_thread is not None and self._keep_alive_thread.is_alive():
+            return
+        self._keep_alive_stop.clear()
+        self._keep_alive_thread = threading.Thread(
+            target=self._keep_alive_loop, name=f"rdzv-keep-alive-{self._node}", daemon=True
+        )
+        self._keep_alive_thread.start()
+
+    def _keep_alive_loop(self) -> None:
+        interval = self._settings.keep_alive_seconds
+        while not self._clock.wait(self._keep_alive_stop, interval):
+            result = self._step("keep_alive")
+            if result.error is not None:
+                logger.warning("rendezvous keep-alive of %s failed: %s", self._node, result.error)
+
+    def _stop_keep_alive(self) -> None:
+        self._keep_alive_stop.set()
+        thread = self._keep_alive_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self._settings.timeout.close.total_seconds())
+        self._keep_alive_thread = None
+
+    def _read(self) -> RendezvousState:
+        result = self._step("sync")
+        if result.error is not None:
+            raise result.error
+        return self._stepper.state
+
+    def is_closed(self) -> bool:
+        return self._read().closed
+
+    def set_closed(self) -> None:
+        self._run("close", self._settings.timeout.close.total_seconds())
+
+    def num_nodes_waiting(self) -> int:
+        state = self._read()
+        return num_nodes_waiting_in(state, self._settings, self._stepper.completed_round)
+
+    def get_run_id(self) -> str:
+        return self._settings.run_id
+
+    def get_round(self) -> int:
+        """The current round number of the run (monotonically increasing)."""
+        return self._read().round
+
+    def get_participants(self) -> list[str]:
+        """Node keys of the current round's participants, sorted (rank order once the round is complete)."""
+        return sorted(self._read().participants)
+
+    def get_restart_count(self) -> int:
+        """The job-wide restart counter kept in the rendezvous state (the same on every node)."""
+        return self._read().restart_count
+
+    def increment_restart_count(self) -> int:
+        """Atomically add one to the job-wide restart counter; return the new value."""
+        self._run("increment_restart_count", self._settings.timeout.close.total_seconds())
+        return self._stepper.state.restart_count
+
+    def shutdown(self) -> bool:
+        """Stop heartbeating and leave the run (does not close it); return whether leaving succeeded."""
+        self._stop_keep_alive()
+        if self._shut_down:
+            return True
+        self._shut_down = True
+        try:
+            self._run("leave", self._settings.timeout.close.total_seconds())
+            return True
+        except RendezvousError as e:
+            logger.warning("rendezvous %s: node %s could not leave cleanly: %s", self._settings.run_id, self._node, e)
+            return False
+
+
+def _param_seconds(params: RendezvousParameters, key: str) -> float | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"rendezvous option {key}={value!r} must be positive")
+    return seconds
+
+
+def create_handler(store, backend: RendezvousBackend, params: RendezvousParameters) -> DynamicRendezvousHandler:
+    """Create a handler from ``params`` (options: join_timeout, last_call_timeout, close_timeout,
+    keep_alive_interval, keep_alive_max_attempt)."""
+    keep_alive = _param_seconds(params, "keep_alive_interval")
+    timeout = RendezvousTimeout(
+        join=_param_seconds(params, "join_timeout"),
+        last_call=_param_seconds(params, "last_call_timeout"),
+        close=_param_seconds(params, "close_timeout"),
+        heartbeat=keep_alive,
+    )
+    max_attempt = params.get_as_int("keep_alive_max_attempt", 3)
+    return DynamicRendezvousHandler.from_backend(
+        params.run_id,
+        store,
+        backend,
+        params.min_nodes,
+        params.max_nodes,
+        params.local_addr,
+        timeout,
+        timeout.heartbeat.total_seconds(),
+        max_attempt,
+    )

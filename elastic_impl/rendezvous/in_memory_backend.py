@@ -1,0 +1,77 @@
+"""A process-local :class:`RendezvousBackend` for unit tests and the virtual-time simulator.
+
+Thread-safe; tokens are version numbers. It counts calls and bytes so the store traffic of a round can be measured,
+and has fault hooks: ``fail_next(count, error)`` makes the next ``count`` calls raise ``error`` (a
+``RendezvousConnectionError`` by default), and ``on_call`` (``fn(op_name) -> None``) runs before every call, so a
+simulator can delay, fail or record operations.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ._backend import RendezvousBackend
+from .api import RendezvousConnectionError
+
+
+class InMemoryRendezvousBackend(RendezvousBackend):
+    def __init__(self, name: str = "in-memory") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._state: bytes | None = None
+        self._version = 0
+        self._failures_left = 0
+        self._failure: Exception | None = None
+        self.on_call: Callable[[str], None] | None = None
+        self.get_calls = 0
+        self.set_calls = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def fail_next(self, count: int = 1, error: Exception | None = None) -> None:
+        """Make the next ``count`` get/set calls raise ``error``."""
+        with self._lock:
+            self._failures_left = count
+            self._failure = error
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.get_calls = self.set_calls = self.bytes_read = self.bytes_written = 0
+
+    def _before(self, op: str) -> None:
+        if self.on_call is not None:
+            self.on_call(op)
+        with self._lock:
+            if self._failures_left > 0:
+                self._failures_left -= 1
+                raise self._failure or RendezvousConnectionError(f"in-memory backend {self._name!r}: injected {op} failure")
+
+    def get_state(self) -> tuple[bytes, Any] | None:
+        self._before("get_state")
+        with self._lock:
+            self.get_calls += 1
+            if self._state is None:
+                return None
+            self.bytes_read += len(self._state)
+            return self._state, self._version
+
+    def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
+        self._before("set_state")
+        with self._lock:
+            self.set_calls += 1
+            self.bytes_written += len(state)
+            current_token = self._version if self._state is not None else None
+            if token != current_token:
+                if self._state is None:
+                    return None
+                self.bytes_read += len(self._state)
+                return self._state, self._version, False
+            self._state = bytes(state)
+            self._version += 1
+            return self._state, self._version, True
