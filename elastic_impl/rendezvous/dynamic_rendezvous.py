@@ -397,6 +397,9 @@ class RendezvousStepper:
         heartbeat_due = now - s.heartbeats.get(me, float("-inf")) >= settings.keep_alive_seconds / 2
         poll_until = now + self.poll_interval
 
+        if s.complete and not s.participants:
+            self._open_next_round(s, now)
+            changed = True
         if s.complete:
             if me in s.participants:
                 if s.round != self.completed_round:
@@ -470,7 +473,8 @@ class RendezvousStepper:
         if key in s.wait_list:
             s.wait_list.remove(key)
         s.heartbeats.pop(key, None)
-        if s.complete and not s.participants and s.wait_list:
+        if s.complete and not s.participants:
+            # Nobody is left in the completed round: the next one opens for whoever comes (waiters first).
             self._open_next_round(s, 0.0)
         elif not s.complete and len(s.participants) < self.settings.min_nodes:
             s.deadline = None

@@ -1,0 +1,236 @@
+"""The dynamic rendezvous state machine, driven step by step on a manual clock over the in-memory backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic_impl.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
+from elastic_impl.rendezvous.dynamic_rendezvous import (
+    NodeDesc,
+    RendezvousSettings,
+    RendezvousState,
+    RendezvousStepper,
+    RendezvousTimeout,
+    num_nodes_waiting_in,
+)
+
+
+def make_settings(min_nodes=2, max_nodes=3, join=60.0, last_call=5.0, keep_alive=1.0, attempts=3):
+    timeout = RendezvousTimeout(join=join, last_call=last_call, close=5.0, heartbeat=keep_alive)
+    return RendezvousSettings("run", min_nodes, max_nodes, timeout, keep_alive, attempts)
+
+
+def make_steppers(backend, clock, settings, count, first=0):
+    return [RendezvousStepper(backend, settings, NodeDesc("host", 100 + i, 0), clock) for i in range(first, first + count)]
+
+
+def drive_join(steppers, clock, limit=10_000):
+    """Step every node's join (as a simulator would) until each is done; return node key -> StepResult."""
+    for s in steppers:
+        s.begin_join()
+    pending = {s.node.key: (s, clock.monotonic()) for s in steppers}
+    done = {}
+    for _ in range(limit):
+        if not pending:
+            return done
+        ready = [key for key, (_, at) in pending.items() if at <= clock.monotonic()]
+        if not ready:
+            clock.now = min(at for _, at in pending.values())
+            continue
+        for key in ready:
+            stepper, _ = pending[key]
+            r = stepper.step("join")
+            if r.error is not None:
+                raise r.error
+            if r.done:
+                done[key] = r
+                del pending[key]
+            else:
+                pending[key] = (stepper, r.wait_until)
+    raise AssertionError(f"join did not finish; pending: {sorted(pending)}")
+
+
+def state_of(backend) -> RendezvousState:
+    return RendezvousState.from_bytes(backend.get_state()[0])
+
+
+def test_max_nodes_complete_with_contiguous_sorted_ranks(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=3)
+    steppers = make_steppers(memory_backend, clock, settings, 3)
+    start = clock.now
+    results = drive_join(steppers, clock)
+    # Reaching max_nodes completes at once, without waiting for the last call.
+    assert clock.now - start < settings.timeout.last_call.total_seconds()
+    assert {r.world_size for r in results.values()} == {3}
+    assert {r.round for r in results.values()} == {0}
+    by_key = {key: r.rank for key, r in results.items()}
+    assert [by_key[k] for k in sorted(by_key)] == [0, 1, 2]
+
+
+def test_min_nodes_complete_after_last_call(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=4, last_call=5.0)
+    steppers = make_steppers(memory_backend, clock, settings, 2)
+    start = clock.now
+    results = drive_join(steppers, clock)
+    assert 5.0 <= clock.now - start < 7.0
+    assert sorted(r.rank for r in results.values()) == [0, 1]
+
+
+def test_each_step_does_at_most_one_get_and_one_set(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=1)
+    (stepper,) = make_steppers(memory_backend, clock, settings, 1)
+    stepper.begin_join()
+    for op in ("join", "keep_alive", "sync", "increment_restart_count", "leave", "close"):
+        memory_backend.reset_counters()
+        stepper.step(op)
+        assert memory_backend.get_calls == 1, op
+        assert memory_backend.set_calls <= 1, op
+
+
+def test_lost_compare_and_set_is_retried_not_reported(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=2)
+    a, b = make_steppers(memory_backend, clock, settings, 2)
+    a.begin_join()
+    b.begin_join()
+    # b reads, then a writes before b's write lands: b must see done=False, no error, retry now.
+    original_set = memory_backend.set_state
+    interleaved = []
+
+    def set_after_a(state, token=None):
+        if not interleaved:
+            interleaved.append(True)
+            a.step("join")
+        return original_set(state, token)
+
+    memory_backend.set_state = set_after_a
+    r = b.step("join")
+    memory_backend.set_state = original_set
+    assert not r.done and r.error is None and r.wait_until == clock.monotonic()
+    assert a.node.key in state_of(memory_backend).participants
+
+
+def test_late_node_waits_then_next_round_admits_it(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=3, last_call=2.0)
+    first = make_steppers(memory_backend, clock, settings, 2)
+    drive_join(first, clock)
+    (late,) = make_steppers(memory_backend, clock, settings, 1, first=2)
+    late.begin_join()
+    r = late.step("join")
+    assert not r.done and r.error is None
+    state = state_of(memory_backend)
+    assert late.node.key in state.wait_list
+    assert num_nodes_waiting_in(state, settings, first[0].completed_round) == 1
+    # The agents of round 0 re-rendezvous; the late node keeps stepping too.
+    results = drive_join([*first, late], clock)
+    assert {r.round for r in results.values()} == {1}
+    assert sorted(r.rank for r in results.values()) == [0, 1, 2]
+    assert state_of(memory_backend).wait_list == []
+
+
+def test_full_round_does_not_report_waiting_nodes(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=2)
+    drive_join(make_steppers(memory_backend, clock, settings, 2), clock)
+    (extra,) = make_steppers(memory_backend, clock, settings, 1, first=5)
+    extra.begin_join()
+    extra.step("join")
+    state = state_of(memory_backend)
+    assert extra.node.key in state.wait_list
+    # No room: re-rendezvous would not admit it, so agents are not told to restart.
+    assert num_nodes_waiting_in(state, settings, 0) == 0
+
+
+def test_silent_node_is_evicted(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2, keep_alive=1.0, attempts=3)
+    a, b = make_steppers(memory_backend, clock, settings, 2)
+    drive_join([a, b], clock)
+    clock.advance(2.0)
+    a.step("keep_alive")  # b stays silent
+    assert b.node.key in state_of(memory_backend).participants
+    clock.advance(1.5)  # b's last heartbeat is now 3.5 s old > 3 x 1 s
+    a.step("keep_alive")
+    state = state_of(memory_backend)
+    assert b.node.key not in state.participants and b.node.key not in state.heartbeats
+    assert a.node.key in state.participants
+
+
+def test_close_stops_joining_nodes(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2)
+    a, b = make_steppers(memory_backend, clock, settings, 2)
+    a.begin_join()
+    assert not a.step("join").done
+    assert b.step("close").done
+    r = a.step("join")
+    assert isinstance(r.error, RendezvousClosedError)
+
+
+def test_join_timeout_reports_error_and_removes_node(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2, join=10.0)
+    (a,) = make_steppers(memory_backend, clock, settings, 1)
+    a.begin_join()
+    a.step("join")
+    clock.advance(10.5)
+    r = a.step("join")
+    assert isinstance(r.error, RendezvousTimeoutError)
+    assert "10.0 s" in str(r.error)
+    assert a.node.key not in state_of(memory_backend).participants
+
+
+def test_leave_is_not_close_and_survivors_reform(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=3, last_call=1.0)
+    nodes = make_steppers(memory_backend, clock, settings, 3)
+    drive_join(nodes, clock)
+    assert nodes[2].step("leave").done
+    state = state_of(memory_backend)
+    assert not state.closed
+    assert nodes[2].node.key not in state.participants
+    results = drive_join(nodes[:2], clock)
+    assert {r.round for r in results.values()} == {1}
+    assert sorted(r.rank for r in results.values()) == [0, 1]
+
+
+def test_restart_count_is_shared_and_survives_leave_and_rejoin(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=2, last_call=1.0)
+    a, b = make_steppers(memory_backend, clock, settings, 2)
+    drive_join([a, b], clock)
+    a.step("increment_restart_count")
+    b.step("increment_restart_count")
+    b.step("leave")
+    a.step("leave")
+    drive_join([a, b], clock)
+    assert state_of(memory_backend).restart_count == 2
+
+
+def test_rounds_increase_monotonically(memory_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2)
+    nodes = make_steppers(memory_backend, clock, settings, 2)
+    rounds = [next(iter(drive_join(nodes, clock).values())).round for _ in range(4)]
+    assert rounds == [0, 1, 2, 3]
+
+
+def test_backend_failure_is_returned_as_connection_error(memory_backend, clock):
+    settings = make_settings()
+    (a,) = make_steppers(memory_backend, clock, settings, 1)
+    a.begin_join()
+    memory_backend.fail_next(1)
+    r = a.step("join")
+    assert isinstance(r.error, RendezvousConnectionError)
+    assert a.step("join").error is None
+
+
+def test_unknown_op_is_a_one_line_error(memory_backend, clock):
+    (a,) = make_steppers(memory_backend, clock, make_settings(), 1)
+    with pytest.raises(ValueError, match=r"unknown rendezvous step op 'jump'; allowed: join"):
+        a.step("jump")
+
+
+@pytest.mark.parametrize("nodes", [8, 32])
+def test_state_stays_compact(memory_backend, clock, nodes):
+    settings = make_settings(min_nodes=nodes, max_nodes=nodes)
+    drive_join(make_steppers(memory_backend, clock, settings, nodes), clock)
+    size = len(memory_backend.get_state()[0])
+    # Upstream's pickled state costs ~160 B per node; ours must stay well under that.
+    assert size / nodes < 80, size
