@@ -16,7 +16,7 @@ from typing import Any
 from conformance.adapters import Adapter, ApiNotFound
 from conformance.context import CheckContext, SuiteResources, descendants, kill_pids, process_start_ticks
 from conformance.device import Device
-from conformance.known_differences import known_difference
+from conformance.known_differences import known_difference, signature_difference
 from conformance.registry import REGISTRY, Check, CheckFailed, CheckSkipped, load_checks
 from conformance.signatures import compare, describe, load_snapshot
 from conformance.table import Row
@@ -69,7 +69,7 @@ def select(rows: Iterable[Row], pattern: str | None) -> list[Row]:
     return [r for r in rows if any(n in r.api.lower() for n in needles)]
 
 
-def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any]) -> None:
+def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any], waived: list[str]) -> None:
     try:
         obj = ctx.adapter.resolve(check.api)
     except ApiNotFound as exc:
@@ -77,7 +77,10 @@ def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any]) -> None:
     expected = snapshot.get(check.api)
     if expected is not None:
         problems = compare(check.api.rsplit(".", 1)[-1], expected, describe(obj))
-        if problems:
+        reason = signature_difference(ctx.adapter.name, check.api)
+        if problems and reason:
+            waived.append(f"signature difference waived ({'; '.join(problems)}): {reason}")
+        elif problems:
             raise CheckFailed("signature: " + "; ".join(problems))
     check.fn(ctx)
 
@@ -90,10 +93,11 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
         return Result(row.api, check.group, row.claimed, "skip", 0.0, SKIPPED, resources.device.reason)
     ctx = CheckContext(row.api, resources)
     outcome: dict[str, Any] = {}
+    waived: list[str] = []
 
     def target() -> None:
         try:
-            _execute(check, ctx, snapshot)
+            _execute(check, ctx, snapshot, waived)
             outcome["observed"] = "pass"
         except CheckSkipped as exc:
             outcome.update(observed="skip", error=str(exc))
@@ -110,7 +114,7 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
     ctx.close()
     observed = outcome["observed"]
     verdict = verdict_for(row.supported, observed)
-    notes = row.notes if row.notes not in ("", "-") else ""
+    notes = "; ".join(([row.notes] if row.notes not in ("", "-") else []) + waived)
     reason = known_difference(resources.adapter.name, row.api)
     if reason is not None:
         if observed == "fail":

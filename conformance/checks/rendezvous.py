@@ -184,7 +184,9 @@ def handler_shutdown(ctx) -> None:
     handler = c10d_handler(ctx, run_id)
     handler.next_rendezvous()
     ctx.expect(handler.shutdown() is True, "shutdown() of a live rendezvous returns True")
-    ctx.expect(c10d_handler(ctx, run_id).is_closed(), "shutdown() did not close the rendezvous for the run")
+    ctx.expect(c10d_handler(ctx, run_id).is_closed(),
+               "shutdown() did not close the rendezvous for the run (upstream DynamicRendezvousHandler.shutdown() "
+               "closes it, so the other nodes see is_closed() and stop re-rendezvousing)")
 
 
 def _error_hierarchy(ctx, name: str) -> None:

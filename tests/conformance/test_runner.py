@@ -74,3 +74,24 @@ def test_known_differences_are_reported_with_their_reason(monkeypatch, tmp_path)
 
     (stale,) = _certify_with(monkeypatch, tmp_path, lambda ctx: None)
     assert stale.verdict == "CONFORMS" and "stale entry" in stale.notes
+
+
+def test_signature_differences_waive_only_the_signature(monkeypatch, tmp_path):
+    from conformance import known_differences, signatures
+
+    monkeypatch.setitem(known_differences.SIGNATURE_DIFFERENCES, ("torch", API), "private parameter list")
+    real_load = signatures.load_snapshot
+
+    def wrong_snapshot():
+        snap = real_load()
+        snap[API] = {"kind": "function", "params": [["other_name", "POSITIONAL_OR_KEYWORD", False]]}
+        return snap
+
+    monkeypatch.setattr(runner, "load_snapshot", wrong_snapshot)
+    (waived,) = _certify_with(monkeypatch, tmp_path, lambda ctx: None)
+    assert waived.verdict == "CONFORMS" and "private parameter list" in waived.notes
+    (still_checked,) = _certify_with(monkeypatch, tmp_path, lambda ctx: ctx.expect(False, "bad behaviour"))
+    assert still_checked.verdict == "VIOLATION" and still_checked.error == "CheckFailed: bad behaviour"
+    monkeypatch.delitem(known_differences.SIGNATURE_DIFFERENCES, ("torch", API))
+    (unwaived,) = _certify_with(monkeypatch, tmp_path, lambda ctx: None)
+    assert unwaived.verdict == "VIOLATION" and unwaived.error.startswith("CheckFailed: signature:")
