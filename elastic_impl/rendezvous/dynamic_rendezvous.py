@@ -217,6 +217,8 @@ class RendezvousState:
     wait_list: list[str] = field(default_factory=list)
     heartbeats: dict[str, float] = field(default_factory=dict)
     restart_count: int = 0
+    # Size of the round when it completed (participants may leave afterwards; late readers still need it).
+    world_size: int = 0
 
     def to_bytes(self) -> bytes:
         # Millisecond heartbeats keep the blob small; nothing here needs finer resolution.
@@ -231,6 +233,8 @@ class RendezvousState:
             data["w"] = self.wait_list
         if self.restart_count:
             data["n"] = self.restart_count
+        if self.world_size:
+            data["s"] = self.world_size
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -246,6 +250,7 @@ class RendezvousState:
                 wait_list=[str(k) for k in data.get("w", [])],
                 heartbeats={str(k): float(v) for k, v in data["h"].items()},
                 restart_count=int(data.get("n", 0)),
+                world_size=int(data.get("s", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RendezvousStateError(f"rendezvous state is corrupt ({type(e).__name__}: {e}): {blob[:80]!r}") from None
@@ -260,6 +265,7 @@ class RendezvousState:
             list(self.wait_list),
             dict(self.heartbeats),
             self.restart_count,
+            self.world_size,
         )
 
 
@@ -403,7 +409,7 @@ class RendezvousStepper:
         if s.complete:
             if me in s.participants:
                 if s.round != self.completed_round:
-                    result = StepResult(done=True, round=s.round, rank=s.participants[me], world_size=len(s.participants))
+                    result = StepResult(done=True, round=s.round, rank=s.participants[me], world_size=s.world_size)
                     return (s if changed else None), result
                 # A participant of the round it already got asks for the next one: open it.
                 self._open_next_round(s, now)
@@ -455,12 +461,14 @@ class RendezvousStepper:
             s.participants[key] = rank
         s.complete = True
         s.deadline = None
+        s.world_size = len(s.participants)
 
     def _open_next_round(self, s: RendezvousState, now: float) -> None:
         """Round r+1: empty, with waiting nodes promoted (up to max_nodes, in arrival order)."""
         s.round += 1
         s.complete = False
         s.deadline = None
+        s.world_size = 0
         keep = set(s.wait_list)
         s.participants = {}
         while s.wait_list and len(s.participants) < self.settings.max_nodes:

@@ -234,3 +234,17 @@ def test_state_stays_compact(memory_backend, clock, nodes):
     size = len(memory_backend.get_state()[0])
     # Upstream's pickled state costs ~160 B per node; ours must stay well under that.
     assert size / nodes < 80, size
+
+
+def test_world_size_is_fixed_at_completion_even_if_peers_leave_before_reading(memory_backend, clock):
+    settings = make_settings(min_nodes=3, max_nodes=3)
+    a, b, c = make_steppers(memory_backend, clock, settings, 3)
+    for s in (a, b, c):
+        s.begin_join()
+    a.step("join")
+    b.step("join")
+    assert c.step("join").done  # c completes the round
+    c.step("leave")
+    ra, rb = a.step("join"), b.step("join")
+    assert (ra.world_size, rb.world_size) == (3, 3)
+    assert len({ra.rank, rb.rank, 0, 1, 2}) == 3
