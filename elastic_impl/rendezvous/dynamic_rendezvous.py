@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from elastic_impl.events import construct_and_record_rdzv_event
+from elastic_impl.events.api import NodeState
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 
 from ._backend import RendezvousBackend
@@ -323,6 +325,25 @@ class RendezvousStepper:
         self._join_deadline: float | None = None
         # The round this node last completed (so a new join knows it must open the next one).
         self.completed_round: int | None = None
+        # Events of the decision in progress; recorded only once its write landed (a lost CAS discards them).
+        self._events: list[tuple[str, str, NodeState, int | None]] = []
+
+    def _note(self, name: str, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None) -> None:
+        self._events.append((name, message, node_state, rank))
+
+    def _record_events(self) -> None:
+        events, self._events = self._events, []
+        for name, message, node_state, rank in events:
+            construct_and_record_rdzv_event(
+                run_id=self.settings.run_id,
+                message=message,
+                node_state=node_state,
+                name=name,
+                hostname=self.node.addr,
+                pid=self.node.pid,
+                local_id=self.node.local_id,
+                rank=rank,
+            )
 
     def begin_join(self) -> None:
         """Start a new ``join`` operation: arm its timeout."""
@@ -342,6 +363,7 @@ class RendezvousStepper:
             token = got[1]
         now = self.clock.time()
         mono = self.clock.monotonic()
+        self._events = []
         new_state, result = self._decide(op, state, now)
         self.state = state
         if new_state is not None:
@@ -350,10 +372,17 @@ class RendezvousStepper:
             except RendezvousError as e:
                 return StepResult(done=False, error=e)
             if written is None or not written[2]:
+                self._events = []
                 if written is not None:
                     self.state = RendezvousState.from_bytes(written[0])
                 return StepResult(done=False, wait_until=mono)
             self.state = new_state
+        if result.error is not None:
+            self._note("rdzv.error", f"{op} failed: {result.error}", NodeState.FAILED)
+        elif result.done and op == "join":
+            self._note("rdzv.complete", f"round={result.round} rank={result.rank} world_size={result.world_size}",
+                       NodeState.SUCCEEDED, result.rank)
+        self._record_events()
         if result.done and op == "join":
             self.completed_round = result.round
             self._join_deadline = None
@@ -372,12 +401,15 @@ class RendezvousStepper:
             return (s if changed else None), StepResult(done=True)
         if op == "close":
             s.closed = True
+            self._note("rdzv.close", f"closed the run at round {s.round}")
             return s, StepResult(done=True)
         if op == "increment_restart_count":
             s.restart_count += 1
             return s, StepResult(done=True)
         if op == "leave":
-            changed |= self._remove(s, me)
+            if self._remove(s, me):
+                changed = True
+                self._note("rdzv.leave", f"left at round {s.round}")
             return (s if changed else None), StepResult(done=True)
         if op == "keep_alive":
             if me in s.participants or me in s.wait_list:
@@ -413,6 +445,7 @@ class RendezvousStepper:
                     return (s if changed else None), result
                 # A participant of the round it already got asks for the next one: open it.
                 self._open_next_round(s, now)
+                self._note("rdzv.open_round", f"opened round {s.round}")
                 s.participants[me] = -1
                 s.heartbeats[me] = now
                 return s, StepResult(done=False, wait_until=now)
@@ -420,6 +453,7 @@ class RendezvousStepper:
                 s.wait_list.append(me)
                 s.heartbeats[me] = now
                 changed = True
+                self._note("rdzv.wait", f"waiting for the round after {s.round}")
             elif heartbeat_due:
                 s.heartbeats[me] = now
                 changed = True
@@ -431,6 +465,7 @@ class RendezvousStepper:
                 if me in s.wait_list:
                     s.wait_list.remove(me)
                 s.participants[me] = -1
+                self._note("rdzv.join", f"joined round {s.round}")
             elif me not in s.wait_list:
                 s.wait_list.append(me)
             s.heartbeats[me] = now
@@ -496,6 +531,7 @@ class RendezvousStepper:
         for key in dead:
             logger.info("rendezvous %s: evicting node %s (no heartbeat for > %.1f s)", self.settings.run_id, key, expiry)
             self._remove(s, key)
+            self._note("rdzv.evict", f"evicted {key} at round {s.round} (no heartbeat for > {expiry} s)")
         return bool(dead)
 
 

@@ -243,8 +243,30 @@ def test_world_size_is_fixed_at_completion_even_if_peers_leave_before_reading(me
         s.begin_join()
     a.step("join")
     b.step("join")
-    assert c.step("join").done  # c completes the round
+    rc = c.step("join")
+    assert rc.done  # c completes the round
     c.step("leave")
     ra, rb = a.step("join"), b.step("join")
     assert (ra.world_size, rb.world_size) == (3, 3)
-    assert len({ra.rank, rb.rank, 0, 1, 2}) == 3
+    assert {ra.rank, rb.rank, rc.rank} == {0, 1, 2}
+
+
+def test_events_record_joins_completion_and_eviction(memory_backend, clock):
+    from elastic_impl import events
+
+    seen = []
+    events.add_listener(seen.append)
+    try:
+        settings = make_settings(min_nodes=2, max_nodes=2, keep_alive=1.0, attempts=2)
+        a, b = make_steppers(memory_backend, clock, settings, 2)
+        drive_join([a, b], clock)
+        clock.advance(5.0)
+        a.step("keep_alive")
+    finally:
+        events.remove_listener(seen.append)
+    names = [e.name for e in seen]
+    assert names.count("rdzv.join") == 2 and names.count("rdzv.complete") == 2
+    assert "rdzv.evict" in names
+    complete = [e for e in seen if e.name == "rdzv.complete"]
+    assert sorted(e.rank for e in complete) == [0, 1]
+    assert {e.pid for e in complete} == {a.node.pid, b.node.pid}
