@@ -1,0 +1,142 @@
+"""Parameters, timeouts, the registry and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from elastic_impl.rendezvous import (
+    RendezvousHandlerRegistry,
+    RendezvousParameters,
+    rendezvous_handler_registry,
+)
+from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousTimeout
+from elastic_impl.rendezvous.utils import parse_rendezvous_endpoint
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"backend": ""}, "backend"),
+        ({"run_id": ""}, "run_id"),
+        ({"min_nodes": 0}, "min_nodes must be >= 1, got 0"),
+        ({"min_nodes": 3, "max_nodes": 2}, "max_nodes must be >= min_nodes (3), got 2"),
+        ({"min_nodes": "2"}, "min_nodes must be an integer, got '2'"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors(kwargs, needle):
+    args = {"backend": "c10d", "endpoint": "localhost:0", "run_id": "r", "min_nodes": 1, "max_nodes": 2, **kwargs}
+    with pytest.raises(ValueError) as excinfo:
+        RendezvousParameters(**args)
+    assert needle in one_line(excinfo)
+
+
+def test_parameter_accessors():
+    params = RendezvousParameters("c10d", "h:1", "r", 1, 2, flag="Yes", off="0", n="7", bad="maybe")
+    assert params.get("missing", 5) == 5
+    assert params.get_as_bool("flag") is True and params.get_as_bool("off") is False
+    assert params.get_as_bool("missing") is None
+    assert params.get_as_int("n") == 7
+    with pytest.raises(ValueError) as excinfo:
+        params.get_as_bool("bad")
+    assert "bad='maybe'" in one_line(excinfo)
+    with pytest.raises(ValueError) as excinfo:
+        params.get_as_int("bad")
+    assert "bad='maybe' is not an integer" in one_line(excinfo)
+
+
+def test_timeout_defaults_and_validation():
+    timeout = RendezvousTimeout()
+    assert [t.total_seconds() for t in (timeout.join, timeout.last_call, timeout.close, timeout.heartbeat)] == [
+        600.0, 30.0, 30.0, 5.0,
+    ]
+    assert RendezvousTimeout(join=timedelta(seconds=7)).join == timedelta(seconds=7)
+    with pytest.raises(ValueError) as excinfo:
+        RendezvousTimeout(last_call=timedelta(seconds=0))
+    assert "last_call timeout must be positive" in one_line(excinfo)
+
+
+def test_unknown_backend_lists_registered_ones():
+    params = RendezvousParameters("no-such-backend", "", "r", 1, 1)
+    with pytest.raises(ValueError) as excinfo:
+        rendezvous_handler_registry.create_handler(params)
+    message = one_line(excinfo)
+    assert "'no-such-backend'" in message and "c10d" in message and "static" in message
+
+
+def test_registry_rejects_conflicting_creator_and_checks_backend_name():
+    registry = RendezvousHandlerRegistry()
+
+    def creator(params):
+        from elastic_impl.rendezvous.static_tcp_rendezvous import create_rdzv_handler
+
+        return create_rdzv_handler(params)
+
+    registry.register("mine", creator)
+    registry.register("mine", creator)  # same creator again: fine
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("mine", lambda p: None)
+    params = RendezvousParameters("mine", "127.0.0.1:1", "r", 1, 1, rank=0)
+    with pytest.raises(RuntimeError, match="created a handler for backend 'static'"):
+        registry.create_handler(params)
+
+
+def test_entry_point_backends_are_loaded(monkeypatch):
+    import importlib.metadata
+
+    from elastic_impl.rendezvous import api
+
+    ep = importlib.metadata.EntryPoint(
+        name="static-plugin", value="elastic_impl.rendezvous.static_tcp_rendezvous:create_rdzv_handler", group=api.ENTRY_POINT_GROUP
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [ep] if group == api.ENTRY_POINT_GROUP else [])
+    registry = RendezvousHandlerRegistry()
+    assert "static-plugin" in registry.names()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [("", ("localhost", 29400)), ("h", ("h", 29400)), ("h:12", ("h", 12)), ("[::1]:5", ("::1", 5)), ("::1", ("::1", 29400))],
+)
+def test_parse_endpoint(endpoint, expected):
+    assert parse_rendezvous_endpoint(endpoint, 29400) == expected
+
+
+@pytest.mark.parametrize("endpoint", ["h:port", "h:70000", ":12"])
+def test_parse_bad_endpoint(endpoint):
+    with pytest.raises(ValueError) as excinfo:
+        parse_rendezvous_endpoint(endpoint, 29400)
+    assert repr(endpoint) in one_line(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"store_type": "carrier-pigeon"}, "store_type='carrier-pigeon' is invalid; allowed: tcp, file"),
+        ({"read_timeout": "soon"}, "read_timeout='soon'"),
+        ({"join_timeout": "-1"}, "join_timeout='-1' must be positive"),
+    ],
+)
+def test_bad_c10d_options_are_one_line_errors(config, needle, tcp_store):
+    params = RendezvousParameters("c10d", f"127.0.0.1:{tcp_store.port}", "r", 1, 1, is_host=False, **config)
+    with pytest.raises(ValueError) as excinfo:
+        rendezvous_handler_registry.create_handler(params)
+    assert needle in one_line(excinfo)
+
+
+def test_unreachable_endpoint_fails_fast_naming_it():
+    from elastic_impl.rendezvous import RendezvousConnectionError
+    from elastic_impl.utils.distributed import get_free_port
+
+    port = get_free_port()  # nobody listens there
+    params = RendezvousParameters("c10d", f"127.0.0.1:{port}", "r", 1, 1, is_host=False, read_timeout=1)
+    with pytest.raises(RendezvousConnectionError) as excinfo:
+        rendezvous_handler_registry.create_handler(params)
+    assert f"127.0.0.1:{port}" in one_line(excinfo)

@@ -1,0 +1,114 @@
+"""C10dRendezvousBackend compare-and-set over a real TCPStore/FileStore; handlers on threads; static backend."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
+from elastic_impl.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend, create_backend
+
+
+def test_compare_and_set_semantics(tcp_store):
+    backend = C10dRendezvousBackend(tcp_store, "run")
+    assert backend.name == "c10d"
+    assert backend.get_state() is None
+    state, token, has_set = backend.set_state(b'{"a":1}')
+    assert has_set and state == b'{"a":1}'
+    assert backend.get_state() == (b'{"a":1}', token)
+    # A stale token loses and returns the winner.
+    assert backend.set_state(b'{"a":2}', b"stale") == (b'{"a":1}', b'{"a":1}', False)
+    assert backend.set_state(b'{"a":3}', None)[2] is False
+    assert backend.set_state(b'{"a":2}', token)[:2] == (b'{"a":2}', b'{"a":2}')
+    # Namespaced by run id.
+    assert C10dRendezvousBackend(tcp_store, "other").get_state() is None
+
+
+def test_file_store_variant(tmp_path):
+    params = RendezvousParameters("c10d", str(tmp_path / "rdzv"), "run", 1, 1, store_type="file")
+    backend, store = create_backend(params)
+    assert backend.get_state() is None
+    assert backend.set_state(b"{}")[2]
+    handler = rendezvous_handler_registry.create_handler(
+        RendezvousParameters("c10d", str(tmp_path / "rdzv2"), "run", 1, 1, store_type="file", last_call_timeout=0.1)
+    )
+    info = handler.next_rendezvous()
+    assert (info.rank, info.world_size) == (0, 1)
+    handler.shutdown()
+
+
+def test_missing_file_store_directory_is_a_one_line_error(tmp_path):
+    params = RendezvousParameters("c10d", str(tmp_path / "nope" / "f"), "run", 1, 1, store_type="file")
+    with pytest.raises(ValueError, match="does not exist"):
+        create_backend(params)
+
+
+def test_auto_host_then_client_on_same_port():
+    from elastic_impl.utils.distributed import get_free_port
+
+    port = get_free_port()
+    host_params = RendezvousParameters("c10d", f"127.0.0.1:{port}", "run", 1, 2, read_timeout=3)
+    _, host_store = create_backend(host_params)  # endpoint is this machine and the port is free: hosts
+    _, client_store = create_backend(host_params)  # port now taken: falls back to client
+    host_store.set("k", b"v")
+    assert client_store.get("k") == b"v"
+
+
+def test_threads_rendezvous_over_tcp_store_and_share_restart_count(tcp_store):
+    params = RendezvousParameters(
+        "c10d", f"127.0.0.1:{tcp_store.port}", "run", 3, 3, is_host=False, read_timeout=5, keep_alive_interval=0.5
+    )
+    handlers = [rendezvous_handler_registry.create_handler(params) for _ in range(3)]
+    results = {}
+
+    def join(i):
+        results[i] = handlers[i].next_rendezvous()
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert sorted(r.rank for r in results.values()) == [0, 1, 2]
+        # The round store is namespaced by run and round and shared by all.
+        results[0].store.set("x", b"1")
+        assert results[1].store.get("x") == b"1"
+        assert handlers[0].increment_restart_count() == 1
+        assert handlers[1].increment_restart_count() == 2
+        assert {h.get_restart_count() for h in handlers} == {2}
+        assert handlers[2].num_nodes_waiting() == 0
+        assert handlers[0].get_participants() == sorted(str(h.node) for h in handlers)
+    finally:
+        for h in handlers:
+            h.shutdown()
+    assert not handlers[0].is_closed()
+    from elastic_impl.rendezvous import RendezvousGracefulExitError
+
+    with pytest.raises(RendezvousGracefulExitError):
+        handlers[0].next_rendezvous()
+
+
+def test_static_backend_single_node():
+    from elastic_impl.utils.distributed import get_free_port
+
+    port = get_free_port()
+    params = RendezvousParameters("static", f"127.0.0.1:{port}", "run", 1, 1, rank=0, timeout=5)
+    handler = rendezvous_handler_registry.create_handler(params)
+    info = handler.next_rendezvous()
+    assert (info.rank, info.world_size) == (0, 1)
+    assert info.bootstrap_store_info.master_port == port
+    info.store.set("k", b"v")
+    assert info.store.get("k") == b"v"
+    assert handler.num_nodes_waiting() == 0 and handler.get_backend() == "static"
+
+
+@pytest.mark.parametrize(
+    ("config", "min_max", "needle"),
+    [({}, (1, 1), "needs the option rank"), ({"rank": 0}, (1, 2), "min_nodes == max_nodes"), ({"rank": 3}, (2, 2), "rank must be in 0..1, got 3")],
+)
+def test_static_bad_params(config, min_max, needle):
+    params = RendezvousParameters("static", "127.0.0.1:1", "run", *min_max, **config)
+    with pytest.raises(ValueError, match=needle):
+        rendezvous_handler_registry.create_handler(params)
