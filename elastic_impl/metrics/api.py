@@ -108,12 +108,13 @@ def getStream(group: str):  # noqa: N802 -- upstream's public name
 
 
 def _get_metric_name(fn) -> str:
-    # "Class.method" for methods; "module.function" for plain functions so names stay distinguishable
-    parts = fn.__qualname__.split(".")
-    if len(parts) > 1:
-        return ".".join(parts[-2:])
+    # methods and nested functions: their qualified name ("Class.method"); a top-level function is
+    # prefixed with the last part of its module ("module.function") so names from different files stay apart
+    qualname = fn.__qualname__
+    if "." in qualname:
+        return qualname
     module = getattr(fn, "__module__", None)
-    return f"{module.split('.')[-1]}.{parts[0]}" if module else parts[0]
+    return f"{module.split('.')[-1]}.{qualname}" if module else qualname
 
 
 def prof(fn=None, group: str = "torchelastic"):

@@ -92,6 +92,20 @@ def test_publish_metric_is_deprecated_but_works():
     assert [(d.name, d.value) for d in sink.data] == [("n", 1)]
 
 
+def test_metric_names_of_functions_and_methods():
+    def inner():
+        pass
+
+    class Outer:
+        class Inner:
+            def m(self):
+                pass
+
+    assert api._get_metric_name(Outer.Inner.m).endswith("Outer.Inner.m")
+    assert api._get_metric_name(inner).endswith("<locals>.inner")
+    assert api._get_metric_name(api.put_metric) == "api.put_metric"
+
+
 def test_elapsed_time_ms():
     import time
 
