@@ -65,15 +65,11 @@ def _get_or_create_logger(destination: str = "null") -> logging.Logger:
         return _events_loggers[destination]
     handler = get_logging_handler(destination)
     logger = logging.getLogger(f"elastic_impl.events.{destination}")
-    logger.setLevel(os.environ.get("LOGLEVEL", "INFO").upper() if _valid_level() else logging.INFO)
+    logger.setLevel(logging.INFO)  # events are logged at INFO; the destination's handler decides what to keep
     logger.addHandler(handler)
     logger.propagate = False  # events go to their destination only, not to the root logger
     _events_loggers[destination] = logger
     return logger
-
-
-def _valid_level() -> bool:
-    return isinstance(logging.getLevelName(os.environ.get("LOGLEVEL", "INFO").upper()), int)
 
 
 def add_listener(fn: Callable[[Union[Event, RdzvEvent]], None]) -> None:

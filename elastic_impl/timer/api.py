@@ -222,8 +222,11 @@ def expires(after: float, scope: str | None = None, client: TimerClient | None =
         client = _timer_client
     if scope is None:
         # default scope: the caller's file and line, so nested/parallel blocks get distinct timers
-        caller = inspect.stack(context=0)[2]
-        scope = f"{caller.filename}#{caller.lineno}"
+        # frames: this generator <- contextlib's __enter__ <- the caller's ``with``
+        frame = inspect.currentframe()
+        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+        scope = f"{caller.f_code.co_filename}#{caller.f_lineno}" if caller is not None else "expires"
+        del frame, caller
     client.acquire(scope, _clock.time() + after)
     try:
         yield
