@@ -156,6 +156,7 @@ class FileTimerServer(TimerServer):
         self._timers: dict[tuple[int, str], FileTimerRequest] = {}
         self._lock = threading.Lock()
         self._keepalive_fd: int | None = None
+        self._owns_fifo = False  # only a FIFO this server created is removed by it
         self._last_progress_time = int(self._clock.time())
 
     def __del__(self) -> None:
@@ -174,6 +175,7 @@ class FileTimerServer(TimerServer):
                 raise ValueError(f"FileTimerServer file_path {self._file_path!r} exists and is not a FIFO")
             os.unlink(self._file_path)  # a stale FIFO from a previous run
         os.mkfifo(self._file_path, 0o600)
+        self._owns_fifo = True
         self._fifo_queue.fd = os.open(self._file_path, os.O_RDONLY | os.O_NONBLOCK)
         # our own writer end keeps the FIFO from reading EOF between clients
         self._keepalive_fd = os.open(self._file_path, os.O_WRONLY | os.O_NONBLOCK)
@@ -183,11 +185,13 @@ class FileTimerServer(TimerServer):
             if fd is not None:
                 os.close(fd)
         self._fifo_queue.fd = self._keepalive_fd = None
-        try:
-            if stat.S_ISFIFO(os.lstat(self._file_path).st_mode):
-                os.unlink(self._file_path)
-        except FileNotFoundError:
-            pass
+        if self._owns_fifo:
+            self._owns_fifo = False
+            try:
+                if stat.S_ISFIFO(os.lstat(self._file_path).st_mode):
+                    os.unlink(self._file_path)
+            except FileNotFoundError:
+                pass
 
     def start(self) -> None:
         logger.info("FileTimerServer run_id=%s listening on %s", self._run_id, self._file_path)

@@ -97,3 +97,15 @@ def test_file_server_uses_client_signal_and_stop_removes_fifo(tmp_path, servers,
     assert worker.wait(timeout=20) == -signal.SIGTERM
     server.stop()
     assert not fifo.exists()
+
+
+def test_unstarted_server_never_removes_anothers_fifo(tmp_path, servers):
+    fifo = tmp_path / "shared.fifo"
+    running = timer.FileTimerServer(str(fifo), "run3", max_interval=0.1)
+    servers.append(running)
+    running.start()
+    idle = timer.FileTimerServer(str(fifo), "run3", max_interval=0.1)
+    idle.stop()
+    del idle
+    assert fifo.exists()
+    timer.FileTimerClient(str(fifo)).release("s")  # still reachable
