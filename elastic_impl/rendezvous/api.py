@@ -141,9 +141,12 @@ class RendezvousHandler(ABC):
     def get_run_id(self) -> str:
         """The run id of this rendezvous."""
 
+    @abstractmethod
     def shutdown(self) -> bool:
-        """Release this handler's resources; return whether that succeeded."""
-        return True
+        """Release this handler's resources; return whether that succeeded.
+
+        Ours (dynamic handler): this node LEAVES the run; the run is closed only by ``set_closed()``.
+        """
 
 
 def _require_text(name: str, value: Any) -> str:
