@@ -270,3 +270,15 @@ def test_events_record_joins_completion_and_eviction(memory_backend, clock):
     complete = [e for e in seen if e.name == "rdzv.complete"]
     assert sorted(e.rank for e in complete) == [0, 1]
     assert {e.pid for e in complete} == {a.node.pid, b.node.pid}
+
+
+@pytest.mark.parametrize("nodes", [8, 32])
+def test_backend_calls_per_node_per_round_are_constant(memory_backend, clock, nodes):
+    """Calls stay O(1) per node; bytes are O(N) per call (one blob), so O(N^2) per round: see the module docs."""
+    settings = make_settings(min_nodes=nodes, max_nodes=nodes)
+    drive_join(make_steppers(memory_backend, clock, settings, nodes), clock)
+    # Everyone arrives at once: each node writes itself in once; all but the completer read once more to see the end.
+    assert memory_backend.set_calls == nodes
+    assert memory_backend.get_calls == 2 * nodes - 1
+    blob = len(memory_backend.get_state()[0])
+    assert memory_backend.bytes_written <= nodes * blob
