@@ -244,7 +244,8 @@ class RendezvousHandlerRegistry:
         """Register ``creator`` for ``backend``; re-registering the same creator is a no-op, a different one errors."""
         _require_text("backend", backend)
         current = self._registry.get(backend)
-        if current is not None and current is not creator:
+        # A built-in lazy placeholder (see registry.py) gives way to the real creator its module registers.
+        if current is not None and current is not creator and not getattr(current, "is_placeholder", False):
             raise ValueError(f"rendezvous backend {backend!r} is already registered with a different creator {current!r}")
         self._registry[backend] = creator
 

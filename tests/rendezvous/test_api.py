@@ -140,3 +140,18 @@ def test_unreachable_endpoint_fails_fast_naming_it():
     with pytest.raises(RendezvousConnectionError) as excinfo:
         rendezvous_handler_registry.create_handler(params)
     assert f"127.0.0.1:{port}" in one_line(excinfo)
+
+
+def test_etcd_placeholders_are_listed_and_give_way_to_real_creators():
+    from elastic_impl.rendezvous import registry
+
+    assert {"etcd", "etcd-v2", "etcd-v3"} <= set(rendezvous_handler_registry.names())
+    local = RendezvousHandlerRegistry()
+    placeholder = registry._placeholder("etcd-v3")
+    local.register("etcd-v3", placeholder)
+
+    def real(params):
+        raise NotImplementedError
+
+    local.register("etcd-v3", real)  # the module's own registration replaces the placeholder
+    assert local._registry["etcd-v3"] is real
