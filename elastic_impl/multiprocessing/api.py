@@ -1,0 +1,673 @@
+"""Start, watch and stop a group of worker processes (function or binary entrypoints)."""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import re
+import select
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntFlag
+from types import FrameType
+from typing import Any, Union
+
+from elastic_impl.multiprocessing.errors import ProcessFailure, record
+from elastic_impl.multiprocessing.subprocess_handler import SubprocessHandler, get_subprocess_handler
+from elastic_impl.multiprocessing.tail_log import TailLog
+from elastic_impl.utils.clock import REAL_CLOCK, Clock
+
+logger = logging.getLogger(__name__)
+
+IS_WINDOWS = sys.platform == "win32"
+IS_LINUX = sys.platform.startswith("linux")
+
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
+
+__all__ = [
+    "DefaultLogsSpecs", "LogsDest", "LogsSpecs", "MultiprocessContext", "PContext", "RunProcsResult",
+    "SignalException", "Std", "SubprocessContext", "to_map", "start_processes",
+]
+
+
+class SignalException(Exception):
+    """Raised (by the launcher's handlers) when the agent itself receives a termination signal."""
+
+    def __init__(self, msg: str, sigval: signal.Signals) -> None:
+        super().__init__(msg)
+        self.sigval = sigval
+
+
+def _terminate_process_handler(signum: int, frame: FrameType | None) -> None:
+    sigval = signal.Signals(signum)
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+
+
+class Std(IntFlag):
+    NONE = 0
+    OUT = 1
+    ERR = 2
+    ALL = OUT | ERR
+
+    @classmethod
+    def from_str(cls, vm: str) -> Union[Std, dict[int, Std]]:
+        """``"0".."3"`` -> Std; ``"0:3,1:0"`` -> {local_rank: Std}."""
+
+        def to_std(v: str) -> Std:
+            try:
+                s = Std(int(v))
+            except ValueError:
+                raise ValueError(
+                    f"bad Std value {vm!r}: expected 0-3 (0=NONE,1=OUT,2=ERR,3=ALL) or 'local_rank:value,...'"
+                ) from None
+            if s not in cls:
+                raise ValueError(f"bad Std value {vm!r}: expected 0-3")
+            return s
+
+        if not isinstance(vm, str):
+            raise ValueError(f"bad Std value {vm!r}: expected a string like '3' or '0:3,1:0'")
+        if re.fullmatch(r"\s*[0-3]\s*", vm):
+            return to_std(vm.strip())
+        if re.fullmatch(r"\s*\d+\s*:\s*[0-3]\s*(,\s*\d+\s*:\s*[0-3]\s*)*", vm):
+            out: dict[int, Std] = {}
+            for item in vm.split(","):
+                rank, val = item.split(":")
+                out[int(rank)] = to_std(val.strip())
+            return out
+        raise ValueError(f"bad Std value {vm!r}: expected 0-3 (0=NONE,1=OUT,2=ERR,3=ALL) or 'local_rank:value,...'")
+
+
+def to_map(val_or_map: Union[Std, dict[int, Std]], local_world_size: int) -> dict[int, Std]:
+    """Expand one Std to every local rank, or fill a partial map with Std.NONE."""
+    if isinstance(val_or_map, Std):
+        return dict.fromkeys(range(local_world_size), val_or_map)
+    if not isinstance(val_or_map, dict):
+        raise ValueError(f"bad Std value {val_or_map!r}: expected a Std or a dict of local_rank -> Std")
+    return {r: Std(val_or_map.get(r, Std.NONE)) for r in range(local_world_size)}
+
+
+@dataclass
+class LogsDest:
+    """Where each local rank's stdout/stderr/error file goes, and which of them are teed to the console."""
+
+    stdouts: dict[int, str] = field(default_factory=dict)
+    stderrs: dict[int, str] = field(default_factory=dict)
+    tee_stdouts: dict[int, str] = field(default_factory=dict)
+    tee_stderrs: dict[int, str] = field(default_factory=dict)
+    error_files: dict[int, str] = field(default_factory=dict)
+
+
+class LogsSpecs(abc.ABC):
+    def __init__(
+        self,
+        log_dir: str | None = None,
+        redirects: Union[Std, dict[int, Std]] = Std.NONE,
+        tee: Union[Std, dict[int, Std]] = Std.NONE,
+        local_ranks_filter: set[int] | None = None,
+    ) -> None:
+        for what, val in (("redirects", redirects), ("tee", tee)):
+            if not isinstance(val, (Std, dict)):
+                raise ValueError(f"bad {what} value {val!r}: expected a Std or a dict of local_rank -> Std")
+        self._root_log_dir = log_dir
+        self._redirects = redirects
+        self._tee = tee
+        self._local_ranks_filter = local_ranks_filter
+
+    @abc.abstractmethod
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest: ...
+
+    @property
+    @abc.abstractmethod
+    def root_log_dir(self) -> str: ...
+
+
+class DefaultLogsSpecs(LogsSpecs):
+    """Logs under ``<log_dir>/<run_id>/attempt_<restart_count>/<local_rank>/{stdout,stderr}.log`` + error.json."""
+
+    def __init__(
+        self,
+        log_dir: str | None = None,
+        redirects: Union[Std, dict[int, Std]] = Std.NONE,
+        tee: Union[Std, dict[int, Std]] = Std.NONE,
+        local_ranks_filter: set[int] | None = None,
+    ) -> None:
+        if log_dir != os.devnull:
+            if log_dir is None:
+                log_dir = tempfile.mkdtemp(prefix="torchelastic_")
+            elif os.path.exists(log_dir) and not os.path.isdir(log_dir):
+                raise ValueError(f"bad log_dir {log_dir!r}: exists and is not a directory")
+            else:
+                os.makedirs(log_dir, exist_ok=True)
+        super().__init__(log_dir, redirects, tee, local_ranks_filter)
+
+    @property
+    def root_log_dir(self) -> str:
+        return str(self._root_log_dir)
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        nprocs = len(envs)
+        if nprocs == 0:
+            return LogsDest()
+        first = envs[min(envs)]
+        run_id = first.get("TORCHELASTIC_RUN_ID", "none")
+        restart = first.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if self._root_log_dir == os.devnull:
+            attempt_log_dir = os.devnull
+        else:
+            attempt_log_dir = os.path.join(str(self._root_log_dir), run_id, f"attempt_{restart}")
+            shutil.rmtree(attempt_log_dir, ignore_errors=True)
+            os.makedirs(attempt_log_dir)
+        redirs = to_map(self._redirects, nprocs)
+        ts = to_map(self._tee, nprocs)
+        dest = LogsDest()
+        for local_rank, tee_std in ts.items():
+            redirect_std = redirs[local_rank] | tee_std  # teeing needs the file to tail
+            if attempt_log_dir == os.devnull:
+                dest.error_files[local_rank] = ""
+                continue
+            clogdir = os.path.join(attempt_log_dir, str(local_rank))
+            os.makedirs(clogdir, exist_ok=True)
+            dest.error_files[local_rank] = os.path.join(clogdir, "error.json")
+            if redirect_std & Std.OUT == Std.OUT:
+                dest.stdouts[local_rank] = os.path.join(clogdir, "stdout.log")
+            if redirect_std & Std.ERR == Std.ERR:
+                dest.stderrs[local_rank] = os.path.join(clogdir, "stderr.log")
+            if self._local_ranks_filter is None or local_rank in self._local_ranks_filter:
+                if tee_std & Std.OUT == Std.OUT:
+                    dest.tee_stdouts[local_rank] = dest.stdouts[local_rank]
+                if tee_std & Std.ERR == Std.ERR:
+                    dest.tee_stderrs[local_rank] = dest.stderrs[local_rank]
+        logger.info("log directory for this attempt: %s", attempt_log_dir)
+        return dest
+
+    def __repr__(self) -> str:
+        return (f"DefaultLogsSpecs(root_log_dir={self._root_log_dir}, redirects={self._redirects}, "
+                f"tee={self._tee}, local_ranks_filter={self._local_ranks_filter})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DefaultLogsSpecs):
+            return False
+        return (self._root_log_dir, self._redirects, self._tee, self._local_ranks_filter) == (
+            other._root_log_dir, other._redirects, other._tee, other._local_ranks_filter)
+
+
+@dataclass
+class RunProcsResult:
+    """Outcome of a finished group: return values (function entrypoints only) or failures, by local rank."""
+
+    return_values: dict[int, Any] = field(default_factory=dict)
+    failures: dict[int, ProcessFailure] = field(default_factory=dict)
+    stdouts: dict[int, str] = field(default_factory=dict)
+    stderrs: dict[int, str] = field(default_factory=dict)
+
+    def is_failed(self) -> bool:
+        return len(self.failures) > 0
+
+
+# --------------------------------------------------------------------------------------------- process tree helpers
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Orphaned grandchildren re-parent to us (not init), so we can still see and reap them (Linux only)."""
+    if not IS_LINUX:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception as e:  # not fatal: sessions still reach most grandchildren
+        logger.debug("PR_SET_CHILD_SUBREAPER unavailable: %s", e)
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, session id), from /proc; empty where /proc does not exist."""
+    table: dict[int, tuple[int, int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = data[data.rfind(")") + 2:].split()
+        if len(fields) >= 4 and fields[0] != "Z":
+            table[int(name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def _group_members(roots: set[int]) -> set[int]:
+    """Live descendants of ``roots`` plus every process in their sessions (which catches re-parented orphans)."""
+    table = _proc_table()
+    members = {p for p, (_, sid) in table.items() if sid in roots}
+    members |= {r for r in roots if r in table}
+    changed = True
+    while changed:
+        changed = False
+        for p, (ppid, _) in table.items():
+            if ppid in members and p not in members:
+                members.add(p)
+                changed = True
+    return members
+
+
+def _signal_all(pgids: set[int], pids: set[int], sig: int) -> None:
+    for pg in pgids:
+        try:
+            os.killpg(pg, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _reap(pids: set[int]) -> None:
+    for p in pids:
+        try:
+            os.waitpid(p, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+        return data[data.rfind(")") + 2:].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------- contexts
+class PContext(abc.ABC):
+    """A group of worker processes, one per local rank, started together and stopped together."""
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: Union[Callable, str],
+        args: dict[int, tuple],
+        envs: dict[int, dict[str, str]],
+        logs_specs: LogsSpecs,
+        log_line_prefixes: dict[int, str] | None = None,
+        clock: Clock = REAL_CLOCK,
+    ):
+        self.name = name
+        if set(args) != set(envs):
+            raise ValueError(
+                f"bad args/envs: local ranks differ (args has {sorted(args)}, envs has {sorted(envs)}); "
+                "both need one entry per local rank"
+            )
+        nprocs = len(args)
+        if nprocs == 0:
+            raise ValueError("bad args: empty; need one entry per local rank")
+        logs_dest = logs_specs.reify(envs)
+        self.entrypoint = entrypoint
+        self.args = args
+        self.envs = envs
+        self.stdouts = logs_dest.stdouts
+        self.stderrs = logs_dest.stderrs
+        self.error_files = logs_dest.error_files
+        self.nprocs = nprocs
+        self.clock = clock
+        self.shutdown_grace_s = DEFAULT_SHUTDOWN_GRACE_S
+        self._stdout_tail = TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes)
+        self._stderr_tail = TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes)
+        self._closed = False
+
+    def start(self) -> None:
+        if not IS_WINDOWS:
+            # Only the main thread may install signal handlers; elsewhere the caller handles signals itself.
+            try:
+                signal.signal(signal.SIGTERM, _terminate_process_handler)
+                signal.signal(signal.SIGINT, _terminate_process_handler)
+                signal.signal(signal.SIGHUP, _terminate_process_handler)
+                signal.signal(signal.SIGQUIT, _terminate_process_handler)
+            except ValueError:
+                pass
+        _become_subreaper()
+        self._start()
+        self._stdout_tail.start()
+        self._stderr_tail.start()
+
+    @abc.abstractmethod
+    def _start(self) -> None: ...
+
+    @abc.abstractmethod
+    def _poll(self) -> RunProcsResult | None: ...
+
+    @abc.abstractmethod
+    def _wait_for_exit(self, timeout: float) -> None:
+        """Block until some worker may have exited or ``timeout`` passed (event-driven where the OS allows)."""
+
+    def wait(self, timeout: float = -1, period: float = 1) -> RunProcsResult | None:
+        """Result once all workers finished or one failed; None if still running after ``timeout`` (-1: forever)."""
+        if timeout == 0:
+            return self._poll()
+        if timeout < 0:
+            timeout = sys.maxsize
+        expiry = self.clock.monotonic() + timeout
+        while True:
+            pr = self._poll()
+            if pr:
+                return pr
+            remaining = expiry - self.clock.monotonic()
+            if remaining <= 0:
+                return None
+            # An exit wakes us at once; ``period`` only bounds how long we sleep without any event.
+            self._wait_for_exit(min(period, remaining))
+
+    @abc.abstractmethod
+    def pids(self) -> dict[int, int]: ...
+
+    @abc.abstractmethod
+    def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None: ...
+
+    def close(self, death_sig: signal.Signals | None = None, timeout: float | None = None) -> None:
+        """Stop every worker and all their descendants: ``death_sig`` (SIGTERM) then SIGKILL after ``timeout``."""
+        if not death_sig:
+            death_sig = signal.SIGTERM
+        if timeout is None:
+            timeout = self.shutdown_grace_s
+        self._close(death_sig=death_sig, timeout=timeout)
+        if not self._closed:
+            self._closed = True
+            self._stdout_tail.stop()
+            self._stderr_tail.stop()
+
+    def _kill_tree(self, roots: set[int], death_sig: int, timeout: float) -> None:
+        members = _group_members(roots)
+        _signal_all(roots, members, death_sig)
+        deadline = self.clock.monotonic() + timeout
+        while True:
+            members |= _group_members(roots)
+            _reap(members)
+            live = {p for p in members if _alive(p)}
+            if not live or self.clock.monotonic() >= deadline:
+                break
+            self._wait_for_exit(0.05)
+        if live:
+            logger.warning("[%s] %d processes ignored %s for %.1fs; sending SIGKILL", self.name, len(live),
+                           signal.Signals(death_sig).name, timeout)
+            while live:
+                _signal_all(roots, live | _group_members(roots), signal.SIGKILL)
+                _reap(members)
+                self.clock.sleep(0.01)
+                members |= _group_members(roots)
+                live = {p for p in members if _alive(p)}
+                _reap(live)
+
+    def _failure(self, local_rank: int, pid: int, exitcode: int) -> ProcessFailure:
+        return ProcessFailure(local_rank=local_rank, pid=pid, exitcode=exitcode,
+                              error_file=self.error_files.get(local_rank, ""),
+                              stderr_file=self.stderrs.get(local_rank))
+
+
+def _wrap(local_rank: int, fn: Callable, args: tuple, env: dict[str, str], stdout: str | None,
+          stderr: str | None, ret_file: str, error_file: str) -> None:
+    """Runs in the worker: own session, env, redirects; result pickled to ``ret_file`` for the parent."""
+    if not IS_WINDOWS:
+        try:
+            os.setsid()
+        except OSError:
+            pass
+    os.environ.update(env)
+    if error_file:
+        os.environ["TORCHELASTIC_ERROR_FILE"] = error_file
+    for path, fd, stream in ((stdout, 1, sys.stdout), (stderr, 2, sys.stderr)):
+        if path:
+            stream.flush()
+            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+    try:
+        ret = record(fn)(*args)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with open(ret_file + ".tmp", "wb") as fh:
+        pickle.dump(ret, fh)
+    os.replace(ret_file + ".tmp", ret_file)
+
+
+class MultiprocessContext(PContext):
+    """Workers running a Python function through ``multiprocessing`` (spawn/fork/forkserver)."""
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: Callable,
+        args: dict[int, tuple],
+        envs: dict[int, dict[str, str]],
+        start_method: str,
+        logs_specs: LogsSpecs,
+        log_line_prefixes: dict[int, str] | None = None,
+        clock: Clock = REAL_CLOCK,
+    ):
+        allowed = mp.get_all_start_methods()
+        if start_method not in allowed:
+            raise ValueError(f"bad start_method {start_method!r}: expected one of {allowed}")
+        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock)
+        self.start_method = start_method
+        self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{name}_")
+        self._procs: dict[int, mp.process.BaseProcess] = {}
+        self._return_values: dict[int, Any] = {}
+        self._worker_stdouts = self.stdouts
+        self._worker_stderrs = self.stderrs
+
+    def _ret_file(self, local_rank: int) -> str:
+        return os.path.join(self._ret_dir, f"{local_rank}.pkl")
+
+    def _start(self) -> None:
+        if self._procs:
+            raise ValueError(f"bad start(): context {self.name!r} was already started")
+        ctx = mp.get_context(self.start_method)
+        for local_rank in sorted(self.args):
+            p = ctx.Process(
+                target=_wrap,
+                args=(local_rank, self.entrypoint, self.args[local_rank], self.envs[local_rank],
+                      self.stdouts.get(local_rank), self.stderrs.get(local_rank), self._ret_file(local_rank),
+                      self.error_files.get(local_rank, "")),
+                name=f"{self.name}-{local_rank}",
+            )
+            p.start()
+            self._procs[local_rank] = p
+
+    def _poll(self) -> RunProcsResult | None:
+        failures: dict[int, ProcessFailure] = {}
+        done = 0
+        for local_rank, p in self._procs.items():
+            if p.exitcode is None and p.is_alive():
+                continue
+            done += 1
+            if p.exitcode != 0:
+                failures[local_rank] = self._failure(local_rank, p.pid or -1, p.exitcode or 1)
+            elif local_rank not in self._return_values:
+                try:
+                    with open(self._ret_file(local_rank), "rb") as fh:
+                        self._return_values[local_rank] = pickle.load(fh)
+                except (OSError, EOFError, pickle.UnpicklingError) as e:
+                    failures[local_rank] = self._failure(local_rank, p.pid or -1, 1)
+                    failures[local_rank].message = f"worker exited 0 but its return value is unreadable: {e}"
+        if failures:
+            logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(failures))
+            self.close()
+            return RunProcsResult(failures=failures, stdouts=self.stdouts, stderrs=self.stderrs)
+        if done == len(self._procs) and self._procs:
+            return RunProcsResult(return_values=dict(self._return_values), stdouts=self.stdouts,
+                                  stderrs=self.stderrs)
+        return None
+
+    def _wait_for_exit(self, timeout: float) -> None:
+        sentinels = [p.sentinel for p in self._procs.values() if p.exitcode is None]
+        if sentinels:
+            multiprocessing.connection.wait(sentinels, timeout=timeout)
+        else:
+            self.clock.sleep(timeout)
+
+    def pids(self) -> dict[int, int]:
+        return {r: p.pid for r, p in self._procs.items() if p.pid is not None}
+
+    def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None:
+        roots = {p.pid for p in self._procs.values() if p.pid is not None}
+        if roots:
+            self._kill_tree(roots, death_sig, timeout)
+        for p in self._procs.values():
+            p.join(timeout=1)
+        shutil.rmtree(self._ret_dir, ignore_errors=True)
+
+
+class SubprocessContext(PContext):
+    """Workers running a binary or script via ``subprocess`` (one SubprocessHandler per local rank)."""
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: str,
+        args: dict[int, tuple],
+        envs: dict[int, dict[str, str]],
+        logs_specs: LogsSpecs,
+        log_line_prefixes: dict[int, str] | None = None,
+        clock: Clock = REAL_CLOCK,
+    ):
+        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock)
+        self._running_local_ranks: set[int] = set(range(self.nprocs))
+        self._failures: dict[int, ProcessFailure] = {}
+        self.subprocess_handlers: dict[int, SubprocessHandler] = {}
+        self._pidfds: dict[int, int] = {}
+
+    def _start(self) -> None:
+        if self.subprocess_handlers:
+            raise ValueError(f"bad start(): context {self.name!r} was already started")
+        for local_rank in sorted(self.args):
+            env = dict(self.envs[local_rank])
+            if self.error_files.get(local_rank):
+                env["TORCHELASTIC_ERROR_FILE"] = self.error_files[local_rank]
+            try:
+                handler = get_subprocess_handler(
+                    entrypoint=self.entrypoint,  # type: ignore[arg-type]
+                    args=self.args[local_rank], env=env, stdout=self.stdouts.get(local_rank),
+                    stderr=self.stderrs.get(local_rank), local_rank_id=local_rank)
+            except OSError as e:
+                self.close(timeout=5)
+                raise ValueError(f"bad entrypoint {self.entrypoint!r}: cannot execute ({e.strerror})") from None
+            self.subprocess_handlers[local_rank] = handler
+            if hasattr(os, "pidfd_open"):
+                try:
+                    self._pidfds[local_rank] = os.pidfd_open(handler.proc.pid)
+                except OSError:
+                    pass
+        self._running_local_ranks = set(self.subprocess_handlers)
+
+    def _poll(self) -> RunProcsResult | None:
+        done = set()
+        for local_rank in self._running_local_ranks:
+            handler = self.subprocess_handlers[local_rank]
+            exitcode = handler.proc.poll()
+            if exitcode is not None:
+                done.add(local_rank)
+                if exitcode != 0:
+                    self._failures[local_rank] = self._failure(local_rank, handler.proc.pid, exitcode)
+        self._running_local_ranks.difference_update(done)
+        if not self._running_local_ranks or self._failures:
+            if self._failures:
+                logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(self._failures))
+            self.close()
+            result = RunProcsResult(failures=dict(self._failures), stdouts=self.stdouts, stderrs=self.stderrs)
+            if not result.is_failed():
+                result.return_values = dict.fromkeys(self.subprocess_handlers)  # binaries return nothing
+            return result
+        return None
+
+    def _wait_for_exit(self, timeout: float) -> None:
+        fds = [fd for r, fd in self._pidfds.items() if r in self._running_local_ranks]
+        if fds and len(fds) == len(self._running_local_ranks):
+            select.select(fds, [], [], timeout)
+        else:
+            self.clock.sleep(timeout)
+
+    def pids(self) -> dict[int, int]:
+        return {r: h.proc.pid for r, h in self.subprocess_handlers.items()}
+
+    def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None:
+        if not self.subprocess_handlers:
+            return
+        roots = {h.proc.pid for h in self.subprocess_handlers.values()}
+        self._kill_tree(roots, death_sig, timeout)
+        for h in self.subprocess_handlers.values():
+            try:
+                h.proc.wait(timeout=1)
+            except Exception:
+                pass
+            h.close(death_sig)  # closes log files; the process is gone by now
+        for fd in self._pidfds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._pidfds.clear()
+
+
+def start_processes(
+    name: str,
+    entrypoint: Union[Callable, str],
+    args: dict[int, tuple],
+    envs: dict[int, dict[str, str]],
+    logs_specs: LogsSpecs,
+    log_line_prefixes: dict[int, str] | None = None,
+    start_method: str = "spawn",
+) -> PContext:
+    """Start one worker per local rank running ``entrypoint(*args[rank])`` with ``envs[rank]``; returns the PContext.
+
+    A callable entrypoint runs through multiprocessing (its return value comes back); a str is run as a binary.
+    """
+    if not isinstance(args, dict) or not isinstance(envs, dict):
+        raise ValueError(f"bad args/envs: expected dicts keyed by local rank, got {type(args).__name__}"
+                         f"/{type(envs).__name__}")
+    if len(args) != len(envs):
+        raise ValueError(f"bad args/envs: {len(args)} args but {len(envs)} envs; need one of each per local rank")
+    if sorted(args) != list(range(len(args))):
+        raise ValueError(f"bad local ranks {sorted(args)}: expected 0..{len(args) - 1}")
+    if not isinstance(logs_specs, LogsSpecs):
+        raise ValueError(f"bad logs_specs {logs_specs!r}: expected a LogsSpecs (e.g. DefaultLogsSpecs())")
+    context: PContext
+    if isinstance(entrypoint, str):
+        if not entrypoint:
+            raise ValueError("bad entrypoint '': expected a binary path or a callable")
+        context = SubprocessContext(name=name, entrypoint=entrypoint, args=args, envs=envs,
+                                    logs_specs=logs_specs, log_line_prefixes=log_line_prefixes)
+    elif callable(entrypoint):
+        context = MultiprocessContext(name=name, entrypoint=entrypoint, args=args, envs=envs,
+                                      log_line_prefixes=log_line_prefixes, start_method=start_method,
+                                      logs_specs=logs_specs)
+    else:
+        raise ValueError(f"bad entrypoint {entrypoint!r}: expected a callable or a str (binary path)")
+    try:
+        context.start()
+        return context
+    except Exception:
+        context.close(timeout=5)
+        raise

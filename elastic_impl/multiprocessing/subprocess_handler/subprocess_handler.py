@@ -1,0 +1,59 @@
+"""One worker binary in its own session, so a signal sent to its process group reaches its children too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+__all__ = ["SubprocessHandler"]
+
+IS_WINDOWS = sys.platform == "win32"
+
+
+def _default_death_signal() -> signal.Signals:
+    return signal.CTRL_C_EVENT if IS_WINDOWS else signal.SIGTERM  # type: ignore[attr-defined]
+
+
+class SubprocessHandler:
+    def __init__(
+        self,
+        entrypoint: str,
+        args: tuple,
+        env: dict[str, str],
+        stdout: str | None,
+        stderr: str | None,
+        local_rank_id: int,
+        numa_options: Any | None = None,
+    ):
+        self._stdout = open(stdout, "w") if stdout else None  # noqa: SIM115 - closed in close()
+        self._stderr = open(stderr, "w") if stderr else None  # noqa: SIM115
+        env_vars = os.environ.copy()
+        env_vars.update(env)
+        args_str = (entrypoint, *[str(a) for a in args])
+        self.local_rank_id = local_rank_id
+        self.proc: subprocess.Popen = self._popen(args_str, env_vars)
+
+    def _popen(self, args: tuple, env: dict[str, str]) -> subprocess.Popen:
+        kwargs: dict[str, Any] = {}
+        if not IS_WINDOWS:
+            kwargs["start_new_session"] = True  # own session => own process group (pgid == pid)
+        return subprocess.Popen(args=args, env=env, stdout=self._stdout, stderr=self._stderr, **kwargs)
+
+    def close(self, death_sig: signal.Signals | None = None) -> None:
+        if not death_sig:
+            death_sig = _default_death_signal()
+        if self.proc.poll() is None:
+            try:
+                if IS_WINDOWS:
+                    self.proc.send_signal(death_sig)
+                else:
+                    os.killpg(self.proc.pid, death_sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._stdout:
+            self._stdout.close()
+        if self._stderr:
+            self._stderr.close()
