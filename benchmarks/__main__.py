@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import time
 from pathlib import Path
@@ -99,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = res
         write_json(name, res, args.results_dir)
         print(f"[bench] {name} done in {res['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    # latest.md shows every benchmark's latest result, so an --only rerun does not drop the others from it.
+    for name in BENCHMARKS:
+        path = args.results_dir / f"{name}.json"
+        if name not in results and path.exists():
+            results[name] = json.loads(path.read_text())
+    results = {name: results[name] for name in BENCHMARKS if name in results}
     info = machine_info()
     md = [f"# Benchmarks ({'quick' if args.quick else 'full'} run, {started})", "",
           f"Machine: {info['cores']} cores, {info['cpu_model']}, Python {info['python']}, torch {info['torch']}, "
           f"{info['platform']}.", "",
           "Load average (1/5/15 min) per benchmark, before -> after: "
-          + "; ".join(f"{n}: {r['machine']['loadavg'][0]:.2f} -> {r['loadavg_after'][0]:.2f}"
+          + "; ".join(f"{n} (run {r['started_utc']}): {r['machine']['loadavg'][0]:.2f} -> {r['loadavg_after'][0]:.2f}"
                       for n, r in results.items()), "",
           "Values: median [min-max] over the runs; ratio = ours / upstream median (lower is better for ours).", "",
           table(results), ""]
