@@ -57,15 +57,23 @@ def compare(api: str, expected: dict[str, Any], actual: dict[str, Any]) -> list[
         return problems
     if "params" not in actual:
         return problems + [f"{api} has no inspectable signature; documented ({_fmt(expected['params'])})"]
+    # Ours may accept more than documented (extra optional parameters, a documented-required one made optional),
+    # never less: every documented name exists, documented positional order holds, nothing new is required.
     exp, act = expected["params"], actual["params"]
-    exp_required = [p[0] for p in exp if not p[2] and p[1] not in _OPTIONAL_KINDS]
-    act_required = [p[0] for p in act if not p[2] and p[1] not in _OPTIONAL_KINDS]
-    if exp_required != act_required:
-        problems.append(f"{api} required parameters {act_required} != documented {exp_required}")
+    named = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY")
+    exp_required = {p[0] for p in exp if not p[2] and p[1] in named}
     act_names = {p[0] for p in act}
-    missing = [p[0] for p in exp if p[2] and p[0] not in act_names]
+    missing = [p[0] for p in exp if p[1] in named and p[0] not in act_names]
     if missing:
-        problems.append(f"{api} lacks documented optional parameter(s) {missing}")
+        problems.append(f"{api} lacks documented parameter(s) {missing}")
+    extra_required = [p[0] for p in act if not p[2] and p[1] in named and p[0] not in exp_required]
+    if extra_required:
+        problems.append(f"{api} requires {extra_required}, not documented as required (documented: {_fmt(exp)})")
+    positional = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD")
+    exp_pos = [p[0] for p in exp if p[1] in positional]
+    act_pos = [p[0] for p in act if p[1] in positional]
+    if [n for n in exp_pos if n in act_pos] != [n for n in act_pos if n in exp_pos] or not set(exp_pos) <= set(act_pos):
+        problems.append(f"{api} positional parameters {act_pos} do not keep the documented order {exp_pos}")
     for var_kind in _OPTIONAL_KINDS:
         if any(p[1] == var_kind.name for p in exp) and not any(p[1] == var_kind.name for p in act):
             problems.append(f"{api} lacks the documented {'*args' if 'POSITIONAL' in var_kind.name else '**kwargs'}")

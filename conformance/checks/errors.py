@@ -55,14 +55,24 @@ def record(ctx) -> None:
     ctx.expect("message" in data, f"error file lacks the documented 'message' key: {list(data)}")
 
 
+def _handler_error_file(ctx, path, marker: str) -> None:
+    """An error file written the documented way: by the implementation's ErrorHandler for a real exception."""
+    handler = ctx.get(f"{M}.ErrorHandler")()
+    with _error_file_env(str(path)):
+        try:
+            raise RuntimeError(marker)
+        except RuntimeError as exc:
+            handler.record_exception(exc)
+
+
 @check(f"{M}.ChildFailedError")
 def child_failed_error(ctx) -> None:
     cfe = ctx.get(f"{M}.ChildFailedError")
     pf = ctx.get(f"{M}.ProcessFailure")
     ctx.expect(issubclass(cfe, Exception), "ChildFailedError is not an Exception")
     early = ctx.tmpdir / "rank3.json"
-    now = int(time.time())
-    _write_error_file(early, "root-cause-from-rank-3", now - 100)
+    _handler_error_file(ctx, early, "root-cause-from-rank-3")
+    time.sleep(1.1)  # error-file timestamps are whole seconds: rank 0's failure must be observed later
     failures = {
         0: pf(local_rank=0, pid=1000, exitcode=-signal.SIGKILL, error_file=str(ctx.tmpdir / "absent.json")),
         3: pf(local_rank=1, pid=1003, exitcode=1, error_file=str(early)),
@@ -116,6 +126,10 @@ def process_failure(ctx) -> None:
     with_file = ctx.tmpdir / "err.json"
     _write_error_file(with_file, "pf-marker-31", 1_600_000_000)
     failed = pf(local_rank=0, pid=1, exitcode=1, error_file=str(with_file))
-    ctx.expect("pf-marker-31" in str(failed.message), f"message read from the error file: {failed.message!r}")
     ctx.expect_equal(failed.timestamp, 1_600_000_000, "timestamp read from the error file")
+    recorded = ctx.tmpdir / "recorded.json"
+    _handler_error_file(ctx, recorded, "pf-marker-32")
+    from_handler = pf(local_rank=0, pid=1, exitcode=1, error_file=str(recorded))
+    ctx.expect("pf-marker-32" in str(from_handler.message),
+               f"message from an ErrorHandler-written error file lacks the exception text: {from_handler.message!r}")
     ctx.expect_equal(failed.signal_name(), "<N/A>", "signal_name() of a non-signal exit")
