@@ -337,6 +337,7 @@ class PContext(abc.ABC):
         self._stdout_tail = TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes)
         self._stderr_tail = TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes)
         self._closed = False
+        self._result: RunProcsResult | None = None  # terminal result, kept so later polls do not re-close
 
     def start(self) -> None:
         if not IS_WINDOWS:
@@ -497,6 +498,8 @@ class MultiprocessContext(PContext):
             self._procs[local_rank] = p
 
     def _poll(self) -> RunProcsResult | None:
+        if self._result is not None:
+            return self._result
         failures: dict[int, ProcessFailure] = {}
         done = 0
         for local_rank, p in self._procs.items():
@@ -515,11 +518,11 @@ class MultiprocessContext(PContext):
         if failures:
             logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(failures))
             self.close()
-            return RunProcsResult(failures=failures, stdouts=self.stdouts, stderrs=self.stderrs)
-        if done == len(self._procs) and self._procs:
-            return RunProcsResult(return_values=dict(self._return_values), stdouts=self.stdouts,
-                                  stderrs=self.stderrs)
-        return None
+            self._result = RunProcsResult(failures=failures, stdouts=self.stdouts, stderrs=self.stderrs)
+        elif done == len(self._procs) and self._procs:
+            self._result = RunProcsResult(return_values=dict(self._return_values), stdouts=self.stdouts,
+                                          stderrs=self.stderrs)
+        return self._result
 
     def _wait_for_exit(self, timeout: float) -> None:
         sentinels = [p.sentinel for p in self._procs.values() if p.exitcode is None]
@@ -583,6 +586,8 @@ class SubprocessContext(PContext):
         self._running_local_ranks = set(self.subprocess_handlers)
 
     def _poll(self) -> RunProcsResult | None:
+        if self._result is not None:
+            return self._result
         done = set()
         for local_rank in self._running_local_ranks:
             handler = self.subprocess_handlers[local_rank]
@@ -599,6 +604,7 @@ class SubprocessContext(PContext):
             result = RunProcsResult(failures=dict(self._failures), stdouts=self.stdouts, stderrs=self.stderrs)
             if not result.is_failed():
                 result.return_values = dict.fromkeys(self.subprocess_handlers)  # binaries return nothing
+            self._result = result
             return result
         return None
 

@@ -1,0 +1,212 @@
+import json
+import os
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from elastic_impl.multiprocessing import (
+    ChildFailedError,
+    DefaultLogsSpecs,
+    ProcessFailure,
+    Std,
+    start_processes,
+)
+from tests.multiprocessing import workers
+from tests.multiprocessing.conftest import descendants_of_us
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _envs(n, run_id="run"):
+    return {i: {"TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": "0"} for i in range(n)}
+
+
+def _start(contexts, *a, **kw):
+    pc = start_processes(*a, **kw)
+    contexts.append(pc)
+    return pc
+
+
+def test_function_entrypoint_returns_values_and_redirects(tmp_path, contexts):
+    specs = DefaultLogsSpecs(log_dir=str(tmp_path), redirects=Std.ALL)
+    pc = _start(contexts, "fn", workers.echo_double, {0: (1,), 1: (5,)}, _envs(2), specs)
+    result = pc.wait()
+    assert not result.is_failed()
+    assert result.return_values == {0: 2, 1: 10}
+    for rank, x in ((0, 1), (1, 5)):
+        out = tmp_path / "run" / "attempt_0" / str(rank) / "stdout.log"
+        err = tmp_path / "run" / "attempt_0" / str(rank) / "stderr.log"
+        assert result.stdouts[rank] == str(out) and out.read_text() == f"out-{x}\n"
+        assert err.read_text() == f"err-{x}\n"
+
+
+def test_env_reaches_function_worker(tmp_path, contexts):
+    envs = _envs(1)
+    envs[0]["MY_VAR"] = "hello"
+    pc = _start(contexts, "fn", workers.env_value, {0: ("MY_VAR",)}, envs, DefaultLogsSpecs(log_dir=str(tmp_path)))
+    assert pc.wait().return_values == {0: "hello"}
+
+
+def test_binary_entrypoint_success_and_tee(tmp_path, contexts, capfd):
+    specs = DefaultLogsSpecs(log_dir=str(tmp_path), tee=Std.OUT)
+    code = "import os; print('bin-' + os.environ['LOCAL_X'])"
+    envs = _envs(2)
+    envs[0]["LOCAL_X"], envs[1]["LOCAL_X"] = "a", "b"
+    pc = _start(contexts, "bin", sys.executable, {0: ("-c", code), 1: ("-c", code)}, envs, specs,
+                log_line_prefixes={0: "[zero]:", 1: "[one]:"})
+    result = pc.wait()
+    assert not result.is_failed()
+    assert result.return_values == {0: None, 1: None}
+    assert (tmp_path / "run" / "attempt_0" / "0" / "stdout.log").read_text() == "bin-a\n"
+    pc.close()  # stops the tailers, which flush what they read
+    out = capfd.readouterr().out
+    assert "[zero]:bin-a" in out and "[one]:bin-b" in out
+
+
+def test_default_tee_prefix_names_rank(tmp_path, contexts, capfd):
+    specs = DefaultLogsSpecs(log_dir=str(tmp_path), tee=Std.ERR)
+    pc = _start(contexts, "trainer", workers.echo_double, {0: (3,)}, _envs(1), specs)
+    assert pc.wait().return_values == {0: 6}
+    pc.close()
+    captured = capfd.readouterr()
+    assert "[trainer0]:err-3" in captured.err
+    # stdout was not teed: the worker inherits our stdout and writes it unprefixed
+    assert "out-3" in captured.out and "[trainer0]:out-3" not in captured.out
+
+def test_raising_worker_writes_error_file_and_stops_others(tmp_path, contexts):
+    specs = DefaultLogsSpecs(log_dir=str(tmp_path), redirects=Std.ERR)
+    pc = _start(contexts, "fn", workers.raise_on, {0: (1, 0), 1: (1, 1)}, _envs(2), specs)
+    result = pc.wait()
+    assert result.is_failed() and set(result.failures) == {1}
+    failure = result.failures[1]
+    data = json.loads(open(failure.error_file).read())
+    assert data["message"]["message"] == "RuntimeError: worker 1 failed on purpose"
+    assert "raise RuntimeError" in data["message"]["extraInfo"]["py_callstack"]
+    assert int(data["message"]["extraInfo"]["timestamp"]) == failure.timestamp
+    assert failure.exitcode == 1 and failure.pid == pc.pids()[1]
+    assert "worker 1 failed on purpose" in failure.message
+    assert any("worker 1 failed on purpose" in line for line in failure.stderr_tail)
+    assert descendants_of_us() & set(pc.pids().values()) == set()  # the healthy worker was stopped too
+
+
+def test_record_decorator_in_binary_worker(tmp_path, contexts):
+    code = textwrap.dedent("""
+        import sys
+        from elastic_impl.multiprocessing.errors import record
+        @record
+        def main():
+            raise KeyError("missing-thing")
+        main()
+    """)
+    envs = _envs(1)
+    envs[0]["PYTHONPATH"] = os.pathsep.join(sys.path)
+    pc = _start(contexts, "bin", sys.executable, {0: ("-c", code)}, envs, DefaultLogsSpecs(log_dir=str(tmp_path)))
+    failure = pc.wait().failures[0]
+    assert failure.error_file_data["message"]["message"] == "KeyError: 'missing-thing'"
+    assert "KeyError" in failure.message
+
+
+def test_sigkilled_worker_names_signal(tmp_path, contexts):
+    pc = _start(contexts, "bin", sys.executable, {0: ("-c", "import time; time.sleep(60)")}, _envs(1),
+                DefaultLogsSpecs(log_dir=str(tmp_path)))
+    assert pc.wait(timeout=0.3, period=0.1) is None  # still running
+    os.kill(pc.pids()[0], signal.SIGKILL)
+    failure = pc.wait(period=30).failures[0]  # event-driven: no need to wait out the period
+    assert failure.exitcode == -signal.SIGKILL
+    assert failure.signal_name() == "SIGKILL"
+    assert "SIGKILL" in failure.message and "OOM killer" in failure.message
+    msg = ChildFailedError("bin", {0: failure}).format_msg()
+    assert "SIGKILL" in msg and "<N/A>" not in msg
+
+
+def test_stderr_tail_without_record(tmp_path, contexts):
+    code = "import sys\nfor i in range(30): print(f'line {i}', file=sys.stderr)\nsys.exit(3)"
+    pc = _start(contexts, "bin", sys.executable, {0: ("-c", code)}, _envs(1),
+                DefaultLogsSpecs(log_dir=str(tmp_path), redirects=Std.ERR))
+    failure = pc.wait().failures[0]
+    assert failure.exitcode == 3
+    assert failure.stderr_tail == [f"line {i}" for i in range(10, 30)]
+    assert "line 29" in failure.message
+    assert "line 29" in ChildFailedError("bin", {0: failure}).format_msg()
+
+
+def test_wait_timeout_returns_none_while_running(tmp_path, contexts):
+    pc = _start(contexts, "fn", workers.sleep_forever, {0: ()}, _envs(1), DefaultLogsSpecs(log_dir=str(tmp_path)))
+    assert pc.wait(timeout=0.5, period=0.1) is None
+    assert pc.wait(0) is None
+    pid = pc.pids()[0]
+    pc.close(timeout=5)
+    assert pid not in descendants_of_us()
+
+
+def test_close_kills_grandchildren_and_sigterm_ignorers(tmp_path, contexts):
+    code = textwrap.dedent("""
+        import os, signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # a grandchild that also ignores SIGTERM, and one that leaves our session (setsid)
+        g1 = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        g2 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        open(sys.argv[1] + ".tmp", "w").write(f"{g1.pid} {g2.pid}")
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(600)
+    """)
+    before = descendants_of_us()
+    pidfiles = [tmp_path / "gc0.pid", tmp_path / "gc1.pid"]
+    pc = _start(contexts, "bin", sys.executable, {r: ("-c", code, str(pidfiles[r])) for r in (0, 1)},
+                _envs(2), DefaultLogsSpecs(log_dir=str(tmp_path)))
+    for _ in range(300):
+        if all(f.exists() for f in pidfiles):
+            break
+        assert pc.wait(timeout=0.1, period=0.1) is None
+    grandchildren = {int(p) for f in pidfiles for p in f.read_text().split()}
+    assert len(descendants_of_us() - before) >= 6  # 2 workers + 4 grandchildren
+    pc.close(timeout=1)
+    assert descendants_of_us() - before == set()
+    for p in grandchildren:
+        assert not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"
+
+
+def test_root_cause_is_earliest_failure(tmp_path):
+    failures = {}
+    for rank, ts in ((0, 300), (1, 100), (2, 200)):
+        f = tmp_path / f"err{rank}.json"
+        f.write_text(json.dumps({"message": {"message": f"E{rank}", "extraInfo": {
+            "py_callstack": f"trace {rank}", "timestamp": str(ts)}}}))
+        failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=1, error_file=str(f))
+    err = ChildFailedError("job", failures)
+    rank, root = err.get_first_failure()
+    assert rank == 1 and root.timestamp == 100 and root.message == "trace 1"
+    msg = err.format_msg()
+    assert msg.index("Root Cause") < msg.index("trace 1")
+    assert "job FAILED" in msg
+
+
+@pytest.mark.parametrize("bad", ["4", "x", "0:1,1", "-1", ""])
+def test_bad_std_string_one_line_error(bad):
+    with pytest.raises(ValueError) as ei:
+        Std.from_str(bad)
+    assert repr(bad) in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_std_from_str_values():
+    assert Std.from_str("3") == Std.ALL
+    assert Std.from_str("0:1,1:2") == {0: Std.OUT, 1: Std.ERR}
+
+
+def test_mismatched_args_envs_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match=r"2 args but 1 envs") as ei:
+        start_processes("x", workers.echo_double, {0: (1,), 1: (2,)}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
+    assert "\n" not in str(ei.value)
+
+
+def test_bad_entrypoint_and_start_method(tmp_path):
+    with pytest.raises(ValueError, match="bad entrypoint 42"):
+        start_processes("x", 42, {0: ()}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
+    with pytest.raises(ValueError, match="bad start_method 'nope'"):
+        start_processes("x", workers.echo_double, {0: (1,)}, _envs(1), DefaultLogsSpecs(str(tmp_path)),
+                        start_method="nope")
+    with pytest.raises(ValueError, match="cannot execute"):
+        start_processes("x", "/nonexistent/binary", {0: ()}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
