@@ -104,6 +104,8 @@ class LogsDest:
     tee_stdouts: dict[int, str] = field(default_factory=dict)
     tee_stderrs: dict[int, str] = field(default_factory=dict)
     error_files: dict[int, str] = field(default_factory=dict)
+    filtered_stdout: str = field(default_factory=str)
+    filtered_stderr: str = field(default_factory=str)
 
 
 class LogsSpecs(abc.ABC):
@@ -333,7 +335,6 @@ class PContext(abc.ABC):
         self.error_files = logs_dest.error_files
         self.nprocs = nprocs
         self.clock = clock
-        self.shutdown_grace_s = DEFAULT_SHUTDOWN_GRACE_S
         self._stdout_tail = TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes)
         self._stderr_tail = TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes)
         self._closed = False
@@ -387,12 +388,10 @@ class PContext(abc.ABC):
     @abc.abstractmethod
     def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None: ...
 
-    def close(self, death_sig: signal.Signals | None = None, timeout: float | None = None) -> None:
+    def close(self, death_sig: signal.Signals | None = None, timeout: int = 30) -> None:
         """Stop every worker and all their descendants: ``death_sig`` (SIGTERM) then SIGKILL after ``timeout``."""
         if not death_sig:
             death_sig = signal.SIGTERM
-        if timeout is None:
-            timeout = self.shutdown_grace_s
         self._close(death_sig=death_sig, timeout=timeout)
         if not self._closed:
             self._closed = True
@@ -466,11 +465,15 @@ class MultiprocessContext(PContext):
         start_method: str,
         logs_specs: LogsSpecs,
         log_line_prefixes: dict[int, str] | None = None,
+        numa_options: Any | None = None,
+        duplicate_stdout_filters: list[str] | None = None,
+        duplicate_stderr_filters: list[str] | None = None,
         clock: Clock = REAL_CLOCK,
     ):
         allowed = mp.get_all_start_methods()
         if start_method not in allowed:
             raise ValueError(f"bad start_method {start_method!r}: expected one of {allowed}")
+        _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
         super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock)
         self.start_method = start_method
         self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{name}_")
@@ -554,8 +557,12 @@ class SubprocessContext(PContext):
         envs: dict[int, dict[str, str]],
         logs_specs: LogsSpecs,
         log_line_prefixes: dict[int, str] | None = None,
+        numa_options: Any | None = None,
+        duplicate_stdout_filters: list[str] | None = None,
+        duplicate_stderr_filters: list[str] | None = None,
         clock: Clock = REAL_CLOCK,
     ):
+        _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
         super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock)
         self._running_local_ranks: set[int] = set(range(self.nprocs))
         self._failures: dict[int, ProcessFailure] = {}
@@ -637,6 +644,15 @@ class SubprocessContext(PContext):
         self._pidfds.clear()
 
 
+def _check_unsupported(numa_options: Any, stdout_filters: Any, stderr_filters: Any) -> None:
+    # Not implemented yet: say so plainly rather than silently ignoring the request.
+    if numa_options is not None:
+        raise ValueError(f"bad numa_options {numa_options!r}: NUMA binding is not supported by elastic_impl; pass None")
+    if stdout_filters or stderr_filters:
+        raise ValueError(f"bad duplicate_*_filters {stdout_filters or stderr_filters!r}: line filters are not "
+                         "supported by elastic_impl yet; pass None")
+
+
 def start_processes(
     name: str,
     entrypoint: Union[Callable, str],
@@ -645,6 +661,9 @@ def start_processes(
     logs_specs: LogsSpecs,
     log_line_prefixes: dict[int, str] | None = None,
     start_method: str = "spawn",
+    numa_options: Any | None = None,
+    duplicate_stdout_filters: list[str] | None = None,
+    duplicate_stderr_filters: list[str] | None = None,
 ) -> PContext:
     """Start one worker per local rank running ``entrypoint(*args[rank])`` with ``envs[rank]``; returns the PContext.
 
@@ -659,6 +678,7 @@ def start_processes(
         raise ValueError(f"bad local ranks {sorted(args)}: expected 0..{len(args) - 1}")
     if not isinstance(logs_specs, LogsSpecs):
         raise ValueError(f"bad logs_specs {logs_specs!r}: expected a LogsSpecs (e.g. DefaultLogsSpecs())")
+    _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
     context: PContext
     if isinstance(entrypoint, str):
         if not entrypoint:

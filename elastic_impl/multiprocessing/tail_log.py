@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import TextIO
 
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
@@ -22,6 +23,7 @@ class TailLog:
         dst: TextIO,
         log_line_prefixes: dict[int, str] | None = None,
         interval_sec: float = 0.1,
+        log_line_filter: Callable[[str], bool] = lambda _: True,
         clock: Clock = REAL_CLOCK,
     ):
         self._name = name
@@ -29,6 +31,7 @@ class TailLog:
         self._dst = dst
         self._prefixes = {r: (log_line_prefixes or {}).get(r, f"[{name}{r}]:") for r in self._log_files}
         self._interval = interval_sec
+        self._line_filter = log_line_filter
         self._clock = clock
         self._stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -58,7 +61,8 @@ class TailLog:
                         partial += chunk
                         *lines, partial = partial.split("\n")
                         for line in lines:
-                            self._dst.write(f"{prefix}{line}\n")
+                            if self._line_filter(line):
+                                self._dst.write(f"{prefix}{line}\n")
                         self._dst.flush()
                         continue
                     if self._stop_event.is_set():

@@ -8,8 +8,8 @@ def get_subprocess_handler(
     entrypoint: str,
     args: tuple,
     env: dict[str, str],
-    stdout: str,
-    stderr: str,
+    stdout: str | None,
+    stderr: str | None,
     local_rank_id: int,
     numa_options: object | None = None,
 ) -> SubprocessHandler:
