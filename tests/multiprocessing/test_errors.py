@@ -1,0 +1,73 @@
+import json
+import signal
+
+import pytest
+
+from elastic_impl.multiprocessing import DefaultLogsSpecs, Std, to_map
+from elastic_impl.multiprocessing.errors import ChildFailedError, ErrorHandler, ProcessFailure, record
+
+
+def test_record_writes_upstream_format(tmp_path, monkeypatch):
+    err = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(err))
+
+    @record
+    def main():
+        raise ZeroDivisionError("nope")
+
+    with pytest.raises(ZeroDivisionError):
+        main()
+    data = json.loads(err.read_text())
+    assert data["message"]["message"] == "ZeroDivisionError: nope"
+    assert "ZeroDivisionError" in data["message"]["extraInfo"]["py_callstack"]
+    assert data["message"]["extraInfo"]["timestamp"].isdigit()
+
+
+def test_record_clean_sys_exit_writes_nothing(tmp_path, monkeypatch):
+    err = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(err))
+
+    @record
+    def main():
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        main()
+    assert not err.exists()
+
+
+def test_dump_error_file_overrides_error_code(tmp_path, monkeypatch):
+    child = tmp_path / "child.json"
+    child.write_text(json.dumps({"message": {"message": "E", "extraInfo": {"timestamp": "5"}}}))
+    mine = tmp_path / "mine.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(mine))
+    ErrorHandler().dump_error_file(str(child), error_code=7)
+    assert json.loads(mine.read_text())["message"]["errorCode"] == 7
+
+
+@pytest.mark.parametrize(("sig", "words"), [(signal.SIGSEGV, "native code"), (signal.SIGTERM, "terminated"),
+                                             (signal.SIGINT, "interrupted")])
+def test_signal_messages_name_cause(sig, words):
+    f = ProcessFailure(local_rank=0, pid=42, exitcode=-sig, error_file="")
+    assert f.signal_name() == sig.name and sig.name in f.message and words in f.message
+
+
+def test_child_failed_error_needs_failures():
+    with pytest.raises(ValueError, match="empty"):
+        ChildFailedError("x", {})
+
+
+def test_to_map_and_devnull_logs(tmp_path):
+    assert to_map(Std.OUT, 2) == {0: Std.OUT, 1: Std.OUT}
+    assert to_map({1: Std.ERR}, 2) == {0: Std.NONE, 1: Std.ERR}
+    dest = DefaultLogsSpecs(log_dir=str(tmp_path), redirects={0: Std.OUT}, tee={1: Std.ERR},
+                            local_ranks_filter={1}).reify({0: {}, 1: {}})
+    assert set(dest.stdouts) == {0} and set(dest.stderrs) == {1} and set(dest.tee_stderrs) == {1}
+    assert dest.error_files[0].endswith("/none/attempt_0/0/error.json")
+
+
+def test_bad_log_dir_is_one_line_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="bad log_dir"):
+        DefaultLogsSpecs(log_dir=str(f))
