@@ -251,6 +251,16 @@ def _proc_table() -> dict[int, tuple[int, int]]:
     return table
 
 
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def _group_members(roots: set[int]) -> set[int]:
     """Live descendants of ``roots`` plus every process in their sessions (which catches re-parented orphans)."""
     table = _proc_table()
@@ -338,6 +348,7 @@ class PContext(abc.ABC):
         self._stdout_tail = TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes)
         self._stderr_tail = TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes)
         self._closed = False
+        self._seen: dict[int, str] = {}  # pid -> /proc start time of every group member observed
         self._result: RunProcsResult | None = None  # terminal result, kept so later polls do not re-close
 
     def start(self) -> None:
@@ -367,6 +378,8 @@ class PContext(abc.ABC):
 
     def wait(self, timeout: float = -1, period: float = 1) -> RunProcsResult | None:
         """Result once all workers finished or one failed; None if still running after ``timeout`` (-1: forever)."""
+        if IS_LINUX and self._result is None:
+            self._remember_members()
         if timeout == 0:
             return self._poll()
         if timeout < 0:
@@ -398,8 +411,21 @@ class PContext(abc.ABC):
             self._stdout_tail.stop()
             self._stderr_tail.stop()
 
+    def _remember_members(self) -> None:
+        """Note every process in the group (with its start time) so one that later leaves the tree is still found."""
+        roots = set(self.pids().values())
+        for p in _group_members(roots) - set(self._seen):
+            start = _start_time(p)
+            if start is not None:
+                self._seen[p] = start
+
+    def _still_ours(self) -> set[int]:
+        # The start time guards against killing an unrelated process that reused a remembered pid.
+        return {p for p, start in self._seen.items() if _start_time(p) == start}
+
     def _kill_tree(self, roots: set[int], death_sig: int, timeout: float) -> None:
-        members = _group_members(roots)
+        self._remember_members()
+        members = _group_members(roots) | self._still_ours()
         _signal_all(roots, members, death_sig)
         deadline = self.clock.monotonic() + timeout
         while True:
