@@ -210,3 +210,30 @@ def test_bad_entrypoint_and_start_method(tmp_path):
                         start_method="nope")
     with pytest.raises(ValueError, match="cannot execute"):
         start_processes("x", "/nonexistent/binary", {0: ()}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
+
+
+def test_close_kills_grandchild_that_outlived_its_worker(tmp_path, contexts):
+    pidfile = tmp_path / "gc.pid"
+    code = textwrap.dedent("""
+        import os, subprocess, sys, time
+        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        open(sys.argv[1] + ".tmp", "w").write(str(g.pid))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(float(sys.argv[2]))
+    """)
+    pc = _start(contexts, "bin", sys.executable, {0: ("-c", code, str(pidfile), "0.5"),
+                                                  1: ("-c", "import time; time.sleep(600)")},
+                _envs(2), DefaultLogsSpecs(log_dir=str(tmp_path)))
+    for _ in range(300):
+        if pidfile.exists():
+            break
+        assert pc.wait(timeout=0.1, period=0.1) is None
+    grandchild = int(pidfile.read_text())
+    assert pc.wait(timeout=0.1, period=0.1) is None  # sees the grandchild while its worker lives
+    for _ in range(100):  # worker 0 exits cleanly; its grandchild lives on in its own session
+        if pc.subprocess_handlers[0].proc.poll() is not None:
+            break
+        pc.wait(timeout=0.05, period=0.05)
+    assert os.path.exists(f"/proc/{grandchild}")
+    pc.close(timeout=2)
+    assert not os.path.exists(f"/proc/{grandchild}") or open(f"/proc/{grandchild}/stat").read().split(") ")[1][0] == "Z"
