@@ -237,3 +237,36 @@ def test_close_kills_grandchild_that_outlived_its_worker(tmp_path, contexts):
     assert os.path.exists(f"/proc/{grandchild}")
     pc.close(timeout=2)
     assert not os.path.exists(f"/proc/{grandchild}") or open(f"/proc/{grandchild}/stat").read().split(") ")[1][0] == "Z"
+
+
+class _NoSleepClock:
+    """Real time, but sleeping is an error: wait() must block on exit events, not poll with sleep."""
+
+    def __init__(self):
+        from elastic_impl.utils.clock import REAL_CLOCK
+
+        self._real = REAL_CLOCK
+
+    def monotonic(self):
+        return self._real.monotonic()
+
+    def time(self):
+        return self._real.time()
+
+    def sleep(self, seconds):
+        raise AssertionError(f"wait() fell back to polling sleep({seconds})")
+
+    def wait(self, event, timeout):
+        return self._real.wait(event, timeout)
+
+
+@pytest.mark.parametrize("kind", ["function", "binary"])
+def test_wait_is_event_driven(tmp_path, contexts, kind):
+    if kind == "function":
+        pc = _start(contexts, "fn", workers.echo_double, {0: (2,)}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
+    else:
+        pc = _start(contexts, "bin", sys.executable, {0: ("-c", "import time; time.sleep(0.3)")}, _envs(1),
+                    DefaultLogsSpecs(str(tmp_path)))
+    pc.clock = _NoSleepClock()
+    result = pc.wait(timeout=30, period=30)
+    assert result is not None and not result.is_failed()
