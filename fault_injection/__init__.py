@@ -1,0 +1,1 @@
+"""The nemesis: faults with inject + heal (processes, network proxy, store, timers, clock)."""
