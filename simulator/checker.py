@@ -1,0 +1,340 @@
+"""Invariants over a :class:`~simulator.history.History`.
+
+Each invariant is a function ``(history, scenario) -> list[Violation]``; :func:`check` runs them all. They read only
+the history records (see :mod:`simulator.history` for field meanings), so live and virtual runs are checked alike.
+
+Invariants (names are what ``Violation.invariant`` and ``expect.violations`` use):
+
+- ``ranks_unique``: in each round, node ranks (``rdzv_complete``) are unique and in ``0..world_size-1``; where the
+  participant list is recorded it has ``world_size`` entries and names each node at its rank (so the ranks are
+  contiguous); global worker ranks (``worker_start``) are unique per round and in ``0..world_size-1``.
+- ``membership_agreement``: every node that completed a round saw the same world size and participants.
+- ``world_size_bounds``: a round has between ``min_nodes`` and ``max_nodes`` NODES; workers started in it see
+  ``nodes_in_round * workers_per_node`` as their world size.
+- ``rounds_monotonic``: each node completes strictly increasing rounds.
+- ``failure_handled``: every ``worker_failed`` is followed on that node, within the failure bound, by a ``restart``,
+  a new ``rdzv_join``, the agent's exit, or the job's end; every killed agent's surviving peers react (``restart``,
+  ``rdzv_join`` or the job's end) within the detection bound.
+- ``restart_budget``: no node restarts its workers for failures (``restart`` without ``detail.reason ==
+  "membership"``) more than ``max_restarts`` times.
+- ``no_orphans``: every ``orphan_check`` found no leftover process.
+- ``liveness``: the job reached exactly one outcome and it is the expected one (``expect.outcome``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import history as h
+from .history import Event, History
+from .scenario import Scenario
+
+# Slack on top of protocol bounds: scheduling noise (live) and store latency (virtual).
+BOUND_SLACK = 2.0
+
+
+@dataclass
+class Violation:
+    invariant: str
+    message: str
+    events: list[Event] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "message": self.message, "events": [e.to_dict() for e in self.events]}
+
+
+@dataclass
+class CheckResult:
+    violations: list[Violation]
+    invariants: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def violated(self) -> list[str]:
+        """Names of the violated invariants, in check order, without repeats."""
+        seen: dict[str, None] = {}
+        for v in self.violations:
+            seen.setdefault(v.invariant, None)
+        return list(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "invariants": self.invariants,
+            "violations": [v.to_dict() for v in self.violations],
+            "stats": self.stats,
+        }
+
+
+def failure_bound(scenario: Scenario) -> float:
+    """Seconds within which a failed worker must lead to a restart or the job's end."""
+    extra = scenario.expect.extra.get("failure_bound")
+    if isinstance(extra, (int, float)):
+        return float(extra)
+    t = scenario.timeouts
+    return 2 * t.monitor + t.close + BOUND_SLACK
+
+
+def detection_bound(scenario: Scenario) -> float:
+    """Seconds within which survivors must react to a dead peer: the heartbeat expiry plus one beat, a monitor
+    tick and a poll."""
+    extra = scenario.expect.extra.get("detection_bound")
+    if isinstance(extra, (int, float)):
+        return float(extra)
+    t = scenario.timeouts
+    return t.heartbeat * (t.keep_alive_max_attempt + 2) + 2 * t.monitor + BOUND_SLACK
+
+
+def _by_round(events: list[Event]) -> dict[int, list[Event]]:
+    rounds: dict[int, list[Event]] = defaultdict(list)
+    for e in events:
+        if e.round is not None:
+            rounds[e.round].append(e)
+    return rounds
+
+
+def ranks_unique(history: History, scenario: Scenario) -> list[Violation]:
+    out = []
+    for rnd, events in sorted(_by_round(history.filter(h.RDZV_COMPLETE)).items()):
+        holders: dict[int, Event] = {}
+        for e in events:
+            ws = e.world_size
+            if e.rank is None or ws is None or not 0 <= e.rank < ws:
+                out.append(Violation("ranks_unique", f"round {rnd}: {e.node} got rank {e.rank} of world size {ws}", [e]))
+                continue
+            other = holders.get(e.rank)
+            if other is not None and other.node != e.node:
+                out.append(Violation("ranks_unique", f"round {rnd}: rank {e.rank} given to both {other.node} and {e.node}", [other, e]))
+            holders.setdefault(e.rank, e)
+            participants = e.detail.get("participants")
+            if isinstance(participants, list) and participants:
+                if len(participants) != ws:
+                    out.append(Violation(
+                        "ranks_unique", f"round {rnd}: {e.node} saw {len(participants)} participants but world size {ws}", [e]))
+                elif participants[e.rank] != e.node:
+                    out.append(Violation(
+                        "ranks_unique",
+                        f"round {rnd}: {e.node} has rank {e.rank} but the participant list puts {participants[e.rank]} there",
+                        [e]))
+    for rnd, events in sorted(_by_round(history.filter(h.WORKER_START)).items()):
+        holders_w: dict[int, Event] = {}
+        for e in events:
+            ws = e.world_size
+            if e.rank is None or ws is None or not 0 <= e.rank < ws:
+                out.append(Violation("ranks_unique", f"round {rnd}: a worker of {e.node} got global rank {e.rank} of {ws}", [e]))
+                continue
+            other = holders_w.get(e.rank)
+            if other is not None and (other.node, other.detail.get("local_rank")) != (e.node, e.detail.get("local_rank")):
+                out.append(Violation(
+                    "ranks_unique", f"round {rnd}: global rank {e.rank} started by both {other.node} and {e.node}", [other, e]))
+            holders_w.setdefault(e.rank, e)
+    return out
+
+
+def membership_agreement(history: History, scenario: Scenario) -> list[Violation]:
+    out = []
+    for rnd, events in sorted(_by_round(history.filter(h.RDZV_COMPLETE)).items()):
+        first = events[0]
+        for e in events[1:]:
+            if e.world_size != first.world_size:
+                out.append(Violation(
+                    "membership_agreement",
+                    f"round {rnd}: {first.node} saw world size {first.world_size}, {e.node} saw {e.world_size}",
+                    [first, e]))
+                break
+            p1, p2 = first.detail.get("participants"), e.detail.get("participants")
+            if p1 is not None and p2 is not None and list(p1) != list(p2):
+                out.append(Violation(
+                    "membership_agreement", f"round {rnd}: {first.node} saw participants {p1}, {e.node} saw {p2}", [first, e]))
+                break
+    return out
+
+
+def world_size_bounds(history: History, scenario: Scenario) -> list[Violation]:
+    out = []
+    lo, hi, wpn = scenario.min_nodes, scenario.max_nodes, scenario.workers_per_node
+    node_ws: dict[int, int] = {}
+    for e in history.filter(h.RDZV_COMPLETE):
+        if e.world_size is None or not lo <= e.world_size <= hi:
+            out.append(Violation(
+                "world_size_bounds", f"round {e.round}: {e.node} completed with {e.world_size} nodes, outside [{lo}, {hi}]", [e]))
+        elif e.round is not None:
+            node_ws.setdefault(e.round, e.world_size)
+    for e in history.filter(h.WORKER_START):
+        expected = node_ws.get(e.round) if e.round is not None else None
+        if e.world_size is None or not lo * wpn <= e.world_size <= hi * wpn:
+            out.append(Violation(
+                "world_size_bounds",
+                f"round {e.round}: a worker of {e.node} started with world size {e.world_size}, outside [{lo * wpn}, {hi * wpn}]",
+                [e]))
+        elif expected is not None and e.world_size != expected * wpn:
+            out.append(Violation(
+                "world_size_bounds",
+                f"round {e.round}: a worker of {e.node} has world size {e.world_size}, expected {expected} nodes x {wpn}",
+                [e]))
+    return out
+
+
+def rounds_monotonic(history: History, scenario: Scenario) -> list[Violation]:
+    out = []
+    last: dict[str, Event] = {}
+    for e in history.filter(h.RDZV_COMPLETE):
+        prev = last.get(e.node)
+        if prev is not None and e.round is not None and prev.round is not None and e.round <= prev.round:
+            out.append(Violation("rounds_monotonic", f"{e.node} completed round {e.round} after round {prev.round}", [prev, e]))
+        last[e.node] = e
+    return out
+
+
+_JOB_END = (h.JOB_SUCCEEDED, h.JOB_FAILED)
+
+
+def failure_handled(history: History, scenario: Scenario) -> list[Violation]:
+    out = []
+    events = history.sorted().events
+    bound = failure_bound(scenario)
+    for i, e in enumerate(events):
+        if e.event != h.WORKER_FAILED:
+            continue
+        handled = any(
+            later.t - e.t <= bound
+            and (later.event in _JOB_END or (later.node == e.node and later.event in (h.RESTART, h.RDZV_JOIN, h.AGENT_EXIT)))
+            for later in events[i + 1:]
+        )
+        if not handled and not _ended_before(events, e.t + bound):
+            # A failure in the last moments of a run that ended for other reasons is not a violation of the bound.
+            continue
+        if not handled:
+            out.append(Violation(
+                "failure_handled", f"worker failure on {e.node} at t={e.t:.3f} not followed by a restart or job end within {bound:g} s", [e]))
+    dbound = detection_bound(scenario)
+    for i, e in enumerate(events):
+        if e.event != h.FAULT_START or e.detail.get("fault") != "kill_agent":
+            continue
+        victim = e.detail.get("target") or (f"node{e.detail['node']}" if isinstance(e.detail.get("node"), int) else None)
+        peers = _running_peers(events[:i], victim)
+        for peer in peers:
+            reacted = any(
+                later.t - e.t <= dbound
+                and (later.event in _JOB_END or (later.node == peer and later.event in (h.RESTART, h.RDZV_JOIN, h.AGENT_EXIT)))
+                for later in events[i + 1:]
+            )
+            if not reacted and _ended_before(events, e.t + dbound):
+                out.append(Violation(
+                    "failure_handled",
+                    f"{peer} did not react within {dbound:g} s to the loss of {victim} at t={e.t:.3f}",
+                    [e]))
+    return out
+
+
+def _ended_before(events: list[Event], t: float) -> bool:
+    """Whether the history runs at least to ``t`` (so absence of a reaction before ``t`` is meaningful)."""
+    return bool(events) and events[-1].t >= t
+
+
+def _running_peers(before: list[Event], victim: str | None) -> list[str]:
+    """Nodes other than ``victim`` that completed the victim's latest round and have not exited since."""
+    last_round: dict[str, int] = {}
+    exited: set[str] = set()
+    for e in before:
+        if e.event == h.RDZV_COMPLETE and e.round is not None:
+            last_round[e.node] = e.round
+            exited.discard(e.node)
+        elif e.event == h.AGENT_EXIT:
+            exited.add(e.node)
+    if victim is None or victim not in last_round:
+        return []
+    rnd = last_round[victim]
+    return sorted(n for n, r in last_round.items() if n != victim and r == rnd and n not in exited)
+
+
+def restart_budget(history: History, scenario: Scenario) -> list[Violation]:
+    counts: dict[str, list[Event]] = defaultdict(list)
+    for e in history.filter(h.RESTART):
+        if e.detail.get("reason") != "membership":
+            counts[e.node].append(e)
+    return [
+        Violation("restart_budget", f"{node} restarted its workers {len(evs)} times, max_restarts is {scenario.max_restarts}",
+                  evs[scenario.max_restarts:])
+        for node, evs in sorted(counts.items())
+        if len(evs) > scenario.max_restarts
+    ]
+
+
+def no_orphans(history: History, scenario: Scenario) -> list[Violation]:
+    return [
+        Violation("no_orphans", f"{e.node}: orphan processes left at t={e.t:.3f}: {e.detail.get('orphans')}", [e])
+        for e in history.filter(h.ORPHAN_CHECK)
+        if e.detail.get("orphans")
+    ]
+
+
+def liveness(history: History, scenario: Scenario) -> list[Violation]:
+    ends = history.filter(_JOB_END)
+    succeeded = [e for e in ends if e.event == h.JOB_SUCCEEDED]
+    failed = [e for e in ends if e.event == h.JOB_FAILED]
+    if succeeded and failed:
+        return [Violation("liveness", "the job both succeeded and failed", [succeeded[0], failed[0]])]
+    expected = scenario.expect.outcome
+    if not ends:
+        if expected is None and not scenario.faults:
+            expected = "succeeded"
+        if expected is None:
+            return []
+        last = history.events[-1].t if len(history) else 0.0
+        return [Violation("liveness", f"the job reached no outcome by t={last:.3f} (expected {expected})", [])]
+    got = "succeeded" if succeeded else "failed"
+    if expected is not None and got != expected:
+        reason = ends[0].detail.get("reason")
+        why = f" ({reason})" if reason else ""
+        return [Violation("liveness", f"the job {got}{why}, expected {expected}", [ends[0]])]
+    return []
+
+
+INVARIANTS: dict[str, Callable[[History, Scenario], list[Violation]]] = {
+    "ranks_unique": ranks_unique,
+    "membership_agreement": membership_agreement,
+    "world_size_bounds": world_size_bounds,
+    "rounds_monotonic": rounds_monotonic,
+    "failure_handled": failure_handled,
+    "restart_budget": restart_budget,
+    "no_orphans": no_orphans,
+    "liveness": liveness,
+}
+
+
+def stats(history: History) -> dict[str, Any]:
+    rounds = {e.round for e in history.filter(h.RDZV_COMPLETE) if e.round is not None}
+    ends = history.filter(_JOB_END)
+    return {
+        "events": len(history),
+        "rounds": len(rounds),
+        "last_round": max(rounds) if rounds else None,
+        "restarts": len(history.filter(h.RESTART)),
+        "worker_failures": len(history.filter(h.WORKER_FAILED)),
+        "faults": len(history.filter(h.FAULT_START)),
+        "outcome": ("succeeded" if ends[0].event == h.JOB_SUCCEEDED else "failed") if ends else None,
+        "end_t": round(history.events[-1].t, 6) if len(history) else 0.0,
+    }
+
+
+def check(history: History, scenario: Scenario, only: list[str] | None = None) -> CheckResult:
+    """Run every invariant (or the ``only`` ones) over ``history``."""
+    names = list(INVARIANTS) if only is None else only
+    unknown = [n for n in names if n not in INVARIANTS]
+    if unknown:
+        raise ValueError(f"unknown invariant {unknown[0]!r}; known: {', '.join(INVARIANTS)}")
+    violations: list[Violation] = []
+    for name in names:
+        violations.extend(INVARIANTS[name](history, scenario))
+    return CheckResult(violations, names, stats(history))
