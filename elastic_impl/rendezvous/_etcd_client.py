@@ -1,0 +1,185 @@
+"""What the etcd modules share: parsing connection options, a v2 client with a bounded connect time, error text.
+
+Why a python-etcd subclass: python-etcd applies one number as both the connect and the read timeout and lets
+urllib3 retry a failed connection three times, so an unreachable endpoint could take ``4 x read_timeout`` (4 min
+with the 60 s default) to report. Here connecting is bounded by ``connect_timeout`` (default 5 s) and never
+retried, while reads keep ``read_timeout``; an unreachable endpoint fails within seconds, naming host:port.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import etcd
+import urllib3
+
+from .api import RendezvousConnectionError, RendezvousParameters
+from .utils import parse_rendezvous_endpoint
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_PORT",
+    "BoundedEtcdClient",
+    "EtcdConnectionOptions",
+    "connection_options",
+    "is_unreachable",
+    "one_line",
+]
+
+DEFAULT_PORT = 2379
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+def one_line(exc: BaseException) -> str:
+    """A short one-line reason for ``exc``: the root network cause when there is one (e.g. "connection refused")."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        inner = getattr(exc, "cause", None) or getattr(exc, "reason", None)
+        if isinstance(inner, BaseException) and inner is not exc:
+            exc = inner
+            continue
+        break
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        text = str(exc)
+        marker = "Failed to establish a new connection: "
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    if isinstance(exc, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError, TimeoutError,
+                        socket.timeout)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means etcd could not be talked to (as opposed to a protocol answer like "key not found")."""
+    if isinstance(exc, etcd.EtcdWatchTimedOut):
+        return False
+    return isinstance(
+        exc,
+        (etcd.EtcdConnectionFailed, urllib3.exceptions.HTTPError, socket.error, TimeoutError, ConnectionError),
+    ) or (type(exc) is etcd.EtcdException)
+
+
+class BoundedEtcdClient(etcd.Client):
+    """A python-etcd v2 client whose connects are bounded by ``connect_timeout`` and never retried."""
+
+    def __init__(self, host: str, port: int, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> None:
+        self._connect_timeout = float(connect_timeout)
+        kwargs.setdefault("allow_reconnect", False)
+        super().__init__(host=host, port=port, read_timeout=read_timeout, **kwargs)
+        # urllib3 would otherwise retry a refused/timed-out connection 3 times before python-etcd sees it.
+        self.http.connection_pool_kw["retries"] = urllib3.Retry(total=None, connect=0, read=0, status=0, redirect=5)
+
+    @property
+    def read_timeout(self):  # type: ignore[override]
+        return self.timeout_for(self._read_timeout)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def timeout_for(self, read_seconds: float | None) -> urllib3.Timeout:
+        """A urllib3 timeout reading for ``read_seconds`` (None: forever, e.g. a long watch) with a bounded connect."""
+        connect = self._connect_timeout if read_seconds is None else min(self._connect_timeout, max(read_seconds, 0.001))
+        return urllib3.Timeout(connect=connect, read=read_seconds)
+
+
+def client_endpoint(client) -> str:
+    """``host:port`` of any python-etcd client (for messages)."""
+    try:
+        return f"{client.host}:{client.port}"
+    except Exception:  # noqa: BLE001
+        return repr(client)
+
+
+class EtcdConnectionOptions:
+    """Validated connection options of an etcd endpoint (see :func:`connection_options`)."""
+
+    def __init__(self, host: str, port: int, protocol: str, read_timeout: float, connect_timeout: float,
+                 cert: Any, ca_cert: str | None) -> None:
+        self.host = host
+        self.port = port
+        self.protocol = protocol
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.cert = cert
+        self.ca_cert = ca_cert
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.protocol}://{host}:{self.port}"
+
+    def v2_client(self) -> BoundedEtcdClient:
+        try:
+            return BoundedEtcdClient(
+                self.host, self.port, read_timeout=self.read_timeout, connect_timeout=self.connect_timeout,
+                protocol=self.protocol, cert=self.cert, ca_cert=self.ca_cert,
+            )
+        except etcd.EtcdException as e:
+            raise RendezvousConnectionError(f"cannot reach etcd at {self.endpoint}: {one_line(e)}") from None
+
+
+def _positive_seconds(params: RendezvousParameters, key: str, default: float) -> float:
+    value = params.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise ValueError(f"rendezvous option {key}={value!r} must be a positive number of seconds")
+    return seconds
+
+
+def connection_options(params: RendezvousParameters, *, cert_keys: tuple[str, str, str] = ("ssl_cert", "ssl_cert_key", "ca_cert")
+                       ) -> EtcdConnectionOptions:
+    """Parse endpoint, ``protocol`` (http/https), ``read_timeout``, ``connect_timeout`` and TLS files from params.
+
+    ``cert_keys`` names the (client cert, client key, CA cert) options: the dynamic backends use upstream's
+    ``ssl_cert``/``ssl_cert_key``/``ca_cert``, the legacy handler ``cert``/``key``/``cacert``.
+    """
+    host, port = parse_rendezvous_endpoint(params.endpoint, DEFAULT_PORT)
+    if "/" in host or " " in host:
+        raise ValueError(f"rendezvous endpoint {params.endpoint!r} is not host[:port] (no scheme or path)")
+    raw_protocol = params.get("protocol", "http")
+    protocol = str(raw_protocol if raw_protocol is not None else "http").strip().lower()
+    if protocol not in ("http", "https"):
+        raise ValueError(f"rendezvous option protocol={raw_protocol!r} is invalid; allowed: http, https")
+    read_timeout = _positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    connect_timeout = _positive_seconds(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    cert_key, key_key, ca_key = cert_keys
+    cert = params.get(cert_key)
+    key = params.get(key_key)
+    ca_cert = params.get(ca_key)
+    if protocol == "http" and (cert or ca_cert):
+        raise ValueError(f"rendezvous options {cert_key}/{ca_key} need protocol=https, got protocol={raw_protocol!r}")
+    if cert and key:
+        cert = (cert, key)
+    return EtcdConnectionOptions(host, port, protocol, read_timeout, connect_timeout, cert or None, ca_cert or None)
+
+
+class _DropReportedFailures(logging.Filter):
+    """python-etcd logs every failed request at ERROR with the full urllib3 repr; we raise a one-line error for
+    the same failure, so that log line is only noise (kept at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(("Request to server", "Failed to get list of machines")):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("etcd.client").addFilter(_DropReportedFailures())

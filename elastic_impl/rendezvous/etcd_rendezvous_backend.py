@@ -1,0 +1,144 @@
+"""The ``etcd-v2`` rendezvous backend: the dynamic rendezvous state in one etcd v2 key.
+
+The state blob is stored base64-encoded (v2 values are text) under ``<key_prefix>/<run_id>`` with a TTL that every
+write renews (two hours by default, so an abandoned run's state disappears by itself). Compare-and-set uses the
+key's ``modifiedIndex`` as the token: a write carries ``prevIndex=<token>`` (or ``prevExist=false`` for the first
+one), so it lands only if nobody wrote in between.
+
+etcd 3.4/3.5 serve the v2 API only when started with ``--enable-v2=true``; etcd 3.6 removed it — use
+``etcd-v3`` (:mod:`elastic_impl.rendezvous.etcd_v3_rendezvous_backend`) there.
+"""
+
+from __future__ import annotations
+
+import binascii
+from base64 import b64decode, b64encode
+from typing import Any
+
+import etcd
+
+from ._backend import RendezvousBackend
+from ._etcd_client import client_endpoint, connection_options, is_unreachable, one_line
+from .api import (
+    RendezvousConnectionError,
+    RendezvousHandler,
+    RendezvousParameters,
+    RendezvousStateError,
+    rendezvous_handler_registry,
+)
+from .etcd_store import EtcdStore
+
+__all__ = ["EtcdRendezvousBackend", "create_backend"]
+
+KEY_PREFIX = "/torch/elastic/rendezvous"
+STORE_PREFIX = "/torch/elastic/store"
+
+
+class EtcdRendezvousBackend(RendezvousBackend):
+    """Rendezvous state of run ``run_id`` in etcd (v2 API) through ``client`` (a python-etcd ``etcd.Client``).
+
+    ``key_prefix``: etcd directory holding the state key (default: the root); ``ttl``: seconds the state survives
+    without a write (default 7200).
+    """
+
+    _DEFAULT_TTL = 7200
+
+    def __init__(self, client, run_id: str, key_prefix: str | None = None, ttl: int | None = None) -> None:
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"rendezvous run_id must be a non-empty string, got {run_id!r}")
+        if "/" in run_id:
+            raise ValueError(f"rendezvous run_id {run_id!r} must not contain '/' (it is an etcd key name)")
+        self._client = client
+        prefix = (key_prefix or "").rstrip("/")
+        if prefix and not prefix.startswith("/"):
+            prefix = "/" + prefix
+        self._key = f"{prefix}/{run_id}"
+        self._ttl = int(ttl) if ttl and ttl > 0 else self._DEFAULT_TTL
+        self._where = client_endpoint(client)
+
+    @property
+    def name(self) -> str:
+        return "etcd-v2"
+
+    @property
+    def key(self) -> str:
+        """The etcd key holding the state."""
+        return self._key
+
+    def _failed(self, e: BaseException) -> RendezvousConnectionError:
+        return RendezvousConnectionError(f"etcd at {self._where} failed on key {self._key}: {one_line(e)}")
+
+    def _decode(self, node) -> tuple[bytes, Any]:
+        try:
+            return b64decode(node.value.encode(), validate=True), node.modifiedIndex
+        except (binascii.Error, AttributeError, ValueError) as e:
+            raise RendezvousStateError(f"rendezvous state in etcd key {self._key} is not base64: {one_line(e)}") from None
+
+    def get_state(self) -> tuple[bytes, Any] | None:
+        try:
+            node = self._client.read(self._key)
+        except etcd.EtcdKeyNotFound:
+            return None
+        except (etcd.EtcdException, OSError) as e:
+            raise self._failed(e) from None
+        except Exception as e:  # urllib3 errors python-etcd lets through (e.g. read timeouts)
+            if is_unreachable(e):
+                raise self._failed(e) from None
+            raise
+        return self._decode(node)
+
+    def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
+        if token is not None:
+            try:
+                token = int(token)
+            except (TypeError, ValueError):
+                # Not a token this backend ever handed out: it cannot match; report the current state.
+                current = self.get_state()
+                return None if current is None else (*current, False)
+        condition = {"prevIndex": token} if token is not None else {"prevExist": False}
+        try:
+            node = self._client.write(self._key, b64encode(bytes(state)).decode(), ttl=self._ttl, **condition)
+        except (etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist, etcd.EtcdKeyNotFound):
+            # Lost the race (or the state expired under us): report what is there now.
+            current = self.get_state()
+            return None if current is None else (*current, False)
+        except (etcd.EtcdException, OSError) as e:
+            raise self._failed(e) from None
+        except Exception as e:
+            if is_unreachable(e):
+                raise self._failed(e) from None
+            raise
+        return (*self._decode(node), True)
+
+
+def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend, EtcdStore]:
+    """Create the backend and its store (an :class:`EtcdStore` under ``/torch/elastic/store``) from ``params``.
+
+    Options: ``protocol`` (``http`` default, or ``https``), ``read_timeout`` (seconds, default 60),
+    ``connect_timeout`` (seconds, default 5: how long an unreachable endpoint takes to report), ``ssl_cert``,
+    ``ssl_cert_key``, ``ca_cert`` (https only), ``ttl`` (seconds the state survives without writes, default 7200).
+    Reaches etcd once before returning, so a wrong endpoint fails here with RendezvousConnectionError.
+    """
+    options = connection_options(params)
+    ttl = params.get_as_int("ttl", None)
+    if ttl is not None and ttl <= 0:
+        raise ValueError(f"rendezvous option ttl={params.get('ttl')!r} must be a positive number of seconds")
+    client = options.v2_client()
+    backend = EtcdRendezvousBackend(client, params.run_id, key_prefix=KEY_PREFIX, ttl=ttl)
+    try:
+        backend.get_state()
+    except RendezvousConnectionError as e:
+        raise RendezvousConnectionError(
+            f"cannot reach etcd (v2 API) at {options.endpoint}: {str(e).rsplit(': ', 1)[-1]}"
+        ) from None
+    return backend, EtcdStore(client, STORE_PREFIX)
+
+
+def _create_etcd_v2_handler(params: RendezvousParameters) -> RendezvousHandler:
+    from .dynamic_rendezvous import create_handler
+
+    backend, store = create_backend(params)
+    return create_handler(store, backend, params)
+
+
+rendezvous_handler_registry.register("etcd-v2", _create_etcd_v2_handler)
