@@ -12,8 +12,9 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   (``num_nodes_waiting() > 0`` for them once the round moved on, or ``get_participants()`` changed).
 - Every node heartbeats (``keep_alive_interval``) into the state; a node whose last heartbeat is older than
   ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state.
-- ``set_closed()`` closes the run: every node's next step raises ``RendezvousClosedError``. ``shutdown()`` only
-  *leaves* (removes this node; survivors re-form); it does not close the run (unlike upstream, where it closes).
+- ``set_closed()`` closes the run: every node's next step raises ``RendezvousClosedError``. ``shutdown()`` also
+  closes it (as upstream does: it is what a launcher calls when the job ends). ``leave()`` (an extension) only
+  removes this node; survivors re-form without it and the run stays open.
 - The state carries a job-wide ``restart_count`` (``increment_restart_count()`` / ``get_restart_count()``) that all
   nodes share and that leaving/rejoining cannot reset.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -320,13 +322,31 @@ class RendezvousStepper:
         node: NodeDesc,
         clock: Clock = REAL_CLOCK,
         poll_interval: float | None = None,
+        max_poll_interval: float | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
         self.node = node
         self.clock = clock
-        # How often a waiting node re-reads the state; bounded by the keep-alive interval so heartbeats stay fresh.
-        self.poll_interval = poll_interval if poll_interval is not None else min(1.0, settings.keep_alive_seconds)
+        # A waiting node re-reads the state after ``poll_interval``; while nothing changes the interval grows by
+        # half each poll up to ``max_poll_interval`` (bounded by half the keep-alive interval, so heartbeats stay
+        # fresh). Any change seen resets it: a round where nodes arrive together completes in a few short polls
+        # instead of waiting out a fixed 1 s period.
+        cap = min(1.0, settings.keep_alive_seconds / 2)
+        self.max_poll_interval = max_poll_interval if max_poll_interval is not None else cap
+        self.poll_interval = poll_interval if poll_interval is not None else min(0.05, self.max_poll_interval)
+        if self.poll_interval <= 0 or self.max_poll_interval < self.poll_interval:
+            raise ValueError(
+                f"rendezvous poll intervals must satisfy 0 < poll_interval <= max_poll_interval, got "
+                f"{self.poll_interval} and {self.max_poll_interval}"
+            )
+        self._idle_polls = 0
+        self._last_seen: bytes | None = None
+        # The state (and token) a lost compare-and-set returned: the next step decides on it without re-reading.
+        # (monotonic time, (state, token)); only reused right away, never for a plain read ("sync").
+        self._pending: tuple[float, tuple[bytes, Any]] | None = None
+        # Deterministic per node (the simulator replays runs): spreads retries after a lost compare-and-set.
+        self._jitter = random.Random(node.key)
         self.state = RendezvousState()
         self._join_deadline: float | None = None
         # The round this node last completed (so a new join knows it must open the next one).
@@ -358,31 +378,44 @@ class RendezvousStepper:
     def step(self, op: str) -> StepResult:
         if op not in STEP_OPS:
             raise ValueError(f"unknown rendezvous step op {op!r}; allowed: {', '.join(STEP_OPS)}")
-        try:
-            got = self.backend.get_state()
-        except RendezvousError as e:
-            return StepResult(done=False, error=e)
+        got = None
+        if self._pending is not None and op != "sync" and self.clock.monotonic() - self._pending[0] <= self.poll_interval:
+            got = self._pending[1]
+        self._pending = None
+        if got is None:
+            try:
+                got = self.backend.get_state()
+            except RendezvousError as e:
+                return StepResult(done=False, error=e)
         token = None
         state = RendezvousState()
         if got is not None:
             state = RendezvousState.from_bytes(got[0])
             token = got[1]
+            if got[0] != self._last_seen:
+                self._last_seen = got[0]
+                self._idle_polls = 0
         now = self.clock.time()
         mono = self.clock.monotonic()
         self._events = []
         new_state, result = self._decide(op, state, now)
         self.state = state
         if new_state is not None:
+            blob = new_state.to_bytes()
             try:
-                written = self.backend.set_state(new_state.to_bytes(), token)
+                written = self.backend.set_state(blob, token)
             except RendezvousError as e:
                 return StepResult(done=False, error=e)
             if written is None or not written[2]:
                 self._events = []
                 if written is not None:
                     self.state = RendezvousState.from_bytes(written[0])
-                return StepResult(done=False, wait_until=mono)
+                    self._pending = (mono, (written[0], written[1]))
+                # Retry on the winner's state; a little jitter keeps N losers from colliding again in lockstep.
+                return StepResult(done=False, wait_until=mono + self._jitter.uniform(0.0, self.poll_interval / 5))
             self.state = new_state
+            # Our own write is not news: only others' changes reset the poll backoff.
+            self._last_seen = blob
         if result.error is not None:
             self._note("rdzv.error", f"{op} failed: {result.error}", NodeState.FAILED)
         elif result.done and op == "join":
@@ -439,7 +472,7 @@ class RendezvousStepper:
             return (s if changed else None), StepResult(done=False, error=error)
 
         heartbeat_due = now - s.heartbeats.get(me, float("-inf")) >= settings.keep_alive_seconds / 2
-        poll_until = now + self.poll_interval
+        poll_until = now + self._next_poll_delay()
 
         if s.complete and not s.participants:
             self._open_next_round(s, now)
@@ -496,6 +529,11 @@ class RendezvousStepper:
             s.deadline = None
             changed = True
         return (s if changed else None), StepResult(done=False, wait_until=poll_until)
+
+    def _next_poll_delay(self) -> float:
+        delay = min(self.max_poll_interval, self.poll_interval * (1.5 ** self._idle_polls))
+        self._idle_polls = min(self._idle_polls + 1, 64)
+        return delay
 
     def _complete(self, s: RendezvousState) -> None:
         for rank, key in enumerate(sorted(s.participants)):
@@ -559,8 +597,9 @@ def num_nodes_waiting_in(state: RendezvousState, settings: RendezvousSettings, c
 class DynamicRendezvousHandler(RendezvousHandler):
     """A :class:`RendezvousHandler` running the dynamic rendezvous over any :class:`RendezvousBackend`.
 
-    Extensions beyond upstream: ``get_round()``, ``get_participants()``, ``get_restart_count()``,
-    ``increment_restart_count()``; ``shutdown()`` leaves instead of closing.
+    Extensions beyond upstream: ``leave()`` (this node goes away, the run goes on), ``get_round()``,
+    ``get_participants()``, ``get_restart_count()``, ``increment_restart_count()``. ``shutdown()`` closes the run
+    for everyone, like upstream.
     """
 
     def __init__(
@@ -581,10 +620,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._clock = clock
         self._local_addr = local_addr
         self._stepper = RendezvousStepper(backend, settings, node, clock)
-        self._lock = threading.Lock()
+        # Re-entrant: leave() may run in a signal handler that interrupted a step on the same thread.
+        self._lock = threading.RLock()
         self._keep_alive_stop = threading.Event()
         self._keep_alive_thread: threading.Thread | None = None
-        self._shut_down = False
+        self._left = False
 
     @classmethod
     def from_backend(
@@ -624,11 +664,22 @@ class DynamicRendezvousHandler(RendezvousHandler):
         with self._lock:
             return self._stepper.step(op)
 
+    def _raise_if_left(self) -> None:
+        if self._left:
+            raise RendezvousGracefulExitError(f"rendezvous node {self._node} left run {self._settings.run_id!r}")
+
     def _run(self, op: str, timeout: float) -> StepResult:
         """Step ``op`` until done; errors raise; bounded by ``timeout`` seconds for non-join ops."""
         deadline = self._clock.monotonic() + timeout
         while True:
+            if op == "join":
+                self._raise_if_left()
             result = self._step(op)
+            if op == "join" and self._left:
+                # leave() ran while this step was in flight (a signal handler on this thread): make sure the
+                # step did not put this node back in.
+                self._step("leave")
+                self._raise_if_left()
             if result.error is not None:
                 raise result.error
             if result.done:
@@ -638,8 +689,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._clock.sleep(max(0.0, (result.wait_until or 0.0) - self._clock.monotonic()))
 
     def next_rendezvous(self) -> RendezvousInfo:
-        if self._shut_down:
-            raise RendezvousGracefulExitError(f"rendezvous handler of node {self._node} was shut down")
+        self._raise_if_left()
         with self._lock:
             self._stepper.begin_join()
         result = self._run("join", float("inf"))
@@ -725,17 +775,43 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._run("increment_restart_count", self._settings.timeout.close.total_seconds())
         return self._stepper.state.restart_count
 
-    def shutdown(self) -> bool:
-        """Stop heartbeating and leave the run (does not close it); return whether leaving succeeded."""
+    def leave(self) -> bool:
+        """Leave the run without closing it (extension; upstream has no equivalent); return whether it succeeded.
+
+        Stops heartbeating and removes this node from the participants or the wait list in one compare-and-set.
+        The other nodes see ``get_participants()`` change (or, if this node never completed a round, simply do not
+        count it) and re-form without it; the run stays open for them and for nodes joining later.
+
+        Contract with the agent/launcher: call ``leave()`` when *this node* goes away while the job goes on
+        (SIGTERM/SIGINT, preemption, scale-down) and :meth:`shutdown` only when the *job* ends (success, or restarts
+        exhausted). After ``leave()`` this handler is finished: a ``next_rendezvous`` in progress or started later
+        raises ``RendezvousGracefulExitError``. Safe to call more than once, and from a signal handler that
+        interrupted this handler's own thread (the step lock is re-entrant).
+        """
         self._stop_keep_alive()
-        if self._shut_down:
+        if self._left:
             return True
-        self._shut_down = True
+        self._left = True
         try:
             self._run("leave", self._settings.timeout.close.total_seconds())
             return True
         except RendezvousError as e:
             logger.warning("rendezvous %s: node %s could not leave cleanly: %s", self._settings.run_id, self._node, e)
+            return False
+
+    def shutdown(self) -> bool:
+        """End the run for every node, like upstream: stop heartbeating and close the rendezvous.
+
+        Every node's next rendezvous step (and ``is_closed()``) then sees the run closed and stops with
+        ``RendezvousClosedError``. Call it only when the job ends; a node that merely goes away calls
+        :meth:`leave`. Returns False (after logging why) when the store cannot be reached to close the run.
+        """
+        self._stop_keep_alive()
+        try:
+            self._run("close", self._settings.timeout.close.total_seconds())
+            return True
+        except RendezvousError as e:
+            logger.warning("rendezvous %s: node %s failed to close the run: %s", self._settings.run_id, self._node, e)
             return False
 
 

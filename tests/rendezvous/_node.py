@@ -70,7 +70,7 @@ def main() -> int:
             while handler.get_participants() == before:
                 time.sleep(0.1)
             emit(event="participants_changed", before=before, after=handler.get_participants())
-        handler.shutdown()
+        handler.leave()
         return 0
     except RendezvousError as e:
         emit(event="error", type=type(e).__name__, message=str(e))

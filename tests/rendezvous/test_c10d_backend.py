@@ -6,7 +6,12 @@ import threading
 
 import pytest
 
-from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
+from elastic_impl.rendezvous import (
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousParameters,
+    rendezvous_handler_registry,
+)
 from elastic_impl.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend, create_backend
 
 
@@ -35,7 +40,7 @@ def test_file_store_variant(tmp_path):
     )
     info = handler.next_rendezvous()
     assert (info.rank, info.world_size) == (0, 1)
-    handler.shutdown()
+    assert handler.shutdown() is True and handler.is_closed()
 
 
 def test_missing_file_store_directory_is_a_one_line_error(tmp_path):
@@ -80,14 +85,20 @@ def test_threads_rendezvous_over_tcp_store_and_share_restart_count(tcp_store):
         assert {h.get_restart_count() for h in handlers} == {2}
         assert handlers[2].num_nodes_waiting() == 0
         assert handlers[0].get_participants() == sorted(str(h.node) for h in handlers)
+        # leave() is not close: the others stay in an open run, without the node that left.
+        assert handlers[2].leave() is True
+        assert not handlers[0].is_closed()
+        assert handlers[0].get_participants() == sorted(str(h.node) for h in handlers[:2])
+        with pytest.raises(RendezvousGracefulExitError):
+            handlers[2].next_rendezvous()
     finally:
         for h in handlers:
-            h.shutdown()
-    assert not handlers[0].is_closed()
-    from elastic_impl.rendezvous import RendezvousGracefulExitError
-
-    with pytest.raises(RendezvousGracefulExitError):
-        handlers[0].next_rendezvous()
+            h._stop_keep_alive()
+    # shutdown() ends the job for everyone, like upstream: the others see the run closed.
+    assert handlers[0].shutdown() is True
+    assert handlers[1].is_closed()
+    with pytest.raises(RendezvousClosedError):
+        handlers[1].next_rendezvous()
 
 
 def test_static_backend_single_node():

@@ -109,8 +109,39 @@ def test_lost_compare_and_set_is_retried_not_reported(memory_backend, clock):
     memory_backend.set_state = set_after_a
     r = b.step("join")
     memory_backend.set_state = original_set
-    assert not r.done and r.error is None and r.wait_until == clock.monotonic()
+    # Retried almost at once (a little jitter so losers do not collide again in lockstep).
+    assert not r.done and r.error is None
+    assert clock.monotonic() <= r.wait_until <= clock.monotonic() + b.poll_interval
     assert a.node.key in state_of(memory_backend).participants
+    # The retry decides on the state the failed compare-and-set returned: no second read.
+    memory_backend.reset_counters()
+    r = b.step("join")
+    assert memory_backend.get_calls == 0 and memory_backend.set_calls == 1
+    assert b.node.key in state_of(memory_backend).participants
+
+
+def test_waiting_node_polls_fast_then_backs_off_until_something_changes(memory_backend, clock):
+    settings = make_settings(min_nodes=3, max_nodes=3, keep_alive=5.0)
+    a, b = make_steppers(memory_backend, clock, settings, 2)
+    a.begin_join()
+    delays = []
+    for _ in range(12):
+        r = a.step("join")
+        delays.append(r.wait_until - clock.monotonic())
+        clock.now = r.wait_until
+    # First polls are short (a round where everyone arrives together completes in tens of ms)...
+    assert delays[1] <= 0.1
+    # ...then grow while nothing changes, never beyond the cap (half the keep-alive interval, at most 1 s).
+    assert delays == sorted(delays) and delays[-1] == a.max_poll_interval == 1.0
+    b.begin_join()
+    b.step("join")  # the state changes: a's next poll is short again
+    r = a.step("join")
+    assert r.wait_until - clock.monotonic() <= 0.1
+
+
+def test_bad_poll_intervals_are_one_line_errors(memory_backend, clock):
+    with pytest.raises(ValueError, match=r"0 < poll_interval <= max_poll_interval, got 2.0 and 1.0"):
+        RendezvousStepper(memory_backend, make_settings(), NodeDesc("h", 1), clock, poll_interval=2.0, max_poll_interval=1.0)
 
 
 def test_late_node_waits_then_next_round_admits_it(memory_backend, clock):
