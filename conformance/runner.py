@@ -92,24 +92,29 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
     if check.device and not resources.device.available:
         return Result(row.api, check.group, row.claimed, "skip", 0.0, SKIPPED, resources.device.reason)
     ctx = CheckContext(row.api, resources)
-    outcome: dict[str, Any] = {}
-    waived: list[str] = []
+    recorded: dict[str, Any] = {}  # written by the check thread only
+    recorded_waivers: list[str] = []
 
     def target() -> None:
         try:
-            _execute(check, ctx, snapshot, waived)
-            outcome["observed"] = "pass"
+            _execute(check, ctx, snapshot, recorded_waivers)
+            recorded["observed"] = "pass"
         except CheckSkipped as exc:
-            outcome.update(observed="skip", error=str(exc))
+            recorded.update(observed="skip", error=str(exc))
         except BaseException as exc:  # any failure of the implementation is a finding, not a crash of the suite
-            outcome.update(observed="fail", error=_one_line(exc), detail=traceback.format_exc(limit=8))
+            recorded.update(observed="fail", error=_one_line(exc), detail=traceback.format_exc(limit=8))
 
     started = time.monotonic()
     thread = threading.Thread(target=target, name=f"check:{row.short_api}", daemon=True)
     thread.start()
     thread.join(check.timeout)
+    # Copy what the check recorded before closing its context: a timed-out check thread keeps running, and the
+    # cleanup (e.g. closing its workers) would otherwise let it overwrite the timeout with a consequential error.
     if thread.is_alive():
-        outcome = {"observed": "fail", "error": f"timed out after {check.timeout:g} s"}
+        outcome: dict[str, Any] = {"observed": "fail", "error": f"timed out after {check.timeout:g} s"}
+    else:
+        outcome = dict(recorded)
+    waived = list(recorded_waivers)
     duration = time.monotonic() - started
     ctx.close()
     observed = outcome["observed"]
