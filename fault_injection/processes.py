@@ -1,0 +1,190 @@
+"""Process faults: SIGKILL a worker, SIGKILL a whole node (agent + every descendant), SIGSTOP/SIGCONT an agent.
+
+Process trees are read from ``/proc`` (Linux). Workers of ``elastic_impl`` run in their own sessions, so a node is
+killed by walking the agent's descendants, not by ``killpg`` alone: every process of the tree is first stopped (so
+nothing can fork or reap in between), then all are killed.
+
+:func:`processes_with_env` finds every live process whose environment holds a marker variable: processes inherit
+their environment, so a marker set on an agent also tags its workers and their children. The simulator uses it for
+its orphan check.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+from fault_injection.base import Fault, FaultError
+
+__all__ = [
+    "KillWorker",
+    "KillAgent",
+    "PauseAgent",
+    "descendants",
+    "is_alive",
+    "kill_processes",
+    "processes_with_env",
+    "proc_table",
+]
+
+
+def _stat_fields(pid: int) -> tuple[str, int] | None:
+    """(state letter, ppid) of ``pid`` from /proc/<pid>/stat, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # the command name is in parentheses and may itself contain spaces or parentheses
+    rest = data[data.rfind(")") + 2 :].split()
+    if len(rest) < 2:
+        return None
+    return rest[0], int(rest[1])
+
+
+def proc_table() -> dict[int, int]:
+    """pid -> ppid of every live (non-zombie) process visible in /proc."""
+    table: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = _stat_fields(int(name))
+        if fields is not None and fields[0] not in ("Z", "X"):
+            table[int(name)] = fields[1]
+    return table
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def descendants(pid: int, table: dict[int, int] | None = None) -> list[int]:
+    """Live descendants of ``pid`` (children, grandchildren, ...), parents before children."""
+    table = proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for child, parent in table.items():
+        children.setdefault(parent, []).append(child)
+    out: list[int] = []
+    stack = list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes (of this user) whose initial environment has ``key=value``."""
+    needle = f"{key}={value}".encode()
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:  # gone, or another user's process
+            continue
+        if needle in env.split(b"\0") and is_alive(int(name)):
+            found.append(int(name))
+    return sorted(found)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
+    """Stop, then SIGKILL ``pids`` and all their descendants; wait until none is alive. Return the pids signalled."""
+    roots = [p for p in pids if p > 1]
+    seen: set[int] = set()
+    # Freeze the whole tree first (repeat until no new descendant shows up) so nothing forks or re-parents
+    # while we kill; SIGKILL works on stopped processes.
+    for _ in range(20):
+        table = proc_table()
+        tree = set(roots)
+        for root in roots:
+            tree.update(descendants(root, table))
+        new = tree - seen
+        if not new:
+            break
+        for p in new:
+            _signal(p, signal.SIGSTOP)
+        seen |= new
+    for p in seen:
+        _signal(p, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(is_alive(p) for p in seen):
+        if time.monotonic() > deadline:
+            alive = sorted(p for p in seen if is_alive(p))
+            raise FaultError(f"processes {alive} still alive {timeout:g} s after SIGKILL")
+        time.sleep(0.01)
+    return sorted(seen)
+
+
+class KillWorker(Fault):
+    """SIGKILL one worker process (its agent sees the failure and restarts or fails the job)."""
+
+    kind = "kill_worker"
+    instant = True
+
+    def __init__(self, pid: int, on_event=None, **labels) -> None:
+        if not isinstance(pid, int) or pid <= 1:
+            raise FaultError(f"kill_worker needs a worker pid > 1, got {pid!r}")
+        super().__init__(on_event, pid=pid, **labels)
+        self.pid = pid
+
+    def _inject(self) -> int:
+        if not _signal(self.pid, signal.SIGKILL):
+            raise FaultError(f"kill_worker: worker pid {self.pid} does not exist")
+        return self.pid
+
+
+class KillAgent(Fault):
+    """SIGKILL a node: the agent and every process below it (workers, their children), like a machine dying."""
+
+    kind = "kill_agent"
+    instant = True
+
+    def __init__(self, pid: int, on_event=None, **labels) -> None:
+        if not isinstance(pid, int) or pid <= 1:
+            raise FaultError(f"kill_agent needs an agent pid > 1, got {pid!r}")
+        super().__init__(on_event, pid=pid, **labels)
+        self.pid = pid
+
+    def _inject(self) -> list[int]:
+        if not is_alive(self.pid):
+            raise FaultError(f"kill_agent: agent pid {self.pid} is not running")
+        return kill_processes([self.pid])
+
+    def _result_detail(self):
+        return {"killed": self.result}
+
+
+class PauseAgent(Fault):
+    """SIGSTOP the agent process (its workers keep running; its heartbeats and monitoring stop); heal: SIGCONT."""
+
+    kind = "pause_agent"
+
+    def __init__(self, pid: int, on_event=None, **labels) -> None:
+        if not isinstance(pid, int) or pid <= 1:
+            raise FaultError(f"pause_agent needs an agent pid > 1, got {pid!r}")
+        super().__init__(on_event, pid=pid, **labels)
+        self.pid = pid
+
+    def _inject(self) -> int:
+        if not _signal(self.pid, signal.SIGSTOP):
+            raise FaultError(f"pause_agent: agent pid {self.pid} does not exist")
+        return self.pid
+
+    def _heal(self) -> None:
+        _signal(self.pid, signal.SIGCONT)  # gone already: nothing left to resume
