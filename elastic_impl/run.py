@@ -4,8 +4,16 @@ Accepts torchrun's options (dash and underscore spellings). Invalid options prod
 (``elastic-run: error: ...``) and exit code 2. A failed job prints the failure report (root cause first) and exits
 with code 1; an agent stopped by a signal exits with 128 + the signal number.
 
-Extensions: ``--shutdown-grace`` (alias ``--shutdown-timeout``; env ``TORCHELASTIC_SHUTDOWN_GRACE``) = seconds
-between SIGTERM and SIGKILL when stopping workers (default 30).
+Extensions:
+
+- ``--shutdown-grace`` (alias ``--shutdown-timeout``; env ``TORCHELASTIC_SHUTDOWN_GRACE``) = seconds between SIGTERM
+  and SIGKILL when stopping workers (default 30).
+- ``--rdzv-conf heartbeat=S,missed_heartbeats=N``: spellings of torchrun's ``keep_alive_interval`` /
+  ``keep_alive_max_attempt``. A node whose agent stops heartbeating is dropped after S x N seconds (the failure
+  detection window; default 5 x 3 = 15 s) and the survivors re-form without it.
+- Workers' stderr is captured to a log file by default (shown on the console unchanged, as without capture), so a
+  failure report can quote its last lines even when the script has no ``@record``. ``--redirects``/``--tee``
+  override it; ``ELASTIC_IMPL_CAPTURE_STDERR=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -169,6 +177,10 @@ def determine_local_world_size(nproc_per_node: str) -> int:
     raise _bad("--nproc-per-node", nproc_per_node, allowed)
 
 
+# Our spellings of torchrun's rendezvous keep-alive options.
+_RDZV_CONF_ALIASES = {"heartbeat": "keep_alive_interval", "missed_heartbeats": "keep_alive_max_attempt"}
+
+
 def _parse_rdzv_conf(conf: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if not conf or not conf.strip():
@@ -179,7 +191,12 @@ def _parse_rdzv_conf(conf: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise _bad("--rdzv-conf", conf, f"entry {item!r} is not key=value (expected key1=value1,key2=value2)")
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        canonical = _RDZV_CONF_ALIASES.get(key, key)
+        if canonical in out:
+            raise _bad("--rdzv-conf", conf, f"{key!r} is given twice (heartbeat = keep_alive_interval, "
+                       "missed_heartbeats = keep_alive_max_attempt)")
+        out[canonical] = value.strip()
     return out
 
 
@@ -190,6 +207,12 @@ def _parse_std(option: str, value: str):
         return Std.from_str(str(value))
     except (ValueError, KeyError, TypeError):
         raise _bad(option, value, "expected 0-3 (none, out, err, all) or local_rank:value,...") from None
+
+
+def _is_std_none(value) -> bool:
+    if isinstance(value, dict):
+        return all(int(v) == 0 for v in value.values())
+    return int(value) == 0
 
 
 def _get_free_port() -> int:
@@ -251,6 +274,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
 
     redirects = _parse_std("--redirects", args.redirects)
     tee = _parse_std("--tee", args.tee)
+    capture_stderr = False
+    if _is_std_none(redirects) and _is_std_none(tee) and os.environ.get("ELASTIC_IMPL_CAPTURE_STDERR", "1") != "0":
+        # Tee stderr to a file and print it unprefixed: the console looks as without it, and a failure report
+        # can quote the worker's last stderr lines even without @record (upstream prints "<N/A>" there).
+        from elastic_impl.multiprocessing import Std
+
+        tee = Std.ERR
+        capture_stderr = True
     ranks_filter = None
     if args.local_ranks_filter:
         try:
@@ -286,6 +317,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         logs_specs=logs_specs,
         shutdown_timeout=shutdown_grace,
     )
+    if capture_stderr and args.log_line_prefix_template is None:
+        config.log_line_prefix_template = ""  # the teed stderr shows as the worker wrote it
 
     cmd: Any
     cmd_args: list[str] = []
@@ -337,7 +370,9 @@ def main(args: list[str] | None = None) -> None:
             sigval = signal.Signals(sigval)
             sys.stderr.write(f"{PROG}: agent stopped by {sigval.name}; workers stopped\n")
             sys.exit(128 + int(sigval))
-        if type(e).__name__ == "ChildFailedError":
+        from elastic_impl.multiprocessing.errors import ChildFailedError
+
+        if isinstance(e, ChildFailedError):
             sys.stderr.write(e.format_msg() + "\n")  # type: ignore[attr-defined]
             sys.exit(1)
         detail = str(e).strip().splitlines()

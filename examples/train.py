@@ -7,10 +7,20 @@ Environment knobs (all optional):
   TRAIN_ALLREDUCE=1       join a gloo process group and all-reduce a tensor (checks sum == WORLD_SIZE)
   TRAIN_STEPS / TRAIN_STEP_SECONDS   "train" this many steps of this many seconds (default 1 step, 0 s)
   TRAIN_MIN_WORLD_SIZE    keep running (idle) until the launcher gives a WORLD_SIZE at least this big
-  TRAIN_FAIL_RANK         global rank that fails ...
+  TRAIN_STOP_FILE         after the steps, keep "training" until this file exists, then finish successfully
+  TRAIN_FAIL_RANK         global rank that fails ... (or TRAIN_FAIL_LOCAL_RANK: this local rank, on this node only)
   TRAIN_FAIL_ATTEMPT      ... on this TORCHELASTIC_RESTART_COUNT (default: every attempt)
   TRAIN_FAIL_MODE         raise (exception, error file via @record) | exit (sys.exit(3)) | kill (SIGKILL itself)
+  TRAIN_FAIL_DELAY        seconds to run before failing (default 0); the failing rank writes death_rank<R>.json
+                          (wall time just before it fails) into MARKER_DIR
   TRAIN_IGNORE_SIGTERM=1  ignore SIGTERM (a worker stuck in native code), so only SIGKILL stops it
+  TRAIN_TRAP_SIGTERM=1    catch SIGTERM, note it in MARKER_DIR (sigterm_pid<PID>.json) and keep running (a worker
+                          still writing its checkpoint), so the agent must wait its grace and then SIGKILL it
+  TRAIN_GRANDCHILD=1      start a grandchild process in its own session (its pid goes into the marker as
+                          grandchild_pid), which a process-group kill of the worker alone does not reach
+  TRAIN_NO_RECORD=1       run main without @record (no error file: the report must come from stderr)
+  TRAIN_HANG_RANK         this global rank hangs inside timer.expires(after=TRAIN_EXPIRES seconds, default 1);
+                          the agent's timer server (TORCHELASTIC_ENABLE_FILE_TIMER=1) must reap it
 """
 
 from __future__ import annotations
@@ -22,8 +32,10 @@ import sys
 import time
 
 try:  # prefer our implementation; the script also runs where only upstream torch is importable
+    from elastic_impl import timer
     from elastic_impl.multiprocessing.errors import record
 except ImportError:  # pragma: no cover - exercised only without elastic_impl on the path
+    from torch.distributed.elastic import timer
     from torch.distributed.elastic.multiprocessing.errors import record
 
 CONTRACT_VARS = (
@@ -79,14 +91,60 @@ def _allreduce(world_size: int) -> float:
         dist.destroy_process_group()
 
 
+def _write_json(marker_dir: str | None, name: str, payload: dict) -> None:
+    if not marker_dir:
+        return
+    os.makedirs(marker_dir, exist_ok=True)
+    tmp = os.path.join(marker_dir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, os.path.join(marker_dir, name))
+
+
+def _start_grandchild() -> int:
+    import subprocess
+
+    # Its own session: a signal to the worker's process group does not reach it. "train.py" in its argv lets
+    # the tests' cleanup recognise it.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", "train.py-grandchild"], start_new_session=True
+    )
+    return proc.pid
+
+
+def _trap_sigterm(marker_dir: str | None) -> None:
+    def on_sigterm(signum, frame):
+        _write_json(marker_dir, f"sigterm_pid{os.getpid()}.json", {"pid": os.getpid(), "at": time.time()})
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _maybe_hang(rank: int) -> None:
+    hang_rank = os.environ.get("TRAIN_HANG_RANK")
+    if hang_rank is None or int(hang_rank) != rank:
+        return
+    timer_file = os.environ.get("TORCHELASTIC_TIMER_FILE")
+    if not timer_file:
+        raise RuntimeError("TRAIN_HANG_RANK needs the agent's timer server (TORCHELASTIC_TIMER_FILE is not set)")
+    timer.configure(timer.FileTimerClient(timer_file))
+    with timer.expires(after=float(os.environ.get("TRAIN_EXPIRES", "1"))):
+        time.sleep(600)  # a hung step: only the timer server ends it
+
+
 def _maybe_fail(rank: int, attempt: int) -> None:
     fail_rank = os.environ.get("TRAIN_FAIL_RANK")
-    if fail_rank is None or int(fail_rank) != rank:
+    fail_local_rank = os.environ.get("TRAIN_FAIL_LOCAL_RANK")
+    if fail_local_rank is not None:
+        if int(fail_local_rank) != int(os.environ["LOCAL_RANK"]):
+            return
+    elif fail_rank is None or int(fail_rank) != rank:
         return
     fail_attempt = os.environ.get("TRAIN_FAIL_ATTEMPT")
     if fail_attempt is not None and int(fail_attempt) != attempt:
         return
     mode = os.environ.get("TRAIN_FAIL_MODE", "raise")
+    time.sleep(float(os.environ.get("TRAIN_FAIL_DELAY", "0")))
+    _write_json(os.environ.get("MARKER_DIR"), f"death_rank{rank}.json", {"rank": rank, "at": time.time()})
     if mode == "exit":
         sys.exit(3)
     if mode == "kill":
@@ -94,15 +152,18 @@ def _maybe_fail(rank: int, attempt: int) -> None:
     raise InjectedFailure(f"injected failure on rank {rank} attempt {attempt}")
 
 
-@record
 def main() -> None:
+    marker_dir = os.environ.get("MARKER_DIR")
     if os.environ.get("TRAIN_IGNORE_SIGTERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("TRAIN_TRAP_SIGTERM") == "1":
+        _trap_sigterm(marker_dir)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     extra: dict = {}
-    marker_dir = os.environ.get("MARKER_DIR")
+    if os.environ.get("TRAIN_GRANDCHILD") == "1":
+        extra["grandchild_pid"] = _start_grandchild()
     if marker_dir:
         _write_marker(marker_dir, rank, attempt, extra)
 
@@ -112,6 +173,7 @@ def main() -> None:
 
     # Fail before the collective so the peers see a broken group, as with a real crash mid-training.
     _maybe_fail(rank, attempt)
+    _maybe_hang(rank)
 
     if os.environ.get("TRAIN_ALLREDUCE") == "1":
         extra["allreduce"] = _allreduce(world_size)
@@ -120,6 +182,9 @@ def main() -> None:
     step_seconds = float(os.environ.get("TRAIN_STEP_SECONDS", "0"))
     for _ in range(steps):
         time.sleep(step_seconds)
+    stop_file = os.environ.get("TRAIN_STOP_FILE")
+    while stop_file and not os.path.exists(stop_file):
+        time.sleep(0.1)
 
     if marker_dir:
         extra["done"] = True
@@ -128,4 +193,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("TRAIN_NO_RECORD") == "1":
+        main()
+    else:
+        record(main)()

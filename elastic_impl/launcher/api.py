@@ -17,6 +17,7 @@ from typing import Any
 
 from elastic_impl.agent.server.api import WorkerSpec
 from elastic_impl.agent.server.local_elastic_agent import LocalElasticAgent, shutdown_grace_from_env
+from elastic_impl.multiprocessing.errors import ChildFailedError
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
 
@@ -175,9 +176,51 @@ def _peer_failures_as_process_failures(agent: LocalElasticAgent) -> dict[int, An
             error_file="",
         )
         failure.timestamp = int(info.get("timestamp") or failure.timestamp)
-        failure.message = f"[on node {info.get('host')}] {info.get('message')}"
+        failure.message = str(info.get("message") or "")
+        failure.host = info.get("host")  # type: ignore[attr-defined]  (the report names the node it happened on)
+        failure.stderr_file = info.get("stderr_file")
+        failure.stderr_tail = list(info.get("stderr_tail") or [])
+        if info.get("error_file"):
+            failure.error_file = f"{info['error_file']} (on {info.get('host')})"
+            failure.error_file_data = {"message": failure.message}  # read there, carried here
         out[rank] = failure
     return out
+
+
+def _job_failed_error(name: str, agent: LocalElasticAgent, local_failures: dict[int, Any]):
+    """The ChildFailedError for a failed job, with the JOB's root cause (which may be another node's).
+
+    Every node that fails for good publishes its earliest failure in the round's store (see the agent). When a
+    peer ended the job, that peer's failure is the root cause here too: our own workers' failures (a broken
+    collective, or being stopped) came after it, even where whole-second timestamps tie.
+    """
+    from elastic_impl.multiprocessing.errors import ProcessFailure
+
+    peer_failures = _peer_failures_as_process_failures(agent)
+    failures = dict(local_failures)
+    for rank, failure in peer_failures.items():
+        failures.setdefault(rank, failure)
+    root_rank = None
+    if getattr(agent, "_failed_by_peer", False) and peer_failures:
+        root_rank = min(peer_failures, key=lambda r: (peer_failures[r].timestamp, r))
+    if not failures:
+        failure = ProcessFailure(local_rank=0, pid=-1, exitcode=1, error_file="")
+        failure.message = "another node ended the job as failed, and its failure report could not be read"
+        failures[-1] = failure
+    return JobFailedError(name=name, failures=failures, root_rank=root_rank)
+
+
+class JobFailedError(ChildFailedError):
+    """A ChildFailedError whose root cause may be fixed to a given rank (another node's failure)."""
+
+    def __init__(self, name: str, failures: dict[int, Any], root_rank: int | None = None):
+        self.root_rank = root_rank  # set first: the base class formats the message in its __init__
+        super().__init__(name=name, failures=failures)
+
+    def get_first_failure(self):
+        if self.root_rank is not None and self.root_rank in self.failures:
+            return self.root_rank, self.failures[self.root_rank]
+        return super().get_first_failure()
 
 
 def launch_agent(
@@ -187,7 +230,6 @@ def launch_agent(
     health_check_server: Any = None,
 ) -> dict[int, Any]:
     """Run one node's agent for ``entrypoint(*args)`` to the end; raise ChildFailedError if the job failed."""
-    from elastic_impl.multiprocessing.errors import ChildFailedError
     from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
 
     if not config.run_id:
@@ -238,10 +280,7 @@ def launch_agent(
     try:
         result = agent.run()
         if result.is_failed():
-            failures = dict(result.failures)
-            for rank, failure in _peer_failures_as_process_failures(agent).items():
-                failures.setdefault(rank, failure)
-            raise ChildFailedError(name=entrypoint_name, failures=failures)
+            raise _job_failed_error(entrypoint_name, agent, result.failures)
         return result.return_values
     except ChildFailedError:
         raise
@@ -254,19 +293,27 @@ def launch_agent(
             raise
         if type(e).__name__ == "RendezvousClosedError":
             # A peer ended the job while we were re-forming: report its root cause if it left one.
-            peer_failures = _peer_failures_as_process_failures(agent)
-            if peer_failures:
-                raise ChildFailedError(name=entrypoint_name, failures=peer_failures) from None
+            if _peer_failures_as_process_failures(agent):
+                raise _job_failed_error(entrypoint_name, agent, {}) from None
         raise
     finally:
         _release_rendezvous(rdzv_handler, close=job_ended)
 
 
 def _release_rendezvous(rdzv_handler, close: bool) -> None:
+    """End this node's part in the rendezvous.
+
+    ``close``: the job ended (success, or restarts exhausted): ``shutdown()`` closes the run for every node, as
+    upstream's does. Otherwise this node leaves (agent stopped by a signal): ``leave()`` where the handler offers
+    it (ours: the others re-form without this node), else ``shutdown()`` (a handler without ``leave`` has
+    nothing finer to offer; the static one, for instance).
+    """
     try:
-        if close:
-            rdzv_handler.set_closed()
-        rdzv_handler.shutdown()
+        leave = getattr(rdzv_handler, "leave", None)
+        if close or not callable(leave):
+            rdzv_handler.shutdown()
+        else:
+            leave()
     except Exception as e:  # the store host may be gone already; nothing more to release
         logger.debug("rendezvous release (close=%s) failed: %s", close, e)
 

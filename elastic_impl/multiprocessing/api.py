@@ -350,6 +350,8 @@ class PContext(abc.ABC):
         self._closed = False
         self._seen: dict[int, str] = {}  # pid -> /proc start time of every group member observed
         self._result: RunProcsResult | None = None  # terminal result, kept so later polls do not re-close
+        # SIGTERM->SIGKILL grace when a failure makes the poll stop the surviving workers (an agent sets its own).
+        self.failure_close_timeout: float = 30
 
     def start(self) -> None:
         if not IS_WINDOWS:
@@ -546,7 +548,7 @@ class MultiprocessContext(PContext):
                     failures[local_rank].message = f"worker exited 0 but its return value is unreadable: {e}"
         if failures:
             logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(failures))
-            self.close()
+            self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
             self._result = RunProcsResult(failures=failures, stdouts=self.stdouts, stderrs=self.stderrs)
         elif done == len(self._procs) and self._procs:
             self._result = RunProcsResult(return_values=dict(self._return_values), stdouts=self.stdouts,
@@ -633,7 +635,7 @@ class SubprocessContext(PContext):
         if not self._running_local_ranks or self._failures:
             if self._failures:
                 logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(self._failures))
-            self.close()
+            self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
             result = RunProcsResult(failures=dict(self._failures), stdouts=self.stdouts, stderrs=self.stderrs)
             if not result.is_failed():
                 result.return_values = dict.fromkeys(self.subprocess_handlers)  # binaries return nothing

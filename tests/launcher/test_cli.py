@@ -34,6 +34,8 @@ BAD_INPUTS = [
     (["--rdzv-backend", "c10d", "--rdzv-endpoint", ":29400"], ":29400"),
     (["--rdzv-backend", "c10d", "--rdzv-endpoint", "[::1"], "[::1"),
     (["--rdzv-backend", "c10d", "--rdzv-conf", "join_timeout"], "join_timeout"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "heartbeat=1,keep_alive_interval=2"], "heartbeat"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "=5"], "=5"),
     (["--rdzv-backend", ""], "''"),
     (["--start-method", "teleport"], "'teleport'"),
     (["--module", "--no-python"], "--module and --no-python"),
@@ -62,6 +64,32 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, fragment, capsys):
     assert lines[0].startswith("elastic-run: error:"), err
     assert fragment in lines[0], err
     assert "Traceback" not in err
+
+
+# Rejected only when the launcher builds the rendezvous handler (the option parser cannot know the registry):
+# still one line and exit 2, naming the bad value. The store is hosted on a free port (never reached otherwise).
+LATE_BAD_INPUTS = [
+    (["--rdzv-backend", "bogus"], "bogus"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "heartbeat=soon"], "soon"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "missed_heartbeats=many"], "many"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "join_timeout=-5"], "-5"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "store_type=carrier-pigeon"], "carrier-pigeon"),
+]
+
+
+@needs_mp
+@pytest.mark.parametrize("argv, fragment", LATE_BAD_INPUTS, ids=[" ".join(c[0]) for c in LATE_BAD_INPUTS])
+def test_bad_rendezvous_settings_are_one_line_and_exit_code_2(argv, fragment, capsys):
+    from tests.launcher.conftest import free_port
+
+    endpoint = ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "cli-test"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, *endpoint, "examples/train.py"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elastic-run: error:"), err
+    assert fragment in lines[0], err
 
 
 def test_missing_training_script_is_one_line(capsys):
@@ -119,7 +147,9 @@ def test_config_from_args_c10d_with_underscore_aliases(monkeypatch):
     config, cmd, cmd_args = config_from_args(args)
     assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (1, 3, 2)
     assert (config.rdzv_backend, config.rdzv_endpoint, config.run_id) == ("c10d", "127.0.0.1:29400", "job7")
-    assert config.rdzv_configs["join_timeout"] == "5" and config.rdzv_configs["heartbeat"] == "0.5"
+    # "heartbeat" is our spelling of torchrun's keep_alive_interval
+    assert config.rdzv_configs["join_timeout"] == "5" and config.rdzv_configs["keep_alive_interval"] == "0.5"
+    assert "heartbeat" not in config.rdzv_configs
     assert config.rdzv_configs["timeout"] == 900  # torchrun's default rendezvous timeout
     assert (config.max_restarts, config.monitor_interval, config.role) == (2, 0.2, "trainer")
     assert config.shutdown_timeout == 4.0

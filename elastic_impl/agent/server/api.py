@@ -5,7 +5,8 @@ Public names and signatures follow ``torch.distributed.elastic.agent.server.api`
 Run loop of :class:`SimpleElasticAgent` (``_invoke_run``)::
 
     rendezvous -> assign ranks -> start workers
-    every monitor_interval:
+    every monitor_interval, or AT ONCE when a worker exits (``_wait_for_worker_event``: the local agent blocks on
+    the workers' exit events, so monitor_interval only paces the membership checks):
         SUCCEEDED            -> wait at the exit barrier (unless a peer already reported the job failed), done
         FAILED / UNHEALTHY   -> restart (re-rendezvous) while restarts remain, else publish the failure, done
         HEALTHY              -> if nodes wait to join, or a peer left/was evicted, restart to re-form the group
@@ -17,10 +18,12 @@ behaves like upstream):
 - ``get_participants() -> iterable``: the current participants of the round. A change while workers are healthy
   (a peer left, or was evicted after missing heartbeats) makes the agent restart to re-form the group.
 - ``get_round() -> int``: reported in the agent's events.
-- ``get_restart_count() -> int`` / ``increment_restart_count()``: a job-wide restart counter, used for
-  TORCHELASTIC_RESTART_COUNT so every node agrees; bumped at most once per round (first failing node).
-- ``shutdown()`` LEAVES the rendezvous (the launcher calls it alone when the agent is stopped by a signal);
-  ``set_closed()`` CLOSES it (the launcher calls it first when the job ended).
+- ``get_restart_count() -> int`` / ``increment_restart_count()``: a job-wide restart counter kept in the
+  rendezvous state. It is the restart BUDGET: a failed group restarts only while the job-wide count stays within
+  ``max_restarts`` (so a node that leaves and rejoins cannot reset it), and it is TORCHELASTIC_RESTART_COUNT (the
+  same on every node). Bumped at most once per round (by the first failing node).
+- ``leave()``: the launcher calls it when the agent is stopped by a signal (this node goes, the others re-form);
+  ``shutdown()`` closes the run and is called only when the job ends (success, or restarts exhausted).
 
 Round-store keys the agents share (under the round's store namespace): ``torchelastic/agent/role_info/<group
 rank>`` (rank assignment), ``master_addr``/``master_port`` (a fresh worker store per round), ``exit_barrier``,
@@ -72,6 +75,8 @@ _RESTART_BUMP_KEY = "torchelastic/agent/restart_bump"
 _FAILURE_ACK_TIMEOUT = 5.0
 # Seconds between checks whether a peer failed the job (one store read each).
 _PEER_FAILURE_POLL = 1.0
+# How long a node that lost the race to count a failure round waits to see the winner's increment.
+_RESTART_BUMP_WAIT = 5.0
 
 
 def _validation_error(what: str, value: Any, allowed: str) -> ValueError:
@@ -329,6 +334,14 @@ class SimpleElasticAgent(ElasticAgent):
     def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: int = 30) -> None:
         """Release everything the agent holds (workers, servers) when it is done."""
 
+    def _wait_for_worker_event(self, timeout: float) -> None:
+        """Block until a worker may have exited, or ``timeout`` seconds passed.
+
+        This generic version just sleeps (like upstream's loop); agents that can wait on process exits override it
+        so a failure is handled at once rather than at the next monitor_interval tick.
+        """
+        self._clock.sleep(timeout)
+
     # ------------------------------------------------------------------ lifecycle steps
 
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
@@ -491,7 +504,7 @@ class SimpleElasticAgent(ElasticAgent):
         self._initialize_workers(self._worker_group)
         rdzv_handler = spec.rdzv_handler
         while True:
-            self._clock.sleep(spec.monitor_interval)
+            self._wait_for_worker_event(spec.monitor_interval)
             run_result = self._monitor_workers(self._worker_group)
             state = run_result.state
             self._worker_group.state = state
@@ -510,9 +523,7 @@ class SimpleElasticAgent(ElasticAgent):
                     self._stop_workers(self._worker_group)
                     self._worker_group.state = WorkerState.FAILED
                     return run_result
-                if self._remaining_restarts > 0:
-                    self._remaining_restarts -= 1
-                    self._bump_job_restart_count(rdzv_handler)
+                if self._consume_restart(rdzv_handler):
                     self._emit("agent.restart", restart_count=self._restart_count + 1, reason="worker_failed")
                     logger.info(
                         "[%s] worker group failed; restarting (%s/%s restarts left)",
@@ -587,18 +598,49 @@ class SimpleElasticAgent(ElasticAgent):
             logger.warning("rendezvous restart counter unavailable (%s); using the local count", e)
             return local
 
-    def _bump_job_restart_count(self, rdzv_handler) -> None:
+    def _consume_restart(self, rdzv_handler) -> bool:
+        """Spend one restart of the budget for this failure; return whether a restart is allowed.
+
+        With the rendezvous' job-wide counter the budget is the job's, not this process's: a failure round costs
+        one restart however many nodes saw it, and an agent that rejoins (new process, same run id) starts from the
+        job's count. Without the extension: a local countdown, like upstream.
+        """
+        max_restarts = self._worker_group.spec.max_restarts
+        job_count = self._bump_job_restart_count(rdzv_handler)
+        if job_count is None:
+            if self._remaining_restarts <= 0:
+                return False
+            self._remaining_restarts -= 1
+            return True
+        self._remaining_restarts = max(0, max_restarts - job_count)
+        if job_count > max_restarts:
+            logger.error(
+                "[%s] restart budget spent: this is failure round %s of the job and max_restarts=%s",
+                self._worker_group.spec.role, job_count, max_restarts,
+            )
+            return False
+        return True
+
+    def _bump_job_restart_count(self, rdzv_handler) -> int | None:
+        """Count this round's failure in the job-wide counter; return the count after it (None: no counter)."""
         fn = getattr(rdzv_handler, "increment_restart_count", None)
-        if fn is None:
-            return
+        get = getattr(rdzv_handler, "get_restart_count", None)
+        if fn is None or get is None:
+            return None
         try:
             # One failure usually breaks every node's workers (collectives fail): count one restart per round,
-            # bumped by whichever node notices first.
-            if self._store is not None and self._store.add(_RESTART_BUMP_KEY, 1) != 1:
-                return
-            fn()
+            # bumped by whichever node notices first; the others wait (briefly) to see that bump.
+            if self._store is None or self._store.add(_RESTART_BUMP_KEY, 1) == 1:
+                return int(fn())
+            deadline = self._clock.monotonic() + _RESTART_BUMP_WAIT
+            while True:
+                count = int(get())
+                if count > self._restart_count or self._clock.monotonic() > deadline:
+                    return max(count, self._restart_count + 1)
+                self._clock.sleep(0.05)
         except Exception as e:
-            logger.warning("could not increment the rendezvous restart counter: %s", e)
+            logger.warning("could not use the rendezvous restart counter (%s); counting restarts locally", e)
+            return None
 
     def _publish_failure(self, run_result: RunResult) -> None:
         """Tell the peers this node failed for good, with its root-cause failure (for their reports)."""
@@ -756,5 +798,9 @@ def _failure_to_dict(rank: int, failure: Any) -> dict[str, Any]:
         "exitcode": getattr(failure, "exitcode", None),
         "timestamp": getattr(failure, "timestamp", None) or int(time.time()),
         "message": str(message),
-        "host": socket.gethostname(),
+        "host": socket.getfqdn(),
+        "error_file": getattr(failure, "error_file", "") or "",
+        "stderr_file": getattr(failure, "stderr_file", None),
+        # the last lines of the worker's stderr travel with the report: the peer cannot read our files
+        "stderr_tail": list(getattr(failure, "stderr_tail", None) or [])[-20:],
     }

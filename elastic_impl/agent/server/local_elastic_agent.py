@@ -1,6 +1,12 @@
 """The local elastic agent: runs this node's workers as OS processes via ``elastic_impl.multiprocessing``.
 
 Public name and signature follow ``torch.distributed.elastic.agent.server.local_elastic_agent``.
+
+Worker timer server (same switch as upstream; torchrun has no CLI flag for it): with
+``TORCHELASTIC_ENABLE_FILE_TIMER=1`` in the agent's environment the agent runs a ``FileTimerServer`` on a named pipe
+(``TORCHELASTIC_TIMER_FILE`` if set, else a fresh path in the temp dir) and passes the path to every worker as
+``TORCHELASTIC_TIMER_FILE``. A worker that calls ``timer.configure(FileTimerClient(path))`` and overruns an
+``expires(after=...)`` block is SIGKILLed by the agent; the group then fails/restarts like for any other crash.
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ import logging
 import os
 import signal
 import string
+import tempfile
 import threading
+import uuid
 from typing import Any
 
 from elastic_impl.agent.server.api import (
@@ -27,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
 SHUTDOWN_GRACE_ENV = "TORCHELASTIC_SHUTDOWN_GRACE"
+ENABLE_FILE_TIMER_ENV = "TORCHELASTIC_ENABLE_FILE_TIMER"
+TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
+# How often the timer server looks for expired timers (upstream's agent uses the same 0.1 s).
+_TIMER_SERVER_INTERVAL = 0.1
 
 # Signals that make the agent stop its workers and leave (the job goes on without this node).
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -85,6 +97,8 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._health_check_server = health_check_server
         self._previous_handlers: dict[int, Any] = {}
         self._terminating = False
+        self._timer_server = None
+        self._timer_file: str | None = None
 
     # ------------------------------------------------------------------ signals
 
@@ -124,8 +138,8 @@ class LocalElasticAgent(SimpleElasticAgent):
     # ------------------------------------------------------------------ lifecycle
 
     def _log_line_prefixes(self, worker_group: WorkerGroup) -> dict[int, str] | None:
-        if not self._log_line_prefix_template:
-            return None
+        if self._log_line_prefix_template is None:
+            return None  # the default "[<role><local_rank>]:" prefix; "" means no prefix at all
         template = string.Template(self._log_line_prefix_template)
         return {
             w.local_rank: template.safe_substitute(
@@ -163,11 +177,47 @@ class LocalElasticAgent(SimpleElasticAgent):
             envs[worker.local_rank] = env
         return envs
 
+    def _setup_timer_server(self, envs: dict[int, dict[str, str]]) -> None:
+        """Start the worker timer server once (see the module docstring) and tell every worker its pipe."""
+        if os.environ.get(ENABLE_FILE_TIMER_ENV) == "1" and self._timer_server is None:
+            from elastic_impl.timer import FileTimerServer
+
+            path = os.environ.get(TIMER_FILE_ENV) or os.path.join(
+                tempfile.gettempdir(), f"elastic_timer_{uuid.uuid4().hex}"
+            )
+            run_id = next(iter(envs.values()))["TORCHELASTIC_RUN_ID"] if envs else ""
+            server = FileTimerServer(
+                file_path=path, run_id=run_id, max_interval=_TIMER_SERVER_INTERVAL, daemon=True,
+                log_event=self._on_timer_expired,
+            )
+            server.start()
+            self._timer_server, self._timer_file = server, path
+            logger.info("worker timer server listening on %s", path)
+        path = self._timer_file or os.environ.get(TIMER_FILE_ENV)
+        if path:
+            for env in envs.values():
+                env[TIMER_FILE_ENV] = path
+
+    def _on_timer_expired(self, name: str, request: Any) -> None:
+        pid = getattr(request, "worker_pid", None)
+        scope = getattr(request, "scope_id", None)
+        logger.error("worker pid %s overran its timer %r; the timer server kills it", pid, scope)
+        self._emit("agent.timer_expired", pid=pid, scope=scope)
+
+    def _stop_timer_server(self) -> None:
+        server, self._timer_server = self._timer_server, None
+        if server is not None:
+            try:
+                server.stop()
+            except Exception as e:
+                logger.warning("timer server did not stop cleanly: %s", e)
+
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         from elastic_impl.multiprocessing import start_processes
 
         spec = worker_group.spec
         envs = self._worker_envs(worker_group)
+        self._setup_timer_server(envs)
         args = {w.local_rank: _substitute_local_rank(tuple(spec.args), w.local_rank) for w in worker_group.workers}
         self._pcontext = start_processes(
             name=spec.role,
@@ -178,6 +228,8 @@ class LocalElasticAgent(SimpleElasticAgent):
             log_line_prefixes=self._log_line_prefixes(worker_group),
             start_method=self._start_method,
         )
+        # When one worker fails the context stops the others itself: with our grace, not a fixed 30 s.
+        self._pcontext.failure_close_timeout = self._shutdown_timeout
         return self._pcontext.pids()
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
@@ -196,6 +248,15 @@ class LocalElasticAgent(SimpleElasticAgent):
             except Exception as e:
                 logger.warning("health check server did not stop cleanly: %s", e)
         self._close_pcontext(death_sig, timeout)
+        self._stop_timer_server()
+
+    def _wait_for_worker_event(self, timeout: float) -> None:
+        # Event-driven: the context blocks on the workers' pidfds/sentinels, so an exit ends the wait at once.
+        pcontext = self._pcontext
+        if pcontext is None:
+            super()._wait_for_worker_event(timeout)
+            return
+        pcontext.wait(timeout, period=timeout)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         role = worker_group.spec.role

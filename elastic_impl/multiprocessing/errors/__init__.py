@@ -150,7 +150,7 @@ class ChildFailedError(Exception):
         lines = [
             f"[{idx}]:",
             f"  time      : {failure.timestamp_isoformat()}",
-            f"  host      : {_hostname()}",
+            f"  host      : {getattr(failure, 'host', None) or _hostname()}",  # a peer's failure names its host
             f"  rank      : {rank} (local_rank: {failure.local_rank})",
             f"  exitcode  : {failure.exitcode} (pid: {failure.pid})",
             f"  error_file: {error_file}",

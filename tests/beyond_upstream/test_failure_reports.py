@@ -1,0 +1,74 @@
+"""Issue 8.4: failure reports that explain, without @record, across nodes, never "<N/A>" where the facts exist.
+
+Upstream torchrun, for a script without @record, prints ``error_file: <N/A>`` and a link instead of the exception;
+on a node whose own workers were fine it has no idea what failed elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.beyond_upstream.conftest import TRAIN, agent_args, needs_runtime
+
+pytestmark = [pytest.mark.slow, needs_runtime]
+
+SINGLE = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "--monitor-interval", "0.1"]
+
+
+def _root_cause(err: str) -> str:
+    return err[err.rfind("Root Cause"):]
+
+
+def _run_single(launcher, tool, **env):
+    proc = launcher.start([*SINGLE, TRAIN], tool=tool, name=tool, TRAIN_FAIL_RANK="1", **env)
+    rc = launcher.wait(proc, 180)
+    return rc, launcher.output(proc)[1]
+
+
+@pytest.mark.parametrize("tool", ["elastic-run", "torchrun"])
+def test_exception_without_record_is_in_the_report(launcher, tool, measured):
+    rc, err = _run_single(launcher, tool, TRAIN_NO_RECORD="1", TRAIN_FAIL_MODE="raise")
+    assert rc == 1, err[-3000:]
+    root = _root_cause(err)
+    names_exception = "InjectedFailure: injected failure on rank 1" in root
+    measured(f"report.{tool}.no_record_names_exception", names_exception, "")
+    measured(f"report.{tool}.no_record_prints_NA", "<N/A>" in root, "")
+    if tool == "elastic-run":
+        assert names_exception, root
+        assert "stderr (last" in root and "Traceback" in root, root  # the worker's own traceback, from its stderr
+        assert "<N/A>" not in root, root
+
+
+@pytest.mark.parametrize("tool", ["elastic-run", "torchrun"])
+def test_signal_is_named_with_its_likely_cause(launcher, tool, measured):
+    rc, err = _run_single(launcher, tool, TRAIN_FAIL_MODE="kill")
+    assert rc == 1, err[-3000:]
+    root = _root_cause(err)
+    assert "SIGKILL" in root, root
+    measured(f"report.{tool}.sigkill_names_cause", "OOM killer" in root, "")
+    measured(f"report.{tool}.sigkill_prints_NA", "<N/A>" in root, "")
+    if tool == "elastic-run":
+        assert "OOM killer" in root and "<N/A>" not in root, root
+
+
+@pytest.mark.parametrize("tool", ["elastic-run", "torchrun"])
+def test_every_node_reports_the_jobs_root_cause(launcher, rdzv_store, tool, measured):
+    """Two nodes; rank 2 (node 1) raises. Node 0's workers were fine: its report must still name rank 2's error."""
+    env = dict(TRAIN_FAIL_RANK="2", TRAIN_FAIL_MODE="raise", TRAIN_NO_RECORD="1", TRAIN_MIN_WORLD_SIZE="4",
+               TRAIN_ALLREDUCE="1")
+    conf = "heartbeat=1" if tool == "elastic-run" else "keep_alive_interval=1"
+    agents = [
+        launcher.start([*agent_args(rdzv_store.port, "2", run_id=f"report-{tool}", conf=conf, tool=tool), TRAIN],
+                       tool=tool, name=f"{tool}-{i}", **env)
+        for i in range(2)
+    ]
+    codes = [launcher.wait(a, 300) for a in agents]
+    errs = [launcher.output(a)[1] for a in agents]
+    both = all("InjectedFailure" in _root_cause(e) and "rank      : 2" in _root_cause(e) for e in errs)
+    measured(f"report.{tool}.all_nodes_name_root_cause", both, "")
+    if tool == "elastic-run":
+        assert all(c != 0 for c in codes), (codes, [e[-2000:] for e in errs])
+        for e in errs:
+            root = _root_cause(e)
+            assert "rank      : 2" in root and "InjectedFailure" in root, e[-4000:]
+            assert "<N/A>" not in root, root
