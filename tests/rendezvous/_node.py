@@ -21,6 +21,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("action", choices=["join", "rejoin", "watch", "host"])
     parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--backend", default="c10d")
     parser.add_argument("--run-id", default="test")
     parser.add_argument("--min", type=int, default=1)
     parser.add_argument("--max", type=int, default=1)
@@ -28,6 +29,8 @@ def main() -> int:
     parser.add_argument("--last-call", default="1")
     parser.add_argument("--keep-alive", default="0.5")
     parser.add_argument("--read-timeout", default="5")
+    parser.add_argument("--liveness", default="10")
+    parser.add_argument("--hold", type=float, default=0.0, help="after rendezvous, keep heartbeating this long")
     args = parser.parse_args()
 
     if args.action == "host":
@@ -46,7 +49,7 @@ def main() -> int:
     handler = None
     try:
         params = RendezvousParameters(
-            "c10d",
+            args.backend,
             args.endpoint,
             args.run_id,
             args.min,
@@ -56,6 +59,7 @@ def main() -> int:
             last_call_timeout=args.last_call,
             keep_alive_interval=args.keep_alive,
             read_timeout=args.read_timeout,
+            store_liveness_timeout=args.liveness,
         )
         handler = rendezvous_handler_registry.create_handler(params)
         info = handler.next_rendezvous()
@@ -65,6 +69,13 @@ def main() -> int:
                 time.sleep(0.1)
             info = handler.next_rendezvous()
             emit(event="rendezvous", rank=info.rank, world_size=info.world_size, round=handler.get_round(), node=str(handler.node))
+        elif args.hold:
+            # Idle like an agent whose workers run: only the keep-alive thread and num_nodes_waiting() polls
+            # touch the store, so a store host that goes silent must still surface as an error.
+            deadline = time.monotonic() + args.hold
+            while time.monotonic() < deadline:
+                handler.num_nodes_waiting()
+                time.sleep(0.1)
         elif args.action == "watch":
             before = handler.get_participants()
             while handler.get_participants() == before:

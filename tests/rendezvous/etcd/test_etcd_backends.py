@@ -1,0 +1,167 @@
+"""etcd-v2 and etcd-v3 backends: compare-and-set, TTL, parameters and errors, against a real etcd."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from elastic_impl.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousParameters,
+    RendezvousStateError,
+    rendezvous_handler_registry,
+)
+
+pytestmark = pytest.mark.etcd
+
+BACKENDS = ["etcd-v2", "etcd-v3"]
+
+
+def _module(backend: str):
+    if backend == "etcd-v2":
+        from elastic_impl.rendezvous import etcd_rendezvous_backend as module
+    else:
+        from elastic_impl.rendezvous import etcd_v3_rendezvous_backend as module
+    return module
+
+
+def _create(backend, endpoint, run_id, **options):
+    params = RendezvousParameters(backend, endpoint, run_id, 1, 2, **options)
+    return _module(backend).create_backend(params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compare_and_set(backend, etcd_server, run_id):
+    first, _ = _create(backend, etcd_server.get_endpoint(), run_id)
+    second, _ = _create(backend, etcd_server.get_endpoint(), run_id)
+    assert first.name == backend
+    assert first.get_state() is None
+
+    state, token, ok = first.set_state(b"\x00one\xff")
+    assert ok and state == b"\x00one\xff"
+    assert second.get_state() == (b"\x00one\xff", token)
+
+    # A second "create" loses and sees the winner.
+    assert second.set_state(b"other") == (b"\x00one\xff", token, False)
+    # With the current token it wins; the stale token then loses and reports the new state.
+    state2, token2, ok2 = second.set_state(b"two", token)
+    assert ok2 and state2 == b"two" and token2 != token
+    assert first.set_state(b"stale", token) == (b"two", token2, False)
+    # A token this backend never handed out cannot match.
+    assert first.set_state(b"junk", "not-a-token") == (b"two", token2, False)
+    assert first.get_state() == (b"two", token2)
+
+    other, _ = _create(backend, etcd_server.get_endpoint(), run_id + "-other")
+    assert other.get_state() is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_writers_exactly_one_wins(backend, etcd_server, run_id):
+    import threading
+
+    backends = [_create(backend, etcd_server.get_endpoint(), run_id)[0] for _ in range(6)]
+    start = backends[0].set_state(b"0")
+    results = []
+    barrier = threading.Barrier(len(backends))
+
+    def write(b, i):
+        barrier.wait()
+        results.append(b.set_state(f"w{i}".encode(), start[1]))
+
+    threads = [threading.Thread(target=write, args=(b, i)) for i, b in enumerate(backends)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [r for r in results if r[2]]
+    assert len(winners) == 1
+    assert all(r[0] == winners[0][0] and r[1] == winners[0][1] for r in results)
+
+
+def test_v2_state_expires_after_its_ttl(etcd_server, run_id):
+    from elastic_impl.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend
+
+    backend = EtcdRendezvousBackend(etcd_server.get_client(), run_id, key_prefix="/test/ttl", ttl=1)
+    backend.set_state(b"short-lived")
+    assert backend.get_state() is not None
+    deadline = time.monotonic() + 10
+    while backend.get_state() is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert backend.get_state() is None
+
+
+def test_v3_state_is_bound_to_a_lease(etcd_server, run_id):
+    """The state key carries this process's lease (so it disappears ttl seconds after its last live writer)."""
+    import base64
+
+    from elastic_impl.rendezvous.etcd_v3_rendezvous_backend import EtcdV3Client, EtcdV3RendezvousBackend
+
+    client = EtcdV3Client(etcd_server.get_host(), etcd_server.get_port())
+    backend = EtcdV3RendezvousBackend(client, run_id, ttl=60)
+    backend.set_state(b"leased")
+    kv, _ = client.range(backend.key.encode())
+    lease = int(kv.get("lease", 0))
+    assert lease != 0
+    answer = client.post("/v3/lease/timetolive", {"ID": str(lease)})
+    assert 0 < int(answer["TTL"]) <= 60
+    assert base64.b64decode(kv["value"]) == b"leased"
+
+
+def test_corrupt_v2_state_is_a_state_error(etcd_server, run_id):
+    from elastic_impl.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend
+
+    client = etcd_server.get_client()
+    backend = EtcdRendezvousBackend(client, run_id, key_prefix="/test/corrupt")
+    client.write(backend.key, "%%% not base64 %%%")
+    with pytest.raises(RendezvousStateError, match=backend.key):
+        backend.get_state()
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "etcd"])
+def test_registry_creates_the_handler(backend, etcd_server, run_id):
+    params = RendezvousParameters(backend, etcd_server.get_endpoint(), run_id, 1, 1, timeout=10, join_timeout=10)
+    handler = rendezvous_handler_registry.create_handler(params)
+    try:
+        assert handler.get_backend() == backend
+        assert handler.get_run_id() == run_id
+        assert handler.is_closed() is False
+        assert handler.num_nodes_waiting() == 0
+    finally:
+        handler.shutdown()
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "etcd"])
+def test_unreachable_endpoint_fails_fast_naming_it(backend, private_etcd_server, run_id):
+    endpoint = private_etcd_server.get_endpoint()
+    private_etcd_server.stop()  # a port nobody listens on any more
+    started = time.monotonic()
+    with pytest.raises(RendezvousConnectionError) as info:
+        rendezvous_handler_registry.create_handler(RendezvousParameters(backend, endpoint, run_id, 1, 1))
+    assert time.monotonic() - started < 5
+    assert endpoint in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "etcd"])
+@pytest.mark.parametrize(
+    ("endpoint", "options", "named"),
+    [
+        ("http://127.0.0.1:2379", {}, "http://127.0.0.1:2379"),
+        ("127.0.0.1:notaport", {}, "notaport"),
+        ("127.0.0.1:99999", {}, "99999"),
+        ("127.0.0.1:2379", {"protocol": "gopher"}, "gopher"),
+        ("127.0.0.1:2379", {"read_timeout": "soon"}, "soon"),
+        ("127.0.0.1:2379", {"connect_timeout": "-1"}, "-1"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors_naming_the_value(backend, endpoint, options, named):
+    with pytest.raises(ValueError) as info:
+        rendezvous_handler_registry.create_handler(RendezvousParameters(backend, endpoint, "run", 1, 1, **options))
+    message = str(info.value)
+    assert named in message and "\n" not in message
+
+
+def test_missing_run_id_is_a_one_line_error():
+    with pytest.raises(ValueError, match="run_id") as info:
+        RendezvousParameters("etcd-v2", "127.0.0.1:2379", "", 1, 1)
+    assert "\n" not in str(info.value)
