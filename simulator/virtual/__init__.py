@@ -1,0 +1,19 @@
+"""Virtual-time mode: the real rendezvous state machine (``RendezvousStepper``) on a virtual clock, over a
+simulated store with latency, loss and partitions, driven by simulated agents. Deterministic per seed."""
+
+from .clock import EPOCH, NodeClock, VirtualClock
+from .sim import SimResult, Simulation, rendezvous_scenario, run_rendezvous_round, run_virtual
+from .store import SimStore, SimStoreClient
+
+__all__ = [
+    "EPOCH",
+    "NodeClock",
+    "SimResult",
+    "SimStore",
+    "SimStoreClient",
+    "Simulation",
+    "VirtualClock",
+    "rendezvous_scenario",
+    "run_rendezvous_round",
+    "run_virtual",
+]

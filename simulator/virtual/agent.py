@@ -1,0 +1,304 @@
+"""A simulated elastic agent: the run loop of ``elastic_impl``'s agent on virtual time, around a real
+:class:`~elastic_impl.rendezvous.dynamic_rendezvous.RendezvousStepper`.
+
+What is simulated: processes (workers "train" as timed events), the monitor loop, restarts. What is NOT simulated:
+the rendezvous protocol itself, which is the real state machine stepping over the simulated store.
+
+Agent loop (mirrors ``SimpleElasticAgent._invoke_run``): join -> start workers -> every ``monitor`` seconds: a
+failed worker consumes a restart (bumping the job-wide counter once per round) and re-joins, or fails the job and
+closes the run when restarts are exhausted; succeeded workers end the agent and close the run; healthy workers
+re-join when nodes wait or the participants changed (a "membership" restart, free). After its first round the agent
+heartbeats every ``heartbeat`` seconds. Store errors are retried for up to ``close`` seconds (the store client's
+timeout) before the agent fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from elastic_impl.rendezvous.api import RendezvousClosedError, RendezvousConnectionError
+from elastic_impl.rendezvous.dynamic_rendezvous import (
+    NodeDesc,
+    RendezvousStepper,
+    StepResult,
+    num_nodes_waiting_in,
+)
+
+from .. import history as h
+from .clock import NodeClock
+
+if TYPE_CHECKING:
+    from .sim import Simulation
+
+# Worker states.
+RUNNING, FAILED, STOPPED, SUCCEEDED = "running", "failed", "stopped", "succeeded"
+# Retries of one store step that lost a compare-and-set in the same instant (the stepper decides on the winner's
+# state right away, so more than a couple means heavy contention).
+_IMMEDIATE_RETRIES = 8
+_PID_BASE = 10_000
+
+
+def node_name_of(key: str) -> str:
+    """Node name from a stepper node key (``<addr>_<pid>_<local_id>``, addr being the node name)."""
+    return key.rsplit("_", 2)[0]
+
+
+class SimAgent:
+    def __init__(self, sim: Simulation, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.name = f"node{index}"
+        self.clock = NodeClock(sim.clock)
+        self.backend = sim.store.client(self.name)
+        self.node = NodeDesc(self.name, _PID_BASE + index, 0)
+        self.stepper = RendezvousStepper(self.backend, sim.settings, self.node, self.clock)
+        self.status = "new"  # new | joining | running | exited
+        self.exit_state: str | None = None
+        self.paused = False
+        self.remaining_restarts = sim.scenario.max_restarts
+        self.workers: dict[int, str] = {}
+        self.worker_fail_reason: dict[int, str] = {}
+        self.round: int | None = None
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        self.members: frozenset[str] = frozenset()
+        self.succeeded = False
+        self.keep_alive_on = False
+        self._store_error_since: float | None = None
+        # Bumped to cancel the callbacks of the previous phase (main loop) or of the heartbeat loop.
+        self._epoch = 0
+        self._ka_epoch = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def alive(self) -> bool:
+        return self.status != "exited"
+
+    @property
+    def now(self) -> float:
+        return self.sim.clock.now
+
+    def _record(self, event: str, **fields) -> None:
+        self.sim.history.record(self.now, self.name, event, **fields)
+
+    def _arm(self, delay: float, fn: Callable[[], None]) -> None:
+        self.sim.clock.after(delay, self._fire, self._epoch, fn)
+
+    def _fire(self, epoch: int, fn: Callable[[], None]) -> None:
+        if self.status == "exited" or epoch != self._epoch or self.paused:
+            return  # cancelled, dead, or paused (resume re-arms)
+        fn()
+
+    def _arm_keep_alive(self) -> None:
+        self.sim.clock.after(self.sim.settings.keep_alive_seconds, self._fire_keep_alive, self._ka_epoch)
+
+    def _fire_keep_alive(self, epoch: int) -> None:
+        if self.status == "exited" or epoch != self._ka_epoch or self.paused:
+            return
+        self.stepper.step("keep_alive")  # errors: a missed beat, like the real keep-alive thread logs and goes on
+        self._arm_keep_alive()
+
+    def _step_until_done(self, op: str) -> StepResult:
+        result = StepResult(done=False)
+        for _ in range(_IMMEDIATE_RETRIES):
+            result = self.stepper.step(op)
+            if result.done or result.error is not None:
+                return result
+        return result
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._record(h.AGENT_START, state="INIT")
+        self._begin_join()
+
+    def _begin_join(self) -> None:
+        self.status = "joining"
+        self._epoch += 1
+        self._record(h.RDZV_JOIN, round=self.stepper.state.round if self.round is not None else None)
+        self.stepper.begin_join()
+        self._store_error_since = None
+        self._arm(0.0, self._join_step)
+
+    def _join_step(self) -> None:
+        result = self.stepper.step("join")
+        if result.error is not None:
+            self._on_store_step_error(result.error, self._join_step)
+            return
+        self._store_error_since = None
+        if result.done:
+            self._on_round(result)
+            return
+        wait = (result.wait_until if result.wait_until is not None else self.now) - self.now
+        self._arm(max(wait, self.sim.store.round_trip(self.name)), self._join_step)
+
+    def _on_store_step_error(self, error: Exception, retry: Callable[[], None]) -> None:
+        if isinstance(error, RendezvousClosedError):
+            self._exit("CLOSED", reason="rendezvous closed")
+            return
+        if isinstance(error, RendezvousConnectionError):
+            if self._store_error_since is None:
+                self._store_error_since = self.now
+            if self.now - self._store_error_since <= self.sim.settings.timeout.close.total_seconds():
+                self._arm(max(0.1, self.sim.store.round_trip(self.name)), retry)
+                return
+        self._exit("FAILED", reason=f"{type(error).__name__}: {error}")
+
+    def _on_round(self, result: StepResult) -> None:
+        state = self.stepper.state
+        by_rank = sorted(state.participants.items(), key=lambda kv: kv[1])
+        participants = [node_name_of(k) for k, _ in by_rank]
+        self.round, self.rank, self.world_size = result.round, result.rank, result.world_size
+        self.members = frozenset(state.participants)
+        restart_count = state.restart_count
+        self._record(
+            h.RDZV_COMPLETE, round=self.round, rank=self.rank, world_size=self.world_size,
+            detail={"participants": participants} if self.sim.record_participants else {},
+        )
+        wpn = self.sim.scenario.workers_per_node
+        self.workers = {lr: RUNNING for lr in range(wpn)}
+        self.worker_fail_reason = {}
+        for lr in range(wpn):
+            self._record(
+                h.WORKER_START, round=self.round, rank=self.rank * wpn + lr, world_size=self.world_size * wpn,
+                detail={"local_rank": lr, "restart_count": restart_count},
+            )
+        self.status = "running"
+        self._epoch += 1
+        if not self.keep_alive_on:
+            self.keep_alive_on = True
+            self._arm_keep_alive()
+        self.sim.round_started(self, self.round, participants)
+        self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
+
+    def _stop_workers(self, exitcode: int) -> None:
+        for lr, st in self.workers.items():
+            if st in (RUNNING, FAILED):
+                code = -9 if st == FAILED else exitcode
+                self._record(h.WORKER_EXIT, round=self.round, rank=(self.rank or 0) * len(self.workers) + lr,
+                             detail={"local_rank": lr, "exitcode": code})
+                self.workers[lr] = STOPPED
+
+    def _monitor(self) -> None:
+        failed = [lr for lr, st in self.workers.items() if st == FAILED]
+        if failed:
+            self._on_worker_failure(failed)
+            return
+        if self.succeeded:
+            self._succeed()
+            return
+        result = self.stepper.step("sync")
+        if result.error is None:
+            state = self.stepper.state
+            if state.closed:
+                self._stop_workers(-15)
+                self.sim.break_round(self.round)
+                self._exit("STOPPED", reason="rendezvous closed while workers ran (the job ended elsewhere)")
+                return
+            waiting = num_nodes_waiting_in(state, self.sim.settings, self.stepper.completed_round)
+            if waiting > 0 or frozenset(state.participants) != self.members:
+                reason = f"{waiting} node(s) waiting" if waiting > 0 else "participants changed"
+                self._restart("membership", reason)
+                return
+        self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
+
+    def _on_worker_failure(self, failed: list[int]) -> None:
+        wpn = len(self.workers)
+        for lr in failed:
+            self._record(h.WORKER_FAILED, round=self.round, rank=(self.rank or 0) * wpn + lr, state="FAILED",
+                         detail={"local_rank": lr, "exitcode": -9, "reason": self.worker_fail_reason.get(lr, "SIGKILL")})
+        self.sim.break_round(self.round)
+        if self.remaining_restarts > 0:
+            self.remaining_restarts -= 1
+            if self.sim.claim_restart_bump(self.round):
+                self._step_until_done("increment_restart_count")
+            self._restart("worker_failed", f"local rank(s) {failed} failed")
+            return
+        self._stop_workers(-15)
+        reason = f"{self.name}: workers failed and max_restarts={self.sim.scenario.max_restarts} is exhausted"
+        self.sim.job_failed(reason)
+        self._step_until_done("close")
+        self._exit("FAILED", reason=reason)
+
+    def _restart(self, kind: str, why: str) -> None:
+        self._record(h.RESTART, round=self.round, detail={
+            "restart_count": self.stepper.state.restart_count, "reason": kind, "why": why})
+        self._stop_workers(-15)
+        self.sim.break_round(self.round)
+        self._begin_join()
+
+    def _succeed(self) -> None:
+        for lr in self.workers:
+            self._record(h.WORKER_EXIT, round=self.round, rank=(self.rank or 0) * len(self.workers) + lr,
+                         detail={"local_rank": lr, "exitcode": 0})
+            self.workers[lr] = SUCCEEDED
+        self.sim.job_succeeded()
+        # The launcher closes the run once the job ended, so waiting nodes stop too.
+        self._step_until_done("close")
+        self._exit("SUCCEEDED")
+
+    def _exit(self, state: str, reason: str | None = None) -> None:
+        if self.status == "exited":
+            return
+        self.status = "exited"
+        self.exit_state = state
+        self._record(h.AGENT_EXIT, state=state, detail={"reason": reason} if reason else {})
+        self.sim.agent_exited(self)
+
+    # ------------------------------------------------------------------ faults (the nemesis calls these)
+
+    def kill_worker(self, local_rank: int, reason: str) -> bool:
+        if self.status != "running" or self.workers.get(local_rank) != RUNNING:
+            return False
+        self.workers[local_rank] = FAILED
+        self.worker_fail_reason[local_rank] = reason
+        self.sim.break_round(self.round)  # its peers' collectives stall from here on
+        return True
+
+    def kill(self) -> bool:
+        """SIGKILL the agent: its workers die with it (process-group kill), heartbeats stop, nothing is cleaned up
+        in the store."""
+        if not self.alive:
+            return False
+        self._stop_workers(-9)
+        if self.status == "running":
+            self.sim.break_round(self.round)
+        self._exit("KILLED", reason="SIGKILL")
+        return True
+
+    def pause(self) -> bool:
+        if not self.alive or self.paused:
+            return False
+        self.paused = True
+        return True
+
+    def resume(self) -> bool:
+        if not self.alive or not self.paused:
+            return False
+        self.paused = False
+        self._epoch += 1
+        self._ka_epoch += 1
+        if self.status == "joining":
+            self._arm(0.0, self._join_step)
+        elif self.status == "running":
+            self._arm(0.0, self._monitor)
+        if self.keep_alive_on:
+            self._fire_keep_alive(self._ka_epoch)
+        return True
+
+    def leave(self) -> bool:
+        """SIGTERM: stop the workers, leave the rendezvous (survivors re-form), exit."""
+        if not self.alive:
+            return False
+        self._stop_workers(-15)
+        if self.status == "running":
+            self.sim.break_round(self.round)
+        self._step_until_done("leave")
+        self._exit("LEFT", reason="SIGTERM")
+        return True
+
+    def tear_down(self) -> None:
+        self._stop_workers(-15)
+        self._exit("TORN_DOWN", reason="simulation ended")

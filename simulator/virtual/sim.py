@@ -1,0 +1,330 @@
+"""The virtual-time simulation: agents, the simulated store and the nemesis on one event queue."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousSettings, RendezvousTimeout
+
+from .. import history as h
+from ..history import History
+from ..scenario import Fault, Job, Scenario, StoreConfig, Timeouts
+from .agent import RUNNING, SimAgent
+from .clock import VirtualClock
+from .store import SimStore
+
+# Initial agents start within this many virtual seconds (process start-up spread), drawn from the seed.
+START_SPREAD = 0.05
+
+
+@dataclass
+class _Round:
+    number: int
+    members: set[str]
+    started: set[str] = field(default_factory=set)
+    training: bool = False
+    broken: bool = False
+    begin: float = 0.0
+    restart_bumped: bool = False
+
+
+@dataclass
+class SimResult:
+    history: History
+    virtual_seconds: float
+    wall_seconds: float
+    events_processed: int
+    store: dict[str, int]
+    outcome: str | None
+    stopped_by: str  # "done" | "time_limit" | "stop_when" | "idle"
+
+    @property
+    def events(self) -> int:
+        """Simulation events processed (scheduled callbacks run)."""
+        return self.events_processed
+
+
+class Simulation:
+    """One virtual run of ``scenario``. Deterministic: the same scenario (and seed) gives the same history."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        record_participants: bool = True,
+        progress: Callable[[float, float], None] | None = None,
+    ) -> None:
+        if scenario.mode != "virtual":
+            raise ValueError(f"scenario {scenario.name!r} has mode={scenario.mode!r}; the virtual simulator needs mode: virtual")
+        self.scenario = scenario
+        self.record_participants = record_participants
+        self.progress = progress
+        self.rng = random.Random(scenario.seed)
+        self.clock = VirtualClock()
+        cfg = scenario.store
+        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas)
+        t = scenario.timeouts
+        self.settings = RendezvousSettings(
+            run_id=f"sim-{scenario.seed}",
+            min_nodes=scenario.min_nodes,
+            max_nodes=scenario.max_nodes,
+            timeout=RendezvousTimeout(join=t.join, last_call=t.last_call, close=t.close, heartbeat=t.heartbeat),
+            keep_alive_interval=t.heartbeat,
+            keep_alive_max_attempt=t.keep_alive_max_attempt,
+        )
+        self.history = History()
+        self.agents: dict[int, SimAgent] = {}
+        self.rounds: dict[int, _Round] = {}
+        self.progress_steps = 0
+        # Nodes that got a rank in some round.
+        self.ranked: set[str] = set()
+        self.outcome: str | None = None
+        self._next_index = scenario.nodes
+
+    # ------------------------------------------------------------------ job model
+
+    def round_started(self, agent: SimAgent, number: int, participants: list[str]) -> None:
+        rnd = self.rounds.get(number)
+        if rnd is None:
+            rnd = self.rounds[number] = _Round(number, set(participants))
+        rnd.started.add(agent.name)
+        self.ranked.add(agent.name)
+        if not rnd.broken and not rnd.training and rnd.members <= rnd.started:
+            # Every member's workers run: training resumes from the last checkpoint (one per step).
+            rnd.training = True
+            rnd.begin = self.clock.now
+            remaining = self.scenario.job.steps - self.progress_steps
+            self.clock.after(remaining * self.scenario.job.step_seconds, self._round_finished, rnd)
+
+    def break_round(self, number: int | None) -> None:
+        rnd = self.rounds.get(number) if number is not None else None
+        if rnd is None or rnd.broken:
+            return
+        rnd.broken = True
+        if rnd.training:
+            done = int((self.clock.now - rnd.begin) / self.scenario.job.step_seconds + 1e-9)
+            self.progress_steps = min(self.scenario.job.steps, self.progress_steps + done)
+
+    def _round_finished(self, rnd: _Round) -> None:
+        if rnd.broken:
+            return
+        self.progress_steps = self.scenario.job.steps
+        for agent in self.agents.values():
+            if agent.alive and agent.status == "running" and agent.round == rnd.number and agent.name in rnd.members:
+                agent.succeeded = True  # the agent notices at its next monitor tick
+
+    def claim_restart_bump(self, number: int | None) -> bool:
+        """Whether this node is the first of its round to count a restart (the agent's once-per-round rule)."""
+        rnd = self.rounds.get(number) if number is not None else None
+        if rnd is None:
+            return True
+        if rnd.restart_bumped:
+            return False
+        rnd.restart_bumped = True
+        return True
+
+    def job_succeeded(self) -> None:
+        if self.outcome is None:
+            self.outcome = "succeeded"
+            self.history.record(self.clock.now, "job", h.JOB_SUCCEEDED, state="SUCCEEDED")
+
+    def job_failed(self, reason: str) -> None:
+        if self.outcome is None:
+            self.outcome = "failed"
+            self.history.record(self.clock.now, "job", h.JOB_FAILED, state="FAILED", detail={"reason": reason})
+
+    def agent_exited(self, agent: SimAgent) -> None:
+        if self.outcome is None and not any(a.alive for a in self.agents.values()) and not self._nodes_still_coming():
+            self.job_failed("every agent exited before the job succeeded")
+
+    def _nodes_still_coming(self) -> bool:
+        return any(f.fault == "add_node" and f.at > self.clock.now for f in self.scenario.faults)
+
+    # ------------------------------------------------------------------ nemesis
+
+    def _agent(self, fault: Fault) -> SimAgent | None:
+        return self.agents.get(fault.node) if fault.node is not None else None
+
+    def _apply(self, fault: Fault) -> None:
+        detail: dict[str, Any] = fault.to_dict()
+        detail.pop("at", None)
+        if fault.node is not None:
+            detail["target"] = f"node{fault.node}"
+        agent = self._agent(fault)
+        name = fault.fault
+        undo: Callable[[], None] | None = None
+        fired = True
+        if name in ("kill_worker", "expire_timer"):
+            reason = "SIGKILL" if name == "kill_worker" else "timer expired (reaped with SIGKILL)"
+            fired = agent is not None and agent.kill_worker(fault.rank or 0, reason)
+        elif name == "kill_agent":
+            fired = agent is not None and agent.kill()
+        elif name == "pause_agent":
+            fired = agent is not None and agent.pause()
+            if fired:
+                undo = agent.resume
+        elif name == "partition":
+            self.store.partition(f"node{fault.node}")
+            undo = lambda: self.store.heal(f"node{fault.node}")  # noqa: E731
+        elif name == "delay":
+            self.store.delay(f"node{fault.node}", float(fault.seconds or 0.0))
+            undo = lambda: self.store.heal(f"node{fault.node}")  # noqa: E731
+        elif name == "heal":
+            self.store.heal(f"node{fault.node}" if fault.node is not None else None)
+            for a in self.agents.values():
+                if fault.node is None or a.index == fault.node:
+                    a.resume()
+        elif name == "restart_store":
+            self.store.down = True
+
+            def undo() -> None:
+                self.store.down = False
+
+            if fault.duration is None:
+                fault = Fault(fault.at, fault.fault, fault.node, fault.rank, 1.0, fault.seconds, fault.signal, fault.args)
+        elif name == "clock_skew":
+            fired = agent is not None and agent.alive
+            if fired:
+                skew = float(fault.seconds or 0.0)
+                agent.clock.skew += skew
+
+                def undo() -> None:
+                    agent.clock.skew -= skew
+        elif name == "add_node":
+            index = fault.node if fault.node is not None else self._next_index
+            fired = index not in self.agents
+            if fired:
+                self._next_index = max(self._next_index, index + 1)
+                self.history.record(self.clock.now, "client", h.OP, detail={"op": "add_node", "node": f"node{index}"})
+                self._start_agent(index)
+        elif name == "remove_node":
+            fired = agent is not None and agent.alive
+            if fired:
+                self.history.record(self.clock.now, "client", h.OP, detail={"op": "remove_node", "node": agent.name})
+                agent.leave()
+        if not fired:
+            detail["noop"] = True
+        # Recorded after the action so the history shows the fault next to its first effects, at the same time.
+        self.history.record(self.clock.now, "nemesis", h.FAULT_START, detail=detail)
+        if fired and undo is not None and fault.duration is not None:
+            self.clock.after(fault.duration, self._undo, undo, detail)
+
+    def _undo(self, undo: Callable[[], None], detail: dict[str, Any]) -> None:
+        undo()
+        self.history.record(self.clock.now, "nemesis", h.FAULT_END, detail=detail)
+
+    # ------------------------------------------------------------------ running
+
+    def _start_agent(self, index: int) -> SimAgent:
+        agent = SimAgent(self, index)
+        self.agents[index] = agent
+        agent.start()
+        return agent
+
+    def run(self, stop_when: Callable[[Simulation], bool] | None = None) -> SimResult:
+        wall0 = time.perf_counter()
+        for index in range(self.scenario.nodes):
+            self.clock.schedule(self.rng.uniform(0.0, START_SPREAD), self._start_agent, index)
+        for fault in self.scenario.faults:
+            self.clock.schedule(fault.at, self._apply, fault)
+        limit = self.scenario.time_limit
+        stopped_by = "idle"
+        next_report = 0.0
+        while True:
+            t = self.clock.next_time()
+            if t is None:
+                break
+            if t > limit:
+                stopped_by = "time_limit"
+                self.clock.now = limit
+                break
+            self.clock.run_next()
+            if stop_when is not None and stop_when(self):
+                stopped_by = "stop_when"
+                break
+            if self.outcome is not None and not any(a.alive for a in self.agents.values()):
+                stopped_by = "done"
+                break
+            if self.progress is not None and self.clock.processed % 2048 == 0:
+                wall = time.perf_counter()
+                if wall >= next_report:
+                    next_report = wall + 0.2
+                    self.progress(self.clock.now, limit)
+        if stopped_by != "stop_when":
+            self._finish()
+        return SimResult(
+            history=self.history,
+            virtual_seconds=self.clock.now,
+            wall_seconds=time.perf_counter() - wall0,
+            events_processed=self.clock.processed,
+            store=self.store.counters(),
+            outcome=self.outcome,
+            stopped_by=stopped_by,
+        )
+
+    def _finish(self) -> None:
+        for agent in self.agents.values():
+            if agent.alive:
+                agent.tear_down()
+        # Processes whose agent is gone but which still run would be orphans; the simulated runtime stops a node's
+        # workers with its agent, and this check holds it to that.
+        orphans = [
+            f"{agent.name}/local_rank{lr}"
+            for agent in self.agents.values()
+            for lr, st in agent.workers.items()
+            if not agent.alive and st == RUNNING
+        ]
+        self.history.record(self.clock.now, "cluster", h.ORPHAN_CHECK, detail={"orphans": orphans})
+
+
+def run_virtual(scenario: Scenario, progress: Callable[[float, float], None] | None = None) -> SimResult:
+    """Run a virtual-mode scenario to its end (job outcome with every agent gone, or ``time_limit``)."""
+    return Simulation(scenario, progress=progress).run()
+
+
+def rendezvous_scenario(nodes: int, seed: int = 0, latency: float = 0.001, faults: list[Fault] | None = None,
+                        broken_cas: bool = False) -> Scenario:
+    """A scenario of ``nodes`` agents forming one round (min = max = nodes), for scale runs."""
+    return Scenario(
+        name=f"rendezvous of {nodes} nodes",
+        mode="virtual",
+        nodes=nodes,
+        workers_per_node=1,
+        min_nodes=nodes,
+        max_nodes=nodes,
+        max_restarts=3,
+        timeouts=Timeouts(join=600.0, last_call=5.0, heartbeat=5.0, close=30.0, monitor=1.0),
+        job=Job(steps=1, step_seconds=1.0),
+        seed=seed,
+        store=StoreConfig(latency=latency, loss=0.0, broken_cas=broken_cas),
+        faults=list(faults or []),
+    ).validate()
+
+
+def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001) -> dict[str, Any]:
+    """Run until every one of ``nodes`` agents has a rank in the first round; report cost and store traffic."""
+    scenario = rendezvous_scenario(nodes, seed, latency)
+    sim = Simulation(scenario, record_participants=False)
+    def all_ranked(s: Simulation) -> bool:
+        return len(s.ranked) >= nodes
+
+    result = sim.run(stop_when=all_ranked)
+    store = result.store
+    total_bytes = store["bytes_read"] + store["bytes_written"]
+    return {
+        "nodes": nodes,
+        "completed": len(sim.ranked) >= nodes,
+        "events": result.events_processed,
+        "wall_s": result.wall_seconds,
+        "events_per_s": result.events_processed / result.wall_seconds if result.wall_seconds else None,
+        "virtual_s": result.virtual_seconds,
+        "store_calls": store["get_calls"] + store["set_calls"],
+        "store_bytes": total_bytes,
+        "store_bytes_per_node": total_bytes / nodes,
+        "failed_cas": store["failed_cas"],
+        "final_state_bytes": len(sim.store.current() or b""),
+    }
+

@@ -1,0 +1,173 @@
+"""The simulated rendezvous store: an in-memory :class:`RendezvousBackend` with latency, loss and partitions.
+
+Model. The store keeps every recent version of the state blob with the virtual time it was written. A read
+issued by a node returns the version that was current ``d`` seconds ago, ``d`` drawn uniformly from
+``[0, latency + node delay]``: the request reached the store that long before the node acts on the answer, so writes
+landing in between are missed, exactly the window a compare-and-set must guard. Writes land at the current time and
+are checked against the current version (the token). A node stepping again at least ``latency + delay`` after its
+last call always sees its own writes.
+
+Faults: ``partition(node)``/``heal(node)`` make every call of that node raise ``RendezvousConnectionError``;
+``delay(node, seconds)`` adds latency; ``down`` makes the whole store unreachable (``restart_store``); ``loss`` is
+the probability that any call fails. ``broken_cas=True`` is TEST-ONLY: writes succeed whatever their token.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from typing import Any
+
+from elastic_impl.rendezvous._backend import RendezvousBackend
+from elastic_impl.rendezvous.api import RendezvousConnectionError
+
+from .clock import VirtualClock
+
+_PRUNE_AT = 256
+
+
+class SimStore:
+    def __init__(
+        self,
+        clock: VirtualClock,
+        rng: random.Random,
+        latency: float = 0.0,
+        loss: float = 0.0,
+        broken_cas: bool = False,
+    ) -> None:
+        self.clock = clock
+        self.rng = rng
+        self.latency = latency
+        self.loss = loss
+        self.broken_cas = broken_cas
+        self.down = False
+        self.partitioned: set[str] = set()
+        self.delays: dict[str, float] = {}
+        # Versions base+1 .. base+len(times): write times and blobs.
+        self._times: list[float] = []
+        self._blobs: list[bytes] = []
+        self._base = 0
+        self.get_calls = 0
+        self.set_calls = 0
+        self.failed_cas = 0
+        self.failed_calls = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # ------------------------------------------------------------------ faults
+
+    def partition(self, node: str) -> None:
+        self.partitioned.add(node)
+
+    def heal(self, node: str | None = None) -> None:
+        """Undo partitions and delays of ``node`` (all nodes when None)."""
+        if node is None:
+            self.partitioned.clear()
+            self.delays.clear()
+        else:
+            self.partitioned.discard(node)
+            self.delays.pop(node, None)
+
+    def delay(self, node: str, seconds: float) -> None:
+        self.delays[node] = seconds
+
+    def round_trip(self, node: str) -> float:
+        """Time a call of ``node`` takes; a node steps again no sooner than this."""
+        return self.latency + self.delays.get(node, 0.0)
+
+    # ------------------------------------------------------------------ calls
+
+    def _check_reachable(self, node: str, op: str) -> None:
+        reason = None
+        if self.down:
+            reason = "store is down (restarting)"
+        elif node in self.partitioned:
+            reason = f"{node} is partitioned from the store"
+        elif self.loss and self.rng.random() < self.loss:
+            reason = "message lost"
+        if reason:
+            self.failed_calls += 1
+            raise RendezvousConnectionError(f"sim store: {op} from {node} failed: {reason}")
+
+    @property
+    def version(self) -> int:
+        return self._base + len(self._times)
+
+    def current(self) -> bytes | None:
+        return self._blobs[-1] if self._blobs else None
+
+    def get_state(self, node: str) -> tuple[bytes, Any] | None:
+        self._check_reachable(node, "get_state")
+        self.get_calls += 1
+        if not self._times:
+            return None
+        window = self.round_trip(node)
+        index = len(self._times) - 1
+        if window > 0:
+            seen_at = self.clock.now - self.rng.uniform(0.0, window)
+            if self._times[index] > seen_at:
+                index = bisect_right(self._times, seen_at) - 1
+                if index < 0:
+                    if self._base == 0:
+                        return None
+                    index = 0  # pruned history: the oldest kept version is at most that stale
+        blob = self._blobs[index]
+        self.bytes_read += len(blob)
+        return blob, self._base + index + 1
+
+    def set_state(self, node: str, state: bytes, token: Any | None) -> tuple[bytes, Any, bool] | None:
+        self._check_reachable(node, "set_state")
+        self.set_calls += 1
+        self.bytes_written += len(state)
+        current_token = self.version if self._times else None
+        if token != current_token and not self.broken_cas:
+            self.failed_cas += 1
+            current = self.current()
+            if current is None:
+                return None
+            self.bytes_read += len(current)
+            return current, current_token, False
+        self._times.append(self.clock.now)
+        self._blobs.append(bytes(state))
+        if len(self._times) > _PRUNE_AT:
+            self._prune()
+        return state, self.version, True
+
+    def _prune(self) -> None:
+        horizon = self.clock.now - (self.latency + max(self.delays.values(), default=0.0))
+        keep_from = max(0, bisect_right(self._times, horizon) - 1)
+        if keep_from:
+            del self._times[:keep_from]
+            del self._blobs[:keep_from]
+            self._base += keep_from
+
+    def client(self, node: str) -> SimStoreClient:
+        return SimStoreClient(self, node)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "get_calls": self.get_calls,
+            "set_calls": self.set_calls,
+            "failed_cas": self.failed_cas,
+            "failed_calls": self.failed_calls,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+        }
+
+
+class SimStoreClient(RendezvousBackend):
+    """One node's connection to the :class:`SimStore` (partitions and delays are per node)."""
+
+    def __init__(self, store: SimStore, node: str) -> None:
+        self.store = store
+        self.node = node
+
+    @property
+    def name(self) -> str:
+        return "sim"
+
+    def get_state(self) -> tuple[bytes, Any] | None:
+        return self.store.get_state(self.node)
+
+    def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
+        return self.store.set_state(self.node, state, token)
