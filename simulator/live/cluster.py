@@ -1,0 +1,739 @@
+"""A live cluster on loopback: N real agents (``elastic-run``) as processes, a store they all share, faults.
+
+Layout of one run (everything under ``out_dir``)::
+
+    store process (TCPStore server, or etcd)      <- owned by the simulator: killing an agent never kills it
+      ^        ^
+    proxy0   proxy1  ...                          <- one loopback TCP proxy per node (partition / delay it alone)
+      ^        ^
+    node0    node1   ...                          <- python -m simulator.live.agent_main == elastic-run, each in its
+      |        |                                     own session, ELASTIC_IMPL_EVENTS_FILE=out_dir/nodeI/events.jsonl
+    workers  workers                              <- simulator/live/worker.py -> examples/train.py (markers, timers)
+
+The history is built from structured records only: the agents' events (``elastic_impl.events`` JSON lines), the
+workers' marker files (``examples/train.py``), what the simulator itself did (process starts, exits, faults) and an
+orphan check at the end. Every process of the run carries ``ELASTIC_SIM_RUN=<token>`` in its environment; the orphan
+check looks for that marker, so a process that escaped its agent is found whoever its parent is now.
+
+``Cluster`` is usable directly (and through the ``cluster`` pytest fixture)::
+
+    with Cluster(tmp_path, workers_per_node=2, max_restarts=1) as c:
+        c.start(nodes=2)
+        c.wait_for("worker_start", node=1)
+        c.kill_worker(node=1, rank=0)
+        assert c.wait() == "succeeded"
+    c.history  # simulator.history.History, orphan check included
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fault_injection import (
+    ClockSkew,
+    Delay,
+    ExpireTimer,
+    Fault,
+    FaultError,
+    HeartbeatDelay,
+    KillAgent,
+    KillWorker,
+    Partition,
+    PauseAgent,
+    RestartStore,
+    TcpProxy,
+)
+from fault_injection.clock import CLOCK_FILE_ENV, write_skew
+from fault_injection.processes import is_alive, kill_processes, processes_with_env
+from fault_injection.timers import TIMER_FILE_ENV
+from simulator import history as h
+from simulator.history import Event, History
+
+__all__ = ["Cluster", "LiveError", "RUN_MARKER_ENV", "default_train_script"]
+
+logger = logging.getLogger(__name__)
+
+RUN_MARKER_ENV = "ELASTIC_SIM_RUN"
+BACKENDS = ("c10d", "etcd-v2", "etcd-v3")
+_WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
+_POLL = 0.1
+
+
+class LiveError(RuntimeError):
+    """The live cluster cannot do what was asked (the message names the node/value and what is allowed)."""
+
+
+def default_train_script() -> str:
+    """``examples/train.py`` of this source tree."""
+    return str(Path(__file__).resolve().parents[2] / "examples" / "train.py")
+
+
+class _Node:
+    """One simulated node: its agent process, proxy, files and what the simulator learned about it."""
+
+    def __init__(self, index: int, directory: Path) -> None:
+        self.index = index
+        self.name = f"node{index}"
+        self.dir = directory
+        self.events_file = directory / "events.jsonl"
+        self.marker_dir = directory / "markers"
+        self.clock_file = directory / "clock"
+        self.timer_file = directory / "timer.fifo"
+        self.proc: subprocess.Popen | None = None
+        self.proxy: TcpProxy | None = None
+        self.timer_server = None
+        self.offset = 0  # bytes of events_file consumed
+        self.partial = b""
+        self.workers: dict[int, int] = {}  # local rank -> pid of the latest started workers
+        self.worker_round: int | None = None
+        self.killed_pids: set[int] = set()
+        self.lost = False  # killed or removed by the nemesis: not part of the job outcome
+        self.exit_recorded = False
+        self.agent_exit_event: dict | None = None
+        self.skews: list[tuple[float, float]] = [(0.0, 0.0)]  # (wall time from which, offset) of this node's clock
+        self.seen_markers: set[str] = set()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def skew_at(self, wall: float) -> float:
+        offset = 0.0
+        for since, value in self.skews:
+            if wall >= since:
+                offset = value
+        return offset
+
+
+class Cluster:
+    """Real agents on loopback sharing one store, each through its own proxy (see the module docstring).
+
+    Timeouts are seconds: ``join``, ``last_call``, ``heartbeat`` (keep-alive interval), ``close``,
+    ``keep_alive_max_attempt``, ``monitor`` (the agent's monitor interval), ``read`` (store client timeout).
+    ``job``: ``steps``, ``step_seconds`` and any extra ``TRAIN_*`` environment for ``examples/train.py``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        workers_per_node: int = 1,
+        min_nodes: int | None = None,
+        max_nodes: int | None = None,
+        max_restarts: int = 0,
+        backend: str = "c10d",
+        timeouts: dict[str, float] | None = None,
+        job: dict[str, Any] | None = None,
+        shutdown_grace: float = 3.0,
+        timers: bool = True,
+        train_script: str | None = None,
+        env: dict[str, str] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise LiveError(f"invalid live backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        if not isinstance(workers_per_node, int) or workers_per_node < 1:
+            raise LiveError(f"invalid workers_per_node {workers_per_node!r}; expected an integer >= 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.workers_per_node = workers_per_node
+        self.min_nodes = min_nodes
+        self.max_nodes = max_nodes
+        self.max_restarts = max_restarts
+        self.backend = backend
+        self.timeouts = {"join": 60.0, "last_call": 1.0, "heartbeat": 1.0, "close": 10.0,
+                         "keep_alive_max_attempt": 3, "monitor": 0.1, "read": 30.0}
+        self.timeouts.update(timeouts or {})
+        self.job = {"steps": 10, "step_seconds": 0.5}
+        self.job.update(job or {})
+        self.shutdown_grace = shutdown_grace
+        self.timers = timers
+        self.train_script = train_script or default_train_script()
+        if not os.path.isfile(self.train_script):
+            raise LiveError(f"training script {self.train_script!r} does not exist (pass train_script=)")
+        self.extra_env = dict(env or {})
+        self.run_id = run_id or f"sim-{uuid.uuid4().hex[:8]}"
+        self.token = uuid.uuid4().hex
+        self.nodes: list[_Node] = []
+        self.store = None
+        self.faults: list[Fault] = []
+        self.outcome: str | None = None
+        self._history = History()
+        self._lock = threading.RLock()
+        self._t0: float | None = None
+        self._collector: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------ time and history
+
+    def now(self) -> float:
+        """Seconds since the cluster started (the history's ``t``)."""
+        return 0.0 if self._t0 is None else time.time() - self._t0
+
+    def _t(self, wall: float) -> float:
+        return round(wall - (self._t0 or wall), 4)
+
+    def record(self, node: str, event: str, t: float | None = None, **fields: Any) -> Event:
+        with self._lock:
+            return self._history.append(Event(round(self.now() if t is None else t, 4), node, event, **fields))
+
+    @property
+    def history(self) -> History:
+        """Everything recorded so far, ordered by time."""
+        self.refresh()
+        with self._lock:
+            return self._history.sorted()
+
+    def refresh(self) -> None:
+        """Read new agent events, worker markers and process exits into the history."""
+        with self._lock:
+            for node in self.nodes:
+                self._read_events(node)
+                self._read_markers(node)
+                self._note_exit(node)
+
+    def _collect_loop(self) -> None:
+        while not self._stop.wait(_POLL):
+            try:
+                self.refresh()
+            except Exception as e:  # the collector must keep going; the next pass retries
+                logger.warning("history collector: %s", e)
+
+    # ------------------------------------------------------------------ start-up
+
+    def _resolved_bounds(self, nodes: int) -> tuple[int, int]:
+        lo = self.min_nodes if self.min_nodes is not None else nodes
+        hi = self.max_nodes if self.max_nodes is not None else max(nodes, lo)
+        if not 1 <= lo <= hi:
+            raise LiveError(f"invalid node bounds min_nodes={lo} max_nodes={hi}; expected 1 <= min_nodes <= max_nodes")
+        return lo, hi
+
+    def start(self, nodes: int = 2, workers: int | None = None) -> Cluster:
+        """Start the store and ``nodes`` agents (``workers`` per node overrides ``workers_per_node``)."""
+        if self._t0 is not None:
+            raise LiveError("cluster already started; use add_node() for more nodes")
+        if not isinstance(nodes, int) or nodes < 1:
+            raise LiveError(f"invalid nodes {nodes!r}; expected an integer >= 1")
+        if workers is not None:
+            if not isinstance(workers, int) or workers < 1:
+                raise LiveError(f"invalid workers {workers!r}; expected an integer >= 1")
+            self.workers_per_node = workers
+        self.min_nodes, self.max_nodes = self._resolved_bounds(nodes)
+        try:
+            self._start_store()
+            self._t0 = time.time()  # scenario time 0: the agents are launched (the store is already up)
+            self.record("store", h.OP, t=0.0, detail={"op": "store_start", "backend": self.backend,
+                                                      "endpoint": self.store.endpoint})
+            for _ in range(nodes):
+                self._start_node()
+        except BaseException:
+            self.close()
+            raise
+        self._collector = threading.Thread(target=self._collect_loop, name="sim-collector", daemon=True)
+        self._collector.start()
+        return self
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key in ("ELASTIC_IMPL_EVENTS_FILE", "MARKER_DIR", "OMP_NUM_THREADS", RUN_MARKER_ENV):
+            env.pop(key, None)
+        env.pop("PYTEST_XDIST_WORKER", None)
+        repo = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def _start_store(self) -> None:
+        if self.backend == "c10d":
+            from fault_injection.store import TCPStoreServer
+
+            self.store = TCPStoreServer(env=self._base_env()).start()
+        else:
+            from fault_injection.store import EtcdStoreServer
+
+            self.store = EtcdStoreServer(data_dir=str(self.out_dir / "etcd-data")).start()
+
+    def _rdzv_conf(self) -> str:
+        t = self.timeouts
+        conf = {
+            "join_timeout": t["join"],
+            "last_call_timeout": t["last_call"],
+            "close_timeout": t["close"],
+            "keep_alive_interval": t["heartbeat"],
+            "keep_alive_max_attempt": int(t["keep_alive_max_attempt"]),
+        }
+        if self.backend == "c10d":
+            conf["is_host"] = "false"  # the store is ours: no agent may host it
+            conf["read_timeout"] = t["read"]
+        return ",".join(f"{k}={v}" for k, v in conf.items())
+
+    def _start_node(self) -> _Node:
+        index = len(self.nodes)
+        node = _Node(index, self.out_dir / f"node{index}")
+        node.dir.mkdir(parents=True, exist_ok=True)
+        node.marker_dir.mkdir(exist_ok=True)
+        write_skew(str(node.clock_file), 0.0)
+        node.proxy = TcpProxy((self.store.host, self.store.port), name=node.name)
+        if self.timers:
+            from fault_injection.timers import WorkerTimerServer
+
+            node.timer_server = WorkerTimerServer(str(node.timer_file), run_id=self.run_id)
+        env = self._base_env()
+        env.update(
+            {
+                RUN_MARKER_ENV: self.token,
+                "ELASTIC_SIM_NODE": str(index),
+                "ELASTIC_IMPL_EVENTS_FILE": str(node.events_file),
+                "MARKER_DIR": str(node.marker_dir),
+                "TRAIN_STEPS": str(self.job["steps"]),
+                "TRAIN_STEP_SECONDS": str(self.job["step_seconds"]),
+                "ELASTIC_SIM_TRAIN_SCRIPT": self.train_script,
+                CLOCK_FILE_ENV: str(node.clock_file),
+                "OMP_NUM_THREADS": "1",
+            }
+        )
+        if self.timers:
+            env[TIMER_FILE_ENV] = str(node.timer_file)
+        for key, value in self.job.items():
+            if key.isupper():  # extra TRAIN_* knobs for examples/train.py
+                env[key] = str(value)
+        env.update(self.extra_env)
+        t = self.timeouts
+        cmd = [
+            sys.executable, "-m", "simulator.live.agent_main",
+            "--nnodes", f"{self.min_nodes}:{self.max_nodes}",
+            "--nproc-per-node", str(self.workers_per_node),
+            "--rdzv-backend", self.backend,
+            "--rdzv-endpoint", node.proxy.endpoint,
+            "--rdzv-id", self.run_id,
+            "--rdzv-conf", self._rdzv_conf(),
+            "--max-restarts", str(self.max_restarts),
+            "--monitor-interval", str(t["monitor"]),
+            "--local-addr", "127.0.0.1",
+            "--shutdown-grace", str(self.shutdown_grace),
+            _WORKER_SCRIPT,
+        ]
+        with open(node.dir / "agent.out", "ab") as out, open(node.dir / "agent.err", "ab") as err:
+            node.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        with self._lock:
+            self.nodes.append(node)
+        self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.proxy.endpoint})
+        return node
+
+    # ------------------------------------------------------------------ reading what happened
+
+    def _read_events(self, node: _Node) -> None:
+        try:
+            with open(node.events_file, "rb") as f:
+                f.seek(node.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        node.offset += len(data)
+        data = node.partial + data
+        *lines, node.partial = data.split(b"\n")
+        read_t = self.now()
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except ValueError:
+                logger.warning("%s: unparsable event line %r", node.name, line[:200])
+                continue
+            self._ingest(node, raw, read_t)
+
+    def _event_t(self, node: _Node, raw: dict, read_t: float) -> float:
+        ts = raw.get("timestamp")
+        if not ts:
+            return read_t  # rendezvous events carry no time: when we read them (within one collector poll)
+        wall = ts / 1000.0
+        return self._t(wall - node.skew_at(wall))  # undo this node's clock skew
+
+    def _ingest(self, node: _Node, raw: dict, read_t: float) -> None:
+        name = raw.get("name", "")
+        md = raw.get("metadata") or {}
+        t = self._event_t(node, raw, read_t)
+        n = node.name
+        if name == "agent.rendezvous":
+            self.record(n, h.RDZV_COMPLETE, t=t, round=md.get("round"), rank=md.get("group_rank"),
+                        world_size=md.get("group_world_size"), detail={"restart_count": md.get("restart_count")})
+        elif name == "agent.workers_started":
+            ranks, pids = md.get("ranks") or [], md.get("pids") or []
+            gws = md.get("group_world_size") or 0
+            node.workers = {lr: pid for lr, pid in enumerate(pids)}
+            node.worker_round = md.get("round")
+            for lr, (rank, pid) in enumerate(zip(ranks, pids, strict=False)):
+                self.record(n, h.WORKER_START, t=t, round=md.get("round"), rank=rank,
+                            world_size=gws * self.workers_per_node,
+                            detail={"local_rank": lr, "restart_count": md.get("restart_count"), "pid": pid})
+        elif name == "agent.worker_failed":
+            detail = {"exitcode": md.get("exitcode"), "signal": md.get("signal"), "local_rank": md.get("local_rank")}
+            self.record(n, h.WORKER_FAILED, t=t, round=md.get("round"), rank=md.get("rank"), detail=detail)
+            self.record(n, h.WORKER_EXIT, t=t, round=md.get("round"), rank=md.get("rank"), detail=dict(detail))
+        elif name == "agent.restart":
+            self.record(n, h.RESTART, t=t, detail={"restart_count": md.get("restart_count"),
+                                                   "reason": md.get("reason") or "worker_failed"})
+        elif name == "agent.membership_change":
+            self.record(n, h.RESTART, t=t, detail={"restart_count": md.get("restart_count"), "reason": "membership",
+                                                   "why": md.get("reason")})
+        elif name == "agent.exit":
+            node.agent_exit_event = {"t": t, "state": md.get("state"), "error": md.get("error"),
+                                     "signal": md.get("signal")}
+        elif name == "rdzv.join":
+            self.record(n, h.RDZV_JOIN, t=t, round=_round_in(raw.get("message", "")), state="joined")
+        elif name == "rdzv.open_round":
+            self.record(n, h.RDZV_JOIN, t=t, round=_round_in(raw.get("message", "")), state="opened")
+        elif name == "rdzv.wait":
+            after = _round_in(raw.get("message", ""))
+            self.record(n, h.RDZV_JOIN, t=t, round=None if after is None else after + 1, state="waiting")
+        elif name in ("rdzv.evict", "rdzv.leave", "rdzv.close", "rdzv.error"):
+            # not history events of their own; kept as ops so a reader sees why membership changed
+            self.record(n, h.OP, t=t, detail={"op": name, "message": raw.get("message", "")[:300]})
+
+    def _read_markers(self, node: _Node) -> None:
+        try:
+            names = os.listdir(node.marker_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith(".") or name in node.seen_markers or not name.endswith(".json"):
+                continue
+            path = node.marker_dir / name
+            try:
+                payload = json.loads(path.read_text())
+                mtime = path.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            if not payload.get("done"):
+                continue  # written again (atomically) with done=True when the worker finishes
+            node.seen_markers.add(name)
+            rank = int(payload["RANK"]) if payload.get("RANK") is not None else None
+            self.record(node.name, h.WORKER_EXIT, t=self._t(mtime), round=node.worker_round, rank=rank,
+                        detail={"exitcode": 0, "pid": payload.get("pid"),
+                                "restart_count": int(payload.get("TORCHELASTIC_RESTART_COUNT") or 0),
+                                "world_size": int(payload.get("WORLD_SIZE") or 0)})
+
+    def _note_exit(self, node: _Node) -> None:
+        if node.exit_recorded or node.proc is None:
+            return
+        code = node.proc.poll()
+        if code is None:
+            return
+        self._read_events(node)  # its last events are on disk before it exited
+        node.exit_recorded = True
+        info = node.agent_exit_event or {}
+        t = info.get("t", self.now())
+        detail = {"exitcode": code}
+        for key in ("error", "signal"):
+            if info.get(key):
+                detail[key] = info[key]
+        if code < 0:
+            detail["signal"] = signal.Signals(-code).name
+        state = info.get("state") or ("KILLED" if code < 0 else "UNKNOWN")
+        self.record(node.name, h.AGENT_EXIT, t=t, state=state, detail=detail)
+
+    # ------------------------------------------------------------------ queries
+
+    def node(self, index: int) -> _Node:
+        if not isinstance(index, int) or not 0 <= index < len(self.nodes):
+            raise LiveError(f"no node {index!r}; nodes are 0..{len(self.nodes) - 1}")
+        return self.nodes[index]
+
+    def worker_pids(self, node: int) -> dict[int, int]:
+        """``{local_rank: pid}`` of the workers the node's agent started last."""
+        self.refresh()
+        return dict(self.node(node).workers)
+
+    def wait_for(self, event: str, node: int | None = None, count: int = 1, timeout: float = 120.0,
+                 where: Callable[[Event], bool] | None = None) -> Event:
+        """Block until the history has ``count`` records of ``event`` (on ``node``); return the last of them."""
+        if event not in h.EVENT_NAMES:
+            raise LiveError(f"unknown history event {event!r}; allowed: {', '.join(h.EVENT_NAMES)}")
+        name = None if node is None else self.node(node).name
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.history.filter(event, name) if where is None or where(e)]
+            if len(found) >= count:
+                return found[count - 1]
+            if time.monotonic() > deadline:
+                raise LiveError(f"no {count} x {event} on {name or 'any node'} within {timeout:g} s (saw {len(found)})")
+            time.sleep(_POLL)
+
+    def _live_worker(self, node: _Node, rank: int, timeout: float) -> int:
+        """The pid of the node's current worker at local ``rank``, waiting (bounded) for one we did not kill."""
+        if not isinstance(rank, int) or not 0 <= rank < self.workers_per_node:
+            raise LiveError(f"invalid local rank {rank!r} on {node.name}; allowed 0..{self.workers_per_node - 1}")
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            pid = node.workers.get(rank)
+            if pid is not None and pid not in node.killed_pids and is_alive(pid):
+                return pid
+            if not node.running():
+                raise LiveError(f"{node.name} has exited; it has no worker at local rank {rank}")
+            if time.monotonic() > deadline:
+                raise LiveError(f"{node.name} started no live worker at local rank {rank} within {timeout:g} s")
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ the nemesis
+
+    def _on_fault(self, node: _Node | None, extra: dict[str, Any] | None = None) -> Callable[[str, dict], None]:
+        def on_event(name: str, detail: dict) -> None:
+            d = dict(detail)
+            if node is not None:
+                d.update(target=node.name, node=node.index)
+            d.update(extra or {})
+            self.record("nemesis", name, detail=d)
+
+        return on_event
+
+    def _apply(self, fault: Fault, node: _Node | None = None) -> Fault:
+        fault.sim_node = None if node is None else node.index  # type: ignore[attr-defined]
+        fault.inject()
+        if fault.active:
+            with self._lock:
+                self.faults.append(fault)
+        return fault
+
+    def kill_worker(self, node: int, rank: int = 0, timeout: float = 60.0) -> int:
+        """SIGKILL the worker at local ``rank`` of ``node`` (waits for one to be running); return its pid."""
+        n = self.node(node)
+        pid = self._live_worker(n, rank, timeout)
+        n.killed_pids.add(pid)
+        self._apply(KillWorker(pid, on_event=self._on_fault(n, {"rank": rank})))
+        return pid
+
+    def kill_agent(self, node: int) -> list[int]:
+        """SIGKILL the node: its agent and every process below it. Return the pids killed."""
+        n = self.node(node)
+        if not n.running():
+            raise LiveError(f"{n.name} is not running (its agent exited with {n.proc.returncode if n.proc else None})")
+        n.lost = True
+        fault = self._apply(KillAgent(n.pid, on_event=self._on_fault(n)))
+        n.killed_pids.update(fault.result or [])
+        return list(fault.result or [])
+
+    def pause_agent(self, node: int) -> Fault:
+        """SIGSTOP the node's agent (heal: :meth:`heal` or ``fault.heal()``)."""
+        n = self.node(node)
+        return self._apply(PauseAgent(n.pid, on_event=self._on_fault(n)), n)
+
+    def partition(self, node: int, mode: str = "blackhole") -> Fault:
+        """Cut ``node`` off the store: ``blackhole`` (nothing delivered until healed) or ``drop`` (connections
+        closed)."""
+        n = self.node(node)
+        return self._apply(Partition(n.proxy, mode=mode, on_event=self._on_fault(n)), n)
+
+    def delay(self, node: int, seconds: float) -> Fault:
+        """Add ``seconds`` of latency to ``node``'s store traffic."""
+        n = self.node(node)
+        return self._apply(Delay(n.proxy, seconds, on_event=self._on_fault(n)), n)
+
+    def heartbeat_delay(self, node: int, stop_seconds: float, period: float) -> Fault:
+        """Stop ``node``'s agent ``stop_seconds`` out of every ``period`` (late heartbeats, slow monitoring)."""
+        n = self.node(node)
+        return self._apply(HeartbeatDelay(n.pid, stop_seconds, period, on_event=self._on_fault(n)), n)
+
+    def clock_skew(self, node: int, seconds: float) -> Fault:
+        """Shift ``node``'s agent wall clock by ``seconds``."""
+        n = self.node(node)
+        fault = ClockSkew(str(n.clock_file), seconds, on_event=self._on_fault(n))
+        self._apply(fault, n)
+        n.skews.append((time.time(), float(seconds)))
+        return fault
+
+    def expire_timer(self, node: int, rank: int = 0, timeout: float = 60.0) -> int:
+        """Expire the watchdog timer of the worker at local ``rank``; the node's timer server reaps it."""
+        n = self.node(node)
+        if n.timer_server is None:
+            raise LiveError("expire_timer needs timers=True (a timer server per node)")
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self._live_worker(n, rank, max(0.0, deadline - time.monotonic()))
+            try:
+                self._apply(ExpireTimer(n.timer_server, pid, on_event=self._on_fault(n, {"rank": rank})))
+                n.killed_pids.add(pid)
+                return pid
+            except FaultError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # the worker has not acquired its timer yet
+
+    def restart_store(self, downtime: float = 0.0) -> Fault:
+        """Crash the store and start it again (``downtime`` > 0: only when healed)."""
+
+        def retarget(host: str, port: int) -> None:
+            for node in self.nodes:
+                if node.proxy is not None:
+                    node.proxy.set_upstream((host, port))
+
+        fault = RestartStore(self.store, downtime=downtime, on_restarted=retarget, on_event=self._on_fault(None))
+        return self._apply(fault)
+
+    def heal(self, node: int | None = None) -> int:
+        """Heal every active fault (of ``node`` only, if given); return how many were healed."""
+        with self._lock:
+            targets = [f for f in self.faults if f.active]
+        healed = 0
+        for fault in targets:
+            label = getattr(fault, "sim_node", None)
+            if node is not None and label != node:
+                continue
+            fault.heal()
+            if isinstance(fault, ClockSkew):
+                n = self.node(label)
+                n.skews.append((time.time(), fault._before))
+            healed += 1
+        with self._lock:
+            self.faults = [f for f in self.faults if f.active]
+        return healed
+
+    def add_node(self) -> int:
+        """Start one more agent; return its node index."""
+        if self._t0 is None:
+            raise LiveError("start() the cluster before add_node()")
+        node = self._start_node()
+        self.record("client", h.OP, detail={"op": "add_node", "node": node.index, "target": node.name})
+        return node.index
+
+    def remove_node(self, node: int, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Ask ``node`` to leave (SIGTERM to its agent: it stops its workers and leaves the rendezvous)."""
+        n = self.node(node)
+        if not n.running():
+            raise LiveError(f"{n.name} is not running")
+        n.lost = True
+        self.record("client", h.OP, detail={"op": "remove_node", "node": n.index, "target": n.name,
+                                             "signal": signal.Signals(sig).name})
+        os.kill(n.pid, sig)
+
+    # ------------------------------------------------------------------ the end
+
+    def wait(self, timeout: float = 180.0) -> str:
+        """Wait until every agent exited (bounded); record and return the job outcome (succeeded | failed)."""
+        if self.outcome is not None:
+            return self.outcome
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        while any(n.running() for n in self.nodes):
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(_POLL)
+        self.refresh()
+        if timed_out:
+            running = [n.name for n in self.nodes if n.running()]
+            self.outcome = "failed"
+            self.record("job", h.JOB_FAILED, detail={"reason": f"timeout: {', '.join(running)} still running after {timeout:g} s"})
+            return self.outcome
+        members = [n for n in self.nodes if not n.lost]
+        codes = {n.name: n.proc.returncode for n in members}
+        if members and all(code == 0 for code in codes.values()):
+            self.outcome = "succeeded"
+            self.record("job", h.JOB_SUCCEEDED, detail={"exitcodes": codes})
+        else:
+            self.outcome = "failed"
+            errors = {n.name: (n.agent_exit_event or {}).get("error") for n in members if n.proc.returncode}
+            reason = "no node left in the job" if not members else "agents failed"
+            self.record("job", h.JOB_FAILED, detail={"reason": reason, "exitcodes": codes,
+                                                     "errors": {k: v for k, v in errors.items() if v}})
+        return self.outcome
+
+    def orphan_check(self, grace: float = 3.0) -> list[int]:
+        """Processes of this run still alive now that no agent should be (waits ``grace`` s for exiting ones)."""
+        deadline = time.monotonic() + grace
+        while True:
+            orphans = processes_with_env(RUN_MARKER_ENV, self.token)
+            orphans = [p for p in orphans if p not in {n.pid for n in self.nodes if n.running()}]
+            if not orphans or time.monotonic() > deadline:
+                return orphans
+            time.sleep(0.1)
+
+    def close(self) -> History:
+        """Heal, stop everything, run the orphan check (recorded), and return the history. Idempotent."""
+        if self._closed:
+            return self.history
+        self._closed = True
+        try:
+            try:
+                self.heal()
+            except Exception as e:
+                logger.warning("heal at close failed: %s", e)
+            for node in self.nodes:
+                if node.running():
+                    try:
+                        os.kill(node.pid, signal.SIGCONT)  # a paused agent cannot exit
+                    except ProcessLookupError:
+                        pass
+            if self.outcome is None and self.nodes:
+                # closed before the job ended: stop the agents (leave), then give them their shutdown grace
+                for node in self.nodes:
+                    if node.running():
+                        os.kill(node.pid, signal.SIGTERM)
+                self.wait(timeout=self.shutdown_grace + 15)
+            self.refresh()
+            if self.nodes:
+                orphans = self.orphan_check()
+                self.record("job", h.ORPHAN_CHECK, detail={"orphans": orphans})
+        finally:
+            self._cleanup()
+        return self.history
+
+    def _cleanup(self) -> None:
+        self._stop.set()
+        if self._collector is not None:
+            self._collector.join(timeout=5)
+        pids = [n.pid for n in self.nodes if n.running()] + processes_with_env(RUN_MARKER_ENV, self.token)
+        if pids:
+            try:
+                kill_processes(pids)
+            except FaultError as e:
+                logger.error("cleanup: %s", e)
+        for node in self.nodes:
+            if node.proc is not None:
+                try:
+                    node.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    logger.error("cleanup: %s (pid %s) did not exit", node.name, node.pid)
+            if node.proxy is not None:
+                node.proxy.close()
+            if node.timer_server is not None:
+                node.timer_server.stop()
+        if self.store is not None:
+            self.store.stop()
+            if hasattr(self.store, "close"):
+                self.store.close()
+        self.refresh()
+        with self._lock:
+            self._history.sorted().to_jsonl(self.out_dir / "history.jsonl")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _round_in(message: str) -> int | None:
+    """The round number in a rendezvous event message ("joined round 3", "waiting for the round after 2")."""
+    for word in reversed(message.replace(",", " ").split()):
+        if word.isdigit():
+            return int(word)
+    return None
