@@ -153,7 +153,7 @@ def test_waiting_nodes_trigger_restart_without_consuming_restarts(tcp_store):
 def test_job_wide_restart_counter_is_used_and_bumped_once_per_round(tcp_store):
     handler = RoundStoreHandler(tcp_store, restart_counter=True)
     handler.job_restarts = 5  # e.g. restarts that happened before this node joined
-    agent = ScriptedAgent(_spec(handler, max_restarts=2), [FAILED, SUCCEEDED])
+    agent = ScriptedAgent(_spec(handler, max_restarts=10), [FAILED, SUCCEEDED])
     agent.run()
     assert agent.started_restart_counts == [5, 6]
     # a second agent failing in the same round does not bump the counter again
@@ -222,3 +222,23 @@ def test_lost_peer_triggers_reformation_without_consuming_restarts(tcp_store):
     result = agent.run()
     assert result.state == WorkerState.SUCCEEDED
     assert handler.rounds == 2 and agent._remaining_restarts == 0
+
+
+def test_job_wide_budget_spent_elsewhere_means_no_restart_here(tcp_store):
+    # The job already used its one restart (e.g. before this node rejoined): a fresh agent process must not get a
+    # fresh budget. A per-process countdown (upstream) would restart here.
+    handler = RoundStoreHandler(tcp_store, restart_counter=True)
+    handler.job_restarts = 1
+    agent = ScriptedAgent(_spec(handler, max_restarts=1), [FAILED, SUCCEEDED])
+    result = agent.run()
+    assert result.is_failed()
+    assert handler.rounds == 1 and agent.started_restart_counts == [1]
+    assert handler.job_restarts == 2  # the failure round was counted
+
+
+def test_job_wide_budget_allows_restarts_up_to_max(tcp_store):
+    handler = RoundStoreHandler(tcp_store, restart_counter=True)
+    agent = ScriptedAgent(_spec(handler, max_restarts=2), [FAILED, FAILED, FAILED])
+    result = agent.run()
+    assert result.is_failed()
+    assert agent.started_restart_counts == [0, 1, 2] and handler.job_restarts == 3

@@ -631,7 +631,8 @@ class SimpleElasticAgent(ElasticAgent):
             # One failure usually breaks every node's workers (collectives fail): count one restart per round,
             # bumped by whichever node notices first; the others wait (briefly) to see that bump.
             if self._store is None or self._store.add(_RESTART_BUMP_KEY, 1) == 1:
-                return int(fn())
+                bumped = fn()
+                return bumped if isinstance(bumped, int) else int(get())
             deadline = self._clock.monotonic() + _RESTART_BUMP_WAIT
             while True:
                 count = int(get())

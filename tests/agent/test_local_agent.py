@@ -1,0 +1,49 @@
+"""LocalElasticAgent with real worker processes: event-driven failure detection and the worker timer server."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from elastic_impl.agent.server import WorkerSpec, WorkerState
+from tests.agent.test_run_loop import RoundStoreHandler
+
+pytest.importorskip("elastic_impl.multiprocessing")
+
+
+def _agent(tcp_store, tmp_path, code: str, monitor_interval: float):
+    from elastic_impl.agent.server.local_elastic_agent import LocalElasticAgent
+    from elastic_impl.multiprocessing import DefaultLogsSpecs
+
+    spec = WorkerSpec(
+        role="trainer",
+        local_world_size=1,
+        rdzv_handler=RoundStoreHandler(tcp_store),
+        entrypoint=sys.executable,
+        args=("-c", code),
+        max_restarts=0,
+        monitor_interval=monitor_interval,
+        master_addr="127.0.0.1",
+        master_port=29999,
+    )
+    return LocalElasticAgent(spec, logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path / "logs")),
+                             shutdown_timeout=2)
+
+
+def test_worker_exit_is_noticed_before_the_monitor_interval(tcp_store, tmp_path):
+    # monitor_interval 60 s: a loop that sleeps between polls would return only after a minute
+    agent = _agent(tcp_store, tmp_path, "import time, sys; time.sleep(0.5); sys.exit(3)", monitor_interval=60)
+    start = time.monotonic()
+    result = agent.run()
+    took = time.monotonic() - start
+    assert result.state == WorkerState.FAILED and result.failures[0].exitcode == 3
+    assert took < 30, f"failure noticed after {took:.1f}s"
+
+
+def test_successful_workers_end_the_run_before_the_monitor_interval(tcp_store, tmp_path):
+    agent = _agent(tcp_store, tmp_path, "pass", monitor_interval=60)
+    start = time.monotonic()
+    assert agent.run().state == WorkerState.SUCCEEDED
+    assert time.monotonic() - start < 30
