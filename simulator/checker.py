@@ -243,15 +243,15 @@ def _ended_before(events: list[Event], t: float) -> bool:
 
 
 def _running_peers(before: list[Event], victim: str | None) -> list[str]:
-    """Nodes other than ``victim`` that completed the victim's latest round and have not exited since."""
+    """Nodes other than ``victim`` that completed the victim's latest round and still run its workers."""
     last_round: dict[str, int] = {}
     exited: set[str] = set()
     for e in before:
         if e.event == h.RDZV_COMPLETE and e.round is not None:
             last_round[e.node] = e.round
             exited.discard(e.node)
-        elif e.event == h.AGENT_EXIT:
-            exited.add(e.node)
+        elif e.event in (h.AGENT_EXIT, h.RDZV_JOIN, h.RESTART):
+            exited.add(e.node)  # gone, or already re-forming: nothing left to react to
     if victim is None or victim not in last_round:
         return []
     rnd = last_round[victim]

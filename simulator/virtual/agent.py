@@ -155,7 +155,7 @@ class SimAgent:
         restart_count = state.restart_count
         self._record(
             h.RDZV_COMPLETE, round=self.round, rank=self.rank, world_size=self.world_size,
-            detail={"participants": participants} if self.sim.record_participants else {},
+            detail=self._round_detail(participants),
         )
         wpn = self.sim.scenario.workers_per_node
         self.workers = {lr: RUNNING for lr in range(wpn)}
@@ -172,6 +172,15 @@ class SimAgent:
             self._arm_keep_alive()
         self.sim.round_started(self, self.round, participants)
         self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
+
+    def _round_detail(self, participants: list[str]) -> dict:
+        if not self.sim.record_participants:
+            return {}
+        if len(participants) == self.world_size:
+            return {"participants": participants}
+        # Some participants left (or were evicted) after the round completed and before this node read it: the state
+        # no longer lists the whole round, so only the count is known.
+        return {"participants_left": (self.world_size or 0) - len(participants)}
 
     def _stop_workers(self, exitcode: int) -> None:
         for lr, st in self.workers.items():

@@ -1,0 +1,234 @@
+"""``elastic-sim``: run a scenario (virtual or live), fuzz random fault schedules, replay a shrunk finding.
+
+Exit codes: 0 all invariants hold; 1 an invariant was violated (or fuzzing found a failing schedule); 2 bad input
+(one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .checker import CheckResult, check
+from .history import History
+from .scenario import Scenario, ScenarioError, load_scenario
+
+
+class CliError(Exception):
+    """Bad input or an unavailable feature: printed as one line, exit code 2."""
+
+
+class Progress:
+    """One stderr line, rewritten in place (only on a terminal, or when forced), at most 5 times a second."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._shown = False
+
+    def update(self, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        sys.stderr.write("\r" + text[:110].ljust(110))
+        sys.stderr.flush()
+        self._shown = True
+
+    def done(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+            sys.stderr.flush()
+            self._shown = False
+
+
+def _bar(fraction: float, width: int = 24) -> str:
+    fraction = min(1.0, max(0.0, fraction))
+    filled = int(fraction * width)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {fraction * 100:5.1f}%"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _summary(scenario: Scenario, history: History, result: CheckResult, wall: float, extra: list[tuple[str, str]]) -> str:
+    st = result.stats
+    rows = [
+        ("scenario", f"{scenario.name} ({scenario.mode}, backend {scenario.backend})"),
+        ("nodes", f"{scenario.nodes} x {scenario.workers_per_node} workers, elastic {scenario.min_nodes}..{scenario.max_nodes}"),
+        ("faults", str(len(scenario.faults))),
+        ("outcome", f"{st['outcome'] or 'none'} (expected {scenario.expect.outcome or 'any'})"),
+        ("rounds", str(st["rounds"])),
+        ("restarts", f"{st['restarts']} (worker failures {st['worker_failures']})"),
+        ("history", f"{st['events']} events over {st['end_t']:.3f} s of scenario time"),
+        ("wall time", f"{wall:.3f} s"),
+        *extra,
+    ]
+    lines = ["", "summary", _table(rows), "", "invariants"]
+    violated = set(result.violated)
+    lines.append(_table([(name, "FAIL" if name in violated else "pass") for name in result.invariants]))
+    for v in result.violations[:20]:
+        lines.append(f"  ! {v}")
+    if len(result.violations) > 20:
+        lines.append(f"  ! ... {len(result.violations) - 20} more")
+    return "\n".join(lines)
+
+
+def _write_outputs(out: Path | None, history: History, result: CheckResult, scenario: Scenario, plot: bool) -> list[str]:
+    written = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(str(history.to_jsonl(out / "history.jsonl")))
+        (out / "check.json").write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        written.append(str(out / "check.json"))
+    if plot:
+        from .plot import PlotUnavailable, plot_timeline
+
+        target = (out or Path(".")) / "timeline.png"
+        try:
+            written.append(str(plot_timeline(history, target, title=scenario.name)))
+        except PlotUnavailable as e:
+            print(f"elastic-sim: {e}", file=sys.stderr)
+    return written
+
+
+def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> tuple[History, list[tuple[str, str]]]:
+    if scenario.mode == "virtual":
+        from .virtual import run_virtual
+
+        def report(now: float, limit: float) -> None:
+            progress.update(f"virtual t={now:8.2f} s {_bar(now / limit)}")
+
+        result = run_virtual(scenario, progress=report)
+        progress.done()
+        store = result.store
+        extra = [
+            ("sim events", f"{result.events_processed} ({result.stopped_by})"),
+            ("store", f"{store['get_calls']} reads, {store['set_calls']} writes ({store['failed_cas']} lost CAS), "
+                      f"{store['bytes_read'] + store['bytes_written']} bytes"),
+        ]
+        return result.history, extra
+    try:
+        from .live import run_scenario as run_live
+    except ImportError as e:
+        raise CliError(f"live mode is not available ({e}); run a scenario with mode: virtual") from None
+    progress.update(f"live scenario {scenario.name!r} running...", force=True)
+    try:
+        history = run_live(scenario, out)
+    finally:
+        progress.done()
+    return history, []
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    out = Path(args.out) if args.out else None
+    wall0 = time.perf_counter()
+    history, extra = _run_scenario(scenario, out, Progress(args.progress))
+    wall = time.perf_counter() - wall0
+    result = check(history, scenario)
+    written = _write_outputs(out, history, result, scenario, args.plot)
+    expected = scenario.expect.violations
+    print(_summary(scenario, history, result, wall, extra))
+    for path in written:
+        print(f"  wrote {path}")
+    if expected:
+        reproduced = all(v in result.violated for v in expected)
+        print(f"\nexpected violations {', '.join(expected)}: {'reproduced' if reproduced else 'NOT reproduced'}")
+    return 0 if result.ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    args.out = args.out
+    args.plot = args.plot
+    return cmd_run(args)
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from .fuzz import fuzz
+
+    if args.runs < 1:
+        raise CliError(f"--runs must be >= 1, got {args.runs}")
+    if args.seed < 0:
+        raise CliError(f"--seed must be >= 0, got {args.seed}")
+    progress = Progress(args.progress)
+
+    def report(count: int, runs: int, phase: str) -> None:
+        progress.update(f"fuzz {phase}: schedule {count} {_bar(count / runs) if phase == 'searching' else ''}")
+
+    try:
+        result = fuzz(args.seed, args.runs, broken_cas=args.broken_cas, out_dir=args.out, progress=report)
+    finally:
+        progress.done()
+    rows = [
+        ("seed", str(args.seed)),
+        ("store", "BROKEN compare-and-set (test only)" if args.broken_cas else "correct compare-and-set"),
+        ("schedules run", f"{result.runs} (of up to {args.runs}, incl. shrinking)"),
+        ("outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(result.outcomes.items())) or "-"),
+        ("wall time", f"{result.wall_seconds:.2f} s"),
+        ("result", "no invariant violated" if result.ok else f"VIOLATION: {', '.join(result.check.violated)}"),
+    ]
+    print("\nsummary\n" + _table(rows))
+    if not result.ok:
+        failing = result.failing
+        print(f"\nminimal failing schedule ({len(failing.faults)} fault(s), sim seed {failing.seed}):")
+        for f in failing.faults:
+            print(f"  {f.describe()}")
+        for v in result.check.violations[:5]:
+            print(f"  ! {v}")
+        if result.written:
+            print(f"  wrote {result.written} (replay: elastic-sim replay {result.written})")
+        else:
+            print(failing.to_yaml())
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic-sim", description="Cluster simulator for elastic_impl: scripted and "
+                                     "randomized failure scenarios with checked invariants.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a scenario file (YAML/TOML; mode live or virtual)")
+    run.add_argument("scenario", help="scenario file")
+    run.add_argument("--out", help="directory for history.jsonl, check.json (and timeline.png)")
+    run.add_argument("--plot", action="store_true", help="write a timeline PNG (needs the 'plot' extra)")
+    run.add_argument("--progress", action="store_true", default=None, help="show progress even when stderr is not a terminal")
+    run.set_defaults(func=cmd_run)
+    fz = sub.add_parser("fuzz", help="random fault schedules in virtual time, shrunk on failure")
+    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--runs", type=int, default=100)
+    fz.add_argument("--broken-cas", action="store_true", help="TEST ONLY: a store that skips compare-and-set")
+    fz.add_argument("--out", help="directory for the shrunk failing scenario")
+    fz.add_argument("--progress", action="store_true", default=None)
+    fz.set_defaults(func=cmd_fuzz)
+    rp = sub.add_parser("replay", help="re-run a scenario (e.g. a shrunk fuzz finding) and check it")
+    rp.add_argument("scenario", help="scenario file written by fuzz (or any scenario)")
+    rp.add_argument("--out")
+    rp.add_argument("--plot", action="store_true")
+    rp.add_argument("--progress", action="store_true", default=None)
+    rp.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ScenarioError, CliError, ValueError, FileNotFoundError) as e:
+        print(f"elastic-sim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("elastic-sim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Randomized fault schedules over virtual mode, checked, and shrunk to a minimal failing schedule (hypothesis).
+
+``fuzz(seed, runs)`` draws up to ``runs`` schedules (faults, their times, nodes and durations, and the simulation
+seed) on :func:`simulator.generator.fuzz_base`, runs each in virtual time and checks every invariant. On the first
+violation hypothesis shrinks the schedule (fewer faults, earlier times, smaller numbers) while it keeps violating;
+the minimal one is written as a replayable scenario whose ``expect.violations`` names what it breaks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
+from .checker import CheckResult, check
+from .generator import TIMED_FAULTS, fuzz_base, with_faults
+from .scenario import FAULT_NAMES, Fault, Scenario
+from .virtual import run_virtual
+
+MAX_FAULTS = 6
+
+
+@dataclass
+class FuzzResult:
+    runs: int
+    wall_seconds: float
+    failing: Scenario | None = None
+    check: CheckResult | None = None
+    written: Path | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failing is None
+
+
+def _fault_strategy(base: Scenario, horizon: float) -> st.SearchStrategy[Fault]:
+    node = st.integers(0, base.nodes - 1)
+
+    @st.composite
+    def one(draw) -> Fault:
+        kind = draw(st.sampled_from(FAULT_NAMES))
+        at = draw(st.integers(0, int(horizon * 100))) / 100
+        fault = Fault(at=at, fault=kind, node=draw(node))
+        if kind in ("kill_worker", "expire_timer"):
+            fault.rank = draw(st.integers(0, base.workers_per_node - 1))
+        if kind in TIMED_FAULTS:
+            fault.duration = draw(st.integers(1, 30)) / 10
+        if kind == "delay":
+            fault.seconds = draw(st.integers(1, 50)) / 100
+        if kind == "clock_skew":
+            fault.seconds = draw(st.integers(-20, 20)) / 10
+        if kind in ("restart_store", "add_node") or (kind == "heal" and draw(st.booleans())):
+            fault.node = None
+        return fault
+
+    return one()
+
+
+def _number_new_nodes(base: Scenario, faults: list[Fault]) -> list[Fault]:
+    """Give ``add_node`` faults fresh indices in time order (the scenario format wants explicit, valid ones)."""
+    out = []
+    added = 0
+    for f in sorted(faults, key=lambda f: f.at):
+        if f.fault == "add_node":
+            f = replace(f, node=base.nodes + added)
+            added += 1
+        out.append(f)
+    return out
+
+
+def fuzz(
+    seed: int,
+    runs: int,
+    broken_cas: bool = False,
+    out_dir: str | Path | None = None,
+    base: Scenario | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> FuzzResult:
+    """Run up to ``runs`` random schedules; on a violation shrink it and (with ``out_dir``) write it as YAML."""
+    if runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {runs}")
+    base = base or fuzz_base(broken_cas=broken_cas)
+    horizon = base.job.seconds
+    state: dict = {"count": 0, "last_failing": None, "shrinking": False}
+    outcomes: dict[str, int] = {}
+    wall0 = time.perf_counter()
+
+    schedules = st.tuples(st.lists(_fault_strategy(base, horizon), max_size=MAX_FAULTS), st.integers(0, 2**16))
+
+    @settings(
+        max_examples=runs,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        phases=(Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        report_multiple_bugs=False,
+    )
+    @hypothesis_seed(seed)
+    @given(schedules)
+    def property_holds(drawn) -> None:
+        faults, sim_seed = drawn
+        scenario = with_faults(replace(base, seed=sim_seed), _number_new_nodes(base, faults), name=base.name)
+        state["count"] += 1
+        result = run_virtual(scenario)
+        outcome = result.outcome or "no outcome"
+        if not state["shrinking"]:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        checked = check(result.history, scenario)
+        if progress is not None:
+            progress(state["count"], runs, "shrinking" if state["shrinking"] else "searching")
+        if not checked.ok:
+            state["shrinking"] = True
+            state["last_failing"] = (scenario, checked)
+            raise AssertionError(str(checked.violations[0]))
+
+    try:
+        property_holds()
+    except AssertionError:
+        pass
+    wall = time.perf_counter() - wall0
+    result = FuzzResult(runs=state["count"], wall_seconds=wall, outcomes=outcomes)
+    if state["last_failing"] is None:
+        return result
+    # Hypothesis runs the minimal failing example last; re-run it to be sure it is a faithful replay.
+    scenario, _ = state["last_failing"]
+    replayed = check(run_virtual(scenario).history, scenario)
+    violated = replayed.violated
+    shrunk = replace(
+        scenario,
+        name=f"fuzz finding (hypothesis seed {seed}{', broken_cas' if base.store.broken_cas else ''})",
+        description=f"shrunk by elastic-sim fuzz; breaks: {', '.join(violated) or 'nothing on replay'}",
+        expect=replace(scenario.expect, violations=violated),
+    )
+    result.failing = shrunk
+    result.check = replayed
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result.written = out / f"fuzz-seed{seed}-shrunk.yaml"
+        shrunk.to_yaml(result.written)
+    return result
