@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +24,11 @@ DEFAULT_READ_TIMEOUT = 60.0
 _ABSENT = b"<no-state>"
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _describe(store) -> str:
     host, port = getattr(store, "host", None), getattr(store, "port", None)
     if host is not None:
@@ -30,25 +37,73 @@ def _describe(store) -> str:
 
 
 class C10dRendezvousBackend(RendezvousBackend):
-    """Keeps the run's state under key ``elastic.rdzv.<run_id>.state``; the token is the stored bytes."""
+    """Keeps the run's state under key ``elastic.rdzv.<run_id>.state``; the token is the stored bytes.
 
-    def __init__(self, store, run_id: str) -> None:
+    Keys are namespaced by run id, so runs sharing one store never see each other's state; the round stores handed
+    to agents are namespaced by run id and round (``torch.rendezvous.<run_id>.<round>``).
+
+    ``where`` names the store in errors (default: ``TCPStore at host:port`` when the store exposes them).
+    ``call_timeout`` (seconds) bounds every store call: a TCPStore client blocks forever on a host that is connected
+    but silent (hung, stopped, partitioned without a reset), whatever the store's own timeout says, so each call
+    runs on a helper thread and is abandoned after ``call_timeout`` with a ``RendezvousConnectionError``. While an
+    abandoned call is still stuck, further calls fail at once with the same error.
+    """
+
+    def __init__(self, store, run_id: str, where: str | None = None, call_timeout: float | None = None) -> None:
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"rendezvous run_id must be a non-empty string, got {run_id!r}")
+        if call_timeout is not None and not call_timeout > 0:
+            raise ValueError(f"rendezvous store call_timeout must be positive seconds, got {call_timeout!r}")
         self._store = store
         self._key = f"elastic.rdzv.{run_id}.state"
-        self._where = _describe(store)
+        self._where = where or _describe(store)
+        self.call_timeout = call_timeout
+        self._stuck: threading.Event | None = None
+
+    def _call(self, fn, *args):
+        """``fn(*args)`` on the store, bounded by ``call_timeout``; store failures become RendezvousConnectionError."""
+        if self.call_timeout is None:
+            try:
+                return fn(*args)
+            except (RuntimeError, ValueError, OSError, TimeoutError) as e:
+                raise RendezvousConnectionError(f"rendezvous store {self._where} is gone or unreachable: {_first_line(e)}") from None
+        if self._stuck is not None and not self._stuck.is_set():
+            raise RendezvousConnectionError(
+                f"rendezvous store {self._where} is gone: an earlier call got no answer within {self.call_timeout} s"
+            )
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["value"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name="rdzv-store-call", daemon=True).start()
+        if not done.wait(self.call_timeout):
+            self._stuck = done
+            raise RendezvousConnectionError(
+                f"rendezvous store {self._where} is gone: no answer within {self.call_timeout} s "
+                f"(the store host died, hangs, or the network to it is cut)"
+            )
+        error = outcome.get("error")
+        if error is not None:
+            if isinstance(error, (RuntimeError, ValueError, OSError, TimeoutError)):
+                raise RendezvousConnectionError(
+                    f"rendezvous store {self._where} is gone or unreachable: {_first_line(error)}"
+                ) from None
+            raise error
+        return outcome["value"]
 
     @property
     def name(self) -> str:
         return "c10d"
 
     def _compare_set(self, expected: bytes, desired: bytes) -> bytes:
-        try:
-            return self._store.compare_set(self._key, expected, desired)
-        except (RuntimeError, ValueError, OSError, TimeoutError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RendezvousConnectionError(f"rendezvous store {self._where} failed: {first_line}") from None
+        return self._call(self._store.compare_set, self._key, expected, desired)
 
     def get_state(self) -> tuple[bytes, Any] | None:
         current = self._compare_set(_ABSENT, _ABSENT)
@@ -66,34 +121,81 @@ class C10dRendezvousBackend(RendezvousBackend):
         return current, current, current == state
 
 
+def _positive_seconds(params: RendezvousParameters, key: str, default: float) -> float:
+    value = params.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise ValueError(f"rendezvous option {key}={value!r} must be positive")
+    return seconds
+
+
+def store_liveness_timeout(params: RendezvousParameters) -> float:
+    """How long a rendezvous store call may go unanswered before the store host counts as gone.
+
+    Option ``store_liveness_timeout`` (seconds); default: the heartbeat expiry, ``keep_alive_interval`` (5 s) x
+    ``keep_alive_max_attempt`` (3) = 15 s, never more than ``read_timeout``. A peer silent that long is evicted;
+    the store host gets the same bound instead of the 60 s read timeout.
+    """
+    read_timeout = _positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    expiry = _positive_seconds(params, "keep_alive_interval", 5.0) * params.get_as_int("keep_alive_max_attempt", 3)
+    if params.get("store_liveness_timeout") is not None:
+        return _positive_seconds(params, "store_liveness_timeout", expiry)
+    return min(expiry, read_timeout)
+
+
+def _resolve(host: str, port: int) -> None:
+    """Fail at once, naming host:port, when the endpoint's host name does not resolve (no point retrying)."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise RendezvousConnectionError(f"rendezvous endpoint {host}:{port}: cannot resolve host {host!r} ({e})") from None
+
+
 def _create_tcp_store(params: RendezvousParameters):
+    """The agent-facing TCPStore (hosted here or a client), plus its host and port."""
     from torch.distributed import TCPStore
 
     host, port = parse_rendezvous_endpoint(params.endpoint, DEFAULT_PORT)
-    read_timeout = params.get("read_timeout", DEFAULT_READ_TIMEOUT)
-    try:
-        read_timeout = float(read_timeout)
-    except (TypeError, ValueError):
-        raise ValueError(f"rendezvous option read_timeout={read_timeout!r} is not a number of seconds") from None
-    if read_timeout <= 0:
-        raise ValueError(f"rendezvous option read_timeout={read_timeout!r} must be positive")
+    read_timeout = _positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    connect_timeout = _positive_seconds(params, "connect_timeout", read_timeout)
+    _resolve(host, port)
     explicit_host = params.get_as_bool("is_host")
     is_host = explicit_host if explicit_host is not None else matches_this_machine(host)
     timeout = timedelta(seconds=read_timeout)
     if is_host:
         try:
-            return TCPStore(host, port, is_master=True, timeout=timeout, multi_tenant=True, use_libuv=True)
+            return TCPStore(host, port, is_master=True, timeout=timeout, multi_tenant=True, use_libuv=True), host, port
         except (RuntimeError, OSError) as e:
             if explicit_host:
-                raise RendezvousConnectionError(f"cannot host the rendezvous TCPStore at {host}:{port}: {str(e).splitlines()[0]}") from None
+                raise RendezvousConnectionError(f"cannot host the rendezvous TCPStore at {host}:{port}: {_first_line(e)}") from None
             # Another agent on this machine hosts it already (port taken): join as a client, like torchrun.
             logger.info("rendezvous store %s:%s is hosted elsewhere on this machine (%s); connecting", host, port, e)
     try:
-        return TCPStore(host, port, is_master=False, timeout=timeout, use_libuv=True)
+        store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout), use_libuv=True)
     except (RuntimeError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RendezvousConnectionError(
-            f"cannot reach the rendezvous TCPStore at {host}:{port} within {read_timeout} s: {msg}"
+            f"cannot reach the rendezvous TCPStore at {host}:{port} within {connect_timeout} s: {_first_line(e)}"
+        ) from None
+    store.set_timeout(timeout)
+    return store, host, port
+
+
+def _protocol_connection(host: str, port: int, liveness: float):
+    """A second connection to the store, used only by the rendezvous protocol, with the short liveness timeout.
+
+    Its own connection keeps the bound independent of whatever timeout the agent sets on the shared store object
+    (barriers set minutes), so a rendezvous call never waits longer than ``liveness`` for a silent store host.
+    """
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=liveness), use_libuv=True)
+    except (RuntimeError, OSError) as e:
+        raise RendezvousConnectionError(
+            f"rendezvous store host {host}:{port} is gone or unreachable (no answer within {liveness} s): {_first_line(e)}"
         ) from None
 
 
@@ -116,17 +218,32 @@ def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend,
     """Create the backend and its store from ``params``.
 
     Options: ``store_type`` (``tcp`` default, or ``file``: the endpoint is a path), ``read_timeout`` (seconds, default
-    60; every store call fails with RendezvousConnectionError after it), ``is_host`` (host the TCPStore; default:
-    when the endpoint names this machine, falling back to client when the port is already taken).
+    60: the timeout of the store handed to agents), ``connect_timeout`` (seconds to wait for the store host to
+    accept a connection, default ``read_timeout``; a host name that does not resolve fails at once),
+    ``store_liveness_timeout`` (see :func:`store_liveness_timeout`), ``is_host`` (host the TCPStore; default: when
+    the endpoint names this machine, falling back to client when the port is already taken).
+
+    Store host loss. The TCPStore lives in the memory of the agent that hosts it: when that agent dies the run's
+    rendezvous state and every round store go with it. The survivors are not re-elected onto a new host, because
+    (1) no survivor holds the lost state, so a "new" store would be a new run whose round numbers and restart count
+    restart from zero, silently breaking the job-wide restart budget; (2) every peer would have to agree on one new
+    host:port without a store to agree through (a second consensus system); (3) the workers' own process groups
+    died with the old store anyway. Instead every rendezvous call is bounded by the liveness timeout, so the
+    survivors fail within it with a ``RendezvousConnectionError`` saying the store host host:port is gone, and the
+    launcher's own restart policy (or the etcd backends, whose store outlives any agent) takes it from there.
     """
     store_type = str(params.get("store_type", "tcp")).strip().lower()
     if store_type in ("tcp", "c10d"):
-        store = _create_tcp_store(params)
+        store, host, port = _create_tcp_store(params)
+        liveness = store_liveness_timeout(params)
+        protocol_store = _protocol_connection(host, port, liveness)
+        where = f"host {host}:{port}"
+        backend = C10dRendezvousBackend(protocol_store, params.run_id, where=where, call_timeout=liveness)
     elif store_type == "file":
         store = _create_file_store(params)
+        backend = C10dRendezvousBackend(store, params.run_id)
     else:
         raise ValueError(f"rendezvous option store_type={store_type!r} is invalid; allowed: tcp, file")
-    backend = C10dRendezvousBackend(store, params.run_id)
     # Fail now, naming the store, rather than at the first join.
     backend.get_state()
     return backend, store

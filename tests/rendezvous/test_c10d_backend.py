@@ -123,3 +123,36 @@ def test_static_bad_params(config, min_max, needle):
     params = RendezvousParameters("static", "127.0.0.1:1", "run", *min_max, **config)
     with pytest.raises(ValueError, match=needle):
         rendezvous_handler_registry.create_handler(params)
+
+
+def test_store_keys_are_namespaced_by_run_id_and_round(tcp_store):
+    """Two runs share one store, and one run goes through two rounds: no value leaks across either boundary."""
+    def handler(run_id):
+        params = RendezvousParameters(
+            "c10d", f"127.0.0.1:{tcp_store.port}", run_id, 1, 1, is_host=False, read_timeout=5, last_call_timeout=0.1
+        )
+        return rendezvous_handler_registry.create_handler(params)
+
+    a, b = handler("run-a"), handler("run-b")
+    try:
+        first = a.next_rendezvous()
+        first.store.set("master_port", b"1111")
+        second = a.next_rendezvous()
+        assert a.get_round() == 1
+        assert not second.store.check(["master_port"])  # round 1 starts clean: no stale value from round 0
+        other = b.next_rendezvous()
+        assert b.get_round() == 0 and not other.store.check(["master_port"])  # run-b's round 0 is not run-a's
+        assert a.increment_restart_count() == 1 and b.get_restart_count() == 0
+        a.set_closed()
+        assert not b.is_closed()
+    finally:
+        for h in (a, b):
+            h._stop_keep_alive()
+
+
+def test_bad_call_timeout_is_a_one_line_error(tcp_store):
+    with pytest.raises(ValueError, match=r"call_timeout must be positive seconds, got 0"):
+        C10dRendezvousBackend(tcp_store, "run", call_timeout=0)
+    with pytest.raises(ValueError, match=r"store_liveness_timeout='soon' is not a number of seconds"):
+        create_backend(RendezvousParameters("c10d", f"127.0.0.1:{tcp_store.port}", "run", 1, 1, is_host=False,
+                                            store_liveness_timeout="soon"))

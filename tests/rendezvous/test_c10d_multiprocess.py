@@ -31,6 +31,23 @@ def endpoint(store) -> str:
     return f"127.0.0.1:{store.port}"
 
 
+def wait_until_joined(ep: str, run_id: str = "test", timeout: float = 40) -> None:
+    """Block until some node is in the run's state (the node's own startup may take seconds on a loaded machine)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host, port = ep.rsplit(":", 1)
+    client = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=10), use_libuv=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.check([f"elastic.rdzv.{run_id}.state"]) and b'"p":{"' in client.get(f"elastic.rdzv.{run_id}.state"):
+            del client
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no node joined run {run_id!r} at {ep} within {timeout} s")
+
+
 @pytest.mark.timeout(60)
 def test_nodes_get_contiguous_ranks(tcp_store, node_procs):
     procs = [node_procs.start("join", "--endpoint", endpoint(tcp_store), "--min", "3", "--max", "3") for _ in range(3)]
@@ -106,11 +123,83 @@ def test_store_host_loss_is_a_connection_error(node_procs):
     waiting = node_procs.start(
         "join", "--endpoint", f"127.0.0.1:{port}", "--min", "2", "--max", "2", "--join-timeout", "60", "--read-timeout", "3"
     )
-    time.sleep(3)  # let it reach the waiting loop
+    wait_until_joined(f"127.0.0.1:{port}")
     os.killpg(host.pid, signal.SIGKILL)
     started = time.monotonic()
     event = read_event(waiting, 20)
     assert event["event"] == "error" and event["type"] == "RendezvousConnectionError", event
-    assert f"127.0.0.1:{port}" in event["message"]
+    assert f"127.0.0.1:{port} is gone" in event["message"]
     assert "\n" not in event["message"]
     assert time.monotonic() - started < 15
+
+
+def _hosted_store(node_procs) -> tuple[object, str]:
+    from elastic_impl.utils.distributed import get_free_port
+
+    port = get_free_port()
+    host = node_procs.start("host", "--endpoint", f"127.0.0.1:{port}")
+    assert read_event(host, 30)["event"] == "hosting"
+    return host, f"127.0.0.1:{port}"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("phase", ["joining", "running"])
+def test_silent_store_host_fails_survivors_within_the_liveness_bound(node_procs, phase):
+    """A store host that stops answering (SIGSTOP: sockets stay open, nothing replies, like a hung or partitioned
+    machine) must not hold the survivors for the 60 s read timeout: they fail within the liveness bound."""
+    host, ep = _hosted_store(node_procs)
+    liveness = 2.0
+    args = ["--endpoint", ep, "--read-timeout", "60", "--liveness", str(liveness), "--join-timeout", "120"]
+    if phase == "joining":
+        node = node_procs.start("join", *args, "--min", "2", "--max", "2")
+        wait_until_joined(ep)
+    else:
+        node = node_procs.start("join", *args, "--min", "1", "--max", "1", "--last-call", "0.1", "--hold", "120")
+        assert read_event(node, 30)["event"] == "rendezvous"
+    os.killpg(host.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        event = read_event(node, 40)
+    finally:
+        os.killpg(host.pid, signal.SIGKILL)
+    elapsed = time.monotonic() - started
+    assert event["event"] == "error" and event["type"] == "RendezvousConnectionError", event
+    assert f"store host {ep} is gone" in event["message"] and "\n" not in event["message"]
+    # Bounded by the liveness timeout (plus scheduling slack on a loaded machine), far below the read timeout.
+    assert elapsed < 30, elapsed
+
+
+@pytest.mark.timeout(60)
+def test_unresolvable_endpoint_fails_at_once_naming_it():
+    from elastic_impl.rendezvous import (
+        RendezvousConnectionError,
+        RendezvousParameters,
+        rendezvous_handler_registry,
+    )
+
+    params = RendezvousParameters("c10d", "no-such-host.invalid:29411", "run", 1, 1, is_host=False, read_timeout=60)
+    started = time.monotonic()
+    with pytest.raises(RendezvousConnectionError) as excinfo:
+        rendezvous_handler_registry.create_handler(params)
+    assert time.monotonic() - started < 10
+    assert "no-such-host.invalid:29411" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+@pytest.mark.timeout(60)
+def test_refused_endpoint_fails_after_connect_timeout_naming_it():
+    from elastic_impl.rendezvous import (
+        RendezvousConnectionError,
+        RendezvousParameters,
+        rendezvous_handler_registry,
+    )
+    from elastic_impl.utils.distributed import get_free_port
+
+    port = get_free_port()  # nothing listens there
+    params = RendezvousParameters(
+        "c10d", f"127.0.0.1:{port}", "run", 1, 1, is_host=False, read_timeout=60, connect_timeout=1
+    )
+    started = time.monotonic()
+    with pytest.raises(RendezvousConnectionError) as excinfo:
+        rendezvous_handler_registry.create_handler(params)
+    assert time.monotonic() - started < 30  # 1 s connect timeout (TCPStore retries within ~2x), not the 60 s read timeout
+    assert f"127.0.0.1:{port}" in str(excinfo.value) and "within 1.0 s" in str(excinfo.value)
