@@ -175,7 +175,9 @@ class EtcdStoreServer:
 
 
 class RestartStore(Fault):
-    """Crash the store and bring it back: at once (``downtime=0``) or when healed."""
+    """Crash the store (``inject``: SIGKILL, recorded as ``fault_start`` the moment it is down) and bring it back
+    (``heal``: start again, recorded as ``fault_end``). ``downtime`` is how long the caller means to wait in between
+    (0: heal at once); it is recorded with the fault."""
 
     kind = "restart_store"
 
@@ -187,21 +189,15 @@ class RestartStore(Fault):
         self.server = server
         self.downtime = float(downtime)
         self.on_restarted = on_restarted
-        self.instant = self.downtime == 0
 
     def _inject(self) -> None:
         self.server.stop()
-        if self.instant:
-            self._bring_back()
 
     def _heal(self) -> None:
-        self._bring_back()
-
-    def _bring_back(self) -> None:
         self.server.restarts += 1
         self.server.start()
         if self.on_restarted is not None:
             self.on_restarted(self.server.host, self.server.port)
 
     def _result_detail(self):
-        return {"endpoint": self.server.endpoint} if self.instant else {}
+        return {"endpoint": self.server.endpoint}

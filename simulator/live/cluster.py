@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,7 +285,9 @@ class Cluster:
     def _start_node(self) -> _Node:
         index = len(self.nodes)
         node = _Node(index, self.out_dir / f"node{index}")
-        node.dir.mkdir(parents=True, exist_ok=True)
+        if node.dir.exists():  # a previous run's files would be read as this run's events
+            shutil.rmtree(node.dir)
+        node.dir.mkdir(parents=True)
         node.marker_dir.mkdir(exist_ok=True)
         write_skew(str(node.clock_file), 0.0)
         node.proxy = TcpProxy((self.store.host, self.store.port), name=node.name)
@@ -578,7 +581,7 @@ class Cluster:
                 time.sleep(0.1)  # the worker has not acquired its timer yet
 
     def restart_store(self, downtime: float = 0.0) -> Fault:
-        """Crash the store and start it again (``downtime`` > 0: only when healed)."""
+        """Crash the store and start it again: at once (``downtime`` 0) or when healed."""
 
         def retarget(host: str, port: int) -> None:
             for node in self.nodes:
@@ -586,7 +589,10 @@ class Cluster:
                     node.proxy.set_upstream((host, port))
 
         fault = RestartStore(self.store, downtime=downtime, on_restarted=retarget, on_event=self._on_fault(None))
-        return self._apply(fault)
+        self._apply(fault)
+        if not downtime:
+            fault.heal()
+        return fault
 
     def heal(self, node: int | None = None) -> int:
         """Heal every active fault (of ``node`` only, if given); return how many were healed."""
@@ -645,16 +651,28 @@ class Cluster:
             return self.outcome
         members = [n for n in self.nodes if not n.lost]
         codes = {n.name: n.proc.returncode for n in members}
-        if members and all(code == 0 for code in codes.values()):
+        # A node that arrived after the job had ended (it never completed a round and found the run closed) did
+        # not take part: the job's outcome is its participants'.
+        late = [n.name for n in members if n.proc.returncode != 0 and self._arrived_after_close(n)]
+        deciding = {name: code for name, code in codes.items() if name not in late}
+        if deciding and all(code == 0 for code in deciding.values()):
             self.outcome = "succeeded"
-            self.record("job", h.JOB_SUCCEEDED, detail={"exitcodes": codes})
+            detail: dict[str, Any] = {"exitcodes": codes}
+            if late:
+                detail["late_nodes"] = late
+            self.record("job", h.JOB_SUCCEEDED, detail=detail)
         else:
             self.outcome = "failed"
             errors = {n.name: (n.agent_exit_event or {}).get("error") for n in members if n.proc.returncode}
-            reason = "no node left in the job" if not members else "agents failed"
+            reason = "no node left in the job" if not deciding else "agents failed"
             self.record("job", h.JOB_FAILED, detail={"reason": reason, "exitcodes": codes,
                                                      "errors": {k: v for k, v in errors.items() if v}})
         return self.outcome
+
+    def _arrived_after_close(self, node: _Node) -> bool:
+        completed = self._history.filter(h.RDZV_COMPLETE, node.name)
+        error = (node.agent_exit_event or {}).get("error") or ""
+        return not completed and error.startswith("RendezvousClosedError")
 
     def orphan_check(self, grace: float = 3.0) -> list[int]:
         """Processes of this run still alive now that no agent should be (waits ``grace`` s for exiting ones)."""
