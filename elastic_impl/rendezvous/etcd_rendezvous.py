@@ -22,7 +22,9 @@ Keys, values and TTL defaults are upstream's, so handlers of this module and ups
 Differences from upstream: an unreachable etcd raises :class:`RendezvousConnectionError` naming host:port at once
 (upstream retries every second until the rendezvous timeout, 10 minutes by default); ``set_closed()`` also works
 before any rendezvous state exists; the keep-alive TTL is configurable (``keep_alive_ttl``, default 10 s); the
-store keys are URL-safe base64 (see :mod:`.etcd_store`); ``last_call_timeout`` and ``timeout`` accept fractions.
+store keys are URL-safe base64 (see :mod:`.etcd_store`); ``last_call_timeout`` and ``timeout`` accept fractions;
+a node re-entering the rendezvous deletes its own keep-alive key (upstream lets it expire, ~10 s);
+``num_nodes_waiting()`` is at least 1 once the run moved past the version this node completed.
 """
 
 from __future__ import annotations
@@ -520,6 +522,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def __init__(self, rdzv_impl: EtcdRendezvous, local_addr: str | None):
         self._rdzv_impl = rdzv_impl
         self._local_addr = local_addr
+        self._completed_version: str | None = None
 
     def __del__(self):
         impl = getattr(self, "_rdzv_impl", None)
@@ -531,6 +534,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
 
     def next_rendezvous(self) -> RendezvousInfo:
         version, rank, world_size = self._rdzv_impl.rendezvous_barrier()
+        self._completed_version = version
         store = self._rdzv_impl.setup_kv_store(version)
         bootstrap = RendezvousStoreInfo.build(rank, store, local_addr=self._local_addr)
         return RendezvousInfo(store, rank, world_size, bootstrap)
@@ -549,8 +553,19 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._rdzv_impl.set_closed()
 
     def num_nodes_waiting(self) -> int:
+        """Nodes waiting for a new version; at least 1 once the run moved past the version this node completed.
+
+        Upstream reports only the ``num_workers_waiting`` counter of a final state, so a node that polls a moment
+        too late (after the others already tore its version down and formed the next) sees 0 forever; here the
+        run having moved on counts as "someone waits for you".
+        """
         state = self._state()
-        if state is not None and state.get("status") == "final":
+        completed = self._completed_version
+        if state is None or state.get("status") == "closed":
+            return 1 if completed is not None and state is None else 0
+        if completed is not None and state.get("version") != completed:
+            return max(1, len(state.get("participants", [])))
+        if state.get("status") == "final":
             return int(state.get("num_workers_waiting", 0))
         return 0
 
