@@ -224,10 +224,33 @@ class Cluster:
             raise LiveError(f"invalid node bounds min_nodes={lo} max_nodes={hi}; expected 1 <= min_nodes <= max_nodes")
         return lo, hi
 
-    def start(self, nodes: int = 2, workers: int | None = None) -> Cluster:
-        """Start the store and ``nodes`` agents (``workers`` per node overrides ``workers_per_node``)."""
+    _OPTIONS = ("workers_per_node", "min_nodes", "max_nodes", "max_restarts", "backend", "timeouts", "job",
+                "shutdown_grace", "timers", "env")
+
+    def configure(self, **options: Any) -> Cluster:
+        """Change settings before :meth:`start` (same names as the constructor's; ``timeouts``/``job``/``env`` are
+        merged into the current ones)."""
+        if self._t0 is not None:
+            raise LiveError("configure() must come before start()")
+        for key, value in options.items():
+            if key not in self._OPTIONS:
+                raise LiveError(f"unknown cluster option {key!r}; allowed: {', '.join(self._OPTIONS)}")
+            if key == "backend" and value not in BACKENDS:
+                raise LiveError(f"invalid live backend {value!r}; allowed: {', '.join(BACKENDS)}")
+            if key in ("timeouts", "job"):
+                getattr(self, key).update(value or {})
+            elif key == "env":
+                self.extra_env.update(value or {})
+            else:
+                setattr(self, key, value)
+        return self
+
+    def start(self, nodes: int = 2, workers: int | None = None, **options: Any) -> Cluster:
+        """Start the store and ``nodes`` agents (``workers`` per node overrides ``workers_per_node``; other
+        ``options`` as in :meth:`configure`)."""
         if self._t0 is not None:
             raise LiveError("cluster already started; use add_node() for more nodes")
+        self.configure(**options)
         if not isinstance(nodes, int) or nodes < 1:
             raise LiveError(f"invalid nodes {nodes!r}; expected an integer >= 1")
         if workers is not None:
