@@ -1,4 +1,4 @@
-"""``elastic-conformance certify --impl X --device Y [--table PATH] [--out DIR] [-k PATTERN]``.
+"""``elastic-conformance certify --impl X --device Y [--table PATH] [--out DIR] [-k PATTERN] [--jobs N]``.
 
 Exit status: 0 all rows conform or are honestly unsupported, 1 on any VIOLATION (or a row without a check),
 2 on bad input (one-line error on stderr).
@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from conformance.adapters import AdapterError, get_adapter, reference_adapter
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--table", default=None, help="support table (.md or .csv); default: the published table")
     cert.add_argument("--out", default=None, help="directory for report.json, report.md, junit.xml")
     cert.add_argument("-k", dest="pattern", default=None, help="only rows whose api contains one of these comma-separated substrings")
+    cert.add_argument("-j", "--jobs", default=None,
+                      help="worker processes running check groups side by side (default: the number of CPUs; 1: serial)")
     cert.add_argument("-q", "--quiet", action="store_true", help="no per-check progress lines")
     cert.add_argument("-v", "--verbose", action="store_true", help="let the implementations' own log lines through")
     lst = sub.add_parser("list", help="list the table rows and the module of their check")
@@ -49,6 +52,18 @@ def _quiet_implementation_logs() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     # Module loggers set their own levels, so the level of a parent logger would not hold them back.
     logging.disable(logging.ERROR)
+
+
+def _jobs(value: str | None) -> int | None:
+    if value is None:
+        from conformance.parallel import default_jobs
+
+        return default_jobs()
+    try:
+        jobs = int(value)
+    except ValueError:
+        return None
+    return jobs if jobs >= 1 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,20 +106,33 @@ def _main(argv: list[str] | None) -> int:
     from conformance.report import progress_line, terminal_table, write_reports
     from conformance.runner import certify, exit_code, select
 
+    jobs = _jobs(args.jobs)
+    if jobs is None:
+        return _fail(f"--jobs {args.jobs!r} is not a positive whole number")
     selected = select(rows, args.pattern)
     if not selected:
         return _fail(f"-k {args.pattern!r} matches no api in {table_path.name}")
-    print(f"certifying {adapter.name} ({adapter.root}) on {device.describe()}: {len(selected)} rows", flush=True)
+    print(f"certifying {adapter.name} ({adapter.root}) on {device.describe()}: {len(selected)} rows, "
+          f"{jobs} job(s)", flush=True)
 
     def progress(index: int, total: int, result) -> None:
         if not args.quiet:
             print(progress_line(index, total, result), flush=True)
 
-    results = certify(selected, adapter, device, progress=progress)
+    started = time.monotonic()
+    if jobs > 1:
+        from conformance.parallel import certify_parallel
+
+        results = certify_parallel(selected, adapter, device, jobs=jobs, progress=progress,
+                                   quiet_logs=not args.verbose)
+    else:
+        results = certify(selected, adapter, device, progress=progress)
     print(terminal_table(results))
+    print(f"wall time: {time.monotonic() - started:.1f} s with {jobs} job(s)")
     if args.out:
         paths = write_reports(results, Path(args.out), impl=adapter.name, device=args.device if device.requested != "auto"
-                              else f"auto->{device.kind}", table=table_path.name)
+                              else f"auto->{device.kind}", table=table_path.name,
+                              run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1)})
         print("reports: " + ", ".join(str(p) for p in paths))
     code = exit_code(results)
     if code:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -51,12 +52,16 @@ def _meta(impl: str, device: str, table: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU(s)",
     }
 
 
-def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: str, table: str) -> list[Path]:
+def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: str, table: str,
+                  run: dict[str, Any] | None = None) -> list[Path]:
+    """``run``: how the certification ran (jobs, wall time, ...), recorded in the reports' metadata."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = _meta(impl, device, table)
+    meta.update(run or {})
     meta["summary"] = summary(results)
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1) + "\n")
@@ -75,7 +80,8 @@ def _markdown(results: list[Result], meta: dict[str, Any]) -> str:
     lines = [
         f"# Conformance report: `{meta['impl']}` on `{meta['device']}`",
         "",
-        f"torch {meta['torch']}, Python {meta['python']}, table `{meta['table']}`, created {meta['created']}.",
+        f"torch {meta['torch']}, Python {meta['python']}, table `{meta['table']}`, created {meta['created']} on "
+        f"{meta['host']}" + "".join(f", {k} {meta[k]}" for k in ("jobs", "wall_s") if k in meta) + ".",
         "",
         "Summary: " + ", ".join(f"**{k}** {v}" for k, v in meta["summary"].items()),
         "",
