@@ -126,3 +126,18 @@ def test_assign_worker_ranks_heterogeneous_roles(tcp_store):
     assert ranks[2] == [(3, 2, 6, 5), (4, 3, 6, 5), (5, 4, 6, 5)]
     # every global rank used exactly once
     assert sorted(w.global_rank for ws in results.values() for w in ws) == list(range(6))
+
+
+def test_advertised_address_never_an_unresolvable_name(monkeypatch):
+    import socket
+
+    import pytest
+
+    from elastic_impl.agent.server import api
+
+    assert socket.getaddrinfo(api._advertised_address(1), None)  # the real host: whatever it picks resolves
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "no-such-host.invalid")
+    monkeypatch.setattr(socket, "gethostname", lambda: "no-such-host.invalid")
+    assert api._advertised_address(1) == "127.0.0.1"  # one node: loopback reaches every worker
+    with pytest.raises(RuntimeError, match="no-such-host.invalid.*--local-addr"):
+        api._advertised_address(2)

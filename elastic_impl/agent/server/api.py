@@ -390,7 +390,7 @@ class SimpleElasticAgent(ElasticAgent):
         # group keys would live under /worker/attempt_<restart count>, which a membership restart does not change,
         # so re-formed workers would read the previous round's stale addresses (gloo "connection refused").
         if group_rank == 0:
-            addr = spec.master_addr or spec.local_addr or socket.getfqdn()
+            addr = spec.master_addr or spec.local_addr or _advertised_address(worker_group_size=self._worker_group.group_world_size)
             port = int(spec.master_port) if spec.master_port else _get_free_port()
             store.set(_MASTER_ADDR_KEY, addr.encode())
             store.set(_MASTER_PORT_KEY, str(port).encode())
@@ -772,6 +772,26 @@ class SimpleElasticAgent(ElasticAgent):
         self._put_metric(f"workers.{role}.run_success_no_retries", int(not failed and not restarted))
         self._put_metric(f"workers.{role}.run_failed_with_retries", int(failed and restarted))
         self._put_metric(f"workers.{role}.run_failed_no_retries", int(failed and not restarted))
+
+
+def _advertised_address(worker_group_size: int | None) -> str:
+    """This node's address for the workers' MASTER_ADDR: the FQDN like upstream, but only if it resolves.
+
+    A host whose FQDN does not resolve (common in containers) would make every worker fail to connect; then the
+    plain hostname is tried, and for a single-node job loopback, which its workers can always reach.
+    """
+    for name in (socket.getfqdn(), socket.gethostname()):
+        try:
+            if name and socket.getaddrinfo(name, None):
+                return name
+        except OSError:
+            continue
+    if (worker_group_size or 1) == 1:
+        return "127.0.0.1"
+    raise RuntimeError(
+        f"cannot advertise an address for the workers: neither {socket.getfqdn()!r} nor {socket.gethostname()!r} "
+        "resolves; pass --local-addr with an address the other nodes can reach"
+    )
 
 
 def _safe_run_id(rdzv_handler) -> str:
