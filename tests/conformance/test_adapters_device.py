@@ -56,20 +56,32 @@ def test_device_detection():
     assert auto.available and auto.kind in ("cpu", "cuda", "npu")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")
-def test_npu_without_torch_npu_is_reported_unavailable_and_device_rows_skip(tmp_path):
-    npu = detect("npu")
-    assert not npu.available and npu.backend == "hccl"
-    assert "not available on this machine" in npu.reason
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("kind, backend, present", [
+    ("npu", "hccl", lambda: importlib.util.find_spec("torch_npu") is not None),
+    ("cuda", "nccl", _cuda_present),
+])
+@pytest.mark.parametrize("impl", ["torch", "elastic_impl"])
+def test_an_absent_device_is_reported_unavailable_and_device_rows_skip(kind, backend, present, impl, tmp_path):
+    if present():
+        pytest.skip(f"{kind} is present on this machine")
+    device = detect(kind)
+    assert not device.available and device.backend == backend
+    assert device.reason.startswith(f"{kind} not available on this machine")
     load_checks()
-    resources = SuiteResources(get_adapter("torch"), npu, tmp_path)
+    resources = SuiteResources(get_adapter(impl), device, tmp_path)
     try:
-        row = Row("torch.distributed.elastic.multiprocessing.start_processes", True, "-", 1)
-        result = runner.run_row(row, resources, load_snapshot())
+        for api in ("multiprocessing.start_processes", "agent.server.local_elastic_agent.LocalElasticAgent"):
+            row = Row(f"torch.distributed.elastic.{api}", True, "-", 1)
+            result = runner.run_row(row, resources, load_snapshot())
+            assert (result.observed, result.verdict, result.error) == ("skip", "SKIPPED", device.reason)
     finally:
         resources.close()
-    assert (result.observed, result.verdict) == ("skip", "SKIPPED")
-    assert "not available on this machine" in result.error
 
 
 def test_cuda_request_on_a_machine_without_cuda_is_unavailable():

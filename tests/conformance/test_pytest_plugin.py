@@ -48,3 +48,17 @@ def test_bad_impl_is_a_usage_error(tmp_path):
 def test_no_items_without_the_option(tmp_path):
     proc = _pytest(tmp_path)
     assert proc.returncode == 5  # nothing collected
+
+
+def test_device_rows_skip_on_an_absent_device_never_pass(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torch_npu") is not None:
+        import pytest
+
+        pytest.skip("torch_npu is installed here")
+    proc = _pytest(tmp_path, "--conformance-impl=elastic_impl", "--conformance-device=npu", "-k", "start_processes",
+                   "-rs")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "1 skipped, 103 deselected" in proc.stdout
+    assert "npu not available on this machine (torch_npu is not installed)" in proc.stdout

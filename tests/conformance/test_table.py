@@ -94,3 +94,28 @@ def test_bundled_table_matches_the_published_one():
     if not published.exists():
         pytest.skip("the published table is not on this machine")
     assert [(r.api, r.supported) for r in load_table(TABLE)] == [(r.api, r.supported) for r in load_table(published)]
+
+
+def test_cli_certifies_the_rows_of_a_csv_table(tmp_path, capsys):
+    table = tmp_path / "ours.csv"
+    table.write_text("api,supported,notes\n"
+                     "torch.distributed.elastic.rendezvous.RendezvousParameters.get_as_int,yes,-\n"
+                     "torch.distributed.elastic.timer.TimerRequest,no,claimed unsupported here\n")
+    out = tmp_path / "out"
+    assert main(["certify", "--impl", "torch", "--device", "cpu", "--jobs", "1", "-q", "--table", str(table),
+                 "--out", str(out)]) == 0
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["table"] == "ours.csv"
+    assert [(r["api"].rsplit(".", 1)[-1], r["verdict"]) for r in report["results"]] == [
+        ("get_as_int", "CONFORMS"), ("TimerRequest", "UNDOCUMENTED-SUPPORT")]
+
+
+def test_cli_rejects_a_csv_row_naming_an_api_that_does_not_exist(tmp_path, capsys):
+    table = tmp_path / "typo.csv"
+    table.write_text("api,supported,notes\ntorch.distributed.elastic.timer.FileTimerSever,yes,-\n")
+    assert main(["certify", "--impl", "elastic_impl", "--device", "cpu", "--table", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("elastic-conformance: error: typo.csv:2: api torch.distributed.elastic.timer.FileTimerSever "
+                   "does not exist in the reference implementation\n")
