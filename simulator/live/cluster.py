@@ -480,7 +480,8 @@ class Cluster:
 
     def node(self, index: int) -> _Node:
         if not isinstance(index, int) or not 0 <= index < len(self.nodes):
-            raise LiveError(f"no node {index!r}; nodes are 0..{len(self.nodes) - 1}")
+            have = f"nodes are 0..{len(self.nodes) - 1}" if self.nodes else "the cluster has no nodes (start() first)"
+            raise LiveError(f"no node {index!r}; {have}")
         return self.nodes[index]
 
     def worker_pids(self, node: int) -> dict[int, int]:

@@ -1,0 +1,90 @@
+"""Every scenario of the library runs in live mode (real agents, store, faults) and passes the checker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulator import history as h
+from simulator.checker import check
+from simulator.live import run_scenario
+from simulator.scenario import load_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[3] / "simulator" / "scenarios"
+NAMES = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
+
+pytestmark = pytest.mark.slow
+
+
+def _run(name: str, tmp_path):
+    scenario = load_scenario(SCENARIOS / f"{name}.yaml")
+    assert scenario.mode == "live"
+    history = run_scenario(scenario, tmp_path / name)
+    result = check(history, scenario)
+    assert (tmp_path / name / "history.jsonl").is_file()
+    return scenario, history, result
+
+
+def _explain(history, result) -> str:
+    lines = [str(v) for v in result.violations]
+    lines += [str(e.to_dict())[:220] for e in history if e.event not in (h.WORKER_START, h.WORKER_EXIT)]
+    return "\n".join(lines)
+
+
+def _final_world_size(history) -> int:
+    last = max(e.round for e in history.filter(h.RDZV_COMPLETE))
+    sizes = {e.world_size for e in history.filter(h.RDZV_COMPLETE) if e.round == last}
+    assert len(sizes) == 1, sizes
+    return sizes.pop()
+
+
+def test_library_has_every_issue_scenario():
+    assert set(NAMES) >= {
+        "worker_crash_loop", "agent_loss_and_rejoin", "scale_up_2_to_4", "scale_down",
+        "store_partition_during_rendezvous", "store_restart", "straggler_heartbeats", "timer_expiry", "cascade",
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scenario_runs_live_and_passes_the_checker(name, tmp_path):
+    scenario, history, result = _run(name, tmp_path)
+    assert result.ok, _explain(history, result)
+    # every scheduled fault fired (or, for add/remove, the op happened)
+    fired = [e for e in history if e.event == h.FAULT_START or (e.event == h.OP and e.detail.get("op") in
+                                                                ("add_node", "remove_node"))]
+    assert len(fired) >= len([f for f in scenario.faults if f.fault != "heal"]), _explain(history, result)
+    assert history.filter(h.ORPHAN_CHECK) and not history.filter(h.ORPHAN_CHECK)[-1].detail["orphans"]
+    extra = scenario.expect.extra
+    if "final_world_size" in extra:
+        assert _final_world_size(history) == extra["final_world_size"], _explain(history, result)
+    if "error_mentions" in extra:
+        failed = history.filter(h.JOB_FAILED)[0]
+        errors = failed.detail.get("errors") or {}
+        assert errors and all(extra["error_mentions"] in msg for msg in errors.values()), failed.detail
+    if name == "worker_crash_loop":
+        failures = history.filter(h.WORKER_FAILED, "node1")
+        assert len(failures) == scenario.max_restarts + 1
+        assert all(e.detail["signal"] == "SIGKILL" for e in failures)
+    if name == "timer_expiry":
+        failed = history.filter(h.WORKER_FAILED, "node0")
+        assert [e.detail["signal"] for e in failed] == ["SIGKILL"]  # reaped by the timer server
+        assert failed[0].detail["local_rank"] == 1
+    if name == "agent_loss_and_rejoin":
+        kill = next(e for e in history.filter(h.FAULT_START) if e.detail["fault"] == "kill_agent")
+        reacted = next(e for e in history.filter(h.RESTART, "node0") if e.t > kill.t)
+        t = scenario.timeouts
+        assert reacted.t - kill.t <= t.heartbeat * (t.keep_alive_max_attempt + 2) + 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime bug (reported): 0.2 s of store latency on one node gets that healthy node evicted — "
+    "RendezvousStepper keep-alive drops a heartbeat whose compare-and-set lost (no retry) and the agent's 10 Hz "
+    "membership polling holds the handler lock/store connection, so no heartbeat lands within 5 x 1 s",
+)
+def test_straggler_with_late_heartbeats_is_not_evicted(tmp_path):
+    scenario, history, result = _run("straggler_heartbeats", tmp_path)
+    assert result.ok, _explain(history, result)
+    evictions = [e for e in history.filter(h.OP) if e.detail.get("op") == "rdzv.evict"]
+    assert not evictions and not history.filter(h.RESTART), _explain(history, result)
