@@ -18,7 +18,25 @@ class RendezvousBackend(ABC):
       ``False``. ``None`` may be returned when the blob vanished between the compare and the read.
     - Any failure to reach the storage raises :class:`~elastic_impl.rendezvous.api.RendezvousConnectionError`
       (naming where the storage is); unreadable stored data raises ``RendezvousStateError``.
+
+    Optional change notification (defaults: unsupported; backends that only implement the three members above keep
+    working unchanged, the state machine then simply re-reads the state on every poll):
+
+    - ``state_version()``: a small number that differs whenever the state was rewritten since it was last returned
+      (equal numbers: the state and its token are unchanged). Lets a waiting node poll a few bytes instead of the
+      whole state.
+    - ``wait_for_change(version, timeout)``: block (real time) up to ``timeout`` seconds until the version differs
+      from ``version``; lets a waiting node wake on a change instead of sleeping out its poll interval.
     """
+
+    def state_version(self) -> int | None:
+        """The state's current version, or ``None`` when this backend cannot tell (the default)."""
+        return None
+
+    def wait_for_change(self, version: int, timeout: float) -> bool | None:
+        """Wait until the version differs from ``version``: True on a change, False on timeout, ``None`` when this
+        backend cannot wait (the default; the caller sleeps instead)."""
+        return None
 
     @property
     @abstractmethod

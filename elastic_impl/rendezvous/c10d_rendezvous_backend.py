@@ -22,11 +22,13 @@ DEFAULT_READ_TIMEOUT = 60.0
 # Never a valid state (states are JSON objects): reading with compare_set(key, sentinel, sentinel) returns the
 # current value without writing, or the sentinel when the key does not exist — one round trip, never blocking.
 _ABSENT = b"<no-state>"
+_CHANGE_KEYS_KEPT = 64
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _describe(store) -> str:
@@ -56,9 +58,16 @@ class C10dRendezvousBackend(RendezvousBackend):
             raise ValueError(f"rendezvous store call_timeout must be positive seconds, got {call_timeout!r}")
         self._store = store
         self._key = f"elastic.rdzv.{run_id}.state"
+        # Change notification: every successful write bumps the counter ``<key>.version`` and creates the key
+        # ``<key>.changed.<new version>``, which waiters block on with the store's ``wait``. Only the last
+        # ``_CHANGE_KEYS_KEPT`` change keys exist at any time.
+        self._version_key = f"{self._key}.version"
+        self._change_prefix = f"{self._key}.changed."
         self._where = where or _describe(store)
         self.call_timeout = call_timeout
         self._stuck: threading.Event | None = None
+        # FileStore polls its file about once a second inside wait(): slower than our own polling, so not used.
+        self._can_wait = type(store).__name__ != "FileStore"
 
     def _call(self, fn, *args):
         """``fn(*args)`` on the store, bounded by ``call_timeout``; store failures become RendezvousConnectionError."""
@@ -118,7 +127,41 @@ class C10dRendezvousBackend(RendezvousBackend):
         current = self._compare_set(token if token is not None else b"", state)
         if current == _ABSENT or current == b"":
             return None
-        return current, current, current == state
+        has_set = current == state
+        if has_set:
+            self._announce_change()
+        return current, current, has_set
+
+    def _announce_change(self) -> None:
+        version = int(self._call(self._store.add, self._version_key, 1))
+        self._call(self._store.set, f"{self._change_prefix}{version}", b"1")
+        if version > _CHANGE_KEYS_KEPT:
+            self._call(self._store.delete_key, f"{self._change_prefix}{version - _CHANGE_KEYS_KEPT}")
+
+    def state_version(self) -> int | None:
+        return int(self._call(self._store.add, self._version_key, 0))
+
+    def wait_for_change(self, version: int, timeout: float) -> bool | None:
+        if not self._can_wait:
+            return None
+        if self.state_version() != version:
+            return True
+        if self.call_timeout is not None:
+            # A wait must end (and report "no change") well before the call is taken for a dead store host.
+            timeout = min(timeout, self.call_timeout / 2)
+        if timeout <= 0:
+            return False
+        return self._call(self._wait_for_key, f"{self._change_prefix}{version + 1}", timeout)
+
+    def _wait_for_key(self, key: str, timeout: float) -> bool:
+        try:
+            self._store.wait([key], timedelta(seconds=timeout))
+            return True
+        except (RuntimeError, OSError) as e:
+            # The store's own wait timeout means "no change yet"; a network error (reset, dead host) is real.
+            if type(e).__name__ != "DistNetworkError" and "timeout" in str(e).lower():
+                return False
+            raise
 
 
 def _positive_seconds(params: RendezvousParameters, key: str, default: float) -> float:

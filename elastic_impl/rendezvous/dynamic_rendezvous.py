@@ -345,6 +345,11 @@ class RendezvousStepper:
         # The state (and token) a lost compare-and-set returned: the next step decides on it without re-reading.
         # (monotonic time, (state, token)); only reused right away, never for a plain read ("sync").
         self._pending: tuple[float, tuple[bytes, Any]] | None = None
+        # Version-checked reads (see _read): (monotonic time of the full read, version, (state, token) or None).
+        self._cached: tuple[float, int, tuple[bytes, Any] | None] | None = None
+        self._versioned: bool | None = None  # None: not known yet whether the backend has versions
+        # The backend's state version that goes with :attr:`state` (None: unknown); callers wait for it to change.
+        self.seen_version: int | None = None
         # Deterministic per node (the simulator replays runs): spreads retries after a lost compare-and-set.
         self._jitter = random.Random(node.key)
         self.state = RendezvousState()
@@ -371,6 +376,38 @@ class RendezvousStepper:
                 rank=rank,
             )
 
+    def _read(self, op: str) -> tuple[bytes, Any] | None:
+        """The current state and token: reused when provably current, otherwise read from the backend.
+
+        Reused (a) right after a lost compare-and-set, which returned the winner's state (not for "sync": a plain
+        read must be fresh); (b) when the backend supports versions and its version did not move since the last
+        full read, unless that read is older than ``max_poll_interval`` (a writer that died between writing and
+        bumping the version cannot hide a change for longer than that).
+        """
+        mono = self.clock.monotonic()
+        pending, self._pending = self._pending, None
+        if pending is not None and op != "sync" and mono - pending[0] <= self.poll_interval:
+            self.seen_version = None
+            return pending[1]
+        cached = self._cached
+        if self._versioned is not False and cached is not None and mono - cached[0] <= self.max_poll_interval:
+            version = self.backend.state_version()
+            if version is not None and version == cached[1]:
+                self.seen_version = version
+                return cached[2]
+        else:
+            version = self.backend.state_version() if self._versioned is not False else None
+        if version is None:
+            self._versioned = False
+        else:
+            self._versioned = True
+        # The version is read before the state: a write landing in between makes the next probe differ, never the
+        # reverse (a version newer than the state it vouches for).
+        got = self.backend.get_state()
+        self.seen_version = version
+        self._cached = (mono, version, got) if version is not None else None
+        return got
+
     def begin_join(self) -> None:
         """Start a new ``join`` operation: arm its timeout."""
         self._join_deadline = self.clock.time() + self.settings.timeout.join.total_seconds()
@@ -378,15 +415,10 @@ class RendezvousStepper:
     def step(self, op: str) -> StepResult:
         if op not in STEP_OPS:
             raise ValueError(f"unknown rendezvous step op {op!r}; allowed: {', '.join(STEP_OPS)}")
-        got = None
-        if self._pending is not None and op != "sync" and self.clock.monotonic() - self._pending[0] <= self.poll_interval:
-            got = self._pending[1]
-        self._pending = None
-        if got is None:
-            try:
-                got = self.backend.get_state()
-            except RendezvousError as e:
-                return StepResult(done=False, error=e)
+        try:
+            got = self._read(op)
+        except RendezvousError as e:
+            return StepResult(done=False, error=e)
         token = None
         state = RendezvousState()
         if got is not None:
@@ -406,6 +438,8 @@ class RendezvousStepper:
                 written = self.backend.set_state(blob, token)
             except RendezvousError as e:
                 return StepResult(done=False, error=e)
+            self._cached = None
+            self.seen_version = None
             if written is None or not written[2]:
                 self._events = []
                 if written is not None:
@@ -686,7 +720,22 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 return result
             if self._clock.monotonic() > deadline:
                 raise RendezvousTimeoutError(f"rendezvous run {self._settings.run_id!r}: {op} did not finish within {timeout} s")
-            self._clock.sleep(max(0.0, (result.wait_until or 0.0) - self._clock.monotonic()))
+            self._wait(max(0.0, (result.wait_until or 0.0) - self._clock.monotonic()))
+
+    def _wait(self, seconds: float) -> None:
+        """Wait until the next step is due, waking early when the backend reports the state changed.
+
+        Blocking in the store is real time, so it is used only on the real clock (an injected clock, like the
+        simulator's, sleeps on its own time) and only when the stepper knows the version its state goes with.
+        """
+        version = self._stepper.seen_version
+        if seconds > 0.005 and version is not None and self._clock is REAL_CLOCK:
+            try:
+                if self._backend.wait_for_change(version, seconds) is not None:
+                    return
+            except RendezvousError:
+                return  # the next step reads the store again and reports the failure
+        self._clock.sleep(seconds)
 
     def next_rendezvous(self) -> RendezvousInfo:
         self._raise_if_left()

@@ -1,6 +1,7 @@
 """A process-local :class:`RendezvousBackend` for unit tests and the virtual-time simulator.
 
-Thread-safe; tokens are version numbers. It counts calls and bytes so the store traffic of a round can be measured,
+Thread-safe; tokens are version numbers (also its ``state_version()``; ``wait_for_change`` waits on a condition in
+real time). It counts calls and bytes so the store traffic of a round can be measured,
 and has fault hooks: ``fail_next(count, error)`` makes the next ``count`` calls raise ``error`` (a
 ``RendezvousConnectionError`` by default), and ``on_call`` (``fn(op_name) -> None``) runs before every call, so a
 simulator can delay, fail or record operations.
@@ -20,6 +21,7 @@ class InMemoryRendezvousBackend(RendezvousBackend):
     def __init__(self, name: str = "in-memory") -> None:
         self._name = name
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._state: bytes | None = None
         self._version = 0
         self._failures_left = 0
@@ -29,6 +31,10 @@ class InMemoryRendezvousBackend(RendezvousBackend):
         self.set_calls = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        self.version_calls = 0
+
+    # A version probe moves one integer; counted as 8 bytes.
+    VERSION_BYTES = 8
 
     @property
     def name(self) -> str:
@@ -42,7 +48,7 @@ class InMemoryRendezvousBackend(RendezvousBackend):
 
     def reset_counters(self) -> None:
         with self._lock:
-            self.get_calls = self.set_calls = self.bytes_read = self.bytes_written = 0
+            self.get_calls = self.set_calls = self.bytes_read = self.bytes_written = self.version_calls = 0
 
     def _before(self, op: str) -> None:
         if self.on_call is not None:
@@ -74,4 +80,19 @@ class InMemoryRendezvousBackend(RendezvousBackend):
                 return self._state, self._version, False
             self._state = bytes(state)
             self._version += 1
+            self._changed.notify_all()
             return self._state, self._version, True
+
+    def state_version(self) -> int | None:
+        self._before("state_version")
+        with self._lock:
+            self.version_calls += 1
+            self.bytes_read += self.VERSION_BYTES
+            return self._version
+
+    def wait_for_change(self, version: int, timeout: float) -> bool | None:
+        self._before("wait_for_change")
+        with self._changed:
+            self.version_calls += 1
+            self.bytes_read += self.VERSION_BYTES
+            return self._changed.wait_for(lambda: self._version != version, timeout)

@@ -156,3 +156,32 @@ def test_bad_call_timeout_is_a_one_line_error(tcp_store):
     with pytest.raises(ValueError, match=r"store_liveness_timeout='soon' is not a number of seconds"):
         create_backend(RendezvousParameters("c10d", f"127.0.0.1:{tcp_store.port}", "run", 1, 1, is_host=False,
                                             store_liveness_timeout="soon"))
+
+
+def test_state_version_and_wait_for_change(tcp_store):
+    backend = C10dRendezvousBackend(tcp_store, "versions")
+    assert backend.state_version() == 0
+    _, token, _ = backend.set_state(b'{"a":1}')
+    assert backend.state_version() == 1
+    assert backend.set_state(b'{"a":2}', b"stale")[2] is False
+    assert backend.state_version() == 1  # a lost compare-and-set changes nothing
+    assert backend.wait_for_change(1, 0.1) is False
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    # Another client writes (a client connection serves one request at a time, like another node's would).
+    other = C10dRendezvousBackend(TCPStore("127.0.0.1", tcp_store.port, is_master=False, timeout=timedelta(seconds=5)), "versions")
+    writer = threading.Timer(0.2, lambda: other.set_state(b'{"a":3}', token))
+    writer.start()
+    try:
+        assert backend.wait_for_change(1, 30) is True
+    finally:
+        writer.cancel()
+    assert backend.wait_for_change(0, 30) is True  # already moved on: returns at once
+    # Only the latest change keys are kept, so a long run does not grow the store.
+    current = backend.get_state()[1]
+    for i in range(70):
+        current = backend.set_state(b'{"i":%d}' % i, current)[1]
+    prefix = "elastic.rdzv.versions.state.changed."
+    assert not tcp_store.check([f"{prefix}1"]) and tcp_store.check([f"{prefix}{backend.state_version()}"])

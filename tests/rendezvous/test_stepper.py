@@ -87,7 +87,8 @@ def test_each_step_does_at_most_one_get_and_one_set(memory_backend, clock):
     for op in ("join", "keep_alive", "sync", "increment_restart_count", "leave", "close"):
         memory_backend.reset_counters()
         stepper.step(op)
-        assert memory_backend.get_calls == 1, op
+        # 0 reads when the version probe proves the last state read is still current.
+        assert memory_backend.get_calls <= 1 and memory_backend.version_calls <= 1, op
         assert memory_backend.set_calls <= 1, op
 
 
@@ -313,3 +314,76 @@ def test_backend_calls_per_node_per_round_are_constant(memory_backend, clock, no
     assert memory_backend.get_calls == 2 * nodes - 1
     blob = len(memory_backend.get_state()[0])
     assert memory_backend.bytes_written <= nodes * blob
+
+
+@pytest.mark.parametrize("nodes", [8, 64])
+def test_waiting_polls_probe_the_version_not_the_whole_state(memory_backend, clock, nodes):
+    """While nothing changes, a waiting node's poll moves a version number, not the O(N) state; a change is seen."""
+    settings = make_settings(min_nodes=nodes + 1, max_nodes=nodes + 1, keep_alive=10.0)
+    steppers = make_steppers(memory_backend, clock, settings, nodes)
+    for s in steppers:
+        s.begin_join()
+        s.step("join")
+    waiter = steppers[0]
+    r = waiter.step("join")  # a full read after its own write
+    memory_backend.reset_counters()
+    polls, start = 0, clock.now
+    while clock.now - start < 3.0:
+        clock.now = r.wait_until
+        r = waiter.step("join")
+        polls += 1
+    assert not r.done and polls >= 5
+    full_reads, probes, bytes_read = memory_backend.get_calls, memory_backend.version_calls, memory_backend.bytes_read
+    # Full reads only when the cached state is older than max_poll_interval (1 s here): about once a second.
+    assert full_reads <= 3.0 / waiter.max_poll_interval + 1
+    assert probes >= polls
+    blob = len(memory_backend.get_state()[0])
+    assert bytes_read <= probes * memory_backend.VERSION_BYTES + full_reads * blob
+    # Another node's write moves the version: the next poll reads the new state.
+    (late,) = make_steppers(memory_backend, clock, settings, 1, first=nodes)
+    late.begin_join()
+    assert late.step("join").done
+    clock.now = r.wait_until
+    assert waiter.step("join").done
+
+
+def test_in_memory_wait_for_change_wakes_on_a_write_and_times_out(memory_backend):
+    import threading
+
+    memory_backend.set_state(b"{}")
+    version = memory_backend.state_version()
+    assert memory_backend.wait_for_change(version, 0.05) is False
+    timer = threading.Timer(0.1, lambda: memory_backend.set_state(b"{ }", memory_backend.get_state()[1]))
+    timer.start()
+    try:
+        assert memory_backend.wait_for_change(version, 30) is True
+    finally:
+        timer.cancel()
+    assert memory_backend.state_version() == version + 1
+
+
+def test_backend_without_versions_is_read_every_step(clock):
+    """A backend with only get_state/set_state (like the etcd ones) still works: every step reads the state."""
+    from elastic_impl.rendezvous._backend import RendezvousBackend
+    from elastic_impl.rendezvous.in_memory_backend import InMemoryRendezvousBackend
+
+    class BlobOnly(RendezvousBackend):
+        def __init__(self):
+            self.inner = InMemoryRendezvousBackend()
+
+        @property
+        def name(self):
+            return "blob-only"
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state, token=None):
+            return self.inner.set_state(state, token)
+
+    backend = BlobOnly()
+    assert backend.state_version() is None and backend.wait_for_change(0, 1.0) is None
+    settings = make_settings(min_nodes=3, max_nodes=3)
+    results = drive_join(make_steppers(backend, clock, settings, 3), clock)
+    assert sorted(r.rank for r in results.values()) == [0, 1, 2]
+    assert backend.inner.version_calls == 0
