@@ -1,13 +1,17 @@
 """Virtual-time simulator: one rendezvous round at 100 / 1,000 / 10,000 nodes, and 1,000 randomized fault schedules.
 
-No upstream counterpart: absolute wall times (target: 10,000 virtual nodes <= 10 s). Drives the simulator's public
-surface only: `simulator.virtual` for rendezvous rounds, `elastic-sim fuzz` for randomized schedules.
+No upstream counterpart: absolute wall times (target: 10,000 virtual nodes <= 10 s). Rounds call
+``simulator.virtual.run_rendezvous_round`` (the real ``RendezvousStepper`` for every node over the simulated
+store, min = max = N, agents arriving within 50 ms); fault schedules run ``elastic-sim fuzz`` as a subprocess.
+
+Two store models: "instant" (latency 0: every store call is atomic, so no compare-and-set is ever lost; this
+measures the cost of the state machine and its O(N)-sized state blob) and "1 ms" (reads up to 1 ms stale, so
+concurrent joiners lose compare-and-sets and retry; this measures contention). A round that does not finish
+within its wall budget is reported with how many nodes had a rank by then.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import shutil
 import tempfile
 import time
@@ -15,50 +19,39 @@ from pathlib import Path
 
 from benchmarks._harness import Unavailable, module_available, python, run_side, summarize, timed_command
 
-# Entry points the virtual simulator may expose for "run one rendezvous round of N nodes" (first found wins).
-ROUND_ENTRY_POINTS = ("run_rendezvous_round", "simulate_rendezvous", "rendezvous_round", "simulate_round")
 
-
-def _round_entry():
+def _round_fn():
     reason = module_available("simulator.virtual")
     if reason:
         raise Unavailable(reason)
-    virtual = importlib.import_module("simulator.virtual")
-    for name in ROUND_ENTRY_POINTS:
-        fn = getattr(virtual, name, None)
-        if callable(fn):
-            return name, fn
-    raise Unavailable(f"simulator.virtual has none of {', '.join(ROUND_ENTRY_POINTS)}")
+    from simulator.virtual import run_rendezvous_round
+
+    return run_rendezvous_round
 
 
-def _events_of(outcome) -> int | None:
-    for attr in ("events", "event_count", "num_events", "history"):
-        value = outcome.get(attr) if isinstance(outcome, dict) else getattr(outcome, attr, None)
-        if isinstance(value, int):
-            return value
-        if value is not None and hasattr(value, "__len__"):
-            return len(value)
-    return None
-
-
-def virtual_round(n: int, repeats: int) -> dict:
-    name, fn = _round_entry()
-    params = inspect.signature(fn).parameters
-    kwargs = {"seed": 0} if "seed" in params else {}
-    size_kw = next((k for k in ("nodes", "num_nodes", "n_nodes", "n") if k in params), None)
-    walls, events = [], []
+def virtual_round(n: int, repeats: int, latency: float, wall_limit: float) -> dict:
+    fn = _round_fn()
+    walls, last = [], None
     for i in range(repeats):
-        if "seed" in kwargs:
-            kwargs["seed"] = i
         t0 = time.perf_counter()
-        outcome = fn(**{size_kw: n}, **kwargs) if size_kw else fn(n, **kwargs)
+        last = fn(n, seed=i, latency=latency, wall_limit=wall_limit)
         walls.append(time.perf_counter() - t0)
-        events.append(_events_of(outcome))
+        if not last["completed"]:
+            break
     out = summarize(walls)
-    out["entry_point"] = f"simulator.virtual.{name}"
-    if all(e is not None for e in events):
-        out["events"] = events[0]
-        out["events_per_s"] = events[0] / out["median"] if out["median"] else None
+    out.update(
+        entry_point="simulator.virtual.run_rendezvous_round",
+        completed=last["completed"],
+        ranked=last["ranked"],
+        events=last["events"],
+        events_per_s=last["events_per_s"],
+        virtual_s=last["virtual_s"],
+        store_calls=last["store_calls"],
+        store_bytes_per_round=last["store_bytes"],
+        store_bytes_per_node=last["store_bytes_per_node"],
+        failed_cas=last["failed_cas"],
+        state_bytes=last["final_state_bytes"],
+    )
     return out
 
 
@@ -68,7 +61,7 @@ def fuzz_schedules(runs: int, timeout: float) -> dict:
         raise Unavailable(reason)
     workdir = Path(tempfile.mkdtemp(prefix="bench-fuzz-"))
     try:
-        cmd = [python(), "-m", "simulator.cli", "fuzz", "--seed", "1", "--runs", str(runs)]
+        cmd = [python(), "-m", "simulator", "fuzz", "--seed", "1", "--runs", str(runs)]
         wall, rc, last_line = timed_command(cmd, timeout, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -80,13 +73,28 @@ def fuzz_schedules(runs: int, timeout: float) -> dict:
     return out
 
 
+def _note(side: dict) -> str | None:
+    if "unavailable" in side:
+        return None
+    note = (f"{side['store_calls']} store calls ({side['failed_cas']} lost CAS), "
+            f"{side['store_bytes_per_round'] / 1e6:.1f} MB moved ({side['store_bytes_per_node'] / 1e3:.1f} kB/node), "
+            f"final state {side['state_bytes'] / 1e3:.1f} kB, {side['virtual_s']:.2f} virtual s")
+    if not side["completed"]:
+        note = f"NOT finished within the wall budget ({side['ranked']} of the nodes ranked); " + note
+    return note
+
+
 def run(quick: bool) -> dict:
-    sizes = (100, 1000) if quick else (100, 1000, 10000)
     cases = {}
-    for n in sizes:
-        cases[f"round N={n}"] = {"ours": run_side(virtual_round, n, 1 if quick or n >= 10000 else 3)}
+    plan = [(100, 0.0, 3, 60.0), (1000, 0.0, 1, 120.0)]
+    if not quick:
+        plan += [(10000, 0.0, 1, 120.0), (100, 0.001, 1, 60.0), (200, 0.001, 1, 60.0)]
+    for n, latency, repeats, budget in plan:
+        store = "instant store" if latency == 0 else f"{latency * 1e3:g} ms store"
+        side = run_side(virtual_round, n, repeats, latency, budget)
+        cases[f"round N={n} ({store})"] = {"ours": side, "note": _note(side)}
     runs = 20 if quick else 1000
-    cases[f"fuzz {runs} schedules"] = {"ours": run_side(fuzz_schedules, runs, 60.0 if quick else 300.0)}
+    cases[f"fuzz {runs} schedules"] = {"ours": run_side(fuzz_schedules, runs, 60.0 if quick else 600.0)}
     return {
         "description": "virtual-time simulator wall time (s); no upstream counterpart",
         "unit": "s", "target": "10,000 nodes <= 10 s",

@@ -148,11 +148,14 @@ class SimAgent:
 
     def _on_round(self, result: StepResult) -> None:
         state = self.stepper.state
-        by_rank = sorted(state.participants.items(), key=lambda kv: kv[1])
-        participants = [node_name_of(k) for k, _ in by_rank]
         self.round, self.rank, self.world_size = result.round, result.rank, result.world_size
         self.members = frozenset(state.participants)
         restart_count = state.restart_count
+        participants = None
+        if self.sim.record_participants:
+            # O(N log N) per node: scale runs switch it off.
+            by_rank = sorted(state.participants.items(), key=lambda kv: kv[1])
+            participants = [node_name_of(k) for k, _ in by_rank]
         self._record(
             h.RDZV_COMPLETE, round=self.round, rank=self.rank, world_size=self.world_size,
             detail=self._round_detail(participants),
@@ -170,11 +173,11 @@ class SimAgent:
         if not self.keep_alive_on:
             self.keep_alive_on = True
             self._arm_keep_alive()
-        self.sim.round_started(self, self.round, participants)
+        self.sim.round_started(self, self.round, participants if participants is not None else self.members)
         self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
 
-    def _round_detail(self, participants: list[str]) -> dict:
-        if not self.sim.record_participants:
+    def _round_detail(self, participants: list[str] | None) -> dict:
+        if participants is None:
             return {}
         if len(participants) == self.world_size:
             return {"participants": participants}

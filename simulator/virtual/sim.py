@@ -13,7 +13,7 @@ from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousSettings, Rende
 from .. import history as h
 from ..history import History
 from ..scenario import Fault, Job, Scenario, StoreConfig, Timeouts
-from .agent import RUNNING, SimAgent
+from .agent import RUNNING, SimAgent, node_name_of
 from .clock import VirtualClock
 from .store import SimStore
 
@@ -86,10 +86,11 @@ class Simulation:
 
     # ------------------------------------------------------------------ job model
 
-    def round_started(self, agent: SimAgent, number: int, participants: list[str]) -> None:
+    def round_started(self, agent: SimAgent, number: int, participants) -> None:
+        """``participants``: node names, or stepper node keys (``<name>_<pid>_<id>``) when names were not built."""
         rnd = self.rounds.get(number)
         if rnd is None:
-            rnd = self.rounds[number] = _Round(number, set(participants))
+            rnd = self.rounds[number] = _Round(number, {node_name_of(p) for p in participants})
         rnd.started.add(agent.name)
         self.ranked.add(agent.name)
         if not rnd.broken and not rnd.training and rnd.members <= rnd.started:
@@ -304,19 +305,29 @@ def rendezvous_scenario(nodes: int, seed: int = 0, latency: float = 0.001, fault
     ).validate()
 
 
-def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001) -> dict[str, Any]:
-    """Run until every one of ``nodes`` agents has a rank in the first round; report cost and store traffic."""
+def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001,
+                         wall_limit: float | None = None) -> dict[str, Any]:
+    """Run until every one of ``nodes`` agents has a rank in the first round; report cost and store traffic.
+
+    ``wall_limit`` (seconds of real time) gives up early: ``completed`` is then False and ``ranked`` says how far
+    it got.
+    """
     scenario = rendezvous_scenario(nodes, seed, latency)
     sim = Simulation(scenario, record_participants=False)
-    def all_ranked(s: Simulation) -> bool:
-        return len(s.ranked) >= nodes
+    deadline = time.perf_counter() + wall_limit if wall_limit is not None else None
 
-    result = sim.run(stop_when=all_ranked)
+    def stop(s: Simulation) -> bool:
+        if len(s.ranked) >= nodes:
+            return True
+        return deadline is not None and s.clock.processed % 64 == 0 and time.perf_counter() > deadline
+
+    result = sim.run(stop_when=stop)
     store = result.store
     total_bytes = store["bytes_read"] + store["bytes_written"]
     return {
         "nodes": nodes,
         "completed": len(sim.ranked) >= nodes,
+        "ranked": len(sim.ranked),
         "events": result.events_processed,
         "wall_s": result.wall_seconds,
         "events_per_s": result.events_processed / result.wall_seconds if result.wall_seconds else None,
@@ -327,4 +338,3 @@ def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001) -> d
         "failed_cas": store["failed_cas"],
         "final_state_bytes": len(sim.store.current() or b""),
     }
-
