@@ -387,3 +387,20 @@ def test_backend_without_versions_is_read_every_step(clock):
     results = drive_join(make_steppers(backend, clock, settings, 3), clock)
     assert sorted(r.rank for r in results.values()) == [0, 1, 2]
     assert backend.inner.version_calls == 0
+
+
+def test_round_cost_grows_linearly_in_calls_at_8_64_256_nodes():
+    """Store calls of a round (everyone arriving together) grow linearly with N. Bytes do not yet: every write and
+    full read moves the whole O(N) blob (see the module docs, "Store traffic"); the bound below is that ceiling."""
+    from elastic_impl.rendezvous.in_memory_backend import InMemoryRendezvousBackend
+    from tests.rendezvous.conftest import ManualClock
+
+    cost = {}
+    for nodes in (8, 64, 256):
+        backend, clock = InMemoryRendezvousBackend(), ManualClock()
+        drive_join(make_steppers(backend, clock, make_settings(min_nodes=nodes, max_nodes=nodes), nodes), clock)
+        calls = backend.get_calls + backend.set_calls + backend.version_calls
+        blob = len(backend.get_state()[0])
+        cost[nodes] = (calls, backend.bytes_read + backend.bytes_written, blob)
+        assert backend.bytes_read + backend.bytes_written <= calls * blob
+    assert cost[256][0] / cost[64][0] < 4.5 and cost[64][0] / cost[8][0] < 9, cost
