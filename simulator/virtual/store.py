@@ -4,8 +4,9 @@ Model. The store keeps every recent version of the state blob with the virtual t
 issued by a node returns the version that was current ``d`` seconds ago, ``d`` drawn uniformly from
 ``[0, latency + node delay]``: the request reached the store that long before the node acts on the answer, so writes
 landing in between are missed, exactly the window a compare-and-set must guard. Writes land at the current time and
-are checked against the current version (the token). A node stepping again at least ``latency + delay`` after its
-last call always sees its own writes.
+are checked against the current version (the token). Each node's reads are monotonic (never older than a version
+it already saw, its own writes included), as over one connection to a linearizable server. ``state_version()``
+(the optional change probe of the backend seam) follows the same rule and costs a few bytes.
 
 Faults: ``partition(node)``/``heal(node)`` make every call of that node raise ``RendezvousConnectionError``;
 ``delay(node, seconds)`` adds latency; ``down`` makes the whole store unreachable (``restart_store``); ``loss`` is
@@ -48,6 +49,7 @@ class SimStore:
         self._blobs: list[bytes] = []
         self._base = 0
         self.get_calls = 0
+        self.version_calls = 0
         self.set_calls = 0
         self.failed_cas = 0
         self.failed_calls = 0
@@ -96,24 +98,36 @@ class SimStore:
     def current(self) -> bytes | None:
         return self._blobs[-1] if self._blobs else None
 
-    def get_state(self, node: str) -> tuple[bytes, Any] | None:
-        self._check_reachable(node, "get_state")
-        self.get_calls += 1
-        if not self._times:
-            return None
-        window = self.round_trip(node)
+    def _visible_index(self, node: str, floor: int) -> int:
+        """Index of the version a read by ``node`` sees: up to one round trip stale, never older than ``floor`` (the
+        newest version this client already saw: a client's reads are monotonic, as over one connection to one
+        server); -1 when nothing visible was written."""
         index = len(self._times) - 1
-        if window > 0:
+        window = self.round_trip(node)
+        if window > 0 and index >= 0:
             seen_at = self.clock.now - self.rng.uniform(0.0, window)
             if self._times[index] > seen_at:
                 index = bisect_right(self._times, seen_at) - 1
-                if index < 0:
-                    if self._base == 0:
-                        return None
+                if index < 0 and self._base > 0:
                     index = 0  # pruned history: the oldest kept version is at most that stale
+        return max(index, floor - self._base - 1)
+
+    def get_state(self, node: str, floor: int = 0) -> tuple[bytes, Any] | None:
+        self._check_reachable(node, "get_state")
+        self.get_calls += 1
+        index = self._visible_index(node, floor)
+        if index < 0:
+            return None
         blob = self._blobs[index]
         self.bytes_read += len(blob)
         return blob, self._base + index + 1
+
+    def state_version(self, node: str, floor: int = 0) -> int:
+        """The version a read by ``node`` would see now (0: nothing written); a few bytes on the wire."""
+        self._check_reachable(node, "state_version")
+        self.version_calls += 1
+        self.bytes_read += 8
+        return self._base + self._visible_index(node, floor) + 1
 
     def set_state(self, node: str, state: bytes, token: Any | None) -> tuple[bytes, Any, bool] | None:
         self._check_reachable(node, "set_state")
@@ -147,6 +161,7 @@ class SimStore:
     def counters(self) -> dict[str, int]:
         return {
             "get_calls": self.get_calls,
+            "version_calls": self.version_calls,
             "set_calls": self.set_calls,
             "failed_cas": self.failed_cas,
             "failed_calls": self.failed_calls,
@@ -161,13 +176,26 @@ class SimStoreClient(RendezvousBackend):
     def __init__(self, store: SimStore, node: str) -> None:
         self.store = store
         self.node = node
+        # Newest version this client has seen (reads never go back past it).
+        self.floor = 0
 
     @property
     def name(self) -> str:
         return "sim"
 
     def get_state(self) -> tuple[bytes, Any] | None:
-        return self.store.get_state(self.node)
+        got = self.store.get_state(self.node, self.floor)
+        if got is not None:
+            self.floor = max(self.floor, got[1])
+        return got
 
     def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
-        return self.store.set_state(self.node, state, token)
+        written = self.store.set_state(self.node, state, token)
+        if written is not None:
+            self.floor = max(self.floor, written[1])
+        return written
+
+    def state_version(self) -> int | None:
+        version = self.store.state_version(self.node, self.floor)
+        self.floor = max(self.floor, version)
+        return version
