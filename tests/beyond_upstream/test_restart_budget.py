@@ -9,6 +9,7 @@ a full fresh budget.
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -76,10 +77,18 @@ def test_torchrun_reference_rejoined_node_restart_count(launcher, tmp_path, rdzv
     stayer, rejoined, markers, stop_file, before, _ = _scenario(
         launcher, tmp_path, rdzv_store, "torchrun", "budget-torchrun", {}, measured
     )
-    # upstream's stayer only notices the newcomer (waiting node) and restarts: the group re-forms with it
-    new = wait_for(lambda: _new_group(markers, before), 240, "the re-formed group of 4 with the rejoined node")
-    counts = sorted(m["TORCHELASTIC_RESTART_COUNT"] for m in new)
-    measured("budget.torchrun.restart_counts_with_rejoined_node", ",".join(counts), "(one per worker)")
-    stop_file.write_text("done")
-    launcher.wait(stayer, 120)
-    launcher.wait(rejoined, 120)
+    # Upstream's stayer notices the newcomer (a waiting node) and re-rendezvouses; whether a group of 4 forms at
+    # all is part of the observation (bounded; the fixture's cleanup kills whatever is left).
+    observe = 90
+    deadline = time.monotonic() + observe
+    new = []
+    while time.monotonic() < deadline and not new and (stayer.poll() is None or rejoined.poll() is None):
+        new = _new_group(markers, before)
+        time.sleep(0.2)
+    if new:
+        counts = ",".join(sorted(m["TORCHELASTIC_RESTART_COUNT"] for m in new))
+        measured("budget.torchrun.restart_counts_with_rejoined_node", counts, "(one per worker)")
+    else:
+        last_error = (launcher.output(stayer)[1].strip().splitlines() or [""])[-1]
+        measured("budget.torchrun.restart_counts_with_rejoined_node",
+                 f"no group re-formed within {observe} s; stayer rc={stayer.poll()}: {last_error[:160]}", "")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from tests.launcher.conftest import RUNTIME, TRAIN, requires
 
 pytestmark = requires(*RUNTIME, "elastic_impl.timer")
@@ -37,6 +39,7 @@ def test_worker_overrunning_expires_is_killed_by_the_agents_timer_server(launche
     assert not (tmp_path / "timer.fifo").exists()  # the agent removed the pipe it created
 
 
+@pytest.mark.slow
 def test_timer_file_is_not_given_to_workers_unless_enabled(launcher, tmp_path):
     markers = tmp_path / "markers"
     launcher.marker_dirs.append(markers)
