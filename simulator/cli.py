@@ -127,8 +127,17 @@ def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> t
     return history, []
 
 
+def as_virtual(scenario: Scenario) -> Scenario:
+    """The same cluster, job and faults in virtual time (on the simulated store)."""
+    from dataclasses import replace
+
+    return replace(scenario, mode="virtual", backend="sim").validate()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
+    if getattr(args, "virtual", False) and scenario.mode != "virtual":
+        scenario = as_virtual(scenario)
     out = Path(args.out) if args.out else None
     wall0 = time.perf_counter()
     history, extra = _run_scenario(scenario, out, Progress(args.progress))
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", help="scenario file")
     run.add_argument("--out", help="directory for history.jsonl, check.json (and timeline.png)")
     run.add_argument("--plot", action="store_true", help="write a timeline PNG (needs the 'plot' extra)")
+    run.add_argument("--virtual", action="store_true", help="run a live scenario in virtual time instead")
     run.add_argument("--progress", action="store_true", default=None, help="show progress even when stderr is not a terminal")
     run.set_defaults(func=cmd_run)
     fz = sub.add_parser("fuzz", help="random fault schedules in virtual time, shrunk on failure")

@@ -164,9 +164,22 @@ class Simulation:
         elif name == "kill_agent":
             fired = agent is not None and agent.kill()
         elif name == "pause_agent":
-            fired = agent is not None and agent.pause()
-            if fired:
-                undo = agent.resume
+            period, stop = fault.args.get("period"), fault.args.get("stop")
+            if agent is not None and isinstance(period, (int, float)) and isinstance(stop, (int, float)) and period > 0:
+                # A straggler: stopped ``stop`` seconds out of every ``period`` for the fault's duration.
+                fired = agent.alive
+                span = fault.duration if fault.duration is not None else period
+                k = 0
+                while k * period < span:
+                    start = self.clock.now + k * period
+                    self.clock.schedule(start, agent.pause)
+                    self.clock.schedule(start + min(stop, span - k * period), agent.resume)
+                    k += 1
+                undo = lambda: None  # noqa: E731 - the last cycle already resumed it
+            else:
+                fired = agent is not None and agent.pause()
+                if fired:
+                    undo = agent.resume
         elif name == "partition":
             self.store.partition(f"node{fault.node}")
             undo = lambda: self.store.heal(f"node{fault.node}")  # noqa: E731

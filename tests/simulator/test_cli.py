@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,14 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotUnavailable, match=r"pip install '\.\[plot\]'"):
         plot_timeline(History(), tmp_path / "x.png")
+
+
+LIBRARY = sorted((Path(__file__).resolve().parents[2] / "simulator" / "scenarios").glob("*.yaml"))
+# The simulated store is durable (like etcd); a restarted TCPStore comes back empty and its clients never reconnect,
+# so that scenario's expected failure is specific to the c10d backend of live mode.
+C10D_ONLY = {"store_restart.yaml"}
+
+
+@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in C10D_ONLY], ids=lambda p: p.stem)
+def test_library_scenarios_hold_their_invariants_in_virtual_time(path, capsys):
+    assert main(["run", str(path), "--virtual"]) == 0, capsys.readouterr().out
