@@ -5,8 +5,8 @@ The store must outlive any node, so it runs in a process the simulator controls,
 - :class:`TCPStoreServer`: a ``torch.distributed.TCPStore`` server in its own process
   (``python -m fault_injection._store_host``). Its data is in memory: a restart loses every key, like a store host
   that reboots.
-- :class:`EtcdStoreServer`: the real ``etcd`` binary via ``elastic_impl.rendezvous.etcd_server.EtcdServer`` with a
-  data directory that survives restarts (etcd comes back with its keys; its client port may change).
+- :class:`EtcdStoreServer`: the real ``etcd`` binary with a data directory and ports that survive restarts (etcd
+  comes back with its keys on the same endpoint).
 
 :class:`RestartStore` stops the server (SIGKILL: a crash, not a clean shutdown) and starts it again, right away or
 when healed (``downtime``). ``on_restarted(host, port)`` tells the caller where the store is now (the simulator
@@ -119,21 +119,38 @@ class TCPStoreServer:
         self.stop()
 
 
-class EtcdStoreServer:
-    """The real etcd server with a persistent data dir; ``restart()`` keeps the keys (the port may change)."""
+def _free_port() -> int:
+    import socket
 
-    def __init__(self, data_dir: str | None = None) -> None:
-        try:
-            from elastic_impl.rendezvous.etcd_server import EtcdServer
-        except ImportError as e:
-            raise FaultError(f"etcd store needs elastic_impl.rendezvous.etcd_server: {e}") from None
-        self._cls = EtcdServer
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EtcdStoreServer:
+    """The real etcd binary on loopback with ONE data dir and fixed ports across restarts, so a restarted etcd comes
+    back with its keys on the same endpoint (v2 API enabled; the v3 API is always on)."""
+
+    def __init__(self, data_dir: str | None = None, binary: str | None = None, start_timeout: float = 60.0) -> None:
+        if binary is None:
+            try:
+                from elastic_impl.rendezvous.etcd_server import find_etcd_binary
+            except ImportError as e:
+                raise FaultError(f"etcd store: cannot locate the etcd binary ({e}); pass binary=") from None
+            try:
+                binary = find_etcd_binary()
+            except FileNotFoundError as e:
+                raise FaultError(f"etcd store: {e}") from None
+        self.binary = binary
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="sim-etcd-")
-        self.server = None
+        os.makedirs(self.data_dir, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = 0
+        self.peer_port = 0
+        self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self._start_timeout = start_timeout
 
     @property
     def endpoint(self) -> str:
@@ -141,25 +158,53 @@ class EtcdStoreServer:
 
     @property
     def pid(self) -> int | None:
-        return self.server.pid() if self.server is not None else None
+        return self.proc.pid if self.proc is not None else None
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> EtcdStoreServer:
-        self.server = self._cls(data_dir=self.data_dir)
-        self.server.start()
-        self.host, self.port = self.server.get_host(), int(self.server.get_port())
-        return self
+        import urllib.request
+
+        if self.is_running():
+            raise FaultError(f"etcd already running at {self.endpoint} (pid {self.pid})")
+        if not self.port:
+            self.port, self.peer_port = _free_port(), _free_port()
+        client = f"http://{self.host}:{self.port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        cmd = [self.binary, "--name", "sim", "--data-dir", os.path.join(self.data_dir, "data"),
+               "--listen-client-urls", client, "--advertise-client-urls", client,
+               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"sim={peer}", "--enable-v2=true"]
+        log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=2) as reply:
+                    if b"true" in reply.read():
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise FaultError(f"etcd at {self.endpoint} did not become healthy (see {self.data_dir}/etcd.log)")
+            time.sleep(0.1)
 
     def stop(self) -> None:
-        server, self.server = self.server, None
-        if server is None:
+        """SIGKILL etcd (a crash; its data dir stays) and reap it."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
             return
-        pid = server.pid()
-        if pid:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # a crash, not a clean shutdown
-            except (ProcessLookupError, PermissionError):
-                pass
-        server.stop()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
 
     def restart(self) -> EtcdStoreServer:
         self.stop()

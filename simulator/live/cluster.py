@@ -104,6 +104,8 @@ class _Node:
         self.agent_exit_event: dict | None = None
         self.skews: list[tuple[float, float]] = [(0.0, 0.0)]  # (wall time from which, offset) of this node's clock
         self.seen_markers: set[str] = set()
+        self.hold_file = directory / "release"
+        self.spare = False  # pre-started, waiting for add_node() to release it
 
     @property
     def pid(self) -> int | None:
@@ -245,9 +247,10 @@ class Cluster:
                 setattr(self, key, value)
         return self
 
-    def start(self, nodes: int = 2, workers: int | None = None, **options: Any) -> Cluster:
+    def start(self, nodes: int = 2, workers: int | None = None, spares: int = 0, **options: Any) -> Cluster:
         """Start the store and ``nodes`` agents (``workers`` per node overrides ``workers_per_node``; other
-        ``options`` as in :meth:`configure`)."""
+        ``options`` as in :meth:`configure`). ``spares`` more agents are pre-started on hold (interpreter and
+        imports done, nothing of the agent run) for :meth:`add_node` to release."""
         if self._t0 is not None:
             raise LiveError("cluster already started; use add_node() for more nodes")
         self.configure(**options)
@@ -265,6 +268,8 @@ class Cluster:
                                                       "endpoint": self.store.endpoint})
             for _ in range(nodes):
                 self._start_node()
+            for _ in range(spares):
+                self._start_node(spare=True)
         except BaseException:
             self.close()
             raise
@@ -305,7 +310,7 @@ class Cluster:
             conf["read_timeout"] = t["read"]
         return ",".join(f"{k}={v}" for k, v in conf.items())
 
-    def _start_node(self) -> _Node:
+    def _start_node(self, spare: bool = False) -> _Node:
         index = len(self.nodes)
         node = _Node(index, self.out_dir / f"node{index}")
         if node.dir.exists():  # a previous run's files would be read as this run's events
@@ -334,6 +339,9 @@ class Cluster:
         )
         if self.timers:
             env[TIMER_FILE_ENV] = str(node.timer_file)
+        if spare:
+            env["ELASTIC_SIM_HOLD_FILE"] = str(node.hold_file)
+            node.spare = True
         for key, value in self.job.items():
             if key.isupper():  # extra TRAIN_* knobs for examples/train.py
                 env[key] = str(value)
@@ -358,8 +366,32 @@ class Cluster:
                                          start_new_session=True)
         with self._lock:
             self.nodes.append(node)
-        self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.proxy.endpoint})
+        if not spare:
+            self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.proxy.endpoint})
         return node
+
+    def _release(self, node: _Node) -> None:
+        node.hold_file.write_text("go")
+        node.spare = False
+        self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.proxy.endpoint,
+                                                      "prestarted": True})
+
+    def _drop_spares(self) -> None:
+        """Kill spares never released (they ran nothing of the agent) and forget them."""
+        spares = [n for n in self.nodes if n.spare]
+        if not spares:
+            return
+        kill_processes([n.pid for n in spares if n.running()])
+        for n in spares:
+            n.proc.wait(timeout=10)
+            n.exit_recorded = True  # not part of the run: no agent_exit record
+            if n.proxy is not None:
+                n.proxy.close()
+            if n.timer_server is not None:
+                n.timer_server.stop()
+                n.timer_server = None
+        with self._lock:
+            self.nodes = [n for n in self.nodes if not n.spare]
 
     # ------------------------------------------------------------------ reading what happened
 
@@ -479,10 +511,11 @@ class Cluster:
     # ------------------------------------------------------------------ queries
 
     def node(self, index: int) -> _Node:
-        if not isinstance(index, int) or not 0 <= index < len(self.nodes):
+        found = next((n for n in self.nodes if n.index == index and not n.spare), None)
+        if found is None or isinstance(index, bool):
             have = f"nodes are 0..{len(self.nodes) - 1}" if self.nodes else "the cluster has no nodes (start() first)"
             raise LiveError(f"no node {index!r}; {have}")
-        return self.nodes[index]
+        return found
 
     def worker_pids(self, node: int) -> dict[int, int]:
         """``{local_rank: pid}`` of the workers the node's agent started last."""
@@ -640,7 +673,14 @@ class Cluster:
         """Start one more agent; return its node index."""
         if self._t0 is None:
             raise LiveError("start() the cluster before add_node()")
-        node = self._start_node()
+        spare = next((n for n in self.nodes if n.spare), None)
+        if spare is not None and spare.running():
+            self._release(spare)
+            node = spare
+        else:
+            if spare is not None:
+                raise LiveError(f"spare {spare.name} died on hold (exit code {spare.proc.returncode}); see {spare.dir}")
+            node = self._start_node()
         self.record("client", h.OP, detail={"op": "add_node", "node": node.index, "target": node.name})
         return node.index
 
@@ -662,6 +702,7 @@ class Cluster:
             return self.outcome
         deadline = time.monotonic() + timeout
         timed_out = False
+        self._drop_spares()
         while any(n.running() for n in self.nodes):
             if time.monotonic() > deadline:
                 timed_out = True
@@ -724,6 +765,7 @@ class Cluster:
                         os.kill(node.pid, signal.SIGCONT)  # a paused agent cannot exit
                     except ProcessLookupError:
                         pass
+            self._drop_spares()
             if self.outcome is None and self.nodes:
                 # closed before the job ended: stop the agents (leave), then give them their shutdown grace
                 for node in self.nodes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -108,20 +109,20 @@ def _wait_running(cluster: Cluster, scenario, deadline: float) -> None:
     cluster.record("nemesis", h.OP, detail={"op": "job_not_running", "reason": "not every node started workers"})
 
 
-def run_scenario(scenario, out_dir: str | Path, *, cluster: Cluster | None = None) -> History:
-    """Run ``scenario`` (a Scenario or a path) live under ``out_dir``; return the history (also written to
-    ``out_dir/history.jsonl``). Always cleans up every process it started."""
+def run_scenario(scenario, out_dir: str | Path | None = None, *, cluster: Cluster | None = None) -> History:
+    """Run ``scenario`` (a Scenario or a path) live under ``out_dir`` (default: a new temp dir); return the history
+    (also written to ``out_dir/history.jsonl``). Always cleans up every process it started."""
     if isinstance(scenario, (str, Path)):
         from simulator.scenario import load_scenario
 
         scenario = load_scenario(scenario)
     if scenario.mode != "live":
         raise LiveError(f"scenario {scenario.name!r} has mode={scenario.mode!r}; run_scenario runs mode=live only")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="elastic-sim-live-"))
     cluster = cluster or cluster_for(scenario, out_dir)
     limit = float(scenario.time_limit)
     with cluster:
-        cluster.start(nodes=scenario.nodes)
+        cluster.start(nodes=scenario.nodes, spares=sum(1 for f in scenario.faults if f.fault == "add_node"))
         launched = time.monotonic()
         if any((f.args or {}).get("from") != "launch" for f in scenario.faults):
             _wait_running(cluster, scenario, deadline=launched + min(limit, scenario.timeouts.join + 30))

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from fault_injection import FaultError, Partition, RestartStore, TcpProxy, TCPStoreServer
+from fault_injection import EtcdStoreServer, FaultError, Partition, RestartStore, TcpProxy, TCPStoreServer
 from tests.fault_injection.conftest import read_line
 
 # Each test starts Python processes that import torch (several seconds each on a loaded 2-core machine).
@@ -113,3 +114,27 @@ def test_store_host_exits_with_its_owner():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.etcd
+@pytest.mark.skipif(not os.path.exists("/usr/bin/etcd") and not os.environ.get("ETCD_BINARY"),
+                    reason="needs the etcd binary (/usr/bin/etcd or $ETCD_BINARY)")
+def test_etcd_restart_keeps_keys_and_endpoint(tmp_path):
+    import json
+    import urllib.request
+
+    server = EtcdStoreServer(data_dir=str(tmp_path)).start()
+    try:
+        url = f"http://{server.endpoint}/v2/keys/sim"
+        request = urllib.request.Request(url, data=b"value=kept", method="PUT",
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        urllib.request.urlopen(request, timeout=10).read()
+        endpoint = server.endpoint
+        fault = RestartStore(server).inject()
+        assert not server.is_running()
+        fault.heal()
+        assert server.endpoint == endpoint and server.restarts == 1
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert json.loads(reply.read())["node"]["value"] == "kept"
+    finally:
+        server.close()
