@@ -12,6 +12,8 @@ Environment knobs (all optional):
   TRAIN_FAIL_ATTEMPT      ... on this TORCHELASTIC_RESTART_COUNT (default: every attempt)
   TRAIN_FAIL_MODE         raise (exception, error file via @record) | exit (sys.exit(3)) | kill (SIGKILL itself)
   TRAIN_FAIL_DELAY        seconds to run before failing (default 0); the failing rank writes death_rank<R>.json
+  TRAIN_FAIL_AFTER_MARKERS=1  the failing rank first waits (up to 60 s) until every rank wrote its marker for this
+                          attempt, so what the test compares does not depend on which worker started first
                           (wall time just before it fails) into MARKER_DIR
   TRAIN_IGNORE_SIGTERM=1  ignore SIGTERM (a worker stuck in native code), so only SIGKILL stops it
   TRAIN_TRAP_SIGTERM=1    catch SIGTERM, note it in MARKER_DIR (sigterm_pid<PID>.json) and keep running (a worker
@@ -143,6 +145,14 @@ def _maybe_fail(rank: int, attempt: int) -> None:
     if fail_attempt is not None and int(fail_attempt) != attempt:
         return
     mode = os.environ.get("TRAIN_FAIL_MODE", "raise")
+    marker_dir = os.environ.get("MARKER_DIR")
+    if marker_dir and os.environ.get("TRAIN_FAIL_AFTER_MARKERS") == "1":
+        world_size = int(os.environ["WORLD_SIZE"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if len([n for n in os.listdir(marker_dir) if n.startswith(f"attempt{attempt}_")]) >= world_size:
+                break
+            time.sleep(0.05)
     time.sleep(float(os.environ.get("TRAIN_FAIL_DELAY", "0")))
     _write_json(os.environ.get("MARKER_DIR"), f"death_rank{rank}.json", {"rank": rank, "at": time.time()})
     if mode == "exit":

@@ -48,7 +48,8 @@ def _view(markers):
 
 
 def test_restart_then_success_matches_torchrun(launcher, tmp_path):
-    env = dict(TRAIN_FAIL_RANK="0", TRAIN_FAIL_ATTEMPT="0", TRAIN_FAIL_MODE="exit", TRAIN_STEPS="20", TRAIN_STEP_SECONDS="0.1")
+    env = dict(TRAIN_FAIL_RANK="0", TRAIN_FAIL_ATTEMPT="0", TRAIN_FAIL_MODE="exit", TRAIN_STEPS="20", TRAIN_STEP_SECONDS="0.1",
+               TRAIN_FAIL_AFTER_MARKERS="1")  # both ranks record attempt 0 under either launcher (no start race)
     ours = _run(launcher, tmp_path, "elastic-run", **env)
     theirs = _run(launcher, tmp_path, "torchrun", **env)
     assert ours[0] == theirs[0] == 0, (ours[1][-3000:], theirs[1][-3000:])
@@ -57,7 +58,7 @@ def test_restart_then_success_matches_torchrun(launcher, tmp_path):
 
 
 def test_exhausted_restarts_match_torchrun_exit_code_and_report(launcher, tmp_path):
-    env = dict(TRAIN_FAIL_RANK="1", TRAIN_FAIL_MODE="raise")
+    env = dict(TRAIN_FAIL_RANK="1", TRAIN_FAIL_MODE="raise", TRAIN_FAIL_AFTER_MARKERS="1")
     ours = _run(launcher, tmp_path, "elastic-run", **env)
     theirs = _run(launcher, tmp_path, "torchrun", **env)
     assert ours[0] == theirs[0] == 1
