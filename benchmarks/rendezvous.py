@@ -38,14 +38,15 @@ def measure(side: str, n: int, rounds: int, timeout: float = 60.0) -> dict:
     procs = [spawn([python(), "-m", "benchmarks._rdzv_node", impl, str(port), str(n), str(i), str(rounds), prefix], env)
              for i in range(n)]
     try:
-        deadline = time.time() + timeout
         # Every node has imported and connected before the clock starts: we time rendezvous, not `import torch`.
+        # N processes importing torch at once on 2 (shared) cores take a while, hence a start-up budget per node.
+        deadline = time.time() + timeout + 10 * n
         while store.add(f"{prefix}/ready", 0) < n:
             dead = [p.returncode for p in procs if p.poll() is not None]
             if dead:
                 raise Unavailable(f"a node process exited rc={dead[0]} before it was ready")
             if time.time() > deadline:
-                raise Unavailable(f"nodes not ready within {timeout}s")
+                raise Unavailable(f"nodes not ready within {timeout + 10 * n:.0f}s")
             time.sleep(0.05)
         errors = [store.get(f"{prefix}/error/{i}").decode() for i in range(n) if store.check([f"{prefix}/error/{i}"])]
         if errors:

@@ -66,3 +66,13 @@ def test_timed_command_reports_exit_code_and_last_line(tmp_path):
     wall, rc, last = timed_command([sys.executable, "-c", "print('a'); print('last one'); raise SystemExit(3)"],
                                    30.0, tmp_path)
     assert (rc, last) == (3, "last one") and wall > 0
+
+
+@pytest.mark.timeout(240)
+def test_conformance_benchmark_times_a_real_certification():
+    from benchmarks.conformance_bench import certify
+
+    side = certify("upstream", 200.0, rows="RendezvousParameters.get")  # get, get_as_bool, get_as_int
+    assert side["n"] == 1 and side["median"] > 0 and side["exit_code"] == 0
+    assert side["verdicts"] == {"CONFORMS": 3}
+    assert side["jobs"] == os.cpu_count() and side["certify_wall_s"] <= side["median"]
