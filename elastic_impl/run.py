@@ -30,7 +30,13 @@ from argparse import REMAINDER, ArgumentParser
 from contextlib import closing
 from typing import Any
 
-from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch, split_endpoint
+from elastic_impl.launcher.api import (
+    RDZV_CONF_ALIASES,
+    LaunchConfig,
+    LaunchConfigError,
+    elastic_launch,
+    split_endpoint,
+)
 
 __all__ = ["main", "run", "get_args_parser", "parse_args", "config_from_args", "parse_min_max_nnodes"]
 
@@ -177,10 +183,6 @@ def determine_local_world_size(nproc_per_node: str) -> int:
     raise _bad("--nproc-per-node", nproc_per_node, allowed)
 
 
-# Our spellings of torchrun's rendezvous keep-alive options.
-_RDZV_CONF_ALIASES = {"heartbeat": "keep_alive_interval", "missed_heartbeats": "keep_alive_max_attempt"}
-
-
 def _parse_rdzv_conf(conf: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if not conf or not conf.strip():
@@ -192,7 +194,7 @@ def _parse_rdzv_conf(conf: str) -> dict[str, str]:
         if not sep or not key.strip():
             raise _bad("--rdzv-conf", conf, f"entry {item!r} is not key=value (expected key1=value1,key2=value2)")
         key = key.strip()
-        canonical = _RDZV_CONF_ALIASES.get(key, key)
+        canonical = RDZV_CONF_ALIASES.get(key, key)
         if canonical in out:
             raise _bad("--rdzv-conf", conf, f"{key!r} is given twice (heartbeat = keep_alive_interval, "
                        "missed_heartbeats = keep_alive_max_attempt)")

@@ -156,6 +156,23 @@ def split_endpoint(endpoint: str, default_port: int | None) -> tuple[str, int | 
     return host, int(port_str)
 
 
+# Our spellings of torchrun's keep-alive options (accepted by the CLI and by LaunchConfig.rdzv_configs).
+RDZV_CONF_ALIASES = {"heartbeat": "keep_alive_interval", "missed_heartbeats": "keep_alive_max_attempt"}
+
+
+def _canonical_rdzv_configs(configs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in configs.items():
+        canonical = RDZV_CONF_ALIASES.get(key, key)
+        if canonical in out:
+            raise LaunchConfigError(
+                f"invalid rdzv_configs: {key!r} is given twice (heartbeat = keep_alive_interval, "
+                "missed_heartbeats = keep_alive_max_attempt)"
+            )
+        out[canonical] = value
+    return out
+
+
 def _peer_failures_as_process_failures(agent: LocalElasticAgent) -> dict[int, Any]:
     """Turn the root-cause failures published by other nodes into ProcessFailure objects for the report."""
     out: dict[int, Any] = {}
@@ -236,6 +253,7 @@ def launch_agent(
         config.run_id = str(uuid.uuid4().int)
         logger.warning("config has no run_id; generated a random one: %s", config.run_id)
     entrypoint_name = _entrypoint_name(entrypoint, args)
+    rdzv_configs = _canonical_rdzv_configs(config.rdzv_configs)
     try:
         rdzv_parameters = RendezvousParameters(
             backend=config.rdzv_backend,
@@ -244,7 +262,7 @@ def launch_agent(
             min_nodes=config.min_nodes,
             max_nodes=config.max_nodes,
             local_addr=config.local_addr,
-            **config.rdzv_configs,
+            **rdzv_configs,
         )
     except ValueError as e:
         raise LaunchConfigError(str(e)) from None
@@ -253,6 +271,9 @@ def launch_agent(
         rdzv_handler = rendezvous_handler_registry.create_handler(rdzv_parameters)
     except (ValueError, KeyError) as e:
         raise LaunchConfigError(str(e).strip("'\"")) from None
+    window = getattr(getattr(rdzv_handler, "settings", None), "heartbeat_expiry_seconds", None)
+    if window is not None:
+        logger.info("rendezvous %s: a node silent for %.3g s is dropped and the others re-form", config.run_id, window)
 
     spec = WorkerSpec(
         role=config.role,

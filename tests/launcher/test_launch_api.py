@@ -74,3 +74,13 @@ def test_launch_config_validation(overrides, fragment):
 )
 def test_split_endpoint(endpoint, expected):
     assert split_endpoint(endpoint, default_port=None) == expected
+
+
+def test_heartbeat_spellings_map_to_torchruns_keep_alive_options():
+    from elastic_impl.launcher.api import _canonical_rdzv_configs
+
+    assert _canonical_rdzv_configs({"heartbeat": 1, "missed_heartbeats": 2, "join_timeout": 5}) == {
+        "keep_alive_interval": 1, "keep_alive_max_attempt": 2, "join_timeout": 5,
+    }
+    with pytest.raises(LaunchConfigError, match="'keep_alive_interval' is given twice"):
+        _canonical_rdzv_configs({"heartbeat": 1, "keep_alive_interval": 2})

@@ -372,6 +372,7 @@ class SimpleElasticAgent(ElasticAgent):
             group_rank=group_rank,
             group_world_size=group_world_size,
             restart_count=self._restart_count,
+            detection_window_s=_detection_window(spec.rdzv_handler),
         )
         logger.info(
             "[%s] rendezvous complete: group_rank=%s group_world_size=%s master=%s:%s",
@@ -772,6 +773,13 @@ class SimpleElasticAgent(ElasticAgent):
         self._put_metric(f"workers.{role}.run_success_no_retries", int(not failed and not restarted))
         self._put_metric(f"workers.{role}.run_failed_with_retries", int(failed and restarted))
         self._put_metric(f"workers.{role}.run_failed_no_retries", int(failed and not restarted))
+
+
+def _detection_window(rdzv_handler) -> float | None:
+    """Seconds after which a silent peer is dropped (heartbeat x missed beats), when the handler says."""
+    settings = getattr(rdzv_handler, "settings", None)
+    window = getattr(settings, "heartbeat_expiry_seconds", None)
+    return float(window) if isinstance(window, (int, float)) else None
 
 
 def _advertised_address(worker_group_size: int | None) -> str:
