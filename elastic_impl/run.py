@@ -57,9 +57,24 @@ def _env_default(name: str, default: Any) -> Any:
     return os.environ.get(f"PET_{name.upper()}", default)
 
 
+_EPILOG = """\
+environment (beyond torchrun's options):
+  TORCHELASTIC_SHUTDOWN_GRACE=S      default for --shutdown-grace (seconds; default 30)
+  TORCHELASTIC_ENABLE_FILE_TIMER=1   run a worker timer server; workers find its pipe in TORCHELASTIC_TIMER_FILE and
+                                     are SIGKILLed when they overrun timer.expires(after=...)
+  ELASTIC_IMPL_CAPTURE_STDERR=0      do not tee workers' stderr to log files (reports then cannot quote it)
+  ELASTIC_IMPL_EVENTS_FILE=PATH      append the agent's structured events (JSON lines)
+"""
+
+
 def get_args_parser() -> ArgumentParser:
     """The launcher's argument parser (torchrun's options plus --shutdown-grace)."""
-    parser = _OneLineArgumentParser(prog=PROG, description="Elastic training launcher (torchrun-compatible)")
+    parser = _OneLineArgumentParser(
+        prog=PROG,
+        description="Elastic training launcher (torchrun-compatible)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
 
     def opt(*names: str, env: str, **kwargs):
         kwargs.setdefault("default", None)
@@ -75,7 +90,9 @@ def get_args_parser() -> ArgumentParser:
         help="Rendezvous endpoint, host[:port].")
     opt("--rdzv-id", "--rdzv_id", env="rdzv_id", type=str, default="none", help="Job id shared by all nodes.")
     opt("--rdzv-conf", "--rdzv_conf", env="rdzv_conf", type=str, default="",
-        help="Extra rendezvous settings: key1=value1,key2=value2 (e.g. join_timeout, heartbeat).")
+        help="Extra rendezvous settings: key1=value1,key2=value2 (join_timeout, last_call_timeout, close_timeout, "
+             "read_timeout, is_host, heartbeat=S (= keep_alive_interval), missed_heartbeats=N "
+             "(= keep_alive_max_attempt); a silent node is dropped after S x N seconds).")
     parser.add_argument("--standalone", action="store_true",
                         help="Single-node job: local c10d rendezvous on a free port (ignores --rdzv-*).")
     opt("--max-restarts", "--max_restarts", env="max_restarts", type=str, default="0",
