@@ -52,6 +52,8 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError, TimeoutError,
                         socket.timeout)):
         return "timed out"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return "connection lost (etcd closed it mid-request)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip()

@@ -53,7 +53,7 @@ def assert_contiguous(events, world_size):
 def test_nodes_get_contiguous_ranks(backend, etcd_server, run_id, node_procs):
     procs = [dynamic(node_procs, backend, etcd_server, run_id, "join", "--min", "3", "--max", "3") for _ in range(3)]
     assert_contiguous([read_event(p, 60) for p in procs], 3)
-    assert all(p.wait(30) == 0 for p in procs)
+    assert all(p.wait(60) == 0 for p in procs)
 
 
 @pytest.mark.slow
@@ -105,7 +105,7 @@ def test_close_stops_waiting_nodes(backend, etcd_server, run_id, node_procs):
     for proc in waiting:
         event = read_event(proc, 20)
         assert event["event"] == "error" and event["type"] == "RendezvousClosedError", event
-        assert proc.wait(10) == 1
+        assert proc.wait(60) == 1
     assert closer.is_closed()
 
 
@@ -148,7 +148,7 @@ def test_legacy_nodes_get_contiguous_ranks_and_share_a_store(etcd_server, run_id
     assert_contiguous(events, 3)
     # Rank 0 published the bootstrap address through the rendezvous store; the others read the same one.
     assert len({(e["addr"], e["port"]) for e in events}) == 1
-    assert all(p.wait(30) == 0 for p in procs)
+    assert all(p.wait(60) == 0 for p in procs)
 
 
 @pytest.mark.slow
