@@ -27,7 +27,34 @@ class RendezvousBackend(ABC):
       whole state.
     - ``wait_for_change(version, timeout)``: block (real time) up to ``timeout`` seconds until the version differs
       from ``version``; lets a waiting node wake on a change instead of sleeping out its poll interval.
+
+    Optional keyed storage (default: unsupported, ``supports_keys()`` is False). With it, nodes arriving in an open
+    round announce themselves with O(1)-sized key operations instead of rewriting the whole state, and one node
+    completes the round for all, so a round moves O(N) bytes instead of O(N^2) (see ``dynamic_rendezvous``). Keys
+    are names relative to this backend's run (the backend namespaces them); values are bytes:
+
+    - ``key_add(key, amount) -> int``: atomic add (a missing key counts as 0); ``amount=0`` reads.
+    - ``key_set(key, value)``.
+    - ``key_get_many(keys) -> list[bytes | None]``: current values, ``None`` for missing keys; never blocks.
+    - ``key_compare_set(key, expected, desired) -> bytes``: write ``desired`` if the value is ``expected``
+      (``None``: the key is missing); return the value after the call.
     """
+
+    def supports_keys(self) -> bool:
+        """Whether the keyed operations below are implemented (the default: no)."""
+        return False
+
+    def key_add(self, key: str, amount: int) -> int:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
+
+    def key_set(self, key: str, value: bytes) -> None:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
+
+    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
+
+    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
 
     def state_version(self) -> int | None:
         """The state's current version, or ``None`` when this backend cannot tell (the default)."""

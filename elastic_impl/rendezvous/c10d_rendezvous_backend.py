@@ -62,6 +62,7 @@ class C10dRendezvousBackend(RendezvousBackend):
         # ``<key>.changed.<new version>``, which waiters block on with the store's ``wait``. Only the last
         # ``_CHANGE_KEYS_KEPT`` change keys exist at any time.
         self._version_key = f"{self._key}.version"
+        self._key_prefix = f"elastic.rdzv.{run_id}.k."
         self._change_prefix = f"{self._key}.changed."
         self._where = where or _describe(store)
         self.call_timeout = call_timeout
@@ -131,6 +132,35 @@ class C10dRendezvousBackend(RendezvousBackend):
         if has_set:
             self._announce_change()
         return current, current, has_set
+
+    # ------------------------------------------------------------------ keyed storage (see RendezvousBackend)
+
+    def supports_keys(self) -> bool:
+        return True
+
+    def _k(self, key: str) -> str:
+        return f"{self._key_prefix}{key}"
+
+    def key_add(self, key: str, amount: int) -> int:
+        return int(self._call(self._store.add, self._k(key), int(amount)))
+
+    def key_set(self, key: str, value: bytes) -> None:
+        self._call(self._store.set, self._k(key), bytes(value))
+
+    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        full = [self._k(k) for k in keys]
+        if not full:
+            return []
+        # multi_get waits for missing keys, so it is used only when check() says all exist (the common case: one
+        # round trip each); otherwise each key is read with the never-blocking compare_set probe.
+        if self._call(self._store.check, full):
+            return [bytes(v) for v in self._call(self._store.multi_get, full)]
+        values = [self._call(self._store.compare_set, k, _ABSENT, _ABSENT) for k in full]
+        return [None if v == _ABSENT else bytes(v) for v in values]
+
+    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        # TCPStore: an empty expected value means "only if the key is missing".
+        return bytes(self._call(self._store.compare_set, self._k(key), expected or b"", bytes(desired)))
 
     def _announce_change(self) -> None:
         version = int(self._call(self._store.add, self._version_key, 1))

@@ -358,6 +358,10 @@ class RendezvousStepper:
         # The state (and token) a lost compare-and-set returned: the next step decides on it without re-reading.
         # (monotonic time, (state, token)); only reused right away, never for a plain read ("sync").
         self._pending: tuple[float, tuple[bytes, Any]] | None = None
+        # Keyed arrivals (see _announce): the (round, slot) this node announced itself in, and its last slot beat.
+        self._slot: tuple[int, int] | None = None
+        self._slot_beat = float("-inf")
+        self._announce_round: int | None = None
         # Version-checked reads (see _read): (monotonic time of the full read, version, (state, token) or None).
         self._cached: tuple[float, int, tuple[bytes, Any] | None] | None = None
         self._versioned: bool | None = None  # None: not known yet whether the backend has versions
@@ -424,10 +428,19 @@ class RendezvousStepper:
     def begin_join(self) -> None:
         """Start a new ``join`` operation: arm its timeout."""
         self._join_deadline = self.clock.time() + self.settings.timeout.join.total_seconds()
+        self._slot = None
 
     def step(self, op: str) -> StepResult:
         if op not in STEP_OPS:
             raise ValueError(f"unknown rendezvous step op {op!r}; allowed: {', '.join(STEP_OPS)}")
+        if op == "join" and self._slot is not None:
+            return self._step_announced()
+        if op == "leave" and self._slot is not None:
+            try:
+                self._withdraw()
+            except RendezvousError as e:
+                return StepResult(done=False, error=e)
+        self._announce_round = None
         try:
             got = self._read(op)
         except RendezvousError as e:
@@ -472,6 +485,8 @@ class RendezvousStepper:
         if result.done and op == "join":
             self.completed_round = result.round
             self._join_deadline = None
+        if self._announce_round is not None and result.error is None:
+            return self._announce(self._announce_round)
         if result.wait_until is not None:
             # Decisions are made on clock.time(); callers wait on clock.monotonic().
             result.wait_until = mono + max(0.0, result.wait_until - now)
@@ -532,6 +547,9 @@ class RendezvousStepper:
                 # A participant of the round it already got asks for the next one: open it.
                 self._open_next_round(s, now)
                 self._note("rdzv.open_round", f"opened round {s.round}")
+                if self._keyed():
+                    self._announce_round = s.round  # joins it like every other arrival
+                    return s, StepResult(done=False, wait_until=now)
                 s.participants[me] = -1
                 s.heartbeats[me] = now
                 return s, StepResult(done=False, wait_until=now)
@@ -546,6 +564,10 @@ class RendezvousStepper:
             return (s if changed else None), StepResult(done=False, wait_until=poll_until)
 
         # The round is open.
+        if me not in s.participants and self._keyed():
+            # Arrive without rewriting the state (O(1) bytes); the node completing the round adds everyone at once.
+            self._announce_round = s.round
+            return (s if changed else None), StepResult(done=False, wait_until=now)
         if me not in s.participants:
             if len(s.participants) < settings.max_nodes:
                 if me in s.wait_list:
@@ -577,6 +599,172 @@ class RendezvousStepper:
             changed = True
         return (s if changed else None), StepResult(done=False, wait_until=poll_until)
 
+    # ------------------------------------------------------------------ keyed arrivals (O(N) bytes per round)
+    #
+    # With a backend that has keyed storage, a node arriving in an open round does not rewrite the state. Keys of
+    # round R (the backend namespaces them by run id): ``gR.n`` arrival counter (atomic add gives each arrival its
+    # slot i), ``gR.a<i>`` the node key in slot i ("-": withdrawn), ``gR.h<i>`` the slot's heartbeat, ``gR.dl`` the
+    # last-call deadline (first writer wins), ``gR.claim`` who completes the round ("<node>|<time>"; "-": released),
+    # ``gR.r<i>`` slot i's result ("<rank>,<world size>" or "wait"), ``gR.done`` set once all results are out.
+    # The node whose arrival reaches max_nodes, or any node once the last call ended with min_nodes arrived, claims
+    # the round, reads the slots once, applies the same join rules to each live arrival (participant while there is
+    # room, else the wait list; ranks by sorted node key), writes the completed state once and publishes the
+    # results. Everyone else only reads its own result key. The state of an open round holds no participants, so
+    # reading it stays cheap; a claim older than the heartbeat expiry (a completer that died) can be taken over.
+
+    def _keyed(self) -> bool:
+        return bool(self.backend.supports_keys())
+
+    @staticmethod
+    def _k(round_: int, name: str) -> str:
+        return f"g{round_}.{name}"
+
+    def _withdraw(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self.backend.key_set(self._k(slot[0], f"a{slot[1]}"), b"-")
+
+    def _announce(self, round_: int) -> StepResult:
+        self._announce_round = None
+        now = self.clock.time()
+        try:
+            slot = self.backend.key_add(self._k(round_, "n"), 1)
+            self.backend.key_set(self._k(round_, f"a{slot}"), self.node.key.encode())
+            self.backend.key_set(self._k(round_, f"h{slot}"), repr(now).encode())
+        except RendezvousError as e:
+            return StepResult(done=False, error=e)
+        self._slot, self._slot_beat = (round_, slot), now
+        self._events = []
+        self._note("rdzv.join", f"joined round {round_}")
+        self._record_events()
+        return self._step_announced()
+
+    def _step_announced(self) -> StepResult:
+        assert self._slot is not None
+        round_, slot = self._slot
+        settings = self.settings
+        now, mono = self.clock.time(), self.clock.monotonic()
+        self._events = []
+        k = self._k
+        try:
+            done, mine, claim, deadline_value = self.backend.key_get_many(
+                [k(round_, "done"), k(round_, f"r{slot}"), k(round_, "claim"), k(round_, "dl")]
+            )
+            if mine is not None:
+                self._slot = None
+                if mine == b"wait":
+                    # The round filled up before this node: it is on the wait list now, like a late classic arrival.
+                    return StepResult(done=False, wait_until=mono)
+                rank, world_size = (int(x) for x in mine.split(b","))
+                return self._finish_join(round_, rank, world_size)
+            if done is not None:
+                # Completed without this node (taken for dead, or arrived too late): start over on the state.
+                self._slot = None
+                return StepResult(done=False, wait_until=mono)
+            if self._join_deadline is not None and now > self._join_deadline:
+                arrived = self.backend.key_add(k(round_, "n"), 0)
+                self._withdraw()
+                error = RendezvousTimeoutError(
+                    f"rendezvous run {settings.run_id!r} round {round_} did not complete within the join timeout of "
+                    f"{settings.timeout.join.total_seconds()} s ({arrived} of min {settings.min_nodes} nodes joined)"
+                )
+                self._note("rdzv.error", f"join failed: {error}", NodeState.FAILED)
+                self._record_events()
+                return StepResult(done=False, error=error)
+            if now - self._slot_beat >= settings.keep_alive_seconds / 2:
+                self.backend.key_set(k(round_, f"h{slot}"), repr(now).encode())
+                self._slot_beat = now
+            if claim is not None and claim != b"-" and now - _claim_time(claim) <= settings.heartbeat_expiry_seconds:
+                # Someone is completing the round: wait for the results without reading the state (it is about to
+                # hold every participant).
+                self.seen_version = None
+                return StepResult(done=False, wait_until=mono + self.poll_interval)
+            got = self._read("join")
+        except RendezvousError as e:
+            return StepResult(done=False, error=e)
+        state = RendezvousState.from_bytes(got[0]) if got is not None else RendezvousState()
+        self.state = state
+        if state.closed:
+            try:
+                self._withdraw()
+            except RendezvousError:
+                pass
+            return StepResult(done=False, error=RendezvousClosedError(f"rendezvous run {settings.run_id!r} is closed"))
+        if state.round != round_ or state.complete:
+            # The round is over or was replaced (everyone left and it reopened): start over on the state.
+            self._slot = None
+            return StepResult(done=False, wait_until=mono)
+        try:
+            arrived = self.backend.key_add(k(round_, "n"), 0)
+            deadline = None
+            if arrived >= settings.min_nodes:
+                if deadline_value is None:
+                    proposed = repr(now + settings.timeout.last_call.total_seconds()).encode()
+                    deadline_value = self.backend.key_compare_set(k(round_, "dl"), None, proposed)
+                deadline = float(deadline_value)
+            if arrived >= settings.max_nodes or (deadline is not None and now >= deadline):
+                return self._try_complete(round_, arrived, claim, state, got, now, mono, deadline)
+        except RendezvousError as e:
+            return StepResult(done=False, error=e)
+        poll_until = now + self._next_poll_delay()
+        wait_until = min(deadline, poll_until) if deadline is not None else poll_until
+        return StepResult(done=False, wait_until=mono + max(0.0, wait_until - now))
+
+    def _try_complete(self, round_, arrived, claim, state, got, now, mono, deadline) -> StepResult:
+        settings, k, me = self.settings, self._k, self.node.key
+        mine = f"{me}|{now!r}".encode()
+        if self.backend.key_compare_set(k(round_, "claim"), claim, mine) != mine:
+            return StepResult(done=False, wait_until=mono + self.poll_interval)
+        names = [k(round_, f"a{j}") for j in range(1, arrived + 1)]
+        beats = [k(round_, f"h{j}") for j in range(1, arrived + 1)]
+        values = self.backend.key_get_many(names + beats)
+        expiry = settings.heartbeat_expiry_seconds
+        slots: dict[str, int] = {}
+        for j in range(arrived):
+            name, beat = values[j], values[arrived + j]
+            if name is None or name == b"-" or beat is None or now - float(beat) > expiry:
+                continue  # not written yet, withdrawn, or silent for too long
+            slots[name.decode()] = j + 1
+        s = state.copy()
+        self._evict_dead(s, now)
+        for key in sorted(slots, key=slots.get):
+            if len(s.participants) < settings.max_nodes:
+                s.participants[key] = -1
+                if key in s.wait_list:
+                    s.wait_list.remove(key)
+            elif key not in s.wait_list:
+                s.wait_list.append(key)
+            s.heartbeats[key] = now
+        count = len(s.participants)
+        if not (count >= settings.max_nodes or (count >= settings.min_nodes and deadline is not None and now >= deadline)):
+            # Some arrivals were withdrawn or dead: not enough live nodes yet. Let go and wait for more.
+            self.backend.key_set(k(round_, "claim"), b"-")
+            return StepResult(done=False, wait_until=mono + self._next_poll_delay())
+        self._complete(s)
+        written = self.backend.set_state(s.to_bytes(), got[1] if got is not None else None)
+        self._cached = None
+        self.seen_version = None
+        if written is None or not written[2]:
+            self.backend.key_set(k(round_, "claim"), b"-")
+            return StepResult(done=False, wait_until=mono)
+        self.state = s
+        for key, j in slots.items():
+            rank = s.participants.get(key)
+            self.backend.key_set(k(round_, f"r{j}"), b"wait" if rank is None else f"{rank},{s.world_size}".encode())
+        self.backend.key_set(k(round_, "done"), b"1")
+        self._slot = None
+        if me not in s.participants:
+            return StepResult(done=False, wait_until=mono)
+        return self._finish_join(round_, s.participants[me], s.world_size)
+
+    def _finish_join(self, round_: int, rank: int, world_size: int) -> StepResult:
+        self._slot = None
+        self.completed_round = round_
+        self._join_deadline = None
+        self._note("rdzv.complete", f"round={round_} rank={rank} world_size={world_size}", NodeState.SUCCEEDED, rank)
+        self._record_events()
+        return StepResult(done=True, round=round_, rank=rank, world_size=world_size)
+
     def _next_poll_delay(self) -> float:
         delay = min(self.max_poll_interval, self.poll_interval * (1.5 ** self._idle_polls))
         self._idle_polls = min(self._idle_polls + 1, 64)
@@ -590,15 +778,20 @@ class RendezvousStepper:
         s.world_size = len(s.participants)
 
     def _open_next_round(self, s: RendezvousState, now: float) -> None:
-        """Round r+1: empty, with waiting nodes promoted (up to max_nodes, in arrival order)."""
+        """Round r+1: empty, with waiting nodes promoted (up to max_nodes, in arrival order).
+
+        With keyed arrivals the waiting nodes stay on the wait list (still counted by ``num_nodes_waiting``) and
+        announce themselves in the new round like everyone else; the completing node takes them off the list.
+        """
         s.round += 1
         s.complete = False
         s.deadline = None
         s.world_size = 0
         keep = set(s.wait_list)
         s.participants = {}
-        while s.wait_list and len(s.participants) < self.settings.max_nodes:
-            s.participants[s.wait_list.pop(0)] = -1
+        if not self._keyed():
+            while s.wait_list and len(s.participants) < self.settings.max_nodes:
+                s.participants[s.wait_list.pop(0)] = -1
         s.heartbeats = {k: v for k, v in s.heartbeats.items() if k in keep}
 
     def _remove(self, s: RendezvousState, key: str) -> bool:
@@ -624,6 +817,13 @@ class RendezvousStepper:
             self._remove(s, key)
             self._note("rdzv.evict", f"evicted {key} at round {s.round} (no heartbeat for > {expiry} s)")
         return bool(dead)
+
+
+def _claim_time(claim: bytes) -> float:
+    try:
+        return float(claim.rsplit(b"|", 1)[1])
+    except (IndexError, ValueError):
+        return float("-inf")
 
 
 def num_nodes_waiting_in(state: RendezvousState, settings: RendezvousSettings, completed_round: int | None) -> int:

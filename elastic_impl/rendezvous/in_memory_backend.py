@@ -32,6 +32,10 @@ class InMemoryRendezvousBackend(RendezvousBackend):
         self.bytes_read = 0
         self.bytes_written = 0
         self.version_calls = 0
+        self.key_calls = 0
+        self._keys: dict[str, bytes] = {}
+        # Keyed storage can be switched off to run the state machine the way get/set-only backends (etcd) do.
+        self.keyed = True
 
     # A version probe moves one integer; counted as 8 bytes.
     VERSION_BYTES = 8
@@ -49,6 +53,7 @@ class InMemoryRendezvousBackend(RendezvousBackend):
     def reset_counters(self) -> None:
         with self._lock:
             self.get_calls = self.set_calls = self.bytes_read = self.bytes_written = self.version_calls = 0
+            self.key_calls = 0
 
     def _before(self, op: str) -> None:
         if self.on_call is not None:
@@ -96,3 +101,47 @@ class InMemoryRendezvousBackend(RendezvousBackend):
             self.version_calls += 1
             self.bytes_read += self.VERSION_BYTES
             return self._changed.wait_for(lambda: self._version != version, timeout)
+
+    # ------------------------------------------------------------------ keyed storage (bytes: key + value moved)
+
+    def supports_keys(self) -> bool:
+        return self.keyed
+
+    def _count_key(self, key: str, *values: bytes | None) -> None:
+        self.key_calls += 1
+        self.bytes_written += len(key)
+        self.bytes_read += sum(len(v) for v in values if v is not None)
+
+    def key_add(self, key: str, amount: int) -> int:
+        self._before("key_add")
+        with self._lock:
+            value = int(self._keys.get(key, b"0")) + int(amount)
+            self._keys[key] = str(value).encode()
+            self._count_key(key, b"12345678")
+            return value
+
+    def key_set(self, key: str, value: bytes) -> None:
+        self._before("key_set")
+        with self._lock:
+            self._keys[key] = bytes(value)
+            self._count_key(key)
+            self.bytes_written += len(value)
+
+    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        self._before("key_get_many")
+        with self._lock:
+            values = [self._keys.get(k) for k in keys]
+            self.key_calls += 1
+            self.bytes_written += sum(len(k) for k in keys)
+            self.bytes_read += sum(len(v) for v in values if v is not None)
+            return values
+
+    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        self._before("key_compare_set")
+        with self._lock:
+            current = self._keys.get(key)
+            if current == expected:
+                self._keys[key] = current = bytes(desired)
+            self._count_key(key, current)
+            self.bytes_written += len(desired) + len(expected or b"")
+            return current

@@ -41,11 +41,14 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture
-def memory_backend():
+@pytest.fixture(params=["keyed", "blob"])
+def memory_backend(request):
+    """The in-memory backend twice: with keyed storage (c10d-like arrivals) and without (like the etcd backends)."""
     from elastic_impl.rendezvous.in_memory_backend import InMemoryRendezvousBackend
 
-    return InMemoryRendezvousBackend()
+    backend = InMemoryRendezvousBackend()
+    backend.keyed = request.param == "keyed"
+    return backend
 
 
 @pytest.fixture

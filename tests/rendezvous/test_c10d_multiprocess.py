@@ -32,7 +32,7 @@ def endpoint(store) -> str:
 
 
 def wait_until_joined(ep: str, run_id: str = "test", timeout: float = 40) -> None:
-    """Block until some node is in the run's state (the node's own startup may take seconds on a loaded machine)."""
+    """Block until some node arrived in the run's round 0 (its startup may take seconds on a loaded machine)."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -41,7 +41,7 @@ def wait_until_joined(ep: str, run_id: str = "test", timeout: float = 40) -> Non
     client = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=10), use_libuv=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.check([f"elastic.rdzv.{run_id}.state"]) and b'"p":{"' in client.get(f"elastic.rdzv.{run_id}.state"):
+        if client.check([f"elastic.rdzv.{run_id}.k.g0.a1"]):
             del client
             return
         time.sleep(0.1)
