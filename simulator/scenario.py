@@ -144,6 +144,8 @@ class StoreConfig:
     latency: float = 0.001
     loss: float = 0.0
     broken_cas: bool = False
+    # Offer the backend seam's optional keyed storage (per-key add/set/get-many/compare-set) to the state machine.
+    keyed: bool = False
 
 
 @dataclass
@@ -266,6 +268,8 @@ class Scenario:
         _num(where, "store.loss", self.store.loss, 0.0, maximum=0.5)
         if not isinstance(self.store.broken_cas, bool):
             raise _err(where, "store.broken_cas", self.store.broken_cas, "must be true or false")
+        if not isinstance(self.store.keyed, bool):
+            raise _err(where, "store.keyed", self.store.keyed, "must be true or false")
         if self.store.broken_cas and self.mode != "virtual":
             raise _err(where, "store.broken_cas", True, "only the virtual store can break compare-and-set")
         _num(where, "time_limit", self.time_limit, 0.0, strict=True)
@@ -331,6 +335,8 @@ class Scenario:
             store: dict[str, Any] = {"latency": self.store.latency, "loss": self.store.loss}
             if self.store.broken_cas:
                 store["broken_cas"] = True
+            if self.store.keyed:
+                store["keyed"] = True
             out["store"] = store
         out["time_limit"] = self.time_limit
         out["faults"] = [f.to_dict() for f in self.faults]

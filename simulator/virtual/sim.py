@@ -65,7 +65,7 @@ class Simulation:
         self.rng = random.Random(scenario.seed)
         self.clock = VirtualClock()
         cfg = scenario.store
-        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas)
+        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas, cfg.keyed)
         t = scenario.timeouts
         self.settings = RendezvousSettings(
             run_id=f"sim-{scenario.seed}",

@@ -11,6 +11,10 @@ it already saw, its own writes included), as over one connection to a linearizab
 Faults: ``partition(node)``/``heal(node)`` make every call of that node raise ``RendezvousConnectionError``;
 ``delay(node, seconds)`` adds latency; ``down`` makes the whole store unreachable (``restart_store``); ``loss`` is
 the probability that any call fails. ``broken_cas=True`` is TEST-ONLY: writes succeed whatever their token.
+
+Keyed storage (the seam's optional per-key operations: add, set, get-many, compare-set) is offered when
+``keyed=True`` (scenario ``store.keyed``; off by default), so the state machine takes its O(N)-bytes arrival path where it has one; those calls
+are single atomic operations without a staleness window. ``broken_cas`` breaks ``key_compare_set`` too.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ class SimStore:
         latency: float = 0.0,
         loss: float = 0.0,
         broken_cas: bool = False,
+        keyed: bool = False,
     ) -> None:
         self.clock = clock
+        self.keyed = keyed
         self.rng = rng
         self.latency = latency
         self.loss = loss
@@ -50,6 +56,9 @@ class SimStore:
         self._base = 0
         self.get_calls = 0
         self.version_calls = 0
+        self.key_calls = 0
+        # Keyed storage (the seam's optional per-key operations); ``keyed=False`` hides it from the state machine.
+        self.keys: dict[str, bytes] = {}
         self.set_calls = 0
         self.failed_cas = 0
         self.failed_calls = 0
@@ -147,6 +156,45 @@ class SimStore:
             self._prune()
         return state, self.version, True
 
+    # ------------------------------------------------------------------ keyed storage (optional seam)
+    # Single atomic operations on a linearizable server: no staleness window (there is no read-then-write here).
+
+    def key_add(self, node: str, key: str, amount: int) -> int:
+        self._check_reachable(node, "key_add")
+        self.key_calls += 1
+        value = int(self.keys.get(key, b"0")) + amount
+        self.keys[key] = str(value).encode()
+        self.bytes_written += len(key) + 8
+        self.bytes_read += 8
+        return value
+
+    def key_set(self, node: str, key: str, value: bytes) -> None:
+        self._check_reachable(node, "key_set")
+        self.key_calls += 1
+        self.keys[key] = bytes(value)
+        self.bytes_written += len(key) + len(value)
+
+    def key_get_many(self, node: str, keys: list[str]) -> list[bytes | None]:
+        self._check_reachable(node, "key_get_many")
+        self.key_calls += 1
+        values = [self.keys.get(k) for k in keys]
+        self.bytes_written += sum(len(k) for k in keys)
+        self.bytes_read += sum(len(v) for v in values if v is not None)
+        return values
+
+    def key_compare_set(self, node: str, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        self._check_reachable(node, "key_compare_set")
+        self.key_calls += 1
+        current = self.keys.get(key)
+        self.bytes_written += len(key) + len(desired) + len(expected or b"")
+        if current == expected or self.broken_cas:
+            self.keys[key] = bytes(desired)
+            current = self.keys[key]
+        else:
+            self.failed_cas += 1
+        self.bytes_read += len(current) if current is not None else 0
+        return current if current is not None else b""
+
     def _prune(self) -> None:
         horizon = self.clock.now - (self.latency + max(self.delays.values(), default=0.0))
         keep_from = max(0, bisect_right(self._times, horizon) - 1)
@@ -162,6 +210,7 @@ class SimStore:
         return {
             "get_calls": self.get_calls,
             "version_calls": self.version_calls,
+            "key_calls": self.key_calls,
             "set_calls": self.set_calls,
             "failed_cas": self.failed_cas,
             "failed_calls": self.failed_calls,
@@ -194,6 +243,21 @@ class SimStoreClient(RendezvousBackend):
         if written is not None:
             self.floor = max(self.floor, written[1])
         return written
+
+    def supports_keys(self) -> bool:
+        return self.store.keyed
+
+    def key_add(self, key: str, amount: int) -> int:
+        return self.store.key_add(self.node, key, amount)
+
+    def key_set(self, key: str, value: bytes) -> None:
+        self.store.key_set(self.node, key, value)
+
+    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self.store.key_get_many(self.node, keys)
+
+    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        return self.store.key_compare_set(self.node, key, expected, desired)
 
     def state_version(self) -> int | None:
         version = self.store.state_version(self.node, self.floor)
