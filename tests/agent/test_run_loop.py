@@ -242,3 +242,30 @@ def test_job_wide_budget_allows_restarts_up_to_max(tcp_store):
     result = agent.run()
     assert result.is_failed()
     assert agent.started_restart_counts == [0, 1, 2] and handler.job_restarts == 3
+
+
+def test_signal_leaves_the_rendezvous_before_stopping_workers(tcp_store):
+    import pytest
+
+    from elastic_impl.agent.server.api import AgentSignalError
+
+    class LeavingHandler(RoundStoreHandler):
+        def __init__(self, store, calls):
+            super().__init__(store)
+            self.calls = calls
+
+        def leave(self):
+            self.calls.append("leave")
+
+    class SignalledAgent(ScriptedAgent):
+        def _monitor_workers(self, worker_group):
+            raise AgentSignalError("agent received SIGTERM", signal.SIGTERM)
+
+    calls: list[str] = []
+    handler = LeavingHandler(tcp_store, calls)
+    agent = SignalledAgent(_spec(handler), [])
+    agent.calls = calls
+    with pytest.raises(AgentSignalError):
+        agent.run()
+    # the peers may re-form while this node's workers use their grace; the job is not closed
+    assert calls == ["start", "leave", "shutdown"] and not handler.closed

@@ -310,11 +310,24 @@ class SimpleElasticAgent(ElasticAgent):
             logger.warning("agent received %s, stopping workers", sigval.name)
             shutdown_called = True
             self._emit("agent.exit", state="TERMINATED", signal=sigval.name)
+            # Leave BEFORE stopping the workers: the other nodes re-form at once instead of waiting out this node's
+            # shutdown grace (its workers may spend it checkpointing) with their collectives hung on it.
+            self._leave_rendezvous()
             self._shutdown(sigval, timeout=self._shutdown_timeout)
             raise
         finally:
             if not shutdown_called:
                 self._shutdown(timeout=self._shutdown_timeout)
+
+    def _leave_rendezvous(self) -> None:
+        """This node goes away but the job goes on: ``leave()`` where the rendezvous handler offers it."""
+        leave = getattr(self._worker_group.spec.rdzv_handler, "leave", None)
+        if not callable(leave):
+            return  # the launcher decides what a handler without leave() gets
+        try:
+            leave()
+        except Exception as e:  # the store may be gone; stopping the workers matters more
+            logger.warning("could not leave the rendezvous: %s", e)
 
     # ------------------------------------------------------------------ to implement in subclasses
 
