@@ -173,7 +173,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         progress.update(f"fuzz {phase}: schedule {count} {_bar(count / runs) if phase == 'searching' else ''}")
 
     try:
-        result = fuzz(args.seed, args.runs, broken_cas=args.broken_cas, out_dir=args.out, progress=report)
+        result = fuzz(args.seed, args.runs, broken_cas=args.broken_cas, out_dir=args.out, progress=report,
+                      vary_cluster=args.vary_cluster)
     finally:
         progress.done()
     rows = [
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--seed", type=int, default=0)
     fz.add_argument("--runs", type=int, default=100)
     fz.add_argument("--broken-cas", action="store_true", help="TEST ONLY: a store that skips compare-and-set")
+    fz.add_argument("--vary-cluster", action="store_true",
+                    help="also draw the cluster shape (nodes, min/max nodes, store latency and loss)")
     fz.add_argument("--out", help="directory for the shrunk failing scenario")
     fz.add_argument("--progress", action="store_true", default=None)
     fz.set_defaults(func=cmd_fuzz)

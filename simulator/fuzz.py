@@ -81,8 +81,11 @@ def fuzz(
     out_dir: str | Path | None = None,
     base: Scenario | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    vary_cluster: bool = False,
 ) -> FuzzResult:
-    """Run up to ``runs`` random schedules; on a violation shrink it and (with ``out_dir``) write it as YAML."""
+    """Run up to ``runs`` random schedules; on a violation shrink it and (with ``out_dir``) write it as YAML.
+
+    ``vary_cluster`` also draws the cluster's shape (1-5 nodes, min/max nodes, store latency and loss)."""
     if runs < 1:
         raise ValueError(f"--runs must be >= 1, got {runs}")
     base = base or fuzz_base(broken_cas=broken_cas)
@@ -91,7 +94,20 @@ def fuzz(
     outcomes: dict[str, int] = {}
     wall0 = time.perf_counter()
 
-    schedules = st.tuples(st.lists(_fault_strategy(base, horizon), max_size=MAX_FAULTS), st.integers(0, 2**16))
+    if vary_cluster:
+        # Node indices in faults are drawn up to the largest cluster; validation drops none because the base is
+        # widened to that size before the schedule is applied (extra indices just name later-added nodes).
+        base = replace(base, nodes=5, max_nodes=5)
+    shapes = st.just(None)
+    if vary_cluster:
+        shapes = st.tuples(
+            st.integers(1, 5),  # nodes at start
+            st.integers(1, 5),  # min_nodes
+            st.integers(0, 3),  # max_nodes - min_nodes
+            st.sampled_from([0.0, 0.01, 0.05, 0.15]),  # store latency
+            st.sampled_from([0.0, 0.02]),  # store loss
+        )
+    schedules = st.tuples(st.lists(_fault_strategy(base, horizon), max_size=MAX_FAULTS), st.integers(0, 2**16), shapes)
 
     @settings(
         max_examples=runs,
@@ -106,8 +122,14 @@ def fuzz(
     @hypothesis_seed(seed)
     @given(schedules)
     def property_holds(drawn) -> None:
-        faults, sim_seed = drawn
-        scenario = with_faults(replace(base, seed=sim_seed), _number_new_nodes(base, faults), name=base.name)
+        faults, sim_seed, shape = drawn
+        cluster = replace(base, seed=sim_seed)
+        if shape is not None:
+            nodes, min_nodes, extra, latency, loss = shape
+            cluster = replace(cluster, nodes=nodes, min_nodes=min_nodes, max_nodes=min_nodes + extra,
+                              store=replace(base.store, latency=latency, loss=loss))
+            faults = [f for f in faults if f.node is None or f.node < nodes]
+        scenario = with_faults(cluster, _number_new_nodes(cluster, faults), name=base.name)
         state["count"] += 1
         result = run_virtual(scenario)
         outcome = result.outcome or "no outcome"
