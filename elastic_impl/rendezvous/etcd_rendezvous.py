@@ -158,6 +158,11 @@ class EtcdRendezvous:
     def _watch(self, key: str, index: int | None, timeout: float, recursive: bool = False) -> None:
         """Wait for a change of ``key`` at or after ``index``, at most ``timeout`` seconds (never unbounded)."""
         seconds = max(timeout, 0.05)  # python-etcd reads a 0 timeout as "wait forever"
+        # A watch is one long read: cap it at the client's read timeout so a hung (paused) etcd is noticed by the
+        # next read within about two read timeouts instead of at the rendezvous deadline.
+        read_timeout = getattr(self.client, "_read_timeout", None)
+        if isinstance(read_timeout, (int, float)) and read_timeout > 0:
+            seconds = min(seconds, float(read_timeout))
         timeout_for = getattr(self.client, "timeout_for", None)
         try:
             self._etcd(self.client.watch, key, index=index, recursive=recursive,

@@ -79,6 +79,10 @@ def _die_with_parent() -> None:
 def _kill_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     if proc is None or proc.poll() is not None:
         return
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)  # a paused (SIGSTOPped) etcd would otherwise ignore SIGTERM
+    except ProcessLookupError:
+        return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)

@@ -38,6 +38,33 @@ def legacy(node_procs, server, run_id, action, *args):
     return proc
 
 
+def wait_until_joined(backend, server, run_id, count=1, timeout=60):
+    """Block until ``count`` nodes are visibly in the run's state (so a node is in its waiting loop)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    if backend == "etcd":
+        client = server.get_client()
+        key = f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
+        while time.monotonic() < deadline:
+            try:
+                if len(json.loads(client.read(key).value).get("participants", [])) >= count:
+                    return
+            except Exception:  # noqa: BLE001 - not created yet
+                pass
+            time.sleep(0.1)
+    else:
+        from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
+
+        observer = rendezvous_handler_registry.create_handler(
+            RendezvousParameters(backend, server.get_endpoint(), run_id, 2, 2, read_timeout=5))
+        while time.monotonic() < deadline:
+            if len(observer.get_participants()) >= count:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} node(s) joined run {run_id} within {timeout} s")
+
+
 def assert_contiguous(events, world_size):
     assert all(e["event"] == "rendezvous" for e in events), events
     assert sorted(e["rank"] for e in events) == list(range(world_size))
@@ -244,3 +271,24 @@ def test_legacy_etcd_stopped_mid_rendezvous_is_a_connection_error(private_etcd_s
     assert event["event"] == "error" and event["type"] == "RendezvousConnectionError", event
     assert endpoint in event["message"] and "\n" not in event["message"]
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", [*BACKENDS, "etcd"])
+def test_paused_etcd_is_a_connection_error_within_the_read_timeout(backend, private_etcd_server, run_id, node_procs):
+    """A hung etcd (SIGSTOP: connections accepted by the kernel, never answered) must not hang the nodes either."""
+    endpoint = private_etcd_server.get_endpoint()
+    if backend == "etcd":
+        waiting = legacy(node_procs, private_etcd_server, run_id, "join", "--min", "2", "--max", "2", "--timeout", "120")
+    else:
+        waiting = dynamic(node_procs, backend, private_etcd_server, run_id, "join", "--min", "2", "--max", "2",
+                          "--join-timeout", "120", "--read-timeout", "3")
+    wait_until_joined(backend, private_etcd_server, run_id)
+    assert waiting.poll() is None, waiting.stderr.read()[-2000:]
+    os.kill(private_etcd_server.pid(), signal.SIGSTOP)
+    started = time.monotonic()
+    event = read_event(waiting, 60)
+    assert event["event"] == "error" and event["type"] == "RendezvousConnectionError", event
+    assert endpoint in event["message"] and "timed out" in event["message"]
+    assert time.monotonic() - started < 30
