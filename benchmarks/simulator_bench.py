@@ -4,9 +4,11 @@ No upstream counterpart: absolute wall times (target: 10,000 virtual nodes <= 10
 ``simulator.virtual.run_rendezvous_round`` (the real ``RendezvousStepper`` for every node over the simulated
 store, min = max = N, agents arriving within 50 ms); fault schedules run ``elastic-sim fuzz`` as a subprocess.
 
-Two store models: "instant" (latency 0: every store call is atomic, so no compare-and-set is ever lost; this
-measures the cost of the state machine and its O(N)-sized state blob) and "1 ms" (reads up to 1 ms stale, so
-concurrent joiners lose compare-and-sets and retry; this measures contention). A round that does not finish
+Store models: "instant" (latency 0: every store call is atomic, so no compare-and-set is ever lost; this
+measures the cost of the state machine) and "1 ms" (reads up to 1 ms stale, so concurrent joiners lose
+compare-and-sets and retry; this measures contention). "blob": the store offers only get_state/set_state (every
+arrival rewrites the whole O(N)-sized state: O(N^2) bytes per round); "keyed": it also offers the seam's optional
+keyed storage, which the state machine uses for O(1)-sized arrivals where it supports them. A round that does not finish
 within its wall budget is reported with how many nodes had a rank by then.
 """
 
@@ -29,12 +31,12 @@ def _round_fn():
     return run_rendezvous_round
 
 
-def virtual_round(n: int, repeats: int, latency: float, wall_limit: float) -> dict:
+def virtual_round(n: int, repeats: int, latency: float, wall_limit: float, keyed: bool = False) -> dict:
     fn = _round_fn()
     walls, last = [], None
     for i in range(repeats):
         t0 = time.perf_counter()
-        last = fn(n, seed=i, latency=latency, wall_limit=wall_limit)
+        last = fn(n, seed=i, latency=latency, wall_limit=wall_limit, keyed=keyed)
         walls.append(time.perf_counter() - t0)
         if not last["completed"]:
             break
@@ -47,6 +49,7 @@ def virtual_round(n: int, repeats: int, latency: float, wall_limit: float) -> di
         events_per_s=last["events_per_s"],
         virtual_s=last["virtual_s"],
         store_calls=last["store_calls"],
+        keyed_calls=last.get("key_calls", 0),
         store_bytes_per_round=last["store_bytes"],
         store_bytes_per_node=last["store_bytes_per_node"],
         failed_cas=last["failed_cas"],
@@ -79,6 +82,8 @@ def _note(side: dict) -> str | None:
     note = (f"{side['store_calls']} store calls ({side['failed_cas']} lost CAS), "
             f"{side['store_bytes_per_round'] / 1e6:.1f} MB moved ({side['store_bytes_per_node'] / 1e3:.1f} kB/node), "
             f"final state {side['state_bytes'] / 1e3:.1f} kB, {side['virtual_s']:.2f} virtual s")
+    if side.get("keyed_calls"):
+        note = f"keyed path ({side['keyed_calls']} keyed calls); " + note
     if not side["completed"]:
         note = f"NOT finished within the wall budget ({side['ranked']} of the nodes ranked); " + note
     return note
@@ -86,12 +91,15 @@ def _note(side: dict) -> str | None:
 
 def run(quick: bool) -> dict:
     cases = {}
-    plan = [(100, 0.0, 3, 60.0), (1000, 0.0, 1, 120.0)]
+    # (nodes, store latency, keyed storage offered, repeats, wall budget s)
+    plan = [(100, 0.0, False, 3, 60.0), (1000, 0.0, False, 1, 120.0), (100, 0.0, True, 3, 60.0),
+            (1000, 0.0, True, 1, 60.0)]
     if not quick:
-        plan += [(10000, 0.0, 1, 120.0), (100, 0.001, 1, 60.0), (200, 0.001, 1, 60.0)]
-    for n, latency, repeats, budget in plan:
-        store = "instant store" if latency == 0 else f"{latency * 1e3:g} ms store"
-        side = run_side(virtual_round, n, repeats, latency, budget)
+        plan += [(10000, 0.0, True, 1, 120.0), (10000, 0.0, False, 1, 60.0), (100, 0.001, False, 1, 60.0),
+                 (200, 0.001, False, 1, 60.0)]
+    for n, latency, keyed, repeats, budget in plan:
+        store = ("keyed " if keyed else "blob ") + ("instant store" if latency == 0 else f"{latency * 1e3:g} ms store")
+        side = run_side(virtual_round, n, repeats, latency, budget, keyed)
         cases[f"round N={n} ({store})"] = {"ours": side, "note": _note(side)}
     runs = 20 if quick else 1000
     cases[f"fuzz {runs} schedules"] = {"ours": run_side(fuzz_schedules, runs, 60.0 if quick else 600.0)}

@@ -300,7 +300,7 @@ def run_virtual(scenario: Scenario, progress: Callable[[float, float], None] | N
 
 
 def rendezvous_scenario(nodes: int, seed: int = 0, latency: float = 0.001, faults: list[Fault] | None = None,
-                        broken_cas: bool = False) -> Scenario:
+                        broken_cas: bool = False, keyed: bool = False) -> Scenario:
     """A scenario of ``nodes`` agents forming one round (min = max = nodes), for scale runs."""
     return Scenario(
         name=f"rendezvous of {nodes} nodes",
@@ -313,19 +313,19 @@ def rendezvous_scenario(nodes: int, seed: int = 0, latency: float = 0.001, fault
         timeouts=Timeouts(join=600.0, last_call=5.0, heartbeat=5.0, close=30.0, monitor=1.0),
         job=Job(steps=1, step_seconds=1.0),
         seed=seed,
-        store=StoreConfig(latency=latency, loss=0.0, broken_cas=broken_cas),
+        store=StoreConfig(latency=latency, loss=0.0, broken_cas=broken_cas, keyed=keyed),
         faults=list(faults or []),
     ).validate()
 
 
 def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001,
-                         wall_limit: float | None = None) -> dict[str, Any]:
+                         wall_limit: float | None = None, keyed: bool = False) -> dict[str, Any]:
     """Run until every one of ``nodes`` agents has a rank in the first round; report cost and store traffic.
 
     ``wall_limit`` (seconds of real time) gives up early: ``completed`` is then False and ``ranked`` says how far
     it got.
     """
-    scenario = rendezvous_scenario(nodes, seed, latency)
+    scenario = rendezvous_scenario(nodes, seed, latency, keyed=keyed)
     sim = Simulation(scenario, record_participants=False)
     deadline = time.perf_counter() + wall_limit if wall_limit is not None else None
 
@@ -345,9 +345,10 @@ def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001,
         "wall_s": result.wall_seconds,
         "events_per_s": result.events_processed / result.wall_seconds if result.wall_seconds else None,
         "virtual_s": result.virtual_seconds,
-        "store_calls": store["get_calls"] + store["set_calls"],
+        "store_calls": store["get_calls"] + store["set_calls"] + store["version_calls"] + store["key_calls"],
         "store_bytes": total_bytes,
         "store_bytes_per_node": total_bytes / nodes,
+        "key_calls": store["key_calls"],
         "failed_cas": store["failed_cas"],
         "final_state_bytes": len(sim.store.current() or b""),
     }
