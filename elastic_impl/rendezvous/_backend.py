@@ -38,6 +38,7 @@ class RendezvousBackend(ABC):
     - ``key_get_many(keys) -> list[bytes | None]``: current values, ``None`` for missing keys; never blocks.
     - ``key_compare_set(key, expected, desired) -> bytes``: write ``desired`` if the value is ``expected``
       (``None``: the key is missing); return the value after the call.
+    - ``key_delete_many(keys)``: remove keys (missing ones are fine); old rounds' keys are removed with it.
     """
 
     def supports_keys(self) -> bool:
@@ -54,6 +55,9 @@ class RendezvousBackend(ABC):
         raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
 
     def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
+
+    def key_delete_many(self, keys: list[str]) -> None:
         raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
 
     def state_version(self) -> int | None:

@@ -151,9 +151,10 @@ class C10dRendezvousBackend(RendezvousBackend):
         full = [self._k(k) for k in keys]
         if not full:
             return []
-        # multi_get waits for missing keys, so it is used only when check() says all exist (the common case: one
-        # round trip each); otherwise each key is read with the never-blocking compare_set probe.
-        if self._call(self._store.check, full):
+        # multi_get waits for missing keys, so it is used only when check() says all exist; otherwise (and for a
+        # few keys, where the check would cost as much as it saves) each key is read with the never-blocking
+        # compare_set probe.
+        if len(full) > 2 and self._call(self._store.check, full):
             return [bytes(v) for v in self._call(self._store.multi_get, full)]
         values = [self._call(self._store.compare_set, k, _ABSENT, _ABSENT) for k in full]
         return [None if v == _ABSENT else bytes(v) for v in values]
@@ -161,6 +162,10 @@ class C10dRendezvousBackend(RendezvousBackend):
     def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
         # TCPStore: an empty expected value means "only if the key is missing".
         return bytes(self._call(self._store.compare_set, self._k(key), expected or b"", bytes(desired)))
+
+    def key_delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self._call(self._store.delete_key, self._k(key))
 
     def _announce_change(self) -> None:
         version = int(self._call(self._store.add, self._version_key, 1))

@@ -33,15 +33,15 @@ as another node writes instead of sleeping out the poll interval (c10d: ``TCPSto
 Backends with only get_state/set_state (etcd) run the same state machine and simply re-read on every poll.
 
 Store traffic. The state is one compact JSON blob (~40 B per node: key, rank, millisecond heartbeat; upstream's
-pickled state is ~160 B per node). A round where N nodes arrive together costs N writes and 2N-1 reads (O(1) calls
-per node), and quiet polls cost a version probe, but every write and full read moves the whole blob, so the bytes
-of a round still grow as O(N^2): measured with the in-memory backend, N=8: 5.3 kB, N=64: 322 kB, N=256: 5.2 MB
-(upstream: the same exponent with ~4x the bytes per entry). NOT DONE: O(N) bytes per round. It needs arrivals that
-do not rewrite the blob: each node announces itself with O(1) keyed operations (an ``add`` on a per-round arrival
-counter + its own slot key), one node claims the completion (compare-and-set on a per-round claim key), reads the
-N slots once, writes the completed blob once and publishes per-slot ranks plus a per-round ``done`` key that the
-others wait on; ``stepper.state`` must then be read lazily because any consumer that gives every node the full
-membership (the agent's ``get_participants()``, the simulator's members) costs O(N^2) by itself.
+pickled state is ~160 B per node). With a backend that has keyed storage (c10d, in-memory) a node arriving in an
+open round does not rewrite the blob: it announces itself with O(1)-sized key operations and one node completes the
+round for everyone (see "keyed arrivals" below), so a round where N nodes arrive together writes the blob once and
+moves O(N) bytes in total (in-memory backend: N=8: 1.9 kB, N=64: 15 kB, N=256: 63 kB). Backends with only
+get_state/set_state (the etcd ones) run the same rules with every arrival rewriting the blob: O(1) calls per node
+but O(N^2) bytes per round (N=8: 5.3 kB, N=64: 322 kB, N=256: 5.2 MB). Not O(N) on either path: anything that hands
+every node the full membership, i.e. ``get_participants()``/``sync`` reads of a completed round's blob (the agent
+polls them to notice membership changes; the version probe keeps those polls O(1) while nothing changes), and the
+first read of a completed round by each node that re-rendezvouses.
 """
 
 from __future__ import annotations
@@ -362,6 +362,7 @@ class RendezvousStepper:
         self._slot: tuple[int, int] | None = None
         self._slot_beat = float("-inf")
         self._announce_round: int | None = None
+        self._cleanup_round: int | None = None
         # Version-checked reads (see _read): (monotonic time of the full read, version, (state, token) or None).
         self._cached: tuple[float, int, tuple[bytes, Any] | None] | None = None
         self._versioned: bool | None = None  # None: not known yet whether the backend has versions
@@ -441,6 +442,7 @@ class RendezvousStepper:
             except RendezvousError as e:
                 return StepResult(done=False, error=e)
         self._announce_round = None
+        self._cleanup_round = None
         try:
             got = self._read(op)
         except RendezvousError as e:
@@ -485,6 +487,8 @@ class RendezvousStepper:
         if result.done and op == "join":
             self.completed_round = result.round
             self._join_deadline = None
+        if self._cleanup_round is not None and new_state is not None:
+            self._delete_round_keys(self._cleanup_round)
         if self._announce_round is not None and result.error is None:
             return self._announce(self._announce_round)
         if result.wait_until is not None:
@@ -549,6 +553,8 @@ class RendezvousStepper:
                 self._note("rdzv.open_round", f"opened round {s.round}")
                 if self._keyed():
                     self._announce_round = s.round  # joins it like every other arrival
+                    # Nobody reads the keys of the round before the one just completed any more: drop them.
+                    self._cleanup_round = s.round - 2 if s.round >= 2 else None
                     return s, StepResult(done=False, wait_until=now)
                 s.participants[me] = -1
                 s.heartbeats[me] = now
@@ -605,7 +611,7 @@ class RendezvousStepper:
     # round R (the backend namespaces them by run id): ``gR.n`` arrival counter (atomic add gives each arrival its
     # slot i), ``gR.a<i>`` the node key in slot i ("-": withdrawn), ``gR.h<i>`` the slot's heartbeat, ``gR.dl`` the
     # last-call deadline (first writer wins), ``gR.claim`` who completes the round ("<node>|<time>"; "-": released),
-    # ``gR.r<i>`` slot i's result ("<rank>,<world size>" or "wait"), ``gR.done`` set once all results are out.
+    # ``gR.r<i>`` slot i's result ("<rank>,<world size>" or "wait"); the claim becomes "!" once all results are out.
     # The node whose arrival reaches max_nodes, or any node once the last call ended with min_nodes arrived, claims
     # the round, reads the slots once, applies the same join rules to each live arrival (participant while there is
     # room, else the wait list; ranks by sorted node key), writes the completed state once and publishes the
@@ -618,6 +624,17 @@ class RendezvousStepper:
     @staticmethod
     def _k(round_: int, name: str) -> str:
         return f"g{round_}.{name}"
+
+    def _delete_round_keys(self, round_: int) -> None:
+        """Remove an old round's keys (O(N) deletes by the one node that opened a newer round)."""
+        k = self._k
+        try:
+            arrived = self.backend.key_add(k(round_, "n"), 0)
+            keys = [k(round_, name) for name in ("n", "dl", "claim")]
+            keys += [k(round_, f"{kind}{j}") for j in range(1, arrived + 1) for kind in ("a", "h", "r")]
+            self.backend.key_delete_many(keys)
+        except RendezvousError as e:  # leftovers cost memory, not correctness
+            logger.debug("rendezvous %s: could not delete keys of round %s: %s", self.settings.run_id, round_, e)
 
     def _withdraw(self) -> None:
         slot, self._slot = self._slot, None
@@ -647,9 +664,8 @@ class RendezvousStepper:
         self._events = []
         k = self._k
         try:
-            done, mine, claim, deadline_value = self.backend.key_get_many(
-                [k(round_, "done"), k(round_, f"r{slot}"), k(round_, "claim"), k(round_, "dl")]
-            )
+            mine, claim = self.backend.key_get_many([k(round_, f"r{slot}"), k(round_, "claim")])
+            done = claim == _ROUND_DONE
             if mine is not None:
                 self._slot = None
                 if mine == b"wait":
@@ -657,7 +673,7 @@ class RendezvousStepper:
                     return StepResult(done=False, wait_until=mono)
                 rank, world_size = (int(x) for x in mine.split(b","))
                 return self._finish_join(round_, rank, world_size)
-            if done is not None:
+            if done:
                 # Completed without this node (taken for dead, or arrived too late): start over on the state.
                 self._slot = None
                 return StepResult(done=False, wait_until=mono)
@@ -674,7 +690,7 @@ class RendezvousStepper:
             if now - self._slot_beat >= settings.keep_alive_seconds / 2:
                 self.backend.key_set(k(round_, f"h{slot}"), repr(now).encode())
                 self._slot_beat = now
-            if claim is not None and claim != b"-" and now - _claim_time(claim) <= settings.heartbeat_expiry_seconds:
+            if claim is not None and claim != _CLAIM_RELEASED and now - _claim_time(claim) <= settings.heartbeat_expiry_seconds:
                 # Someone is completing the round: wait for the results without reading the state (it is about to
                 # hold every participant).
                 self.seen_version = None
@@ -698,10 +714,9 @@ class RendezvousStepper:
             arrived = self.backend.key_add(k(round_, "n"), 0)
             deadline = None
             if arrived >= settings.min_nodes:
-                if deadline_value is None:
-                    proposed = repr(now + settings.timeout.last_call.total_seconds()).encode()
-                    deadline_value = self.backend.key_compare_set(k(round_, "dl"), None, proposed)
-                deadline = float(deadline_value)
+                # One call either starts the last call (first node to see min_nodes) or reads when it ends.
+                proposed = repr(now + settings.timeout.last_call.total_seconds()).encode()
+                deadline = float(self.backend.key_compare_set(k(round_, "dl"), None, proposed))
             if arrived >= settings.max_nodes or (deadline is not None and now >= deadline):
                 return self._try_complete(round_, arrived, claim, state, got, now, mono, deadline)
         except RendezvousError as e:
@@ -738,20 +753,20 @@ class RendezvousStepper:
         count = len(s.participants)
         if not (count >= settings.max_nodes or (count >= settings.min_nodes and deadline is not None and now >= deadline)):
             # Some arrivals were withdrawn or dead: not enough live nodes yet. Let go and wait for more.
-            self.backend.key_set(k(round_, "claim"), b"-")
+            self.backend.key_set(k(round_, "claim"), _CLAIM_RELEASED)
             return StepResult(done=False, wait_until=mono + self._next_poll_delay())
         self._complete(s)
         written = self.backend.set_state(s.to_bytes(), got[1] if got is not None else None)
         self._cached = None
         self.seen_version = None
         if written is None or not written[2]:
-            self.backend.key_set(k(round_, "claim"), b"-")
+            self.backend.key_set(k(round_, "claim"), _CLAIM_RELEASED)
             return StepResult(done=False, wait_until=mono)
         self.state = s
         for key, j in slots.items():
             rank = s.participants.get(key)
             self.backend.key_set(k(round_, f"r{j}"), b"wait" if rank is None else f"{rank},{s.world_size}".encode())
-        self.backend.key_set(k(round_, "done"), b"1")
+        self.backend.key_set(k(round_, "claim"), _ROUND_DONE)
         self._slot = None
         if me not in s.participants:
             return StepResult(done=False, wait_until=mono)
@@ -817,6 +832,10 @@ class RendezvousStepper:
             self._remove(s, key)
             self._note("rdzv.evict", f"evicted {key} at round {s.round} (no heartbeat for > {expiry} s)")
         return bool(dead)
+
+
+_CLAIM_RELEASED = b"-"
+_ROUND_DONE = b"!"
 
 
 def _claim_time(claim: bytes) -> float:

@@ -145,3 +145,16 @@ class InMemoryRendezvousBackend(RendezvousBackend):
             self._count_key(key, current)
             self.bytes_written += len(desired) + len(expected or b"")
             return current
+
+    def key_delete_many(self, keys: list[str]) -> None:
+        self._before("key_delete_many")
+        with self._lock:
+            for key in keys:
+                self._keys.pop(key, None)
+            self.key_calls += 1
+            self.bytes_written += sum(len(k) for k in keys)
+
+    def key_count(self) -> int:
+        """How many keys the keyed storage holds (tests check old rounds are cleaned up)."""
+        with self._lock:
+            return len(self._keys)

@@ -502,3 +502,13 @@ def test_keyed_close_reaches_announced_nodes_and_join_timeout_withdraws():
     b.step("join")
     r = b.step("join")
     assert isinstance(r.error, RendezvousClosedError)
+
+
+def test_keyed_old_rounds_keys_are_deleted():
+    """Keys of round r-1 go away when round r+1 opens, so a long job does not grow the store round after round."""
+    backend, clock, settings, nodes = _keyed_setup(3, 3, 3)
+    counts = []
+    for _ in range(6):
+        drive_join(nodes, clock)
+        counts.append(backend.key_count())
+    assert counts[2] > 0 and counts[-1] == counts[2] == counts[3], counts
