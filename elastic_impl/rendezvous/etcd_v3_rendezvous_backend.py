@@ -19,6 +19,8 @@ How (all through ``/v3/kv/range``, ``/v3/kv/txn``, ``/v3/lease/grant``, ``/v3/le
   (``keepalive``) once a third of it has passed: the state of an abandoned run disappears by itself ``ttl``
   seconds after its last live node, like the v2 backend's key TTL. Node liveness stays in the state blob
   (heartbeats written by the state machine, as for every backend), so eviction works the same on all backends;
+  ``heartbeat``/``live_nodes``/``forget`` additionally offer per-node liveness keys bound to per-node leases
+  (etcd deletes a silent node's key by itself), ready for a state machine that asks the backend who is alive;
 - :class:`EtcdV3Store` is the c10d Store handed to the agents: puts, a CAS loop for ``add``, and blocking reads
   that watch the prefix from the revision they read at (no polling).
 """
@@ -30,6 +32,7 @@ import binascii
 import datetime
 import http.client
 import json
+import math
 import random
 import ssl
 import threading
@@ -169,6 +172,15 @@ class EtcdV3Client:
         kvs = answer.get("kvs") or []
         return (kvs[0] if kvs else None), int(answer.get("header", {}).get("revision", 0))
 
+    def range_prefix(self, prefix: bytes) -> list[dict]:
+        """Every key-value whose key starts with ``prefix``."""
+        answer = self.post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        return list(answer.get("kvs") or [])
+
+    def revoke(self, lease: int) -> None:
+        """End ``lease`` now: the keys attached to it are deleted."""
+        self.post("/v3/lease/revoke", {"ID": str(int(lease))})
+
     def put(self, key: bytes, value: bytes, lease: int | None = None) -> int:
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
@@ -293,6 +305,7 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         self._key = f"{prefix}/{run_id}".encode()
         self._ttl = int(ttl) if ttl and ttl > 0 else self._DEFAULT_TTL
         self._lease = _Lease(client, self._ttl)
+        self._node_leases: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -304,6 +317,46 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
 
     def _failed(self, e: BaseException) -> RendezvousConnectionError:
         return RendezvousConnectionError(f"{e} (rendezvous key {self.key})")
+
+    # -------------------------------------------------------------- lease-based liveness (optional extension)
+    #
+    # Not used by the state machine yet (it keeps heartbeats in the state blob, the same on every backend). These
+    # let a caller keep one liveness key per node bound to that node's own lease: etcd itself deletes the key
+    # ``ttl`` seconds after the node's last renewal, with no write to the shared state blob per heartbeat.
+
+    @property
+    def _alive_prefix(self) -> bytes:
+        return self._key + b"/alive/"
+
+    def heartbeat(self, node_key: str, ttl: float) -> None:
+        """Renew ``node_key``'s lease (granting it, and writing its liveness key, the first time or after expiry)."""
+        try:
+            lease = self._node_leases.get(node_key)
+            if lease is not None and self._client.keepalive(lease) > 0:
+                return
+            lease = self._client.grant(max(1, math.ceil(ttl)))
+            self._client.put(self._alive_prefix + node_key.encode(), b"", lease)
+            self._node_leases[node_key] = lease
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+
+    def live_nodes(self) -> set[str]:
+        """Nodes whose liveness lease has not expired."""
+        try:
+            kvs = self._client.range_prefix(self._alive_prefix)
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+        return {_unb64(kv["key"])[len(self._alive_prefix):].decode() for kv in kvs}
+
+    def forget(self, node_key: str) -> None:
+        """Revoke ``node_key``'s lease now (a node leaving): its liveness key disappears at once."""
+        lease = self._node_leases.pop(node_key, None)
+        if lease is None:
+            return
+        try:
+            self._client.revoke(lease)
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
 
     def _decode(self, kv: dict) -> tuple[bytes, Any]:
         try:

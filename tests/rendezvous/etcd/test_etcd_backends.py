@@ -165,3 +165,19 @@ def test_missing_run_id_is_a_one_line_error():
     with pytest.raises(ValueError, match="run_id") as info:
         RendezvousParameters("etcd-v2", "127.0.0.1:2379", "", 1, 1)
     assert "\n" not in str(info.value)
+
+
+def test_v3_per_node_leases_expire_for_silent_nodes(etcd_server, run_id):
+    from elastic_impl.rendezvous.etcd_v3_rendezvous_backend import EtcdV3Client, EtcdV3RendezvousBackend
+
+    backend = EtcdV3RendezvousBackend(EtcdV3Client(etcd_server.get_host(), etcd_server.get_port()), run_id)
+    backend.heartbeat("alive-node", 2)
+    backend.heartbeat("silent-node", 2)
+    assert backend.live_nodes() == {"alive-node", "silent-node"}
+    deadline = time.monotonic() + 20
+    while "silent-node" in backend.live_nodes() and time.monotonic() < deadline:
+        backend.heartbeat("alive-node", 2)  # only this one keeps renewing
+        time.sleep(0.5)
+    assert backend.live_nodes() == {"alive-node"}
+    backend.forget("alive-node")
+    assert backend.live_nodes() == set()
