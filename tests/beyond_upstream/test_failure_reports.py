@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.beyond_upstream.conftest import TRAIN, agent_args, needs_runtime
+from tests.beyond_upstream.conftest import TRAIN, agent_args, needs_runtime, wait_for
 
 pytestmark = [pytest.mark.slow, needs_runtime]
 
@@ -54,10 +54,12 @@ def test_signal_is_named_with_its_likely_cause(launcher, tool, measured):
 
 
 @pytest.mark.parametrize("tool", ["elastic-run", "torchrun"])
-def test_every_node_reports_the_jobs_root_cause(launcher, rdzv_store, tool, measured):
+def test_every_node_reports_the_jobs_root_cause(launcher, tmp_path, rdzv_store, tool, measured):
     """Two nodes; rank 2 (node 1) raises. Node 0's workers were fine: its report must still name rank 2's error."""
+    markers = tmp_path / "markers"
+    launcher.marker_dirs.append(markers)
     env = dict(TRAIN_FAIL_RANK="2", TRAIN_FAIL_MODE="raise", TRAIN_NO_RECORD="1", TRAIN_MIN_WORLD_SIZE="4",
-               TRAIN_ALLREDUCE="1")
+               TRAIN_ALLREDUCE="1", MARKER_DIR=markers)
     conf = "heartbeat=1" if tool == "elastic-run" else "keep_alive_interval=1"
     agents = [
         launcher.start([*agent_args(rdzv_store.port, "2", run_id=f"report-{tool}", conf=conf, tool=tool), TRAIN],
@@ -66,6 +68,8 @@ def test_every_node_reports_the_jobs_root_cause(launcher, rdzv_store, tool, meas
     ]
     # Upstream's healthy node can hang here: its workers wait in init_process_group for rank 2, which died
     # (gloo's default timeout is 30 min). Bounded observation; the cleanup kills what is left.
+    # observed from the failure on (start-up alone can take a minute on a loaded machine)
+    wait_for((markers / "death_rank2.json").exists, 240, "rank 2 to fail")
     observe = 90
     deadline = time.monotonic() + observe
     while time.monotonic() < deadline and any(a.poll() is None for a in agents):
