@@ -114,12 +114,20 @@ class _Node:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def skew_at(self, wall: float) -> float:
-        offset = 0.0
-        for since, value in self.skews:
-            if wall >= since:
-                offset = value
-        return offset
+    def skew_at(self, wall: float, now: float | None = None) -> float:
+        """The clock offset this node had when its (skewed) clock read ``wall``.
+
+        A clock set back reads some times twice; then the reading closest before ``now`` (real time, when the event
+        was read: the collector reads events within a poll of their writing) wins.
+        """
+        now = time.time() if now is None else now
+        best: tuple[float, float] | None = None
+        for i, (since, value) in enumerate(self.skews):
+            until = self.skews[i + 1][0] if i + 1 < len(self.skews) else float("inf")
+            real = wall - value
+            if since <= real < until and real <= now + 0.5 and (best is None or real > best[0]):
+                best = (real, value)
+        return best[1] if best is not None else self.skews[-1][1]
 
 
 class Cluster:
@@ -423,7 +431,7 @@ class Cluster:
         if not ts:
             return read_t  # rendezvous events carry no time: when we read them (within one collector poll)
         wall = ts / 1000.0
-        return self._t(wall - node.skew_at(wall))  # undo this node's clock skew
+        return self._t(wall - node.skew_at(wall, self._t0 + read_t))  # undo this node's clock skew
 
     def _ingest(self, node: _Node, raw: dict, read_t: float) -> None:
         name = raw.get("name", "")
@@ -615,10 +623,16 @@ class Cluster:
     def clock_skew(self, node: int, seconds: float) -> Fault:
         """Shift ``node``'s agent wall clock by ``seconds``."""
         n = self.node(node)
-        fault = ClockSkew(str(n.clock_file), seconds, on_event=self._on_fault(n))
-        self._apply(fault, n)
-        n.skews.append((time.time(), float(seconds)))
-        return fault
+        record = self._on_fault(n)
+        fault: ClockSkew
+
+        def on_event(name: str, detail: dict) -> None:
+            # the node stamps its events with its skewed clock: remember when which offset applied to undo it
+            n.skews.append((time.time(), fault.seconds if name == "fault_start" else fault._before))
+            record(name, detail)
+
+        fault = ClockSkew(str(n.clock_file), seconds, on_event=on_event)
+        return self._apply(fault, n)
 
     def expire_timer(self, node: int, rank: int = 0, timeout: float = 60.0) -> int:
         """Expire the watchdog timer of the worker at local ``rank``; the node's timer server reaps it."""
@@ -661,9 +675,6 @@ class Cluster:
             if node is not None and label != node:
                 continue
             fault.heal()
-            if isinstance(fault, ClockSkew):
-                n = self.node(label)
-                n.skews.append((time.time(), fault._before))
             healed += 1
         with self._lock:
             self.faults = [f for f in self.faults if f.active]

@@ -86,6 +86,17 @@ def test_agent_events_become_history_records(tmp_path):
     assert [(e.rank, e.detail["pid"]) for e in exits] == [(2, 11)]
 
 
+def test_events_of_a_skewed_node_are_put_back_on_real_time(tmp_path):
+    from simulator.live.cluster import _Node
+
+    node = _Node(0, tmp_path)
+    node.skews += [(1000.0, -8.0), (1020.0, 0.0)]  # 8 s behind between real times 1000 and 1020
+    assert node.skew_at(999.0, now=999.1) == 0.0
+    assert node.skew_at(1001.0 - 8.0, now=1001.1) == -8.0  # its clock read 993 at real time 1001
+    assert node.skew_at(1019.0 - 8.0, now=1019.1) == -8.0
+    assert node.skew_at(1021.0, now=1021.1) == 0.0
+
+
 def test_plugin_registers_the_fixture_and_marker(request):
     assert any(line.startswith("cluster(") for line in request.config.getini("markers"))
     assert "cluster" in request.fixturenames or request.getfixturevalue("cluster_factory")
