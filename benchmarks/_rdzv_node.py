@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
             backend = c10d.C10dRendezvousBackend(counting, run_id)
             handler = dynamic.DynamicRendezvousHandler.from_backend(
                 run_id=run_id, store=counting, backend=backend, min_nodes=n, max_nodes=n,
-                timeout=dynamic.RendezvousTimeout(join=timedelta(seconds=120)))
+                timeout=dynamic.RendezvousTimeout(join=timedelta(seconds=300)))
             handlers.append(handler)
             info = handler.next_rendezvous()
             result["t_end"] = time.time()
