@@ -18,7 +18,8 @@ Invariants (names are what ``Violation.invariant`` and ``expect.violations`` use
 - ``restart_budget``: no node restarts its workers for failures (``restart`` without ``detail.reason ==
   "membership"``) more than ``max_restarts`` times.
 - ``no_orphans``: every ``orphan_check`` found no leftover process.
-- ``liveness``: the job reached exactly one outcome and it is the expected one (``expect.outcome``).
+- ``liveness``: the job reached exactly one outcome and it is the expected one (``expect.outcome``); a run that
+  reached its ``time_limit`` without any outcome (a hang, e.g. endless re-rendezvous) always violates it.
 """
 
 from __future__ import annotations
@@ -287,12 +288,17 @@ def liveness(history: History, scenario: Scenario) -> list[Violation]:
         return [Violation("liveness", "the job both succeeded and failed", [succeeded[0], failed[0]])]
     expected = scenario.expect.outcome
     if not ends:
+        last = history.events[-1].t if len(history) else 0.0
         if expected is None and not scenario.faults:
             expected = "succeeded"
-        if expected is None:
-            return []
-        last = history.events[-1].t if len(history) else 0.0
-        return [Violation("liveness", f"the job reached no outcome by t={last:.3f} (expected {expected})", [])]
+        if expected is None and last < scenario.time_limit - 1e-6:
+            return []  # stopped early for another reason; nothing to say about an outcome
+        return [Violation(
+            "liveness",
+            f"the job reached no outcome by t={last:.3f} (expected {expected or 'an outcome'}; faults ended at "
+            f"t={scenario.fault_end:g}, time limit {scenario.time_limit:g} s)",
+            [],
+        )]
     got = "succeeded" if succeeded else "failed"
     if expected is not None and got != expected:
         reason = ends[0].detail.get("reason")

@@ -37,6 +37,8 @@ RUNNING, FAILED, STOPPED, SUCCEEDED = "running", "failed", "stopped", "succeeded
 # state right away, so more than a couple means heavy contention).
 _IMMEDIATE_RETRIES = 8
 _PID_BASE = 10_000
+# Wake-up lateness of the keep-alive thread, as a fraction of its interval (uniform, seeded).
+KEEP_ALIVE_JITTER = 0.05
 
 
 def node_name_of(key: str) -> str:
@@ -62,7 +64,7 @@ class SimAgent:
         self.round: int | None = None
         self.rank: int | None = None
         self.world_size: int | None = None
-        self.members: frozenset[str] = frozenset()
+        self.members: frozenset[str] | None = frozenset()
         self.succeeded = False
         self.keep_alive_on = False
         self._store_error_since: float | None = None
@@ -92,7 +94,11 @@ class SimAgent:
         fn()
 
     def _arm_keep_alive(self) -> None:
-        self.sim.clock.after(self.sim.settings.keep_alive_seconds, self._fire_keep_alive, self._ka_epoch)
+        # A real keep-alive thread wakes a little late, by scheduling noise; without it nodes that completed a round
+        # together would heartbeat in exact lockstep forever and collide on every compare-and-set.
+        interval = self.sim.settings.keep_alive_seconds
+        late = self.sim.rng.uniform(0.0, KEEP_ALIVE_JITTER * interval)
+        self.sim.clock.after(interval + late, self._fire_keep_alive, self._ka_epoch)
 
     def _fire_keep_alive(self, epoch: int) -> None:
         if self.status == "exited" or epoch != self._ka_epoch or self.paused:
@@ -147,12 +153,18 @@ class SimAgent:
         self._exit("FAILED", reason=f"{type(error).__name__}: {error}")
 
     def _on_round(self, result: StepResult) -> None:
-        state = self.stepper.state
         self.round, self.rank, self.world_size = result.round, result.rank, result.world_size
-        self.members = frozenset(state.participants)
+        # Like the agent after a rendezvous: read the run's state (restart count, participants) afresh; the join
+        # may have finished without reading the whole state (keyed arrivals).
+        synced = self.stepper.step("sync")
+        state = self.stepper.state
+        if synced.error is not None:
+            self.members = None  # unknown: the agent then cannot notice participant changes in this round
+        else:
+            self.members = frozenset(state.participants)
         restart_count = state.restart_count
         participants = None
-        if self.sim.record_participants:
+        if self.sim.record_participants and synced.error is None and state.round == self.round and state.complete:
             # O(N log N) per node: scale runs switch it off.
             by_rank = sorted(state.participants.items(), key=lambda kv: kv[1])
             participants = [node_name_of(k) for k, _ in by_rank]
@@ -173,7 +185,7 @@ class SimAgent:
         if not self.keep_alive_on:
             self.keep_alive_on = True
             self._arm_keep_alive()
-        self.sim.round_started(self, self.round, participants if participants is not None else self.members)
+        self.sim.round_started(self, self.round, participants if participants is not None else (self.members or ()))
         self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
 
     def _round_detail(self, participants: list[str] | None) -> dict:
@@ -210,7 +222,7 @@ class SimAgent:
                 self._exit("STOPPED", reason="rendezvous closed while workers ran (the job ended elsewhere)")
                 return
             waiting = num_nodes_waiting_in(state, self.sim.settings, self.stepper.completed_round)
-            if waiting > 0 or frozenset(state.participants) != self.members:
+            if waiting > 0 or (self.members is not None and frozenset(state.participants) != self.members):
                 reason = f"{waiting} node(s) waiting" if waiting > 0 else "participants changed"
                 self._restart("membership", reason)
                 return

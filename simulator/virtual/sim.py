@@ -83,6 +83,7 @@ class Simulation:
         self.ranked: set[str] = set()
         self.outcome: str | None = None
         self._next_index = scenario.nodes
+        self._tearing_down = False
 
     # ------------------------------------------------------------------ job model
 
@@ -138,6 +139,8 @@ class Simulation:
             self.history.record(self.clock.now, "job", h.JOB_FAILED, state="FAILED", detail={"reason": reason})
 
     def agent_exited(self, agent: SimAgent) -> None:
+        if self._tearing_down:
+            return  # stopped by the simulation's end, not by the job: no outcome (the checker calls that a hang)
         if self.outcome is None and not any(a.alive for a in self.agents.values()) and not self._nodes_still_coming():
             self.job_failed("every agent exited before the job succeeded")
 
@@ -280,6 +283,7 @@ class Simulation:
         )
 
     def _finish(self) -> None:
+        self._tearing_down = True
         for agent in self.agents.values():
             if agent.alive:
                 agent.tear_down()

@@ -107,36 +107,37 @@ class SimStore:
     def current(self) -> bytes | None:
         return self._blobs[-1] if self._blobs else None
 
-    def _visible_index(self, node: str, floor: int) -> int:
+    def _visible_index(self, node: str, floor: int, floor_time: float = float("-inf")) -> int:
         """Index of the version a read by ``node`` sees: up to one round trip stale, never older than ``floor`` (the
         newest version this client already saw: a client's reads are monotonic, as over one connection to one
-        server); -1 when nothing visible was written."""
+        server) nor than what was written by ``floor_time`` (when this client's last keyed operation was served);
+        -1 when nothing visible was written."""
         index = len(self._times) - 1
         window = self.round_trip(node)
         if window > 0 and index >= 0:
-            seen_at = self.clock.now - self.rng.uniform(0.0, window)
+            seen_at = max(self.clock.now - self.rng.uniform(0.0, window), floor_time)
             if self._times[index] > seen_at:
                 index = bisect_right(self._times, seen_at) - 1
                 if index < 0 and self._base > 0:
                     index = 0  # pruned history: the oldest kept version is at most that stale
         return max(index, floor - self._base - 1)
 
-    def get_state(self, node: str, floor: int = 0) -> tuple[bytes, Any] | None:
+    def get_state(self, node: str, floor: int = 0, floor_time: float = float("-inf")) -> tuple[bytes, Any] | None:
         self._check_reachable(node, "get_state")
         self.get_calls += 1
-        index = self._visible_index(node, floor)
+        index = self._visible_index(node, floor, floor_time)
         if index < 0:
             return None
         blob = self._blobs[index]
         self.bytes_read += len(blob)
         return blob, self._base + index + 1
 
-    def state_version(self, node: str, floor: int = 0) -> int:
+    def state_version(self, node: str, floor: int = 0, floor_time: float = float("-inf")) -> int:
         """The version a read by ``node`` would see now (0: nothing written); a few bytes on the wire."""
         self._check_reachable(node, "state_version")
         self.version_calls += 1
         self.bytes_read += 8
-        return self._base + self._visible_index(node, floor) + 1
+        return self._base + self._visible_index(node, floor, floor_time) + 1
 
     def set_state(self, node: str, state: bytes, token: Any | None) -> tuple[bytes, Any, bool] | None:
         self._check_reachable(node, "set_state")
@@ -195,6 +196,13 @@ class SimStore:
         self.bytes_read += len(current) if current is not None else 0
         return current if current is not None else b""
 
+    def key_delete_many(self, node: str, keys: list[str]) -> None:
+        self._check_reachable(node, "key_delete_many")
+        self.key_calls += 1
+        for k in keys:
+            self.keys.pop(k, None)
+        self.bytes_written += sum(len(k) for k in keys)
+
     def _prune(self) -> None:
         horizon = self.clock.now - (self.latency + max(self.delays.values(), default=0.0))
         keep_from = max(0, bisect_right(self._times, horizon) - 1)
@@ -225,15 +233,17 @@ class SimStoreClient(RendezvousBackend):
     def __init__(self, store: SimStore, node: str) -> None:
         self.store = store
         self.node = node
-        # Newest version this client has seen (reads never go back past it).
+        # Newest version this client has seen, and when its last keyed call was served (reads never go back past
+        # either).
         self.floor = 0
+        self.floor_time = float("-inf")
 
     @property
     def name(self) -> str:
         return "sim"
 
     def get_state(self) -> tuple[bytes, Any] | None:
-        got = self.store.get_state(self.node, self.floor)
+        got = self.store.get_state(self.node, self.floor, self.floor_time)
         if got is not None:
             self.floor = max(self.floor, got[1])
         return got
@@ -247,19 +257,29 @@ class SimStoreClient(RendezvousBackend):
     def supports_keys(self) -> bool:
         return self.store.keyed
 
+    # Keyed operations are served "now": later reads of this client see at least what was written by then.
+
     def key_add(self, key: str, amount: int) -> int:
+        self.floor_time = self.store.clock.now
         return self.store.key_add(self.node, key, amount)
 
     def key_set(self, key: str, value: bytes) -> None:
+        self.floor_time = self.store.clock.now
         self.store.key_set(self.node, key, value)
 
     def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        self.floor_time = self.store.clock.now
         return self.store.key_get_many(self.node, keys)
 
     def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        self.floor_time = self.store.clock.now
         return self.store.key_compare_set(self.node, key, expected, desired)
 
+    def key_delete_many(self, keys: list[str]) -> None:
+        self.floor_time = self.store.clock.now
+        self.store.key_delete_many(self.node, keys)
+
     def state_version(self) -> int | None:
-        version = self.store.state_version(self.node, self.floor)
+        version = self.store.state_version(self.node, self.floor, self.floor_time)
         self.floor = max(self.floor, version)
         return version

@@ -13,7 +13,7 @@ from simulator.virtual import NodeClock, SimStore, Simulation, VirtualClock, run
 BASE = {
     "name": "virtual", "mode": "virtual", "nodes": 3, "workers_per_node": 2, "min_nodes": 2, "max_nodes": 4,
     "max_restarts": 2, "timeouts": {"join": 30, "last_call": 0.5, "heartbeat": 0.5, "close": 5, "monitor": 0.1},
-    "job": {"steps": 6, "step_seconds": 0.5}, "store": {"latency": 0.02}, "time_limit": 120,
+    "job": {"steps": 6, "step_seconds": 0.5}, "store": {"latency": 0.005}, "time_limit": 120,
 }
 
 
