@@ -18,6 +18,7 @@ Invariants (names are what ``Violation.invariant`` and ``expect.violations`` use
 - ``restart_budget``: no node restarts its workers for failures (``restart`` without ``detail.reason ==
   "membership"``) more than ``max_restarts`` times.
 - ``no_orphans``: every ``orphan_check`` found no leftover process.
+- ``expectations``: the scenario's optional ``expect.final_world_size`` and ``expect.restarts`` hold.
 - ``liveness``: the job reached exactly one outcome and it is the expected one (``expect.outcome``); a run that
   reached its ``time_limit`` without any outcome (a hang, e.g. endless re-rendezvous) always violates it.
 """
@@ -307,6 +308,25 @@ def liveness(history: History, scenario: Scenario) -> list[Violation]:
     return []
 
 
+def expectations(history: History, scenario: Scenario) -> list[Violation]:
+    """Scenario-specific ``expect`` entries: ``final_world_size`` (nodes in the last completed round) and
+    ``restarts`` (how many ``restart`` records, membership restarts included)."""
+    out = []
+    extra = scenario.expect.extra
+    if "final_world_size" in extra:
+        completes = history.filter(h.RDZV_COMPLETE)
+        last = max((e.round for e in completes if e.round is not None), default=None)
+        sizes = sorted({e.world_size for e in completes if e.round == last})
+        if sizes != [extra["final_world_size"]]:
+            out.append(Violation(
+                "expectations", f"final world size {sizes or 'none'} (round {last}), expected {extra['final_world_size']}"))
+    if "restarts" in extra:
+        restarts = history.filter(h.RESTART)
+        if len(restarts) != extra["restarts"]:
+            out.append(Violation("expectations", f"{len(restarts)} restarts, expected {extra['restarts']}", restarts[:3]))
+    return out
+
+
 INVARIANTS: dict[str, Callable[[History, Scenario], list[Violation]]] = {
     "ranks_unique": ranks_unique,
     "membership_agreement": membership_agreement,
@@ -316,6 +336,7 @@ INVARIANTS: dict[str, Callable[[History, Scenario], list[Violation]]] = {
     "restart_budget": restart_budget,
     "no_orphans": no_orphans,
     "liveness": liveness,
+    "expectations": expectations,
 }
 
 

@@ -105,3 +105,13 @@ def test_killed_peer_must_be_noticed_within_detection_window():
 def test_unknown_invariant_name():
     with pytest.raises(ValueError, match="unknown invariant 'nope'"):
         check(clean(), SCENARIO, only=["nope"])
+
+
+def test_scenario_expectations_on_final_world_size_and_restarts():
+    wanted = scenario_from_dict({"name": "e", "nodes": 2, "workers_per_node": 2,
+                                 "expect": {"final_world_size": 2, "restarts": 2}})
+    assert "expectations" not in check(clean(), wanted).violated
+    other = scenario_from_dict({"name": "e", "nodes": 2, "workers_per_node": 2,
+                                "expect": {"final_world_size": 3, "restarts": 0}})
+    messages = [v.message for v in check(clean(), other).violations if v.invariant == "expectations"]
+    assert len(messages) == 2 and "expected 3" in messages[0] and "2 restarts, expected 0" in messages[1]
