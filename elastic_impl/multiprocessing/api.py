@@ -325,8 +325,11 @@ class PContext(abc.ABC):
         envs: dict[int, dict[str, str]],
         logs_specs: LogsSpecs,
         log_line_prefixes: dict[int, str] | None = None,
+        duplicate_stdout_filters: list[str] | None = None,
+        duplicate_stderr_filters: list[str] | None = None,
         clock: Clock = REAL_CLOCK,
     ):
+        _check_unsupported(None, duplicate_stdout_filters, duplicate_stderr_filters)
         self.name = name
         if set(args) != set(envs):
             raise ValueError(
@@ -502,7 +505,7 @@ class MultiprocessContext(PContext):
         if start_method not in allowed:
             raise ValueError(f"bad start_method {start_method!r}: expected one of {allowed}")
         _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
-        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock)
+        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock=clock)
         self.start_method = start_method
         self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{name}_")
         self._procs: dict[int, mp.process.BaseProcess] = {}
@@ -591,7 +594,7 @@ class SubprocessContext(PContext):
         clock: Clock = REAL_CLOCK,
     ):
         _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
-        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock)
+        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock=clock)
         self._running_local_ranks: set[int] = set(range(self.nprocs))
         self._failures: dict[int, ProcessFailure] = {}
         self.subprocess_handlers: dict[int, SubprocessHandler] = {}
