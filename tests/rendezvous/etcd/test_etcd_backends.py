@@ -181,3 +181,32 @@ def test_v3_per_node_leases_expire_for_silent_nodes(etcd_server, run_id):
     assert backend.live_nodes() == {"alive-node"}
     backend.forget("alive-node")
     assert backend.live_nodes() == set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_version_and_wait_for_change(backend, etcd_server, run_id):
+    import threading
+
+    plain, _ = _create(backend, etcd_server.get_endpoint(), run_id)
+    assert plain.state_version() is None  # off by default: the state machine polls
+    waiter, _ = _create(backend, etcd_server.get_endpoint(), run_id, watch_state="true")
+    writer, _ = _create(backend, etcd_server.get_endpoint(), run_id)
+    assert waiter.state_version() == 0
+    started = time.monotonic()
+    assert waiter.wait_for_change(0, 0.5) is False
+    assert 0.4 <= time.monotonic() - started < 5
+
+    _, token, _ = writer.set_state(b"first")
+    version = waiter.state_version()
+    assert version == token
+    timer = threading.Timer(0.3, lambda: writer.set_state(b"second", token))
+    timer.start()
+    try:
+        started = time.monotonic()
+        assert waiter.wait_for_change(version, 20) is True
+        assert time.monotonic() - started < 10
+    finally:
+        timer.cancel()
+    assert waiter.state_version() != version
+    # A change that happened before the wait started is still reported at once.
+    assert waiter.wait_for_change(version, 20) is True
