@@ -331,7 +331,8 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
     # -------------------------------------------------------------- change notification (optional in the seam)
 
     def state_version(self) -> int | None:
-        """None (the state machine then polls) unless created with ``watch_state=True``; otherwise the state key's mod_revision (0 when absent); read without its value (``keys_only``)."""
+        """None (the state machine then polls) unless ``watch_state`` is set; otherwise the state key's
+        mod_revision (0 when absent), read without its value (``keys_only``)."""
         if not self.watch_state:
             return None
         try:
