@@ -242,14 +242,16 @@ def _get_free_port(host: str = "") -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_keys(store, keys: list[str], clock: Clock, timeout: float) -> None:
-    """Poll until ``keys`` exist (non-blocking checks).
+def _wait_for_keys(store, keys: list[str], clock: Clock, timeout: float, check: Callable[[], None] | None = None) -> None:
+    """Poll until ``keys`` exist (non-blocking checks); ``check()`` runs between polls (it may raise to stop).
 
     The rendezvous store client is shared with the rendezvous keep-alive thread; a long blocking ``get``/``wait``
     on it stalls (and with some store versions wedges) the heartbeats, so peers' keys are polled instead.
     """
     deadline = clock.monotonic() + timeout
     while not store.check(keys):
+        if check is not None:
+            check()
         if clock.monotonic() > deadline:
             missing = [k for k in keys if not store.check([k])]
             raise TimeoutError(f"peers did not publish {missing} within {timeout:g}s")
@@ -286,6 +288,8 @@ class SimpleElasticAgent(ElasticAgent):
         self._next_peer_failure_check = 0.0
         # Bound on waiting for peers' keys right after a rendezvous (they are a few store round trips behind).
         self._store_wait_timeout = 300.0
+        # A termination signal the agent received but has not acted on yet (see _check_signal).
+        self._pending_signal: signal.Signals | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -303,6 +307,10 @@ class SimpleElasticAgent(ElasticAgent):
             return result
         except Exception as e:
             sigval = getattr(e, "sigval", None)  # ours or elastic_impl.multiprocessing's SignalException
+            if sigval is None and self._pending_signal is not None:
+                # Whatever broke off the run (e.g. the rendezvous we left on the signal) happened because of it.
+                logger.info("run ended by %s after the signal %s", type(e).__name__, self._pending_signal.name)
+                sigval = self._pending_signal
             if sigval is None:
                 self._emit("agent.exit", state="ERROR", error=f"{type(e).__name__}: {e}")
                 raise
@@ -318,6 +326,17 @@ class SimpleElasticAgent(ElasticAgent):
         finally:
             if not shutdown_called:
                 self._shutdown(timeout=self._shutdown_timeout)
+
+    def _check_signal(self) -> None:
+        """Raise AgentSignalError if a termination signal arrived.
+
+        Signal handlers only record the signal; the agent acts on it here, at points where unwinding is safe.
+        (An exception raised from a handler can land anywhere, e.g. inside ``threading.Thread.start`` of a store
+        call with the interpreter's thread-list lock held: the next thread start deadlocks and the agent hangs.)
+        """
+        sig = self._pending_signal
+        if sig is not None:
+            raise AgentSignalError(f"agent received {sig.name}", sig)
 
     def _leave_rendezvous(self) -> None:
         """This node goes away but the job goes on: ``leave()`` where the rendezvous handler offers it."""
@@ -409,7 +428,9 @@ class SimpleElasticAgent(ElasticAgent):
             store.set(_MASTER_ADDR_KEY, addr.encode())
             store.set(_MASTER_PORT_KEY, str(port).encode())
             return addr, port
-        _wait_for_keys(store, [_MASTER_ADDR_KEY, _MASTER_PORT_KEY], self._clock, self._store_wait_timeout)
+        _wait_for_keys(
+            store, [_MASTER_ADDR_KEY, _MASTER_PORT_KEY], self._clock, self._store_wait_timeout, self._check_signal
+        )
         return store.get(_MASTER_ADDR_KEY).decode(), int(store.get(_MASTER_PORT_KEY).decode())
 
     def _assign_worker_ranks(self, store, group_rank: int, group_world_size: int, spec: WorkerSpec) -> list[Worker]:
@@ -423,7 +444,7 @@ class SimpleElasticAgent(ElasticAgent):
         my_info = {"role": spec.role, "local_world_size": spec.local_world_size, "host": socket.gethostname()}
         store.set(_ROLE_INFO_KEY.format(group_rank=group_rank), json.dumps(my_info).encode())
         keys = [_ROLE_INFO_KEY.format(group_rank=r) for r in range(group_world_size)]
-        _wait_for_keys(store, keys, self._clock, self._store_wait_timeout)
+        _wait_for_keys(store, keys, self._clock, self._store_wait_timeout, self._check_signal)
         if hasattr(store, "multi_get"):
             raw = store.multi_get(keys)
         else:
@@ -470,6 +491,7 @@ class SimpleElasticAgent(ElasticAgent):
         logger.info("[%s] stopping workers for restart", role)
         self._stop_workers(worker_group)
         worker_group.state = WorkerState.STOPPED
+        self._check_signal()
         self._initialize_workers(worker_group)
 
     def _exit_barrier(self) -> None:
@@ -494,6 +516,7 @@ class SimpleElasticAgent(ElasticAgent):
                     logger.warning("exit barrier skipped: a peer reported the job failed")
                     self._ack_peer_failure(store)
                     return
+                self._check_signal()
                 if self._clock.monotonic() - start > self._exit_barrier_timeout:
                     logger.error(
                         "exit barrier timed out after %ss (%s of %s nodes arrived)",
@@ -518,7 +541,9 @@ class SimpleElasticAgent(ElasticAgent):
         self._initialize_workers(self._worker_group)
         rdzv_handler = spec.rdzv_handler
         while True:
+            self._check_signal()
             self._wait_for_worker_event(spec.monitor_interval)
+            self._check_signal()
             run_result = self._monitor_workers(self._worker_group)
             state = run_result.state
             self._worker_group.state = state

@@ -21,7 +21,6 @@ import uuid
 from typing import Any
 
 from elastic_impl.agent.server.api import (
-    AgentSignalError,
     RunResult,
     SimpleElasticAgent,
     WorkerGroup,
@@ -39,6 +38,8 @@ ENABLE_FILE_TIMER_ENV = "TORCHELASTIC_ENABLE_FILE_TIMER"
 TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
 # How often the timer server looks for expired timers (upstream's agent uses the same 0.1 s).
 _TIMER_SERVER_INTERVAL = 0.1
+# Longest the monitor loop blocks before looking at a recorded termination signal.
+_SIGNAL_CHECK_SLICE = 0.1
 
 # Signals that make the agent stop its workers and leave (the job goes on without this node).
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -97,6 +98,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._health_check_server = health_check_server
         self._previous_handlers: dict[int, Any] = {}
         self._terminating = False
+        self._signal_event = threading.Event()
         self._timer_server = None
         self._timer_file: str | None = None
 
@@ -104,28 +106,42 @@ class LocalElasticAgent(SimpleElasticAgent):
 
     def run(self, role: str = "default") -> RunResult:
         self._install_signal_handlers()
+        self._signal_event.clear()
+        watcher = threading.Thread(target=self._watch_signals, name="agent-signal-watcher", daemon=True)
+        watcher.start()
         try:
             return super().run(role)
         finally:
             self._restore_signal_handlers()
+            self._signal_event.set()  # ends the watcher
 
     def _install_signal_handlers(self) -> None:
+        """Route termination signals to ``_on_signal`` (again after each worker start: multiprocessing's
+        ``start_processes`` installs its own raising handlers)."""
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; an embedding program handles signals itself
-
-        def _raise(signum, _frame):
-            # Only the first signal interrupts; later ones must not abort the shutdown it started half-way.
-            if self._terminating:
-                logger.warning("agent already stopping; ignoring %s", signal.Signals(signum).name)
-                return
-            self._terminating = True
-            raise AgentSignalError(f"agent received {signal.Signals(signum).name}", signal.Signals(signum))
-
         for sig in _HANDLED_SIGNALS:
             try:
-                self._previous_handlers[sig] = signal.signal(sig, _raise)
+                previous = signal.signal(sig, self._on_signal)
             except (ValueError, OSError):
-                pass
+                continue
+            self._previous_handlers.setdefault(sig, previous)
+
+    def _on_signal(self, signum, _frame) -> None:
+        # Record only, never raise here (see SimpleElasticAgent._check_signal): the run loop acts on it within
+        # one wait slice, and the watcher thread leaves the rendezvous at once (which also ends a join in progress).
+        if self._terminating:
+            logger.warning("agent already stopping; ignoring %s", signal.Signals(signum).name)
+            return
+        self._terminating = True
+        self._pending_signal = signal.Signals(signum)
+        self._signal_event.set()
+
+    def _watch_signals(self) -> None:
+        self._signal_event.wait()
+        if self._pending_signal is not None:
+            logger.warning("agent received %s; leaving the rendezvous", self._pending_signal.name)
+            self._leave_rendezvous()
 
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -230,6 +246,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         )
         # When one worker fails the context stops the others itself: with our grace, not a fixed 30 s.
         self._pcontext.failure_close_timeout = self._shutdown_timeout
+        self._install_signal_handlers()
         return self._pcontext.pids()
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
@@ -251,12 +268,18 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._stop_timer_server()
 
     def _wait_for_worker_event(self, timeout: float) -> None:
-        # Event-driven: the context blocks on the workers' pidfds/sentinels, so an exit ends the wait at once.
-        pcontext = self._pcontext
-        if pcontext is None:
-            super()._wait_for_worker_event(timeout)
-            return
-        pcontext.wait(timeout, period=timeout)
+        # Event-driven: the context blocks on the workers' pidfds/sentinels, so an exit ends the wait at once. The
+        # wait is cut in slices so that a recorded signal is acted on within one slice even with a long interval.
+        deadline = self._clock.monotonic() + timeout
+        while self._pending_signal is None:
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return
+            pcontext = self._pcontext
+            if pcontext is None:
+                self._clock.sleep(min(remaining, _SIGNAL_CHECK_SLICE))
+            elif pcontext.wait(min(remaining, _SIGNAL_CHECK_SLICE), period=_SIGNAL_CHECK_SLICE) is not None:
+                return
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         role = worker_group.spec.role
