@@ -12,11 +12,12 @@ from simulator.virtual import run_virtual
 
 # Two nodes train at max_nodes=2 while two more wait. One worker crashes: its node re-joins and opens the next
 # round, into which the waiting nodes are promoted (up to max_nodes) and then the opener adds itself as well.
+# That is the whole-state (blob) path, which backends without keyed storage (etcd-v2, etcd-v3) take.
 OVERFULL_NEXT_ROUND = {
     "name": "waiters fill the next round",
     "nodes": 4, "workers_per_node": 1, "min_nodes": 2, "max_nodes": 2, "max_restarts": 3,
     "timeouts": {"join": 30, "last_call": 0.5, "heartbeat": 0.5, "close": 5, "monitor": 0.1},
-    "job": {"steps": 8, "step_seconds": 0.5}, "store": {"latency": 0.01},
+    "job": {"steps": 8, "step_seconds": 0.5}, "store": {"latency": 0.01, "keyed": False},
     "faults": [{"at": 2.0, "fault": "kill_worker", "node": 2, "rank": 0}],
 }
 
@@ -55,3 +56,12 @@ def test_live_nodes_are_not_evicted_when_heartbeats_collide():
     hist = run_virtual(s).history
     restarts = [e for e in hist.filter("restart") if e.detail.get("why") == "participants changed"]
     assert not restarts, [e.to_dict() for e in restarts[:2]]
+
+
+def test_keyed_arrivals_keep_a_round_opened_with_a_full_wait_list_within_max_nodes():
+    """The keyed path (c10d) leaves waiters to announce themselves in the new round: no overflow there."""
+    s = scenario_from_dict({**OVERFULL_NEXT_ROUND, "store": {"latency": 0.01, "keyed": True}})
+    hist = run_virtual(s).history
+    result = check(hist, s)
+    assert result.ok, [str(v) for v in result.violations[:3]]
+    assert max(e.round for e in hist.filter("rdzv_complete")) >= 1  # the crash did open a new round

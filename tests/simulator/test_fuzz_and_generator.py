@@ -24,6 +24,16 @@ def test_random_schedules_hold_every_invariant_on_the_correct_store():
         assert result.ok, (seed, [str(v) for v in result.violations])
 
 
+def test_random_schedules_hold_every_invariant_with_keyed_arrivals():
+    from dataclasses import replace
+
+    for seed in range(8):
+        s = random_scenario(seed)
+        s = replace(s, store=replace(s.store, keyed=True)).validate()
+        result = check(run_virtual(s).history, s)
+        assert result.ok, (seed, [str(v) for v in result.violations])
+
+
 def test_fuzz_finds_nothing_on_the_correct_store():
     result = fuzz(seed=4, runs=15)
     assert result.ok and result.runs == 15
