@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only NAME[,NAME]] [--results-dir DIR]"""
+"""python -m benchmarks [--quick] [--only NAME[,NAME]] [--results-dir DIR] [--table-only]"""
 
 from __future__ import annotations
 
@@ -72,15 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="minimal sizes and one repetition (a smoke run)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where <name>.json and latest.md go")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rebuild latest.md from the results JSON already in --results-dir")
     args = parser.parse_args(argv)
-    names = list(BENCHMARKS)
-    if args.only:
+    names = [] if args.table_only else list(BENCHMARKS)
+    if args.only and not args.table_only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in names if n not in BENCHMARKS]
         if unknown:
             parser.exit(2, f"python -m benchmarks: error: unknown benchmark {unknown[0]!r}; "
                            f"choose from: {', '.join(BENCHMARKS)}\n")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if args.table_only:
+        found = [json.loads((args.results_dir / f"{n}.json").read_text()) for n in BENCHMARKS
+                 if (args.results_dir / f"{n}.json").exists()]
+        if not found:
+            parser.exit(2, f"python -m benchmarks: error: no results JSON in {args.results_dir} to build a table from\n")
+        started = min(r["started_utc"] for r in found)
+        args.quick = all(r.get("quick") for r in found)
     results = {}
     for name in names:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)

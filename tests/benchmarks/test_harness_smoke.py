@@ -41,6 +41,18 @@ def test_quick_cold_start_writes_results(tmp_path, capsys):
         assert case[side].get("median", 0) > 0 or case[side]["unavailable"]
     assert "standalone 2 workers" in (tmp_path / "latest.md").read_text()
     assert "| cold_start |" in capsys.readouterr().out
+    # --table-only rebuilds the table from the JSON without running anything.
+    (tmp_path / "latest.md").unlink()
+    assert main(["--table-only", "--results-dir", str(tmp_path)]) == 0
+    rebuilt = (tmp_path / "latest.md").read_text()
+    assert "| cold_start | standalone 2 workers |" in rebuilt and res["started_utc"] in rebuilt
+
+
+def test_table_only_without_results_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--table-only", "--results-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == f"python -m benchmarks: error: no results JSON in {tmp_path} to build a table from\n"
 
 
 def test_table_marks_unavailable_sides():
