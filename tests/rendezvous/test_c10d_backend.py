@@ -143,6 +143,11 @@ def test_store_keys_are_namespaced_by_run_id_and_round(tcp_store):
         other = b.next_rendezvous()
         assert b.get_round() == 0 and not other.store.check(["master_port"])  # run-b's round 0 is not run-a's
         assert a.increment_restart_count() == 1 and b.get_restart_count() == 0
+        # The protocol's own keys carry the run id and the round too (round 0's arrivals of run-a are gone once
+        # its round 2 opens; run-b's round 0 is untouched).
+        assert tcp_store.check(["elastic.rdzv.run-a.k.g1.a1", "elastic.rdzv.run-b.k.g0.a1"])
+        a.next_rendezvous()
+        assert a.get_round() == 2 and not tcp_store.check(["elastic.rdzv.run-a.k.g0.a1"])
         a.set_closed()
         assert not b.is_closed()
     finally:
