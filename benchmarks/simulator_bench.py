@@ -8,7 +8,9 @@ Store models: "instant" (latency 0: every store call is atomic, so no compare-an
 measures the cost of the state machine) and "1 ms" (reads up to 1 ms stale, so concurrent joiners lose
 compare-and-sets and retry; this measures contention). "blob": the store offers only get_state/set_state (every
 arrival rewrites the whole O(N)-sized state: O(N^2) bytes per round); "keyed": it also offers the seam's optional
-keyed storage, which the state machine uses for O(1)-sized arrivals where it supports them. A round that does not finish
+keyed storage, which the state machine uses for O(1)-sized arrivals where it supports them. Rounds measure the
+rendezvous alone; one case adds the agent's whole-state read after the round (members, restart count), which
+costs every node one read of the O(N)-sized state again. A round that does not finish
 within its wall budget is reported with how many nodes had a rank by then.
 """
 
@@ -28,12 +30,13 @@ def _round_fn():
     return run_rendezvous_round
 
 
-def virtual_round(n: int, repeats: int, latency: float, wall_limit: float, keyed: bool = False) -> dict:
+def virtual_round(n: int, repeats: int, latency: float, wall_limit: float, keyed: bool = False,
+                  post_round_sync: bool = False) -> dict:
     fn = _round_fn()
     walls, last = [], None
     for i in range(repeats):
         t0 = time.perf_counter()
-        last = fn(n, seed=i, latency=latency, wall_limit=wall_limit, keyed=keyed)
+        last = fn(n, seed=i, latency=latency, wall_limit=wall_limit, keyed=keyed, post_round_sync=post_round_sync)
         walls.append(time.perf_counter() - t0)
         if not last["completed"]:
             break
@@ -96,15 +99,18 @@ def _note(side: dict) -> str | None:
 
 def run(quick: bool) -> dict:
     cases = {}
-    # (nodes, store latency, keyed storage offered, repeats, wall budget s)
-    plan = [(100, 0.0, False, 3, 60.0), (1000, 0.0, False, 1, 120.0), (100, 0.0, True, 3, 60.0),
-            (1000, 0.0, True, 1, 60.0)]
+    # (nodes, store latency, keyed storage offered, agent's whole-state read after the round, repeats, budget s)
+    plan = [(100, 0.0, False, False, 3, 60.0), (1000, 0.0, False, False, 1, 120.0),
+            (100, 0.0, True, False, 3, 60.0), (1000, 0.0, True, False, 1, 60.0)]
     if not quick:
-        plan += [(10000, 0.0, True, 1, 120.0), (10000, 0.0, False, 1, 60.0), (100, 0.001, False, 1, 60.0),
-                 (200, 0.001, False, 1, 60.0)]
-    for n, latency, keyed, repeats, budget in plan:
+        plan += [(10000, 0.0, True, False, 1, 120.0), (1000, 0.0, True, True, 1, 120.0),
+                 (10000, 0.0, False, False, 1, 60.0), (100, 0.001, False, False, 1, 60.0),
+                 (200, 0.001, False, False, 1, 60.0)]
+    for n, latency, keyed, sync, repeats, budget in plan:
         store = ("keyed " if keyed else "blob ") + ("instant store" if latency == 0 else f"{latency * 1e3:g} ms store")
-        side = run_side(virtual_round, n, repeats, latency, budget, keyed)
+        if sync:
+            store += ", + agent's post-round state read"
+        side = run_side(virtual_round, n, repeats, latency, budget, keyed, sync)
         cases[f"round N={n} ({store})"] = {"ours": side, "note": _note(side)}
     runs = 20 if quick else 1000
     side = run_side(random_schedules, runs)

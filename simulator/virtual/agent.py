@@ -156,7 +156,7 @@ class SimAgent:
         self.round, self.rank, self.world_size = result.round, result.rank, result.world_size
         # Like the agent after a rendezvous: read the run's state (restart count, participants) afresh; the join
         # may have finished without reading the whole state (keyed arrivals).
-        synced = self.stepper.step("sync")
+        synced = self.stepper.step("sync") if self.sim.post_round_sync else StepResult(done=True)
         state = self.stepper.state
         if synced.error is not None:
             self.members = None  # unknown: the agent then cannot notice participant changes in this round

@@ -56,11 +56,15 @@ class Simulation:
         scenario: Scenario,
         record_participants: bool = True,
         progress: Callable[[float, float], None] | None = None,
+        post_round_sync: bool = True,
     ) -> None:
         if scenario.mode != "virtual":
             raise ValueError(f"scenario {scenario.name!r} has mode={scenario.mode!r}; the virtual simulator needs mode: virtual")
         self.scenario = scenario
         self.record_participants = record_participants
+        # Agents read the whole state once after each rendezvous (members, restart count), as the real agent does;
+        # the rendezvous-round benchmark turns it off to measure the state machine's own traffic.
+        self.post_round_sync = post_round_sync
         self.progress = progress
         self.rng = random.Random(scenario.seed)
         self.clock = VirtualClock()
@@ -323,14 +327,18 @@ def rendezvous_scenario(nodes: int, seed: int = 0, latency: float = 0.001, fault
 
 
 def run_rendezvous_round(nodes: int, seed: int = 0, latency: float = 0.001,
-                         wall_limit: float | None = None, keyed: bool = False) -> dict[str, Any]:
+                         wall_limit: float | None = None, keyed: bool = False,
+                         post_round_sync: bool = False) -> dict[str, Any]:
     """Run until every one of ``nodes`` agents has a rank in the first round; report cost and store traffic.
+
+    By default only the rendezvous is measured; ``post_round_sync=True`` adds the agent's whole-state read after
+    it (members, restart count), which costs every node one read of the O(N)-sized state.
 
     ``wall_limit`` (seconds of real time) gives up early: ``completed`` is then False and ``ranked`` says how far
     it got.
     """
     scenario = rendezvous_scenario(nodes, seed, latency, keyed=keyed)
-    sim = Simulation(scenario, record_participants=False)
+    sim = Simulation(scenario, record_participants=False, post_round_sync=post_round_sync)
     deadline = time.perf_counter() + wall_limit if wall_limit is not None else None
 
     def stop(s: Simulation) -> bool:
