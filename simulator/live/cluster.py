@@ -784,6 +784,15 @@ class Cluster:
                         os.kill(node.pid, signal.SIGTERM)
                 self.wait(timeout=self.shutdown_grace + 15)
             self.refresh()
+            stuck = [n for n in self.nodes if n.running()]
+            if stuck:
+                # agents that outlived the job's end (wait timed out, or a stop signal was ignored): kill their whole
+                # trees first, so the orphan check counts only processes that escaped their agent's tree
+                kill_processes([n.pid for n in stuck])
+                for n in stuck:
+                    n.proc.wait(timeout=10)
+                self.record("job", h.OP, detail={"op": "killed_at_close", "nodes": [n.name for n in stuck]})
+                self.refresh()
             if self.nodes:
                 orphans = self.orphan_check()
                 self.record("job", h.ORPHAN_CHECK, detail={"orphans": orphans})
