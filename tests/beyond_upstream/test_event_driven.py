@@ -52,7 +52,7 @@ def test_exit_barrier_skipped_when_the_job_failed(launcher, tmp_path, rdzv_store
     """Node A's workers finish at once; node B's rank fails 2 s later (max_restarts 0): A must not wait 300 s."""
     markers = tmp_path / "markers"
     launcher.marker_dirs.append(markers)
-    conf = "heartbeat=1" if tool == "elastic-run" else "keep_alive_interval=1"
+    conf = "heartbeat=2,missed_heartbeats=5" if tool == "elastic-run" else "keep_alive_interval=2,keep_alive_max_attempt=5"
     env = dict(MARKER_DIR=markers, TRAIN_FAIL_RANK="2", TRAIN_FAIL_MODE="exit", TRAIN_FAIL_DELAY="2")
     agents = [
         launcher.start([*agent_args(rdzv_store.port, "2", run_id=f"barrier-{tool}", conf=conf, tool=tool), TRAIN],

@@ -60,7 +60,7 @@ def test_every_node_reports_the_jobs_root_cause(launcher, tmp_path, rdzv_store, 
     launcher.marker_dirs.append(markers)
     env = dict(TRAIN_FAIL_RANK="2", TRAIN_FAIL_MODE="raise", TRAIN_NO_RECORD="1", TRAIN_MIN_WORLD_SIZE="4",
                TRAIN_ALLREDUCE="1", MARKER_DIR=markers)
-    conf = "heartbeat=1" if tool == "elastic-run" else "keep_alive_interval=1"
+    conf = "heartbeat=2,missed_heartbeats=5" if tool == "elastic-run" else "keep_alive_interval=2,keep_alive_max_attempt=5"
     agents = [
         launcher.start([*agent_args(rdzv_store.port, "2", run_id=f"report-{tool}", conf=conf, tool=tool), TRAIN],
                        tool=tool, name=f"{tool}-{i}", **env)

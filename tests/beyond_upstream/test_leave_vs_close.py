@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, needs_runtime]
 
 
 def _pair(launcher, store, tool, markers, stop_file, run_id):
-    conf = "heartbeat=1,missed_heartbeats=3" if tool == "elastic-run" else "keep_alive_interval=1"
+    conf = "heartbeat=2,missed_heartbeats=5" if tool == "elastic-run" else "keep_alive_interval=2,keep_alive_max_attempt=5"
     env = dict(MARKER_DIR=markers, TRAIN_STOP_FILE=stop_file)
     agents = [
         launcher.start([*agent_args(store.port, "1:2", run_id=run_id, conf=conf, tool=tool), TRAIN],

@@ -25,7 +25,8 @@ from tests.beyond_upstream.conftest import (
 
 pytestmark = [pytest.mark.slow, needs_runtime]
 
-HEARTBEAT = 1
+# 6 s: short, but not so short that a CPU-starved agent on a loaded machine is evicted by mistake
+HEARTBEAT = 2
 MISSED = 3
 WINDOW = HEARTBEAT * MISSED
 

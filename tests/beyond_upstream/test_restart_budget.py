@@ -24,7 +24,7 @@ from tests.beyond_upstream.conftest import (
 
 pytestmark = [pytest.mark.slow, needs_runtime]
 
-CONF = {"elastic-run": "heartbeat=1,missed_heartbeats=3", "torchrun": "keep_alive_interval=1"}
+CONF = {"elastic-run": "heartbeat=2,missed_heartbeats=5", "torchrun": "keep_alive_interval=2,keep_alive_max_attempt=5"}
 
 
 def _new_group(markers, before: set, size: int = 4) -> list[dict]:

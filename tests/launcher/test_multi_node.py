@@ -14,7 +14,9 @@ pytestmark = [pytest.mark.slow, needs_runtime]
 
 
 def _agent_args(port: int, nnodes: str, max_restarts: int = 0, run_id: str = "job", extra_conf: str = "") -> list[str]:
-    conf = "join_timeout=60,last_call_timeout=1,close_timeout=10,heartbeat=1"
+    # A 10 s failure-detection window: short enough for the peer-loss test, long enough that a node starved of CPU
+    # on a loaded 2-core machine is not evicted by mistake (which restarts the group again and again).
+    conf = "join_timeout=60,last_call_timeout=1,close_timeout=10,heartbeat=2,missed_heartbeats=5"
     if extra_conf:
         conf += "," + extra_conf
     return [
@@ -117,7 +119,7 @@ def test_peer_loss_triggers_reformation_within_heartbeat_window(launcher, tmp_pa
     victim.wait(10)
     killed_at = time.monotonic()
     wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2, 60, "re-formed group of 2")
-    # heartbeat=1 s: dead after a few missed beats, plus restart time; far below upstream's "never"
-    assert time.monotonic() - killed_at < 30
+    # 10 s detection window plus restart time; far below upstream's "never"
+    assert time.monotonic() - killed_at < 60
     os.kill(host.pid, signal.SIGTERM)
     launcher.wait(host, 60)
