@@ -208,7 +208,7 @@ def test_thousand_node_rendezvous_with_faults():
     s = scenario_from_dict({
         "name": "1000", "nodes": 1000, "min_nodes": 900, "max_nodes": 1000, "workers_per_node": 1,
         "timeouts": {"join": 60, "last_call": 1, "heartbeat": 5, "close": 10, "monitor": 5},
-        "job": {"steps": 1, "step_seconds": 1}, "store": {"latency": 0.0}, "faults": faults,
+        "job": {"steps": 1, "step_seconds": 1}, "store": {"latency": 0.0, "keyed": True}, "faults": faults,
     })
     sim = Simulation(s, record_participants=False)
     result = sim.run(stop_when=lambda s_: len(s_.ranked) >= 999)
