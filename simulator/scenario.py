@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 
 MODES = ("live", "virtual")
@@ -416,12 +415,21 @@ def load_scenario(path: str | Path) -> Scenario:
     if not path.is_file():
         raise ScenarioError(f"scenario file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
+    is_toml = path.suffix.lower() == ".toml"
+    if is_toml:
+        try:
+            import tomllib  # Python 3.11+
+        except ImportError:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ScenarioError(f"scenario {str(path)!r}: TOML needs Python 3.11+ or 'pip install tomli'") from None
+        toml_error: type[Exception] = tomllib.TOMLDecodeError
+    else:
+        toml_error = yaml.YAMLError
     try:
-        if path.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(text) if is_toml else yaml.safe_load(text)
+    except (yaml.YAMLError, toml_error) as e:
         first = str(e).strip().splitlines()
         raise ScenarioError(f"scenario {str(path)!r} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {' '.join(first)[:200]}") from None
     return scenario_from_dict(data, str(path))

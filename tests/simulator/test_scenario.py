@@ -118,3 +118,11 @@ def test_missing_name_and_bad_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ScenarioError, match="top level must be a mapping"):
         load_scenario(listy)
+
+
+def test_bad_toml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ScenarioError, match="not valid TOML") as info:
+        load_scenario(bad)
+    assert "\n" not in str(info.value)
