@@ -8,7 +8,8 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
 - Nodes that arrive while a round is complete go on the *wait list*; ``num_nodes_waiting()`` counts them (only while
   the round has room, i.e. fewer than ``max_nodes`` participants), which tells agents to re-rendezvous.
 - A participant of a completed round that calls ``next_rendezvous`` again opens round ``r+1``: it becomes a
-  participant of the new round with the waiting nodes promoted; the other old participants rejoin as they notice
+  participant of the new round with the waiting nodes promoted (with keyed storage: everyone, waiting nodes
+  included, arrives in the new round like a fresh node); the other old participants rejoin as they notice
   (``num_nodes_waiting() > 0`` for them once the round moved on, or ``get_participants()`` changed).
 - Every node heartbeats (``keep_alive_interval``) into the state; a node whose last heartbeat is older than
   ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state.
@@ -19,8 +20,9 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   nodes share and that leaving/rejoining cannot reset.
 
 Simulator seam. :class:`RendezvousStepper` runs the state machine one step at a time, with no threads and no
-sleeping: each ``step(op)`` does at most one ``get_state`` and at most one ``set_state`` on the backend and returns a
-:class:`StepResult` saying whether the operation finished and, if not, until when (``clock.monotonic()`` scale) the
+sleeping: each ``step(op)`` does at most one ``get_state`` and at most one ``set_state`` on the backend (with keyed
+storage, plus a bounded number of small key operations; the step that completes a round reads and writes one key
+per arrival) and returns a :class:`StepResult` saying whether the operation finished and, if not, until when (``clock.monotonic()`` scale) the
 caller should wait before stepping again. Shared timestamps (heartbeats, last-call deadline) use ``clock.time()``.
 :class:`DynamicRendezvousHandler` is a thin loop around a stepper plus a keep-alive thread.
 
@@ -36,12 +38,13 @@ Store traffic. The state is one compact JSON blob (~40 B per node: key, rank, mi
 pickled state is ~160 B per node). With a backend that has keyed storage (c10d, in-memory) a node arriving in an
 open round does not rewrite the blob: it announces itself with O(1)-sized key operations and one node completes the
 round for everyone (see "keyed arrivals" below), so a round where N nodes arrive together writes the blob once and
-moves O(N) bytes in total (in-memory backend: N=8: 1.9 kB, N=64: 15 kB, N=256: 63 kB). Backends with only
+moves O(N) bytes in total (in-memory backend: N=8: 1.5 kB, N=64: 12 kB, N=256: 50 kB). Backends with only
 get_state/set_state (the etcd ones) run the same rules with every arrival rewriting the blob: O(1) calls per node
 but O(N^2) bytes per round (N=8: 5.3 kB, N=64: 322 kB, N=256: 5.2 MB). Not O(N) on either path: anything that hands
 every node the full membership, i.e. ``get_participants()``/``sync`` reads of a completed round's blob (the agent
-polls them to notice membership changes; the version probe keeps those polls O(1) while nothing changes), and the
-first read of a completed round by each node that re-rendezvouses.
+polls them to notice membership changes; the version probe keeps those polls O(1) while nothing changes), the
+first read of a completed round by each node that re-rendezvouses, and keep-alive heartbeats of a completed round,
+which still rewrite the blob (N nodes x O(N) bytes per keep-alive interval).
 """
 
 from __future__ import annotations
