@@ -12,7 +12,11 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   included, arrives in the new round like a fresh node); the other old participants rejoin as they notice
   (``num_nodes_waiting() > 0`` for them once the round moved on, or ``get_participants()`` changed).
 - Every node heartbeats (``keep_alive_interval``) into the state; a node whose last heartbeat is older than
-  ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state.
+  ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state. With a
+  backend that has per-node liveness (``supports_liveness()``, etcd-v3: leases as heartbeats) a heartbeat renews
+  the node's lease instead of rewriting the state, and the nodes the backend no longer lists as live are evicted
+  (the state's timestamp is then only the node's join time: a node is given the expiry after joining before an
+  absent liveness entry counts against it).
 - ``set_closed()`` closes the run: every node's next step raises ``RendezvousClosedError``. ``shutdown()`` also
   closes it (as upstream does: it is what a launcher calls when the job ends). ``leave()`` (an extension) only
   removes this node; survivors re-form without it and the run stays open.
@@ -44,7 +48,8 @@ but O(N^2) bytes per round (N=8: 5.3 kB, N=64: 322 kB, N=256: 5.2 MB). Not O(N) 
 every node the full membership, i.e. ``get_participants()``/``sync`` reads of a completed round's blob (the agent
 polls them to notice membership changes; the version probe keeps those polls O(1) while nothing changes), the
 first read of a completed round by each node that re-rendezvouses, and keep-alive heartbeats of a completed round,
-which still rewrite the blob (N nodes x O(N) bytes per keep-alive interval).
+which still rewrite the blob (N nodes x O(N) bytes per keep-alive interval) except with per-node liveness (etcd-v3
+leases), where a heartbeat is one O(1) lease renewal and the blob is only read.
 """
 
 from __future__ import annotations
@@ -379,6 +384,11 @@ class RendezvousStepper:
         self.completed_round: int | None = None
         # Events of the decision in progress; recorded only once its write landed (a lost CAS discards them).
         self._events: list[tuple[str, str, NodeState, int | None]] = []
+        # Per-node liveness (backends with supports_liveness()): when this node last renewed its own liveness
+        # (clock.monotonic()), and the live set last read from the backend with when it was read.
+        self._beat_at = float("-inf")
+        self._live: set[str] | None = None
+        self._live_read_at = float("-inf")
 
     def _note(self, name: str, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None) -> None:
         self._events.append((name, message, node_state, rank))
@@ -447,6 +457,11 @@ class RendezvousStepper:
         self._announce_round = None
         self._cleanup_round = None
         try:
+            if self._liveness():
+                if op in ("join", "keep_alive"):
+                    # Before the state can list this node, its liveness entry must exist (or others evict it).
+                    self._beat()
+                self._refresh_live()
             got = self._read(op)
         except RendezvousError as e:
             return StepResult(done=False, error=e)
@@ -492,6 +507,8 @@ class RendezvousStepper:
             self._join_deadline = None
         if self._cleanup_round is not None and new_state is not None:
             self._delete_round_keys(self._cleanup_round)
+        if op == "leave" and result.done and self._liveness():
+            self._forget()
         if self._announce_round is not None and result.error is None:
             return self._announce(self._announce_round)
         if result.wait_until is not None:
@@ -520,7 +537,8 @@ class RendezvousStepper:
                 self._note("rdzv.leave", f"left at round {s.round}")
             return (s if changed else None), StepResult(done=True)
         if op == "keep_alive":
-            if me in s.participants or me in s.wait_list:
+            # With per-node liveness the heartbeat already happened (a lease renewal): only evictions write.
+            if (me in s.participants or me in s.wait_list) and not self._liveness():
                 s.heartbeats[me] = now
                 changed = True
             return (s if changed else None), StepResult(done=True)
@@ -540,7 +558,8 @@ class RendezvousStepper:
             )
             return (s if changed else None), StepResult(done=False, error=error)
 
-        heartbeat_due = now - s.heartbeats.get(me, float("-inf")) >= settings.keep_alive_seconds / 2
+        heartbeat_due = (now - s.heartbeats.get(me, float("-inf")) >= settings.keep_alive_seconds / 2
+                         and not self._liveness())
         poll_until = now + self._next_poll_delay()
 
         if s.complete and not s.participants:
@@ -559,7 +578,11 @@ class RendezvousStepper:
                     # Nobody reads the keys of the round before the one just completed any more: drop them.
                     self._cleanup_round = s.round - 2 if s.round >= 2 else None
                     return s, StepResult(done=False, wait_until=now)
-                s.participants[me] = -1
+                # The promoted waiters may already fill the round: then the opener waits for the next one too.
+                if len(s.participants) < settings.max_nodes:
+                    s.participants[me] = -1
+                else:
+                    s.wait_list.append(me)
                 s.heartbeats[me] = now
                 return s, StepResult(done=False, wait_until=now)
             if me not in s.wait_list:
@@ -693,6 +716,9 @@ class RendezvousStepper:
             if now - self._slot_beat >= settings.keep_alive_seconds / 2:
                 self.backend.key_set(k(round_, f"h{slot}"), repr(now).encode())
                 self._slot_beat = now
+            if self._liveness():
+                self._beat()
+                self._refresh_live()
             if claim is not None and claim != _CLAIM_RELEASED and now - _claim_time(claim) <= settings.heartbeat_expiry_seconds:
                 # Someone is completing the round: wait for the results without reading the state (it is about to
                 # hold every participant).
@@ -828,13 +854,51 @@ class RendezvousStepper:
     def _evict_dead(self, s: RendezvousState, now: float) -> bool:
         expiry = self.settings.heartbeat_expiry_seconds
         me = self.node.key
-        dead = [k for k, t in s.heartbeats.items() if k != me and now - t > expiry]
-        # Nodes present without a heartbeat entry cannot be judged; they are removed with their first heartbeat lapse.
+        if self._liveness():
+            live = self._live
+            if live is None:
+                return False
+            # The state's timestamp is the node's join time here (keep-alives renew leases, not the state): a node
+            # that joined less than the expiry ago may be missing from a live set read just before it joined.
+            members = set(s.participants) | set(s.wait_list) | set(s.heartbeats)
+            dead = sorted(k for k in members if k != me and k not in live and now - s.heartbeats.get(k, float("-inf")) > expiry)
+            why = "its liveness lease lapsed"
+        else:
+            dead = [k for k, t in s.heartbeats.items() if k != me and now - t > expiry]
+            # Nodes present without a heartbeat entry cannot be judged; they are removed with their first heartbeat lapse.
+            why = f"no heartbeat for > {expiry} s"
         for key in dead:
-            logger.info("rendezvous %s: evicting node %s (no heartbeat for > %.1f s)", self.settings.run_id, key, expiry)
+            logger.info("rendezvous %s: evicting node %s (%s)", self.settings.run_id, key, why)
             self._remove(s, key)
-            self._note("rdzv.evict", f"evicted {key} at round {s.round} (no heartbeat for > {expiry} s)")
+            self._note("rdzv.evict", f"evicted {key} at round {s.round} ({why})")
         return bool(dead)
+
+    # ------------------------------------------------------------------ per-node liveness (optional in the seam)
+
+    def _liveness(self) -> bool:
+        probe = getattr(self.backend, "supports_liveness", None)
+        return bool(probe()) if probe is not None else False
+
+    def _beat(self) -> None:
+        """Renew this node's liveness once half a keep-alive interval has passed (TTL: the heartbeat expiry)."""
+        mono = self.clock.monotonic()
+        if mono - self._beat_at >= self.settings.keep_alive_seconds / 2:
+            self.backend.heartbeat(self.node.key, self.settings.heartbeat_expiry_seconds)
+            self._beat_at = mono
+
+    def _refresh_live(self) -> None:
+        """Re-read the live set unless it was read within ``max_poll_interval`` (which bounds how stale it is)."""
+        mono = self.clock.monotonic()
+        if self._live is None or mono - self._live_read_at >= self.max_poll_interval:
+            self._live = set(self.backend.live_nodes())
+            self._live_read_at = mono
+
+    def _forget(self) -> None:
+        self._beat_at = float("-inf")
+        try:
+            self.backend.forget(self.node.key)
+        except RendezvousError as e:  # the entry lapses by itself within the expiry
+            logger.debug("rendezvous %s: could not drop the liveness of %s: %s", self.settings.run_id, self.node, e)
 
 
 _CLAIM_RELEASED = b"-"
