@@ -39,7 +39,28 @@ class RendezvousBackend(ABC):
     - ``key_compare_set(key, expected, desired) -> bytes``: write ``desired`` if the value is ``expected``
       (``None``: the key is missing); return the value after the call.
     - ``key_delete_many(keys)``: remove keys (missing ones are fine); old rounds' keys are removed with it.
+
+    Optional per-node liveness (default: unsupported, ``supports_liveness()`` is False). With it, a node's
+    keep-alive renews something the storage itself expires (etcd v3: a lease) instead of rewriting its heartbeat
+    timestamp in the shared state, and dead nodes are those the storage no longer lists as live:
+
+    - ``heartbeat(node_key, ttl)``: mark ``node_key`` live for ``ttl`` more seconds (creating its entry if needed).
+    - ``live_nodes() -> set[str]``: node keys whose liveness has not lapsed.
+    - ``forget(node_key)``: drop ``node_key``'s liveness now (a node leaving).
     """
+
+    def supports_liveness(self) -> bool:
+        """Whether the liveness operations below are implemented (the default: no)."""
+        return False
+
+    def heartbeat(self, node_key: str, ttl: float) -> None:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no per-node liveness")
+
+    def live_nodes(self) -> set[str]:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no per-node liveness")
+
+    def forget(self, node_key: str) -> None:
+        raise NotImplementedError(f"rendezvous backend {self.name!r} has no per-node liveness")
 
     def supports_keys(self) -> bool:
         """Whether the keyed operations below are implemented (the default: no)."""

@@ -1076,7 +1076,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _keep_alive_loop(self) -> None:
         interval = self._settings.keep_alive_seconds
         while not self._clock.wait(self._keep_alive_stop, interval):
+            # A heartbeat that lost its compare-and-set to a peer's write is retried on the winner's state within
+            # the interval: dropping it lets two collisions in a row make a live node look dead to the others.
+            give_up = self._clock.monotonic() + interval
             result = self._step("keep_alive")
+            while result.error is None and not result.done and self._clock.monotonic() < give_up:
+                now = self._clock.monotonic()
+                retry_at = result.wait_until if result.wait_until is not None else now
+                if self._clock.wait(self._keep_alive_stop, max(0.0, min(retry_at, give_up) - now)):
+                    return
+                result = self._step("keep_alive")
             if result.error is not None:
                 logger.warning("rendezvous keep-alive of %s failed: %s", self._node, result.error)
 

@@ -17,10 +17,11 @@ How (all through ``/v3/kv/range``, ``/v3/kv/txn``, ``/v3/lease/grant``, ``/v3/le
   state and token in the same round trip;
 - every write attaches the key to a lease of this process, granted with ``ttl`` seconds (default 7200) and renewed
   (``keepalive``) once a third of it has passed: the state of an abandoned run disappears by itself ``ttl``
-  seconds after its last live node, like the v2 backend's key TTL. Node liveness stays in the state blob
-  (heartbeats written by the state machine, as for every backend), so eviction works the same on all backends;
-  ``heartbeat``/``live_nodes``/``forget`` additionally offer per-node liveness keys bound to per-node leases
-  (etcd deletes a silent node's key by itself), ready for a state machine that asks the backend who is alive;
+  seconds after its last live node, like the v2 backend's key TTL;
+- leases as heartbeats (the optional liveness seam, on unless ``lease_liveness=false``): each node has a liveness
+  key ``<state key>/alive/<node>`` bound to its own lease with TTL = keep-alive interval x max attempts; a
+  keep-alive renews that lease (one small request, no write to the state blob) and etcd itself deletes the key
+  once a node stops renewing, so the state machine evicts the nodes ``live_nodes()`` no longer lists;
 - :class:`EtcdV3Store` is the c10d Store handed to the agents: puts, a CAS loop for ``add``, and blocking reads
   that watch the prefix from the revision they read at (no polling).
 """
@@ -316,6 +317,8 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         # Off by default: measured on the loaded 2-core machine, waking on watches did not beat polling (4 nodes
         # arriving together: 730 vs 418 ms; a late 4th node: 709 vs 684 ms) and costs a request per change.
         self.watch_state = False
+        # Leases as heartbeats (see the module docstring); False: heartbeats in the state blob like other backends.
+        self.lease_liveness = True
 
     @property
     def name(self) -> str:
@@ -348,11 +351,14 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         except EtcdUnreachable as e:
             raise self._failed(e) from None
 
-    # -------------------------------------------------------------- lease-based liveness (optional extension)
+    # -------------------------------------------------------------- lease-based liveness (optional in the seam)
     #
-    # Not used by the state machine yet (it keeps heartbeats in the state blob, the same on every backend). These
-    # let a caller keep one liveness key per node bound to that node's own lease: etcd itself deletes the key
-    # ``ttl`` seconds after the node's last renewal, with no write to the shared state blob per heartbeat.
+    # One liveness key per node bound to that node's own lease: etcd itself deletes the key ``ttl`` seconds after
+    # the node's last renewal, with no write to the shared state blob per heartbeat. The state machine uses these
+    # instead of heartbeat timestamps in the state when ``supports_liveness()`` is True.
+
+    def supports_liveness(self) -> bool:
+        return self.lease_liveness
 
     @property
     def _alive_prefix(self) -> bytes:
@@ -506,7 +512,8 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdV3RendezvousBacken
     Options: ``protocol`` (``http`` default, ``https``), ``read_timeout`` (default 60 s), ``connect_timeout``
     (default 5 s: bounds how long an unreachable endpoint takes to report), ``ssl_cert``, ``ssl_cert_key``,
     ``ca_cert`` (https), ``ttl`` (seconds the state outlives its last writer, default 7200), ``watch_state``
-    (default false: waiting nodes wake on a watch of the state key instead of polling). Reaches etcd once,
+    (default false: waiting nodes wake on a watch of the state key instead of polling), ``lease_liveness``
+    (default true: keep-alives renew per-node leases instead of rewriting the state). Reaches etcd once,
     so a wrong endpoint fails here with a RendezvousConnectionError naming host:port.
     """
     options = connection_options(params)
@@ -519,6 +526,7 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdV3RendezvousBacken
         raise ValueError(f"rendezvous etcd TLS options are unusable: {one_line(e)}") from None
     backend = EtcdV3RendezvousBackend(client, params.run_id, key_prefix=KEY_PREFIX, ttl=ttl)
     backend.watch_state = bool(params.get_as_bool("watch_state", False))
+    backend.lease_liveness = bool(params.get_as_bool("lease_liveness", True))
     try:
         client.range(backend.key.encode())
     except EtcdUnreachable as e:

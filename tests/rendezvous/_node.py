@@ -1,7 +1,8 @@
 """One simulated node for multi-process rendezvous tests: prints one JSON line per outcome on stdout.
 
 Actions: ``join`` (rendezvous once, leave), ``rejoin`` (rendezvous, then re-rendezvous as soon as
-num_nodes_waiting() > 0, leave), ``watch`` (rendezvous, then report when the participants change), ``host`` (host a
+num_nodes_waiting() > 0, leave), ``watch`` (rendezvous, then report when the participants change), ``reform``
+(like ``watch``, then rendezvous again with whoever is left, like an agent whose peer died), ``host`` (host a
 TCPStore on the endpoint's port and sleep).
 """
 
@@ -19,7 +20,7 @@ def emit(**fields) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["join", "rejoin", "watch", "host"])
+    parser.add_argument("action", choices=["join", "rejoin", "watch", "reform", "host"])
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--backend", default="c10d")
     parser.add_argument("--run-id", default="test")
@@ -76,11 +77,15 @@ def main() -> int:
             while time.monotonic() < deadline:
                 handler.num_nodes_waiting()
                 time.sleep(0.1)
-        elif args.action == "watch":
+        elif args.action in ("watch", "reform"):
             before = handler.get_participants()
             while handler.get_participants() == before:
                 time.sleep(0.1)
             emit(event="participants_changed", before=before, after=handler.get_participants())
+            if args.action == "reform":
+                info = handler.next_rendezvous()
+                emit(event="rendezvous", rank=info.rank, world_size=info.world_size, round=handler.get_round(),
+                     node=str(handler.node))
         handler.leave()
         return 0
     except RendezvousError as e:

@@ -512,3 +512,74 @@ def test_keyed_old_rounds_keys_are_deleted():
         drive_join(nodes, clock)
         counts.append(backend.key_count())
     assert counts[2] > 0 and counts[-1] == counts[2] == counts[3], counts
+
+
+# ---------------------------------------------------------------------------------------------- per-node liveness
+
+
+@pytest.fixture(params=["keyed", "blob"])
+def leased_backend(request, clock):
+    """The in-memory backend plus per-node liveness that lapses on the manual clock, the way etcd-v3 leases do."""
+    from elastic_impl.rendezvous.in_memory_backend import InMemoryRendezvousBackend
+
+    class LeasedBackend(InMemoryRendezvousBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.expiries: dict[str, float] = {}
+            self.beats = 0
+
+        def supports_liveness(self) -> bool:
+            return True
+
+        def heartbeat(self, node_key: str, ttl: float) -> None:
+            self.beats += 1
+            self.expiries[node_key] = clock.now + ttl
+
+        def live_nodes(self) -> set[str]:
+            return {k for k, at in self.expiries.items() if at > clock.now}
+
+        def forget(self, node_key: str) -> None:
+            self.expiries.pop(node_key, None)
+
+    backend = LeasedBackend()
+    backend.keyed = request.param == "keyed"
+    return backend
+
+
+def test_lease_heartbeats_do_not_rewrite_the_state_and_keep_nodes_in(leased_backend, clock):
+    settings = make_settings(min_nodes=3, max_nodes=3, keep_alive=1.0, attempts=3)
+    steppers = make_steppers(leased_backend, clock, settings, 3)
+    drive_join(steppers, clock)
+    writes, beats = leased_backend.set_calls, leased_backend.beats
+    for _ in range(10):  # 10 keep-alive intervals: far past the 3 s expiry of the join-time timestamps
+        clock.advance(1.0)
+        for s in steppers:
+            assert s.step("keep_alive").done
+    assert leased_backend.set_calls == writes
+    assert leased_backend.beats - beats == 30
+    assert len(state_of(leased_backend).participants) == 3
+
+
+def test_node_whose_lease_lapses_is_evicted_not_before(leased_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2, keep_alive=1.0, attempts=3)
+    survivor, victim = make_steppers(leased_backend, clock, settings, 2)
+    drive_join([survivor, victim], clock)
+    clock.advance(1.0)
+    assert victim.step("keep_alive").done  # its last renewal: live until now + 3 s
+    for _ in range(2):
+        clock.advance(1.0)
+        survivor.step("keep_alive")
+        assert victim.node.key in state_of(leased_backend).participants
+    clock.advance(1.5)
+    survivor.step("keep_alive")
+    assert list(state_of(leased_backend).participants) == [survivor.node.key]
+
+
+def test_leaving_drops_the_nodes_liveness(leased_backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2)
+    a, b = make_steppers(leased_backend, clock, settings, 2)
+    drive_join([a, b], clock)
+    assert leased_backend.live_nodes() == {a.node.key, b.node.key}
+    assert b.step("leave").done
+    assert leased_backend.live_nodes() == {a.node.key}
+    assert list(state_of(leased_backend).participants) == [a.node.key]
