@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -290,6 +291,8 @@ class SimpleElasticAgent(ElasticAgent):
         self._store_wait_timeout = 300.0
         # A termination signal the agent received but has not acted on yet (see _check_signal).
         self._pending_signal: signal.Signals | None = None
+        self._leave_lock = threading.Lock()
+        self._left_rendezvous = False
 
     # ------------------------------------------------------------------ public API
 
@@ -339,14 +342,19 @@ class SimpleElasticAgent(ElasticAgent):
             raise AgentSignalError(f"agent received {sig.name}", sig)
 
     def _leave_rendezvous(self) -> None:
-        """This node goes away but the job goes on: ``leave()`` where the rendezvous handler offers it."""
+        """This node goes away but the job goes on: ``leave()`` where the rendezvous handler offers it (once; a
+        second caller waits for the first to finish)."""
         leave = getattr(self._worker_group.spec.rdzv_handler, "leave", None)
         if not callable(leave):
             return  # the launcher decides what a handler without leave() gets
-        try:
-            leave()
-        except Exception as e:  # the store may be gone; stopping the workers matters more
-            logger.warning("could not leave the rendezvous: %s", e)
+        with self._leave_lock:
+            if self._left_rendezvous:
+                return
+            self._left_rendezvous = True
+            try:
+                leave()
+            except Exception as e:  # the store may be gone; stopping the workers matters more
+                logger.warning("could not leave the rendezvous: %s", e)
 
     # ------------------------------------------------------------------ to implement in subclasses
 

@@ -40,6 +40,8 @@ TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
 _TIMER_SERVER_INTERVAL = 0.1
 # Longest the monitor loop blocks before looking at a recorded termination signal.
 _SIGNAL_CHECK_SLICE = 0.1
+# Bound on waiting for the signal watcher's leave() when the run ends (leave is itself bounded by the close timeout).
+_WATCHER_JOIN_TIMEOUT = 60.0
 
 # Signals that make the agent stop its workers and leave (the job goes on without this node).
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -114,6 +116,10 @@ class LocalElasticAgent(SimpleElasticAgent):
         finally:
             self._restore_signal_handlers()
             self._signal_event.set()  # ends the watcher
+            # Never return (and let the interpreter exit) while the watcher is inside a store call: a daemon thread
+            # torn down in C++ store code at exit aborts the process ("terminate called without an active
+            # exception").
+            watcher.join(timeout=_WATCHER_JOIN_TIMEOUT)
 
     def _install_signal_handlers(self) -> None:
         """Route termination signals to ``_on_signal`` (again after each worker start: multiprocessing's
