@@ -100,10 +100,18 @@ class SimAgent:
         late = self.sim.rng.uniform(0.0, KEEP_ALIVE_JITTER * interval)
         self.sim.clock.after(interval + late, self._fire_keep_alive, self._ka_epoch)
 
-    def _fire_keep_alive(self, epoch: int) -> None:
+    def _fire_keep_alive(self, epoch: int, give_up: float | None = None) -> None:
         if self.status == "exited" or epoch != self._ka_epoch or self.paused:
             return
-        self.stepper.step("keep_alive")  # errors: a missed beat, like the real keep-alive thread logs and goes on
+        now = self.sim.clock.now
+        if give_up is None:
+            give_up = now + self.sim.settings.keep_alive_seconds
+        result = self.stepper.step("keep_alive")  # errors: a missed beat, like the real keep-alive thread logs
+        if result.error is None and not result.done and now < give_up:
+            # Lost its compare-and-set: the real keep-alive loop retries on the winner's state within the interval.
+            retry_at = min(result.wait_until if result.wait_until is not None else now, give_up)
+            self.sim.clock.after(max(0.0, retry_at - now), lambda: self._fire_keep_alive(epoch, give_up))
+            return
         self._arm_keep_alive()
 
     def _step_until_done(self, op: str) -> StepResult:

@@ -4,7 +4,6 @@ Each runs the real rendezvous state machine in virtual time; an xfail names a ru
 fixed yet (strict: the test starts failing once the bug is fixed, so the marker gets removed).
 """
 
-import pytest
 
 from simulator.checker import check
 from simulator.scenario import scenario_from_dict
@@ -32,7 +31,8 @@ def test_a_round_opened_with_a_full_wait_list_stays_within_max_nodes():
 # Three nodes finish a round together and heartbeat in near lockstep over a store with 50 ms round trips. A
 # keep-alive that loses its compare-and-set to a peer's heartbeat is not retried before the next interval; two
 # lost beats in a row plus any wake-up lateness already exceed the expiry (interval x keep_alive_max_attempt = 1.5 s),
-# so a live node is evicted (seen here: node1 loses 2 beats, is evicted, everyone re-rendezvouses).
+# so a live node was evicted (seen: node1 lost 2 beats, was evicted, everyone re-rendezvoused). Fixed: the
+# keep-alive (real handler and simulated agent alike) retries a lost beat on the winner's state within the interval.
 LOCKSTEP_HEARTBEATS = {
     "name": "lockstep heartbeats", "nodes": 3, "workers_per_node": 1, "min_nodes": 2, "max_nodes": 4,
     "max_restarts": 0, "timeouts": {"join": 30, "last_call": 0.5, "heartbeat": 0.5, "close": 5, "monitor": 0.1},
@@ -40,12 +40,6 @@ LOCKSTEP_HEARTBEATS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime weakness (DynamicRendezvousHandler keep-alive loop): a keep-alive step that lost its "
-    "compare-and-set is dropped instead of retried at the StepResult's wait_until; two lost beats plus lateness "
-    "exceed the eviction expiry, so contended heartbeats evict live nodes",
-)
 def test_live_nodes_are_not_evicted_when_heartbeats_collide():
     s = scenario_from_dict(LOCKSTEP_HEARTBEATS)
     hist = run_virtual(s).history
