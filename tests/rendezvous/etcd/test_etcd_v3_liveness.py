@@ -26,6 +26,13 @@ def _state_writes(server, key: str) -> int:
     return int(kv["version"])
 
 
+def test_bad_lease_liveness_option_is_a_one_line_error():
+    with pytest.raises(ValueError, match="lease_liveness='maybe'") as info:
+        rendezvous_handler_registry.create_handler(
+            RendezvousParameters("etcd-v3", "127.0.0.1:2379", "run", 1, 1, lease_liveness="maybe"))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("lease_liveness", [True, False], ids=["leases", "state-heartbeats"])
 def test_heartbeats_of_a_completed_round_do_not_rewrite_the_state(lease_liveness, etcd_server, run_id):
