@@ -46,9 +46,17 @@ def _agent_worker(out_dir: str, fail_mode: str) -> int:
     env = {k: os.environ.get(k) for k in ENV_KEYS}
     env["pid"] = os.getpid()
     restart = env["TORCHELASTIC_RESTART_COUNT"]
-    with open(os.path.join(out_dir, f"rank{env['RANK']}-restart{restart}.json"), "w") as fh:
+    marker = os.path.join(out_dir, f"rank{env['RANK']}-restart{restart}.json")
+    with open(marker + ".tmp", "w") as fh:
         json.dump(env, fh)
+    os.replace(marker + ".tmp", marker)  # appears complete or not at all
     if env["RANK"] == "1" and (fail_mode == "always" or (fail_mode == "first" and restart == "0")):
+        # Fail only once rank 0 of this attempt has recorded itself: the agent stops the whole group on a failure,
+        # and on a loaded machine rank 0 may not have got that far yet (the checks then see a missing worker).
+        peer = os.path.join(out_dir, f"rank0-restart{restart}.json")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(peer) and time.monotonic() < deadline:
+            time.sleep(0.02)
         return 3
     return 0
 
