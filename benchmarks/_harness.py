@@ -205,4 +205,26 @@ def timed_command(cmd: list[str], timeout: float, workdir: Path) -> tuple[float,
             raise Unavailable(f"{' '.join(cmd[2:5])} did not finish within {timeout:.0f}s") from None
         return time.time() - t0, proc.returncode, tail(log, 1)
     finally:
+        # Children that started their own session (e.g. the certifier's etcd server) are outside the group.
+        tree = descendants(proc.pid)
         stop_group(proc, grace=5.0)
+        kill_pids(tree)
+
+
+def descendants(root: int) -> list[int]:
+    """Live descendants of ``root`` (by parent links in /proc), whatever session or group they moved to."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found

@@ -65,9 +65,9 @@ def test_table_marks_unavailable_sides():
 
 def test_timed_command_kills_the_whole_group_on_timeout(tmp_path):
     pid_file = tmp_path / "child.pid"
-    # The parent starts a child in its own process group and both hang: the timeout must take down both.
+    # The parent starts a child in its own session (outside the group) and both hang: the timeout takes down both.
     script = ("import subprocess, sys, time; "
-              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
               f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
     with pytest.raises(Unavailable, match="did not finish within 2s"):
         timed_command([sys.executable, "-c", script], 2.0, tmp_path)
