@@ -23,7 +23,9 @@ from tests.launcher.conftest import (  # noqa: F401  (fixtures and helpers re-ex
     TRAIN,
     Launcher,
     launcher,
+    marker_pids,
     needs_runtime,
+    new_markers,
     read_markers,
     wait_for,
 )

@@ -14,7 +14,9 @@ import pytest
 from tests.beyond_upstream.conftest import (
     TRAIN,
     agent_args,
+    marker_pids,
     needs_runtime,
+    new_markers,
     our_rdzv_state,
     read_markers,
     wait_for,
@@ -39,11 +41,12 @@ def test_sigterm_leaves_survivor_reforms_and_job_end_closes(launcher, tmp_path, 
     markers, stop_file = tmp_path / "markers", tmp_path / "stop"
     launcher.marker_dirs.append(markers)
     stayer, leaver = _pair(launcher, rdzv_store, "elastic-run", markers, stop_file, "leave-ours")
+    before = marker_pids(markers)
     sent = time.time()
     leaver.send_signal(signal.SIGTERM)
     assert launcher.wait(leaver, 60) == 128 + signal.SIGTERM, launcher.output(leaver)[1][-3000:]
     reformed = wait_for(
-        lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2 and time.time(),
+        lambda: len(new_markers(markers, before, 2)) == 2 and time.time(),
         120, "the stayer's workers re-formed at WORLD_SIZE 2",
     )
     measured("leave.ours.reformed_after", reformed - sent)
@@ -61,13 +64,14 @@ def test_torchrun_reference_sigterm_peer(launcher, tmp_path, rdzv_store, measure
     markers, stop_file = tmp_path / "markers", tmp_path / "stop"
     launcher.marker_dirs.append(markers)
     stayer, leaver = _pair(launcher, rdzv_store, "torchrun", markers, stop_file, "leave-torchrun")
+    before = marker_pids(markers)
     sent = time.time()
     leaver.send_signal(signal.SIGTERM)
     launcher.wait(leaver, 60)
     observe = 20
     reformed_at = None
     while time.time() < sent + observe:
-        if len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2:
+        if len(new_markers(markers, before, 2)) == 2:
             reformed_at = time.time()
             break
         time.sleep(0.2)

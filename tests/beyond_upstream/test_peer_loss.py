@@ -17,7 +17,9 @@ from tests.beyond_upstream.conftest import (
     TRAIN,
     agent_args,
     kill_node,
+    marker_pids,
     needs_runtime,
+    new_markers,
     read_events,
     read_markers,
     wait_for,
@@ -57,6 +59,7 @@ def test_survivor_reforms_within_the_detection_window(launcher, tmp_path, rdzv_s
     markers = tmp_path / "markers"
     launcher.marker_dirs.append(markers)
     survivor, victim = _start_pair(launcher, tmp_path, rdzv_store, "elastic-run", markers)
+    before = marker_pids(markers)
     killed_at = kill_node(victim)
 
     def survivor_noticed():
@@ -66,7 +69,7 @@ def test_survivor_reforms_within_the_detection_window(launcher, tmp_path, rdzv_s
     event = wait_for(survivor_noticed, 3 * WINDOW + 60, "the survivor to notice the lost peer")
     detected = event["timestamp"] / 1000 - killed_at
     reformed = wait_for(
-        lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2 and time.time(),
+        lambda: len(new_markers(markers, before, 2)) == 2 and time.time(),
         120,
         "the survivor's workers re-formed at WORLD_SIZE 2",
     )
@@ -85,12 +88,13 @@ def test_torchrun_reference_survivor_stays_at_old_world_size(launcher, tmp_path,
     markers = tmp_path / "markers"
     launcher.marker_dirs.append(markers)
     survivor, victim = _start_pair(launcher, tmp_path, rdzv_store, "torchrun", markers)
+    before = marker_pids(markers)
     killed_at = kill_node(victim)
     observe = 3 * WINDOW + 10
     deadline = killed_at + observe
     reformed_at = None
     while time.time() < deadline:
-        if len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2:
+        if len(new_markers(markers, before, 2)) == 2:
             reformed_at = time.time()
             break
         time.sleep(0.2)

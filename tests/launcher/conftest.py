@@ -134,6 +134,16 @@ def read_markers(marker_dir) -> list[dict]:
     return markers
 
 
+def marker_pids(marker_dir) -> set[int]:
+    return {m["pid"] for m in read_markers(marker_dir)}
+
+
+def new_markers(marker_dir, seen_pids: set[int], world_size: int) -> list[dict]:
+    """Markers at ``world_size`` of workers not in ``seen_pids``: a node started alone in a MIN:MAX job may run a
+    round of its own before its peer arrives, so "WORLD_SIZE=2 markers" alone does not identify a re-formed group."""
+    return [m for m in read_markers(marker_dir) if m["pid"] not in seen_pids and m["WORLD_SIZE"] == str(world_size)]
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from tests.launcher.conftest import TRAIN, free_port, needs_runtime, read_markers, wait_for
+from tests.launcher.conftest import (
+    TRAIN,
+    free_port,
+    marker_pids,
+    needs_runtime,
+    new_markers,
+    read_markers,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, needs_runtime]
 
@@ -96,11 +104,12 @@ def test_sigterm_makes_one_node_leave_and_survivors_reform(launcher, tmp_path):
     time.sleep(1.0)
     leaver = launcher.start([*_agent_args(port, "1:2"), TRAIN], name="leaver", **env)
     wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "4"]) == 4, 120, "group of 4")
+    before = marker_pids(markers)
     os.kill(leaver.pid, signal.SIGTERM)
     rc = launcher.wait(leaver, 60)
     assert rc == 128 + signal.SIGTERM, launcher.output(leaver)[1][-3000:]
     # the survivor re-forms alone (WORLD_SIZE 2) instead of staying at 4 or exiting
-    wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2, 60, "re-formed group of 2")
+    wait_for(lambda: len(new_markers(markers, before, 2)) == 2, 60, "re-formed group of 2")
     assert host.poll() is None
     os.kill(host.pid, signal.SIGTERM)
     launcher.wait(host, 60)
@@ -115,10 +124,11 @@ def test_peer_loss_triggers_reformation_within_heartbeat_window(launcher, tmp_pa
     time.sleep(1.0)
     victim = launcher.start([*_agent_args(port, "1:2"), TRAIN], name="victim", **env)
     wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "4"]) == 4, 120, "group of 4")
+    before = marker_pids(markers)
     os.killpg(victim.pid, signal.SIGKILL)  # the whole node dies: agent (its workers are reaped by cleanup)
     victim.wait(10)
     killed_at = time.monotonic()
-    wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2, 60, "re-formed group of 2")
+    wait_for(lambda: len(new_markers(markers, before, 2)) == 2, 60, "re-formed group of 2")
     # 10 s detection window plus restart time; far below upstream's "never"
     assert time.monotonic() - killed_at < 60
     os.kill(host.pid, signal.SIGTERM)
