@@ -16,7 +16,7 @@ import etcd
 import urllib3
 
 from .api import RendezvousConnectionError, RendezvousParameters
-from .utils import parse_rendezvous_endpoint
+from .utils import parse_rendezvous_endpoint, positive_seconds
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -135,17 +135,6 @@ class EtcdConnectionOptions:
             raise RendezvousConnectionError(f"cannot reach etcd at {self.endpoint}: {one_line(e)}") from None
 
 
-def _positive_seconds(params: RendezvousParameters, key: str, default: float) -> float:
-    value = params.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ValueError(f"rendezvous option {key}={value!r} must be a positive number of seconds")
-    return seconds
-
-
 def connection_options(params: RendezvousParameters, *, cert_keys: tuple[str, str, str] = ("ssl_cert", "ssl_cert_key", "ca_cert")
                        ) -> EtcdConnectionOptions:
     """Parse endpoint, ``protocol`` (http/https), ``read_timeout``, ``connect_timeout`` and TLS files from params.
@@ -160,8 +149,8 @@ def connection_options(params: RendezvousParameters, *, cert_keys: tuple[str, st
     protocol = str(raw_protocol if raw_protocol is not None else "http").strip().lower()
     if protocol not in ("http", "https"):
         raise ValueError(f"rendezvous option protocol={raw_protocol!r} is invalid; allowed: http, https")
-    read_timeout = _positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    connect_timeout = _positive_seconds(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    connect_timeout = positive_seconds(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     cert_key, key_key, ca_key = cert_keys
     cert = params.get(cert_key)
     key = params.get(key_key)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._backend import RendezvousBackend
 from .api import RendezvousConnectionError, RendezvousParameters, RendezvousStateError
-from .utils import matches_this_machine, parse_rendezvous_endpoint
+from .utils import matches_this_machine, parse_rendezvous_endpoint, positive_seconds
 
 __all__ = ["C10dRendezvousBackend", "create_backend"]
 
@@ -199,17 +199,6 @@ class C10dRendezvousBackend(RendezvousBackend):
             raise
 
 
-def _positive_seconds(params: RendezvousParameters, key: str, default: float) -> float:
-    value = params.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ValueError(f"rendezvous option {key}={value!r} must be positive")
-    return seconds
-
-
 def store_liveness_timeout(params: RendezvousParameters) -> float:
     """How long a rendezvous store call may go unanswered before the store host counts as gone.
 
@@ -217,10 +206,10 @@ def store_liveness_timeout(params: RendezvousParameters) -> float:
     ``keep_alive_max_attempt`` (3) = 15 s, never more than ``read_timeout``. A peer silent that long is evicted;
     the store host gets the same bound instead of the 60 s read timeout.
     """
-    read_timeout = _positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    expiry = _positive_seconds(params, "keep_alive_interval", 5.0) * params.get_as_int("keep_alive_max_attempt", 3)
+    read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    expiry = positive_seconds(params, "keep_alive_interval", 5.0) * params.get_as_int("keep_alive_max_attempt", 3)
     if params.get("store_liveness_timeout") is not None:
-        return _positive_seconds(params, "store_liveness_timeout", expiry)
+        return positive_seconds(params, "store_liveness_timeout", expiry)
     return min(expiry, read_timeout)
 
 
@@ -237,8 +226,8 @@ def _create_tcp_store(params: RendezvousParameters):
     from torch.distributed import TCPStore
 
     host, port = parse_rendezvous_endpoint(params.endpoint, DEFAULT_PORT)
-    read_timeout = _positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    connect_timeout = _positive_seconds(params, "connect_timeout", read_timeout)
+    read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    connect_timeout = positive_seconds(params, "connect_timeout", read_timeout)
     _resolve(host, port)
     explicit_host = params.get_as_bool("is_host")
     is_host = explicit_host if explicit_host is not None else matches_this_machine(host)

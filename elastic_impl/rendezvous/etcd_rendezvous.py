@@ -52,6 +52,7 @@ from .api import (
     rendezvous_handler_registry,
 )
 from .etcd_store import EtcdStore
+from .utils import positive_seconds
 
 __all__ = [
     "EtcdRendezvous",
@@ -589,22 +590,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._rdzv_impl.stop_leases()
 
 
-def _seconds(params: RendezvousParameters, key: str, default: float) -> float:
-    value = params.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ValueError(f"rendezvous option {key}={value!r} must be a positive number of seconds")
-    return seconds
-
-
 def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Create an :class:`EtcdRendezvousHandler` from ``params`` (options: see the handler's docstring)."""
     options = connection_options(params, cert_keys=("cert", "key", "cacert"))
-    timeout = _seconds(params, "timeout", _DEFAULT_TIMEOUT)
-    last_call = _seconds(params, "last_call_timeout", _DEFAULT_LAST_CALL_TIMEOUT)
+    timeout = positive_seconds(params, "timeout", _DEFAULT_TIMEOUT)
+    last_call = positive_seconds(params, "last_call_timeout", _DEFAULT_LAST_CALL_TIMEOUT)
     keep_alive_ttl = params.get_as_int("keep_alive_ttl", CONST_WORKER_KEEPALIVE_TTL)
     prefix = params.get("etcd_prefix", _DEFAULT_PREFIX)
     if not isinstance(prefix, str) or not prefix.strip():
