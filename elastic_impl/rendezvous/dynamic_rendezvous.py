@@ -520,7 +520,8 @@ class RendezvousStepper:
 
     def _decide(self, op: str, state: RendezvousState, now: float) -> tuple[RendezvousState | None, StepResult]:
         s = state.copy()
-        changed = self._evict_dead(s, now)
+        # A closed run's membership no longer matters: evicting from it would only reopen rounds nobody may join.
+        changed = self._evict_dead(s, now) if not s.closed else False
         me = self.node.key
         if op == "sync":
             return (s if changed else None), StepResult(done=True)
@@ -844,7 +845,7 @@ class RendezvousStepper:
         if key in s.wait_list:
             s.wait_list.remove(key)
         s.heartbeats.pop(key, None)
-        if s.complete and not s.participants:
+        if s.complete and not s.participants and not s.closed:
             # Nobody is left in the completed round: the next one opens for whoever comes (waiters first).
             self._open_next_round(s, 0.0)
         elif not s.complete and len(s.participants) < self.settings.min_nodes:

@@ -583,3 +583,21 @@ def test_leaving_drops_the_nodes_liveness(leased_backend, clock):
     assert b.step("leave").done
     assert leased_backend.live_nodes() == {a.node.key}
     assert list(state_of(leased_backend).participants) == [a.node.key]
+
+
+def test_a_closed_run_is_not_reopened_by_a_late_node_evicting_its_silent_peers(memory_backend, clock):
+    """Seen live (cascade scenario): a node thawed after the others finished and closed the run evicted them, which
+    emptied the completed round and opened a new one on the closed run."""
+    settings = make_settings(min_nodes=2, max_nodes=3)
+    a, b, c = make_steppers(memory_backend, clock, settings, 3)
+    drive_join([a, b, c], clock)
+    assert a.step("close").done
+    closed = state_of(memory_backend)
+    clock.now += 10 * settings.heartbeat_expiry_seconds  # a and b are long gone; c wakes up
+    c.step("keep_alive")
+    c.begin_join()
+    r = c.step("join")
+    assert isinstance(r.error, RendezvousClosedError)
+    after = state_of(memory_backend)
+    assert after.closed and after.round == closed.round
+    assert sorted(after.participants) == sorted(closed.participants)  # nobody evicted from the closed run
