@@ -174,3 +174,14 @@ class _DropReportedFailures(logging.Filter):
 
 
 logging.getLogger("etcd.client").addFilter(_DropReportedFailures())
+
+
+def as_bytes(value, what: str, owner: str) -> bytes:
+    """A store key or value as bytes; anything but str/bytes is a one-line ValueError naming ``owner``."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise ValueError(f"{owner} {what} must be str or bytes, got {type(value).__name__}")

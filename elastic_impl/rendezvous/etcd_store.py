@@ -21,19 +21,9 @@ from base64 import b64decode, b64encode, urlsafe_b64encode
 import etcd
 from torch.distributed import DistNetworkError, Store
 
-from ._etcd_client import client_endpoint, is_unreachable, one_line
+from ._etcd_client import as_bytes, client_endpoint, is_unreachable, one_line
 
 __all__ = ["EtcdStore"]
-
-
-def _as_bytes(value, what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise ValueError(f"EtcdStore {what} must be str or bytes, got {type(value).__name__}")
 
 
 class EtcdStore(Store):
@@ -52,11 +42,11 @@ class EtcdStore(Store):
     # ------------------------------------------------------------------ encoding
 
     def _etcd_key(self, key) -> str:
-        return self.prefix + urlsafe_b64encode(_as_bytes(key, "key")).decode()
+        return self.prefix + urlsafe_b64encode(as_bytes(key, "key", "EtcdStore")).decode()
 
     @staticmethod
     def _encode_value(value) -> str:
-        return b64encode(_as_bytes(value, "value")).decode()
+        return b64encode(as_bytes(value, "value", "EtcdStore")).decode()
 
     @staticmethod
     def _decode_value(text: str | None) -> bytes:

@@ -43,7 +43,7 @@ from typing import Any
 from torch.distributed import DistNetworkError, Store
 
 from ._backend import RendezvousBackend
-from ._etcd_client import EtcdConnectionOptions, connection_options, one_line
+from ._etcd_client import EtcdConnectionOptions, as_bytes, connection_options, one_line
 from .api import (
     RendezvousConnectionError,
     RendezvousHandler,
@@ -425,16 +425,6 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         return None if kv is None else (*self._decode(kv), False)
 
 
-def _as_bytes(value, what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise ValueError(f"EtcdV3Store {what} must be str or bytes, got {type(value).__name__}")
-
-
 class EtcdV3Store(Store):
     """A c10d ``Store`` in etcd via the v3 JSON gateway: key ``k`` lives at ``<prefix>/<k>`` (raw bytes)."""
 
@@ -452,10 +442,10 @@ class EtcdV3Store(Store):
             raise DistNetworkError(f"EtcdV3Store: {e}") from None
 
     def _key(self, key) -> bytes:
-        return self.prefix + _as_bytes(key, "key")
+        return self.prefix + as_bytes(key, "key", "EtcdV3Store")
 
     def set(self, key, value) -> None:
-        self._call(self.client.put, self._key(key), _as_bytes(value, "value"))
+        self._call(self.client.put, self._key(key), as_bytes(value, "value", "EtcdV3Store"))
 
     def get(self, key) -> bytes:
         found = self._when_present([self._key(key)], self.timeout)
