@@ -257,6 +257,18 @@ class CheckContext:
         if actual != expected:
             raise CheckFailed(f"{what}: got {actual!r}, documented {expected!r}")
 
+    def expect_failed_ranks(self, failures: dict, rank: int, exitcode: int, what: str) -> None:
+        """``rank`` failed with ``exitcode``; any other rank reported is one the group stop killed by a signal.
+
+        torch >= 2.x books the peers it SIGTERMs while stopping a failed group (a peer may still be exiting when
+        ``rank`` fails), so a peer may appear, but only as killed by a signal -- never with an exit code of its own.
+        """
+        self.expect(rank in failures, f"{what}: {sorted(failures)} do not include rank {rank}")
+        self.expect_equal(failures[rank].exitcode, exitcode, f"{what}: exit code of rank {rank}")
+        others = {r: f.exitcode for r, f in failures.items() if r != rank}
+        self.expect(all(code is not None and code < 0 for code in others.values()),
+                    f"{what}: ranks other than {rank} reported with an exit code of their own: {others}")
+
     @staticmethod
     def expect_raises(exc_types: type | tuple, fn: Callable, *args: Any, what: str, **kwargs: Any) -> BaseException:
         try:

@@ -116,3 +116,24 @@ def test_signature_differences_waive_only_the_signature(monkeypatch, tmp_path):
     monkeypatch.delitem(known_differences.SIGNATURE_DIFFERENCES, ("torch", API))
     (unwaived,) = _certify_with(monkeypatch, tmp_path, lambda ctx: None)
     assert unwaived.verdict == "VIOLATION" and unwaived.error.startswith("CheckFailed: signature:")
+
+
+def test_failed_ranks_allow_peers_killed_by_the_group_stop_but_not_peers_with_exit_codes():
+    from types import SimpleNamespace as Failure
+
+    from conformance.context import CheckContext, CheckFailed
+
+    expect = CheckContext.__new__(CheckContext).expect_failed_ranks  # needs no suite resources
+    expect({1: Failure(exitcode=3)}, 1, 3, "ranks")
+    expect({0: Failure(exitcode=-15), 1: Failure(exitcode=3)}, 1, 3, "ranks")  # torch books the SIGTERMed peer
+    for failures, message in (
+        ({0: Failure(exitcode=1), 1: Failure(exitcode=3)}, "exit code of their own: {0: 1}"),
+        ({0: Failure(exitcode=-15)}, "do not include rank 1"),
+        ({1: Failure(exitcode=2)}, "exit code of rank 1: got 2"),
+    ):
+        try:
+            expect(failures, 1, 3, "ranks")
+        except CheckFailed as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"{failures} passed")
