@@ -309,7 +309,9 @@ def launch_agent(
         if getattr(e, "sigval", None) is not None:
             job_ended = False  # this node leaves; the job goes on without it
             raise
-        if type(e).__name__ == "RendezvousGracefulExitError":
+        if type(e).__name__ in ("RendezvousGracefulExitError", "RendezvousConnectionError"):
+            # Leaving, or this node lost the store: not the job's end. Closing the run on a connection error would
+            # end the job for every node that can still reach the store (it may be this node's network alone).
             job_ended = False
             raise
         if type(e).__name__ == "RendezvousClosedError":

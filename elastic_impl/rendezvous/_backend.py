@@ -81,6 +81,15 @@ class RendezvousBackend(ABC):
     def key_delete_many(self, keys: list[str]) -> None:
         raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
 
+    def connection_for_heartbeats(self) -> RendezvousBackend:
+        """This backend over its own connection, for the keep-alive thread (the default: this same object).
+
+        Heartbeats must not queue behind the agent's membership polls on one connection: on a slow store that
+        queue alone can outlast the heartbeat expiry. Backends whose client serializes calls (a TCPStore client
+        does) return a copy on a new connection; the copy must be safe to use from another thread.
+        """
+        return self
+
     def state_version(self) -> int | None:
         """The state's current version, or ``None`` when this backend cannot tell (the default)."""
         return None

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -38,6 +39,23 @@ def _describe(store) -> str:
     return type(store).__name__
 
 
+def _wait_running(done: threading.Event, timeout: float) -> bool:
+    """``done.wait(timeout)``, where only time this process was running counts against ``timeout``.
+
+    A process that was frozen (SIGSTOP, a debugger, swapping) wakes up past any deadline; blaming the store for that
+    would fail a healthy node (and the reply is usually already in the socket). So the wait goes in short slices,
+    and a slice that took much longer than asked is counted at its asked length.
+    """
+    slice_ = min(0.25, timeout)
+    waited = 0.0
+    while waited < timeout:
+        started = time.monotonic()
+        if done.wait(slice_):
+            return True
+        waited += min(time.monotonic() - started, 2 * slice_)
+    return done.is_set()
+
+
 class C10dRendezvousBackend(RendezvousBackend):
     """Keeps the run's state under key ``elastic.rdzv.<run_id>.state``; the token is the stored bytes.
 
@@ -57,6 +75,7 @@ class C10dRendezvousBackend(RendezvousBackend):
         if call_timeout is not None and not call_timeout > 0:
             raise ValueError(f"rendezvous store call_timeout must be positive seconds, got {call_timeout!r}")
         self._store = store
+        self._run_id = run_id
         self._key = f"elastic.rdzv.{run_id}.state"
         # Change notification: every successful write bumps the counter ``<key>.version`` and creates the key
         # ``<key>.changed.<new version>``, which waiters block on with the store's ``wait``. Only the last
@@ -93,7 +112,7 @@ class C10dRendezvousBackend(RendezvousBackend):
                 done.set()
 
         threading.Thread(target=target, name="rdzv-store-call", daemon=True).start()
-        if not done.wait(self.call_timeout):
+        if not _wait_running(done, self.call_timeout):
             self._stuck = done
             raise RendezvousConnectionError(
                 f"rendezvous store {self._where} is gone: no answer within {self.call_timeout} s "
@@ -111,6 +130,18 @@ class C10dRendezvousBackend(RendezvousBackend):
     @property
     def name(self) -> str:
         return "c10d"
+
+    def connection_for_heartbeats(self) -> C10dRendezvousBackend:
+        # A TCPStore client runs one call at a time: a clone is a second connection to the same server.
+        clone = getattr(self._store, "clone", None)
+        if clone is None or type(self._store).__name__ != "TCPStore":
+            return self
+        try:
+            store = clone()
+        except (RuntimeError, ValueError, OSError) as e:
+            logger.debug("rendezvous store %s: no second connection for heartbeats (%s)", self._where, e)
+            return self
+        return C10dRendezvousBackend(store, self._run_id, self._where, self.call_timeout)
 
     def _compare_set(self, expected: bytes, desired: bytes) -> bytes:
         return self._call(self._store.compare_set, self._key, expected, desired)

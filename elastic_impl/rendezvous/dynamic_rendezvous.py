@@ -11,8 +11,12 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   participant of the new round with the waiting nodes promoted (with keyed storage: everyone, waiting nodes
   included, arrives in the new round like a fresh node); the other old participants rejoin as they notice
   (``num_nodes_waiting() > 0`` for them once the round moved on, or ``get_participants()`` changed).
-- Every node heartbeats (``keep_alive_interval``) into the state; a node whose last heartbeat is older than
-  ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state. With a
+- Every node heartbeats (``keep_alive_interval``) into the state; a node whose heartbeat has not changed for
+  ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state. Staleness
+  is judged by each observer on its own monotonic clock (how long it has seen the same stamp), never by comparing
+  another node's wall-clock stamp with its own: a node whose wall clock is off (a bad NTP step) is not taken for
+  dead (upstream compares wall clocks and evicts it). The price: a node that has just started observing gives a
+  silent peer the full expiry before evicting it. With a
   backend that has per-node liveness (``supports_liveness()``, etcd-v3: leases as heartbeats) a heartbeat renews
   the node's lease instead of rewriting the state, and the nodes the backend no longer lists as live are evicted
   (the state's timestamp is then only the node's join time: a node is given the expiry after joining before an
@@ -27,8 +31,10 @@ Simulator seam. :class:`RendezvousStepper` runs the state machine one step at a 
 sleeping: each ``step(op)`` does at most one ``get_state`` and at most one ``set_state`` on the backend (with keyed
 storage, plus a bounded number of small key operations; the step that completes a round reads and writes one key
 per arrival) and returns a :class:`StepResult` saying whether the operation finished and, if not, until when (``clock.monotonic()`` scale) the
-caller should wait before stepping again. Shared timestamps (heartbeats, last-call deadline) use ``clock.time()``.
-:class:`DynamicRendezvousHandler` is a thin loop around a stepper plus a keep-alive thread.
+caller should wait before stepping again. Heartbeat stamps use ``clock.time()`` but are only compared for change
+(see above); the last-call deadline is the one shared wall-clock time (a skewed node only sees it end early/late).
+:class:`DynamicRendezvousHandler` is a thin loop around a stepper plus a keep-alive thread (with a stepper, and where
+the backend offers one a store connection, of its own: heartbeats never queue behind the agent's polls).
 
 Polling and waking. A waiting node polls after 0.05 s, backing off by half each quiet poll up to
 ``min(1 s, keep_alive/2)``; any change by another node resets the backoff. After a lost compare-and-set the step
@@ -389,6 +395,47 @@ class RendezvousStepper:
         self._beat_at = float("-inf")
         self._live: set[str] | None = None
         self._live_read_at = float("-inf")
+        # Heartbeat freshness by local observation: per stamp-bearing thing (a node's state heartbeat, an arrival
+        # slot's beat, a round's claim), the value this node last saw and when (its clock.monotonic()) it first
+        # saw that value. Something is stale once the same value has been seen for longer than the expiry.
+        self._observed: dict[Any, tuple[Any, float, bool]] = {}  # what -> (value, first seen, changed while seen)
+
+    def _observe(self, what: Any, value: Any) -> tuple[float, bool]:
+        """How long (this node's monotonic seconds) ``what`` has shown ``value`` (0 the first time it shows it),
+        and whether this node has ever seen it change (which proves its writer was alive then)."""
+        mono = self.clock.monotonic()
+        seen = self._observed.get(what)
+        if seen is None:
+            self._observed[what] = (value, mono, False)
+            return 0.0, False
+        if seen[0] != value:
+            self._observed[what] = (value, mono, True)
+            return 0.0, True
+        return mono - seen[1], seen[2]
+
+    def _silent_for(self, what: Any, value: Any) -> float:
+        return self._observe(what, value)[0]
+
+    def _seen_before_live_read(self, s: RendezvousState, key: str) -> bool:
+        """Whether the live set was read after this node first saw ``key``'s entry in the state.
+
+        A node renews its liveness before the state lists it, so a live set read after that which lacks it means
+        its lease lapsed; one read earlier may simply predate the node. Both times are this node's monotonic clock.
+        """
+        if key not in s.heartbeats:
+            return True
+        self._silent_for(("hb", key), s.heartbeats[key])
+        return self._observed[("hb", key)][1] < self._live_read_at
+
+    def _watch_heartbeats(self, s: RendezvousState) -> None:
+        """Start the clock on the stamps of a state this node wrote (it saw them then, as much as on a read)."""
+        for key, stamp in s.heartbeats.items():
+            if key != self.node.key:
+                self._silent_for(("hb", key), stamp)
+
+    def _forget_observed(self, keep) -> None:
+        for what in [w for w in self._observed if w not in keep]:
+            del self._observed[what]
 
     def _note(self, name: str, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None) -> None:
         self._events.append((name, message, node_state, rank))
@@ -410,14 +457,14 @@ class RendezvousStepper:
     def _read(self, op: str) -> tuple[bytes, Any] | None:
         """The current state and token: reused when provably current, otherwise read from the backend.
 
-        Reused (a) right after a lost compare-and-set, which returned the winner's state (not for "sync": a plain
-        read must be fresh); (b) when the backend supports versions and its version did not move since the last
+        Reused (a) within ``max_poll_interval`` of a lost compare-and-set, which returned the winner's state (not for
+        "sync": a plain read must be fresh); (b) when the backend supports versions and its version did not move since the last
         full read, unless that read is older than ``max_poll_interval`` (a writer that died between writing and
         bumping the version cannot hide a change for longer than that).
         """
         mono = self.clock.monotonic()
         pending, self._pending = self._pending, None
-        if pending is not None and op != "sync" and mono - pending[0] <= self.poll_interval:
+        if pending is not None and op != "sync" and mono - pending[0] <= self.max_poll_interval:
             self.seen_version = None
             return pending[1]
         cached = self._cached
@@ -490,10 +537,13 @@ class RendezvousStepper:
                 self._events = []
                 if written is not None:
                     self.state = RendezvousState.from_bytes(written[0])
-                    self._pending = (mono, (written[0], written[1]))
+                    # Aged from when the answer came back: with a slow store the winner's state is still the
+                    # freshest there is (the retry's compare-and-set guards it anyway).
+                    self._pending = (self.clock.monotonic(), (written[0], written[1]))
                 # Retry on the winner's state; a little jitter keeps N losers from colliding again in lockstep.
                 return StepResult(done=False, wait_until=mono + self._jitter.uniform(0.0, self.poll_interval / 5))
             self.state = new_state
+            self._watch_heartbeats(new_state)
             # Our own write is not news: only others' changes reset the poll backoff.
             self._last_seen = blob
         if result.error is not None:
@@ -559,8 +609,9 @@ class RendezvousStepper:
             )
             return (s if changed else None), StepResult(done=False, error=error)
 
-        heartbeat_due = (now - s.heartbeats.get(me, float("-inf")) >= settings.keep_alive_seconds / 2
-                         and not self._liveness())
+        # A stamp from the future (this node's clock stepped back) is due as well: others only look for a change.
+        since_beat = now - s.heartbeats.get(me, float("-inf"))
+        heartbeat_due = not (0.0 <= since_beat < settings.keep_alive_seconds / 2) and not self._liveness()
         poll_until = now + self._next_poll_delay()
 
         if s.complete and not s.participants:
@@ -677,7 +728,7 @@ class RendezvousStepper:
             self.backend.key_set(self._k(round_, f"h{slot}"), repr(now).encode())
         except RendezvousError as e:
             return StepResult(done=False, error=e)
-        self._slot, self._slot_beat = (round_, slot), now
+        self._slot, self._slot_beat = (round_, slot), self.clock.monotonic()
         self._events = []
         self._note("rdzv.join", f"joined round {round_}")
         self._record_events()
@@ -714,13 +765,16 @@ class RendezvousStepper:
                 self._note("rdzv.error", f"join failed: {error}", NodeState.FAILED)
                 self._record_events()
                 return StepResult(done=False, error=error)
-            if now - self._slot_beat >= settings.keep_alive_seconds / 2:
+            if mono - self._slot_beat >= settings.keep_alive_seconds / 2:
                 self.backend.key_set(k(round_, f"h{slot}"), repr(now).encode())
-                self._slot_beat = now
+                self._slot_beat = mono
             if self._liveness():
                 self._beat()
                 self._refresh_live()
-            if claim is not None and claim != _CLAIM_RELEASED and now - _claim_time(claim) <= settings.heartbeat_expiry_seconds:
+            claim_live = (claim is not None and claim != _CLAIM_RELEASED
+                          and not claim.startswith(self.node.key.encode() + b"|")  # ours: finish the job
+                          and self._silent_for(("claim", round_), claim) <= settings.heartbeat_expiry_seconds)
+            if claim_live:
                 # Someone is completing the round: wait for the results without reading the state (it is about to
                 # hold every participant).
                 self.seen_version = None
@@ -765,11 +819,23 @@ class RendezvousStepper:
         values = self.backend.key_get_many(names + beats)
         expiry = settings.heartbeat_expiry_seconds
         slots: dict[str, int] = {}
+        suspects = []
         for j in range(arrived):
             name, beat = values[j], values[arrived + j]
-            if name is None or name == b"-" or beat is None or now - float(beat) > expiry:
-                continue  # not written yet, withdrawn, or silent for too long
+            if name is None or name == b"-" or beat is None:
+                continue  # not written yet, or withdrawn
+            silent, changed = self._observe(("slot", round_, j + 1), beat)
+            if silent > expiry:
+                continue  # the same beat for longer than the expiry, on this node's clock: dead
+            if not changed and now - float(beat) > expiry and name != me.encode():
+                # Old by the wall clock but never watched: dead, or alive with a skewed clock. Watch it (at most the
+                # expiry) rather than drop a live node or admit a dead one.
+                suspects.append(name.decode())
             slots[name.decode()] = j + 1
+        if suspects:
+            # Keep the claim (a fresh value tells the others this completer is alive) and look again shortly.
+            self.backend.key_set(k(round_, "claim"), f"{me}|{self.clock.time()!r}".encode())
+            return StepResult(done=False, wait_until=mono + min(self.max_poll_interval, settings.keep_alive_seconds / 4))
         s = state.copy()
         self._evict_dead(s, now)
         for key in sorted(slots, key=slots.get):
@@ -793,6 +859,7 @@ class RendezvousStepper:
             self.backend.key_set(k(round_, "claim"), _CLAIM_RELEASED)
             return StepResult(done=False, wait_until=mono)
         self.state = s
+        self._watch_heartbeats(s)
         for key, j in slots.items():
             rank = s.participants.get(key)
             self.backend.key_set(k(round_, f"r{j}"), b"wait" if rank is None else f"{rank},{s.world_size}".encode())
@@ -855,19 +922,25 @@ class RendezvousStepper:
     def _evict_dead(self, s: RendezvousState, now: float) -> bool:
         expiry = self.settings.heartbeat_expiry_seconds
         me = self.node.key
+        # Every stamp is watched on every read, whatever the verdict needs: staleness is judged on this node's clock
+        # (how long it has seen the same stamp, see the module notes), so the watch must start early.
+        silent = {k: self._silent_for(("hb", k), t) for k, t in s.heartbeats.items() if k != me}
+        self._forget_observed(
+            {("hb", k) for k in silent} | {w for w in self._observed if w[0] != "hb" and w[1] >= s.round - 1}
+        )
         if self._liveness():
             live = self._live
             if live is None:
                 return False
             # The state's timestamp is the node's join time here (keep-alives renew leases, not the state): a node
-            # that joined less than the expiry ago may be missing from a live set read just before it joined.
+            # listed only after the live set was read may be missing from it without being dead.
             members = set(s.participants) | set(s.wait_list) | set(s.heartbeats)
-            dead = sorted(k for k in members if k != me and k not in live and now - s.heartbeats.get(k, float("-inf")) > expiry)
+            dead = sorted(k for k in members if k != me and k not in live and self._seen_before_live_read(s, k))
             why = "its liveness lease lapsed"
         else:
-            dead = [k for k, t in s.heartbeats.items() if k != me and now - t > expiry]
+            dead = [k for k, quiet in silent.items() if quiet > expiry]
             # Nodes present without a heartbeat entry cannot be judged; they are removed with their first heartbeat lapse.
-            why = f"no heartbeat for > {expiry} s"
+            why = f"heartbeat unchanged for > {expiry} s"
         for key in dead:
             logger.info("rendezvous %s: evicting node %s (%s)", self.settings.run_id, key, why)
             self._remove(s, key)
@@ -904,13 +977,6 @@ class RendezvousStepper:
 
 _CLAIM_RELEASED = b"-"
 _ROUND_DONE = b"!"
-
-
-def _claim_time(claim: bytes) -> float:
-    try:
-        return float(claim.rsplit(b"|", 1)[1])
-    except (IndexError, ValueError):
-        return float("-inf")
 
 
 def num_nodes_waiting_in(state: RendezvousState, settings: RendezvousSettings, completed_round: int | None) -> int:
@@ -958,6 +1024,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._lock = threading.RLock()
         self._keep_alive_stop = threading.Event()
         self._keep_alive_thread: threading.Thread | None = None
+        # The keep-alive thread's own stepper (and, where the backend offers one, its own store connection), so a
+        # heartbeat never waits for the agent's polls (handler lock, or one store connection) -- on a slow store
+        # that wait alone outlasted the heartbeat expiry. Compare-and-set keeps the two steppers' writes apart.
+        self._keep_alive_stepper: RendezvousStepper | None = None
         self._left = False
 
     @classmethod
@@ -1068,6 +1138,13 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _start_keep_alive(self) -> None:
         if self._keep_alive_thread is not None and self._keep_alive_thread.is_alive():
             return
+        if self._keep_alive_stepper is None:
+            try:
+                backend = self._backend.connection_for_heartbeats()
+            except RendezvousError as e:
+                logger.debug("rendezvous %s: heartbeats share the agent's connection (%s)", self._settings.run_id, e)
+                backend = self._backend
+            self._keep_alive_stepper = RendezvousStepper(backend, self._settings, self._node, self._clock)
         self._keep_alive_stop.clear()
         self._keep_alive_thread = threading.Thread(
             target=self._keep_alive_loop, name=f"rdzv-keep-alive-{self._node}", daemon=True
@@ -1077,16 +1154,18 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _keep_alive_loop(self) -> None:
         interval = self._settings.keep_alive_seconds
         while not self._clock.wait(self._keep_alive_stop, interval):
-            # A heartbeat that lost its compare-and-set to a peer's write is retried on the winner's state within
-            # the interval: dropping it lets two collisions in a row make a live node look dead to the others.
-            give_up = self._clock.monotonic() + interval
-            result = self._step("keep_alive")
-            while result.error is None and not result.done and self._clock.monotonic() < give_up:
+            # A heartbeat that lost its compare-and-set to a peer's write is retried on the winner's state until it
+            # lands, however long that takes: on a slow store (each call a fraction of the interval) the peers'
+            # own heartbeats keep winning the race, and giving up after one interval starved a live node into
+            # eviction (the straggler scenario).
+            stepper = self._keep_alive_stepper
+            result = stepper.step("keep_alive")
+            while result.error is None and not result.done:
                 now = self._clock.monotonic()
                 retry_at = result.wait_until if result.wait_until is not None else now
-                if self._clock.wait(self._keep_alive_stop, max(0.0, min(retry_at, give_up) - now)):
+                if self._clock.wait(self._keep_alive_stop, max(0.0, retry_at - now)):
                     return
-                result = self._step("keep_alive")
+                result = stepper.step("keep_alive")
             if result.error is not None:
                 logger.warning("rendezvous keep-alive of %s failed: %s", self._node, result.error)
 

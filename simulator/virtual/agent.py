@@ -230,7 +230,12 @@ class SimAgent:
                 self._exit("STOPPED", reason="rendezvous closed while workers ran (the job ended elsewhere)")
                 return
             waiting = num_nodes_waiting_in(state, self.sim.settings, self.stepper.completed_round)
-            if waiting > 0 or (self.members is not None and frozenset(state.participants) != self.members):
+            # A participant that left between the round's completion and this node's first read of it is missing
+            # from the members read then: the count gives it away (the real agent does the same).
+            changed = self.members is not None and (
+                frozenset(state.participants) != self.members or len(self.members) != self.world_size
+            )
+            if waiting > 0 or changed:
                 reason = f"{waiting} node(s) waiting" if waiting > 0 else "participants changed"
                 self._restart("membership", reason)
                 return

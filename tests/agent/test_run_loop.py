@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -269,3 +270,82 @@ def test_signal_leaves_the_rendezvous_before_stopping_workers(tcp_store):
         agent.run()
     # the peers may re-form while this node's workers use their grace; the job is not closed
     assert calls == ["start", "leave", "shutdown"] and not handler.closed
+
+
+def _peer_in(store, *rounds):
+    """Group rank 1 of a 2-node world registered its workers in these rounds' stores."""
+    for name in rounds:
+        PrefixStore(name, store).set("torchelastic/agent/role_info/1", json.dumps({"role": "trainer", "local_world_size": 2}))
+
+
+class MovingRoundHandler(RoundStoreHandler):
+    """The run moves past this node's round behind its back (it was evicted); optionally the run is closed too."""
+
+    def __init__(self, store, world_size=1, closed=False):
+        super().__init__(store, world_size=world_size)
+        self.others_rounds = 0  # rounds opened by the other nodes since this node's last rendezvous
+        self.closed = closed
+
+    def next_rendezvous(self):
+        self.rounds += self.others_rounds
+        self.others_rounds = 0
+        return super().next_rendezvous()
+
+    def get_round(self):
+        return self.rounds + self.others_rounds
+
+    def is_closed(self):
+        return self.closed
+
+
+class EvictedWhileFinishing(ScriptedAgent):
+    def _monitor_workers(self, worker_group):
+        result = super()._monitor_workers(worker_group)
+        if result.state == WorkerState.SUCCEEDED and self.calls.count("start") == 1:
+            self._rdzv_handler.others_rounds = 1  # re-formed without us while our workers were finishing
+        return result
+
+
+def test_success_in_a_superseded_round_rejoins_instead_of_waiting_at_a_dead_barrier(tcp_store):
+    # world_size 2: had the agent gone to round 1's exit barrier it would have waited for a peer that moved on
+    handler = MovingRoundHandler(tcp_store, world_size=2)
+    agent = EvictedWhileFinishing(_spec(handler, max_restarts=0), [SUCCEEDED, SUCCEEDED], exit_barrier_timeout=0.5)
+    agent._rdzv_handler = handler
+    _peer_in(tcp_store, "round1", "round3")
+    PrefixStore("round3", tcp_store).add("torchelastic/agent/exit_barrier", 1)  # the peer of the new round is done
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert agent.calls.count("start") == 2 and handler.rounds == 3  # rejoined: round 1 -> (2 by others) -> 3
+    assert agent._remaining_restarts == 0  # a membership restart, not a failure
+
+
+def test_success_after_the_job_ended_without_this_node_skips_the_exit_barrier(tcp_store):
+    handler = MovingRoundHandler(tcp_store, world_size=2, closed=True)
+    agent = EvictedWhileFinishing(_spec(handler), [SUCCEEDED], exit_barrier_timeout=60)
+    agent._rdzv_handler = handler
+    _peer_in(tcp_store, "round1")
+    start = time.monotonic()
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED and handler.rounds == 1
+    assert time.monotonic() - start < 10  # not the 60 s barrier timeout
+
+
+def test_exit_barrier_ends_when_the_run_is_closed(tcp_store):
+    handler = MovingRoundHandler(tcp_store, world_size=2)
+    agent = ScriptedAgent(_spec(handler), [SUCCEEDED], exit_barrier_timeout=60)
+    _peer_in(tcp_store, "round1")
+
+    threading.Timer(1.0, lambda: setattr(handler, "closed", True)).start()  # the peer ended the job
+    start = time.monotonic()
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert 1.0 <= time.monotonic() - start < 10
+
+
+def test_members_read_short_of_the_world_size_count_as_a_membership_change(tcp_store):
+    # the peer left between the round's completion and this node's first read of it: later reads equal that read
+    handler = ParticipantsHandler(tcp_store, [(), (), ("a",), ("a",)])
+    agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY, HEALTHY, SUCCEEDED])
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert handler.rounds == 2 and agent._remaining_restarts == 0

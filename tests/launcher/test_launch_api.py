@@ -84,3 +84,28 @@ def test_heartbeat_spellings_map_to_torchruns_keep_alive_options():
     }
     with pytest.raises(LaunchConfigError, match="'keep_alive_interval' is given twice"):
         _canonical_rdzv_configs({"heartbeat": 1, "keep_alive_interval": 2})
+
+
+def test_a_node_that_loses_the_store_leaves_instead_of_closing_the_run(monkeypatch):
+    """Its own lost connection is not the job's end: closing the run would fail every node that still reaches it."""
+    from elastic_impl.rendezvous import RendezvousConnectionError, rendezvous_handler_registry
+
+    released = []
+
+    class LostStoreHandler:
+        def next_rendezvous(self):
+            raise RendezvousConnectionError("rendezvous store 127.0.0.1:1 is gone: no answer within 5.0 s")
+
+        def get_run_id(self):
+            return "api-test"
+
+        def leave(self):
+            released.append("leave")
+
+        def shutdown(self):
+            released.append("shutdown")
+
+    monkeypatch.setattr(rendezvous_handler_registry, "create_handler", lambda params: LostStoreHandler())
+    with pytest.raises(RendezvousConnectionError):
+        elastic_launch(_config(), rank_times)(10)
+    assert released == ["leave"]

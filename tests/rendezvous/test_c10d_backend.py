@@ -190,3 +190,52 @@ def test_state_version_and_wait_for_change(tcp_store):
         current = backend.set_state(b'{"i":%d}' % i, current)[1]
     prefix = "elastic.rdzv.versions.state.changed."
     assert not tcp_store.check([f"{prefix}1"]) and tcp_store.check([f"{prefix}{backend.state_version()}"])
+
+
+_FROZEN_CLIENT = """
+import sys, time
+from datetime import timedelta
+from torch.distributed import TCPStore
+from elastic_impl.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+store = TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False, timeout=timedelta(seconds=30))
+backend = C10dRendezvousBackend(store, "frozen", call_timeout=1.0)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+calls = 0
+while time.monotonic() < end:
+    backend.get_state()  # a RendezvousConnectionError here fails the test (traceback, exit 1)
+    calls += 1
+    time.sleep(0.01)
+print("calls", calls, flush=True)
+"""
+
+
+def test_a_frozen_process_does_not_blame_the_store(tcp_store):
+    """SIGSTOP for longer than call_timeout: only running time counts, so the healthy store is not declared gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fault_injection.network import TcpProxy
+
+    proxy = TcpProxy(("127.0.0.1", tcp_store.port))
+    proxy.set_delay(0.2)  # every call is in flight ~0.4 s, so the freeze catches one waiting for its answer
+    port = proxy.endpoint.rsplit(":", 1)[1]
+    child = subprocess.Popen([sys.executable, "-c", _FROZEN_CLIENT, port, "6"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # calls in flight
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(2.5)  # 2.5 x call_timeout
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        proxy.close()
+    assert child.returncode == 0, err[-2000:]
+    assert out.startswith("calls ")

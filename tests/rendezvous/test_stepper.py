@@ -194,7 +194,12 @@ def test_silent_node_is_evicted(memory_backend, clock):
     clock.advance(2.0)
     a.step("keep_alive")  # b stays silent
     assert b.node.key in state_of(memory_backend).participants
-    clock.advance(1.5)  # b's last heartbeat is now 3.5 s old > 3 x 1 s
+    clock.advance(1.5)
+    a.step("keep_alive")
+    # b's stamp is 3.5 s old by the clock, but (keyed) a has only watched it for 1.5 s: staleness is judged by
+    # how long an observer saw the same stamp, never by comparing clocks
+    assert b.node.key in state_of(memory_backend).participants or not memory_backend.supports_keys()
+    clock.advance(2.0)  # watched unchanged for 3.5 s (keyed) / 5.5 s > 3 x 1 s
     a.step("keep_alive")
     state = state_of(memory_backend)
     assert b.node.key not in state.participants and b.node.key not in state.heartbeats
@@ -304,7 +309,9 @@ def test_events_record_joins_completion_and_eviction(memory_backend, clock):
         settings = make_settings(min_nodes=2, max_nodes=2, keep_alive=1.0, attempts=2)
         a, b = make_steppers(memory_backend, clock, settings, 2)
         drive_join([a, b], clock)
-        clock.advance(5.0)
+        clock.advance(1.0)
+        a.step("keep_alive")
+        clock.advance(2.5)  # b's stamp unchanged for longer than 2 x 1 s, as a saw it
         a.step("keep_alive")
     finally:
         events.remove_listener(seen.append)
@@ -463,15 +470,23 @@ def test_keyed_withdrawn_and_silent_arrivals_are_left_out():
     assert b.step("leave").done  # withdraws b's arrival
     d.step("join")  # d arrives, then goes silent
     clock.advance(5.5)
-    r = a.step("join")  # last call over, but only a is alive: not enough for min_nodes
+    r = a.step("join")  # last call over; d's beat is old, but a never watched it change or stay: a watches it
     assert not r.done and r.error is None and state_of(backend).participants == {}
     (c,) = make_steppers(backend, clock, settings, 1, first=7)
     c.begin_join()
-    r = c.step("join")  # the 4th arrival reaches max_nodes: completes with the live ones only
-    assert r.done and r.world_size == 2
+    assert not c.step("join").done  # the 4th arrival; a is still judging d
+    done = {}
+    for _ in range(5):  # d's beat stays the same for longer than the expiry (3 s) while a and c beat
+        clock.advance(1.0)
+        for s in (a, c):
+            if s not in done:
+                r = s.step("join")
+                assert r.error is None
+                if r.done:
+                    done[s] = r
+    assert set(done) == {a, c}, "a and c must complete without the silent d and the withdrawn b"
+    assert {r.world_size for r in done.values()} == {2} and {r.rank for r in done.values()} == {0, 1}
     assert set(state_of(backend).participants) == {a.node.key, c.node.key}
-    ra = a.step("join")
-    assert ra.done and {ra.rank, r.rank} == {0, 1}
 
 
 def test_keyed_claim_of_a_dead_completer_is_taken_over():
@@ -483,9 +498,12 @@ def test_keyed_claim_of_a_dead_completer_is_taken_over():
     for _ in range(4):  # the claim grows older than the heartbeat expiry while a and b keep heartbeating
         clock.advance(1.0)
         assert not a.step("join").done
-    r = b.step("join")
+    # a took the claim over first; b's beat looks old to a, who never watched it: a waits for it to change
+    assert not b.step("join").done  # b beats (and waits on a's live claim)
+    clock.advance(0.5)
+    r = a.step("join")
     assert r.done and r.world_size == 2
-    assert a.step("join").done
+    assert b.step("join").done
 
 
 def test_keyed_close_reaches_announced_nodes_and_join_timeout_withdraws():
@@ -601,3 +619,59 @@ def test_a_closed_run_is_not_reopened_by_a_late_node_evicting_its_silent_peers(m
     after = state_of(memory_backend)
     assert after.closed and after.round == closed.round
     assert sorted(after.participants) == sorted(closed.participants)  # nobody evicted from the closed run
+
+
+class _SkewedClock:
+    """Another node's view of the same manual clock: its wall clock is ``offset`` seconds off, monotonic is fine."""
+
+    def __init__(self, base, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    def time(self) -> float:
+        return self.base.time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.base.sleep(seconds)
+
+    def wait(self, event, timeout):
+        return self.base.wait(event, timeout)
+
+
+@pytest.mark.parametrize("offset", [-8.0, 8.0])
+def test_a_node_with_a_skewed_wall_clock_is_not_evicted_while_it_beats(memory_backend, clock, offset):
+    settings = make_settings(min_nodes=2, max_nodes=2, keep_alive=1.0, attempts=3)
+    (a,) = make_steppers(memory_backend, clock, settings, 1)
+    b = RendezvousStepper(memory_backend, settings, NodeDesc("host", 101, 0), _SkewedClock(clock, offset))
+    drive_join([a, b], clock)
+    for _ in range(12):  # b's stamps are 8 s off a's clock (more than the 3 s expiry) but change every second
+        clock.advance(1.0)
+        assert b.step("keep_alive").done
+        assert a.step("keep_alive").done
+    state = state_of(memory_backend)
+    assert set(state.participants) == {a.node.key, b.node.key}
+    for _ in range(4):  # and once b does fall silent, it is evicted after the expiry as a sees it
+        clock.advance(1.0)
+        a.step("keep_alive")
+    assert set(state_of(memory_backend).participants) == {a.node.key}
+
+
+@pytest.mark.parametrize("offset", [-8.0, 8.0])
+def test_keyed_arrival_with_a_skewed_clock_is_admitted(offset):
+    backend, clock, settings, (a,) = _keyed_setup(2, 2, 1, keep_alive=1.0, attempts=3)
+    b = RendezvousStepper(backend, settings, NodeDesc("host", 101, 0), _SkewedClock(clock, offset))
+    b.begin_join()
+    done = {}
+    for _ in range(20):  # whoever completes the round sees the other's beat change before it would give up on it
+        for s in (b, a):
+            if s not in done:
+                r = s.step("join")
+                assert r.error is None
+                if r.done:
+                    done[s] = r
+        if len(done) == 2:
+            break
+        clock.advance(0.5)
+    assert set(done) == {a, b} and {r.world_size for r in done.values()} == {2}

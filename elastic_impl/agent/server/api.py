@@ -284,6 +284,8 @@ class SimpleElasticAgent(ElasticAgent):
         self._last_failure_published = False
         self._remote_failures: dict[int, dict[str, Any]] = {}
         self._members: tuple | None = None
+        # When the healthy-group store checks (peer failure, membership) may run next; see _invoke_run.
+        self._next_store_check = float("-inf")
         self._failed_by_peer = False
         self._acked_peer_failure = False
         self._next_peer_failure_check = 0.0
@@ -505,14 +507,16 @@ class SimpleElasticAgent(ElasticAgent):
     def _exit_barrier(self) -> None:
         """Wait until every node's workers succeeded (so no node tears down the store under the others).
 
-        Beyond upstream: the wait ends early when a peer published that the job failed, since the missing
-        nodes will never arrive.
+        Beyond upstream: the wait ends early when a peer published that the job failed, or (checked about once a
+        second) when the run was closed, since the missing nodes will never arrive.
         """
+        rdzv_handler = self._worker_group.spec.rdzv_handler
         store = self._store
         group_world_size = self._worker_group.group_world_size
         if store is None or not group_world_size:
             return
         start = self._clock.monotonic()
+        closed_checked_at = start
         try:
             store.add(_EXIT_BARRIER_KEY, 1)
             while True:
@@ -525,6 +529,12 @@ class SimpleElasticAgent(ElasticAgent):
                     self._ack_peer_failure(store)
                     return
                 self._check_signal()
+                if self._clock.monotonic() - closed_checked_at >= 1.0:
+                    closed_checked_at = self._clock.monotonic()
+                    if self._run_closed(rdzv_handler):
+                        logger.warning("exit barrier ended: the run was closed (%s of %s nodes arrived)", arrived,
+                                       group_world_size)
+                        return
                 if self._clock.monotonic() - start > self._exit_barrier_timeout:
                     logger.error(
                         "exit barrier timed out after %ss (%s of %s nodes arrived)",
@@ -559,6 +569,21 @@ class SimpleElasticAgent(ElasticAgent):
             self._put_metric(f"workers.{role}.{state.name.lower()}", 1)
 
             if state == WorkerState.SUCCEEDED:
+                moved_on = self._round_moved_on(rdzv_handler)
+                if moved_on and self._run_closed(rdzv_handler):
+                    # Taken for dead (e.g. frozen past the heartbeat window) and the others already finished the
+                    # job: nobody will ever join this round's exit barrier (upstream waits out its timeout there).
+                    logger.warning("[%s] workers succeeded, but the job ended without this node (its round %s was "
+                                   "superseded); skipping the exit barrier", role, self._rdzv_round)
+                    return run_result
+                if moved_on:
+                    # The group re-formed without this node's round (it was evicted, or a peer is re-forming it):
+                    # a success in a world that no longer exists is not the job's. Rejoin like any membership change.
+                    reason = f"workers succeeded in round {self._rdzv_round}, but the run moved on to round {moved_on}"
+                    logger.info("[%s] %s; rejoining", role, reason)
+                    self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
+                    self._restart_workers(self._worker_group)
+                    continue
                 logger.info("[%s] workers succeeded; waiting at the exit barrier", role)
                 self._exit_barrier()
                 return run_result
@@ -585,6 +610,9 @@ class SimpleElasticAgent(ElasticAgent):
                 self._publish_failure(run_result)
                 return run_result
             if state == WorkerState.HEALTHY:
+                checks_started = self._clock.monotonic()
+                if checks_started < self._next_store_check:
+                    continue
                 if self._peer_failed_job():
                     logger.error("[%s] a peer failed the job; stopping workers", role)
                     self._stop_workers(self._worker_group)
@@ -595,10 +623,30 @@ class SimpleElasticAgent(ElasticAgent):
                     logger.info("[%s] membership change (%s); restarting workers", role, reason)
                     self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
                     self._restart_workers(self._worker_group)
+                    continue
+                # These checks share the store connection with the rendezvous heartbeats: on a slow store they would
+                # otherwise take it nearly all the time (a check every monitor_interval, each several round trips)
+                # and starve the heartbeats into eviction. Wait at least as long as they took before the next.
+                self._next_store_check = self._clock.monotonic() + (self._clock.monotonic() - checks_started)
                 continue
             raise Exception(f"[{role}] worker group in unexpected state {state.name}")
 
     # ------------------------------------------------------------------ membership and the job-wide view
+
+    def _round_moved_on(self, rdzv_handler) -> int | None:
+        """The run's current round if it is past the one this node's workers belong to, else None."""
+        if self._rdzv_round is None:
+            return None
+        current = self._read_round(rdzv_handler)
+        return current if current is not None and current > self._rdzv_round else None
+
+    @staticmethod
+    def _run_closed(rdzv_handler) -> bool:
+        try:
+            return bool(rdzv_handler.is_closed())
+        except Exception as e:  # unknown: keep upstream's behaviour (wait at the barrier)
+            logger.debug("could not read whether the run is closed: %s", e)
+            return False
 
     def _membership_change_reason(self, rdzv_handler) -> str | None:
         waiting = rdzv_handler.num_nodes_waiting()
@@ -607,6 +655,10 @@ class SimpleElasticAgent(ElasticAgent):
         members = self._read_members(rdzv_handler)
         if self._members is not None and members is not None and set(members) != set(self._members):
             return "participants changed (a node left or was evicted)"
+        if self._members is not None and len(self._members) != self._worker_group.group_world_size:
+            # Read right after the round completed, yet short of its world size: a participant left or was evicted
+            # before that read (comparing later reads with it alone would never notice).
+            return "participants changed (a node left right after the round completed)"
         return None
 
     @staticmethod
