@@ -29,16 +29,13 @@ from fault_injection.base import Fault, FaultError
 __all__ = ["TCPStoreServer", "EtcdStoreServer", "RestartStore"]
 
 
-class TCPStoreServer:
-    """A TCPStore server process on 127.0.0.1. ``start()`` returns once it accepts connections."""
+class _ServerProcess:
+    """A store server in its own process session: where it listens, whether it runs, crash and restart."""
 
-    def __init__(self, port: int = 0, env: dict[str, str] | None = None, start_timeout: float = 120.0) -> None:
-        self.host = "127.0.0.1"
-        self.port = int(port)
-        self._env = env
-        self._start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.restarts = 0
+    host = "127.0.0.1"
+    port = 0
+    proc: subprocess.Popen | None = None
+    restarts = 0
 
     @property
     def endpoint(self) -> str:
@@ -50,6 +47,46 @@ class TCPStoreServer:
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """SIGKILL the server's whole session (a crash, not a clean shutdown) and reap it."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+    def restart(self):
+        """Stop, then start on the same port (what survives is the server's business: see the subclasses)."""
+        self.stop()
+        self.restarts += 1
+        return self.start()
+
+
+class TCPStoreServer(_ServerProcess):
+    """A TCPStore server process on 127.0.0.1. ``start()`` returns once it accepts connections; a restart comes
+    back empty (the keys are gone)."""
+
+    def __init__(self, port: int = 0, env: dict[str, str] | None = None, start_timeout: float = 120.0) -> None:
+        self.host = "127.0.0.1"
+        self.port = int(port)
+        self._env = env
+        self._start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
 
     def start(self) -> TCPStoreServer:
         if self.is_running():
@@ -88,30 +125,6 @@ class TCPStoreServer:
         except (OSError, ValueError):
             return ""
 
-    def stop(self) -> None:
-        """SIGKILL the server (a crash: clients see their connections reset) and reap it."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-
-    def restart(self) -> TCPStoreServer:
-        """Stop, then start on the same port (empty: the keys are gone)."""
-        self.stop()
-        self.restarts += 1
-        return self.start()
-
     def __enter__(self) -> TCPStoreServer:
         return self.start()
 
@@ -127,7 +140,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class EtcdStoreServer:
+class EtcdStoreServer(_ServerProcess):
     """The real etcd binary on loopback with ONE data dir and fixed ports across restarts, so a restarted etcd comes
     back with its keys on the same endpoint (v2 API enabled; the v3 API is always on)."""
 
@@ -151,17 +164,6 @@ class EtcdStoreServer:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._start_timeout = start_timeout
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> EtcdStoreServer:
         import urllib.request
@@ -194,22 +196,6 @@ class EtcdStoreServer:
                 self.stop()
                 raise FaultError(f"etcd at {self.endpoint} did not become healthy (see {self.data_dir}/etcd.log)")
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGKILL etcd (a crash; its data dir stays) and reap it."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-
-    def restart(self) -> EtcdStoreServer:
-        self.stop()
-        self.restarts += 1
-        return self.start()
 
     def close(self) -> None:
         self.stop()

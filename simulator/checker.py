@@ -105,41 +105,43 @@ def _by_round(events: list[Event]) -> dict[int, list[Event]]:
     return rounds
 
 
+def _rank_holders(rnd: int, events: list[Event], owner, what: str, out: list[Violation]) -> list[Event]:
+    """Check that each event's rank lies in [0, world size) and that one ``owner(event)`` holds each rank; append
+    violations to ``out`` and return the events whose rank is in range."""
+    holders: dict[int, Event] = {}
+    valid = []
+    for e in events:
+        ws = e.world_size
+        if e.rank is None or ws is None or not 0 <= e.rank < ws:
+            out.append(Violation("ranks_unique", f"round {rnd}: {what(e)} got rank {e.rank} of world size {ws}", [e]))
+            continue
+        valid.append(e)
+        other = holders.setdefault(e.rank, e)
+        if owner(other) != owner(e):
+            out.append(Violation(
+                "ranks_unique", f"round {rnd}: rank {e.rank} given to both {what(other)} and {what(e)}", [other, e]))
+    return valid
+
+
 def ranks_unique(history: History, scenario: Scenario) -> list[Violation]:
-    out = []
+    out: list[Violation] = []
     for rnd, events in sorted(_by_round(history.filter(h.RDZV_COMPLETE)).items()):
-        holders: dict[int, Event] = {}
-        for e in events:
-            ws = e.world_size
-            if e.rank is None or ws is None or not 0 <= e.rank < ws:
-                out.append(Violation("ranks_unique", f"round {rnd}: {e.node} got rank {e.rank} of world size {ws}", [e]))
-                continue
-            other = holders.get(e.rank)
-            if other is not None and other.node != e.node:
-                out.append(Violation("ranks_unique", f"round {rnd}: rank {e.rank} given to both {other.node} and {e.node}", [other, e]))
-            holders.setdefault(e.rank, e)
+        for e in _rank_holders(rnd, events, lambda e: e.node, lambda e: e.node, out):
             participants = e.detail.get("participants")
             if isinstance(participants, list) and participants:
-                if len(participants) != ws:
+                if len(participants) != e.world_size:
                     out.append(Violation(
-                        "ranks_unique", f"round {rnd}: {e.node} saw {len(participants)} participants but world size {ws}", [e]))
+                        "ranks_unique",
+                        f"round {rnd}: {e.node} saw {len(participants)} participants but world size {e.world_size}",
+                        [e]))
                 elif participants[e.rank] != e.node:
                     out.append(Violation(
                         "ranks_unique",
                         f"round {rnd}: {e.node} has rank {e.rank} but the participant list puts {participants[e.rank]} there",
                         [e]))
     for rnd, events in sorted(_by_round(history.filter(h.WORKER_START)).items()):
-        holders_w: dict[int, Event] = {}
-        for e in events:
-            ws = e.world_size
-            if e.rank is None or ws is None or not 0 <= e.rank < ws:
-                out.append(Violation("ranks_unique", f"round {rnd}: a worker of {e.node} got global rank {e.rank} of {ws}", [e]))
-                continue
-            other = holders_w.get(e.rank)
-            if other is not None and (other.node, other.detail.get("local_rank")) != (e.node, e.detail.get("local_rank")):
-                out.append(Violation(
-                    "ranks_unique", f"round {rnd}: global rank {e.rank} started by both {other.node} and {e.node}", [other, e]))
-            holders_w.setdefault(e.rank, e)
+        _rank_holders(rnd, events, lambda e: (e.node, e.detail.get("local_rank")),
+                      lambda e: f"{e.node} local rank {e.detail.get('local_rank')}", out)
     return out
 
 

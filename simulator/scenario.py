@@ -121,11 +121,18 @@ class Timeouts:
     keep_alive_max_attempt: int = 3
     monitor: float = 0.1
 
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in
+                ("join", "last_call", "heartbeat", "close", "keep_alive_max_attempt", "monitor")}
+
 
 @dataclass
 class Job:
     steps: int = 10
     step_seconds: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "step_seconds": self.step_seconds}
 
     @property
     def seconds(self) -> float:
@@ -307,7 +314,6 @@ class Scenario:
     # ------------------------------------------------------------------ writing
 
     def to_dict(self) -> dict[str, Any]:
-        t = self.timeouts
         out: dict[str, Any] = {"name": self.name}
         if self.description:
             out["description"] = self.description
@@ -319,15 +325,8 @@ class Scenario:
             max_nodes=self.max_nodes,
             max_restarts=self.max_restarts,
             backend=self.backend,
-            timeouts={
-                "join": t.join,
-                "last_call": t.last_call,
-                "heartbeat": t.heartbeat,
-                "close": t.close,
-                "keep_alive_max_attempt": t.keep_alive_max_attempt,
-                "monitor": t.monitor,
-            },
-            job={"steps": self.job.steps, "step_seconds": self.job.step_seconds},
+            timeouts=self.timeouts.to_dict(),
+            job=self.job.to_dict(),
             seed=self.seed,
         )
         if self.mode == "virtual":

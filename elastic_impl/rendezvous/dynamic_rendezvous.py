@@ -388,6 +388,8 @@ class RendezvousStepper:
         self._join_deadline: float | None = None
         # The round this node last completed (so a new join knows it must open the next one).
         self.completed_round: int | None = None
+        # The job-wide restart count as of that round's completion (None: not known without a read).
+        self.completed_restart_count: int | None = None
         # Events of the decision in progress; recorded only once its write landed (a lost CAS discards them).
         self._events: list[tuple[str, str, NodeState, int | None]] = []
         # Per-node liveness (backends with supports_liveness()): when this node last renewed its own liveness
@@ -554,6 +556,7 @@ class RendezvousStepper:
         self._record_events()
         if result.done and op == "join":
             self.completed_round = result.round
+            self.completed_restart_count = self.state.restart_count
             self._join_deadline = None
         if self._cleanup_round is not None and new_state is not None:
             self._delete_round_keys(self._cleanup_round)
@@ -689,7 +692,7 @@ class RendezvousStepper:
     # round R (the backend namespaces them by run id): ``gR.n`` arrival counter (atomic add gives each arrival its
     # slot i), ``gR.a<i>`` the node key in slot i ("-": withdrawn), ``gR.h<i>`` the slot's heartbeat, ``gR.dl`` the
     # last-call deadline (first writer wins), ``gR.claim`` who completes the round ("<node>|<time>"; "-": released),
-    # ``gR.r<i>`` slot i's result ("<rank>,<world size>" or "wait"); the claim becomes "!" once all results are out.
+    # ``gR.r<i>`` slot i's result ("<rank>,<world size>,<restart count>" or "wait"); the claim becomes "!" once all results are out.
     # The node whose arrival reaches max_nodes, or any node once the last call ended with min_nodes arrived, claims
     # the round, reads the slots once, applies the same join rules to each live arrival (participant while there is
     # room, else the wait list; ranks by sorted node key), writes the completed state once and publishes the
@@ -749,8 +752,8 @@ class RendezvousStepper:
                 if mine == b"wait":
                     # The round filled up before this node: it is on the wait list now, like a late classic arrival.
                     return StepResult(done=False, wait_until=mono)
-                rank, world_size = (int(x) for x in mine.split(b","))
-                return self._finish_join(round_, rank, world_size)
+                rank, world_size, *restarts = (int(x) for x in mine.split(b","))
+                return self._finish_join(round_, rank, world_size, restarts[0] if restarts else None)
             if done:
                 # Completed without this node (taken for dead, or arrived too late): start over on the state.
                 self._slot = None
@@ -862,16 +865,19 @@ class RendezvousStepper:
         self._watch_heartbeats(s)
         for key, j in slots.items():
             rank = s.participants.get(key)
-            self.backend.key_set(k(round_, f"r{j}"), b"wait" if rank is None else f"{rank},{s.world_size}".encode())
+            # "<rank>,<world size>,<restart count>": a node learns its round without reading the O(N) state
+            result = f"{rank},{s.world_size},{s.restart_count}".encode()
+            self.backend.key_set(k(round_, f"r{j}"), b"wait" if rank is None else result)
         self.backend.key_set(k(round_, "claim"), _ROUND_DONE)
         self._slot = None
         if me not in s.participants:
             return StepResult(done=False, wait_until=mono)
-        return self._finish_join(round_, s.participants[me], s.world_size)
+        return self._finish_join(round_, s.participants[me], s.world_size, s.restart_count)
 
-    def _finish_join(self, round_: int, rank: int, world_size: int) -> StepResult:
+    def _finish_join(self, round_: int, rank: int, world_size: int, restart_count: int | None) -> StepResult:
         self._slot = None
         self.completed_round = round_
+        self.completed_restart_count = restart_count
         self._join_deadline = None
         self._note("rdzv.complete", f"round={round_} rank={rank} world_size={world_size}", NodeState.SUCCEEDED, rank)
         self._record_events()
@@ -1198,6 +1204,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def get_round(self) -> int:
         """The current round number of the run (monotonically increasing)."""
         return self._read().round
+
+    def last_round(self) -> tuple[int, int | None] | None:
+        """(round, job-wide restart count at its completion) of this node's last completed rendezvous, from what the
+        join already saw (no store read; the count is None when the join did not see it). None before any."""
+        stepper = self._stepper
+        if stepper.completed_round is None:
+            return None
+        return stepper.completed_round, stepper.completed_restart_count
 
     def get_participants(self) -> list[str]:
         """Node keys of the current round's participants, sorted (rank order once the round is complete)."""

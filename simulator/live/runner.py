@@ -37,7 +37,6 @@ _MIN_WAIT = 30.0
 
 def cluster_for(scenario, out_dir: str | Path) -> Cluster:
     """A :class:`Cluster` configured like ``scenario`` (not started)."""
-    t = scenario.timeouts
     return Cluster(
         out_dir,
         workers_per_node=scenario.workers_per_node,
@@ -45,15 +44,8 @@ def cluster_for(scenario, out_dir: str | Path) -> Cluster:
         max_nodes=scenario.max_nodes,
         max_restarts=scenario.max_restarts,
         backend=scenario.backend,
-        timeouts={
-            "join": t.join,
-            "last_call": t.last_call,
-            "heartbeat": t.heartbeat,
-            "close": t.close,
-            "keep_alive_max_attempt": t.keep_alive_max_attempt,
-            "monitor": t.monitor,
-        },
-        job={"steps": scenario.job.steps, "step_seconds": scenario.job.step_seconds},
+        timeouts=scenario.timeouts.to_dict(),
+        job=scenario.job.to_dict(),
         run_id=f"sim-{_slug(scenario.name)}",
     )
 

@@ -349,3 +349,36 @@ def test_members_read_short_of_the_world_size_count_as_a_membership_change(tcp_s
     result = agent.run()
     assert result.state == WorkerState.SUCCEEDED
     assert handler.rounds == 2 and agent._remaining_restarts == 0
+
+
+class JoinInfoHandler(RoundStoreHandler):
+    """Our handler's extension: the join itself tells the round and the job's restart count. In round 1 the one
+    participant disappears after the first poll (world size 1, so the count shows it)."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.participant_reads = 0
+
+    def last_round(self):
+        return self.rounds, 7
+
+    def get_participants(self):
+        self.participant_reads += 1
+        return () if self.rounds == 1 and self.participant_reads > 1 else ("a",)
+
+
+class NoReadAtJoin(ScriptedAgent):
+    def _rendezvous(self, worker_group):
+        before = self._rdzv_handler.participant_reads
+        super()._rendezvous(worker_group)
+        assert self._rdzv_handler.participant_reads == before, "participants read at the rendezvous step"
+
+
+def test_round_and_restart_count_come_from_the_join_and_members_are_judged_by_count(tcp_store):
+    handler = JoinInfoHandler(tcp_store)
+    agent = NoReadAtJoin(_spec(handler, max_restarts=0), [HEALTHY] * 6 + [SUCCEEDED])
+    agent._rdzv_handler = handler
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED
+    assert agent.started_restart_counts == [7, 7]  # TORCHELASTIC_RESTART_COUNT from the join, no state read
+    assert handler.rounds == 2  # the shrunken membership was noticed by its count

@@ -94,6 +94,18 @@ def test_third_agent_is_admitted_by_membership_change(launcher, tmp_path):
     assert {m["TORCHELASTIC_RESTART_COUNT"] for m in done} == {"0"}
 
 
+def _wait_until_listening(port: int, timeout: float = 120) -> None:
+    """The first agent hosts the store: wait until its port accepts connections before starting the next one."""
+    import socket
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, timeout, f"the first agent's store on port {port}")
+
+
 def test_sigterm_makes_one_node_leave_and_survivors_reform(launcher, tmp_path):
     markers = tmp_path / "markers"
     launcher.marker_dirs.append(markers)
@@ -101,7 +113,7 @@ def test_sigterm_makes_one_node_leave_and_survivors_reform(launcher, tmp_path):
     env = dict(MARKER_DIR=markers, TRAIN_STEPS="100000", TRAIN_STEP_SECONDS="0.1")
     # agent 0 starts first so it hosts the store; agent 1 is the one that leaves
     host = launcher.start([*_agent_args(port, "1:2"), TRAIN], name="host", **env)
-    time.sleep(1.0)
+    _wait_until_listening(port)  # a fixed head start lost the race on a loaded machine: the leaver hosted the store
     leaver = launcher.start([*_agent_args(port, "1:2"), TRAIN], name="leaver", **env)
     wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "4"]) == 4, 120, "group of 4")
     before = marker_pids(markers)
@@ -121,7 +133,7 @@ def test_peer_loss_triggers_reformation_within_heartbeat_window(launcher, tmp_pa
     port = free_port()
     env = dict(MARKER_DIR=markers, TRAIN_STEPS="100000", TRAIN_STEP_SECONDS="0.1")
     host = launcher.start([*_agent_args(port, "1:2"), TRAIN], name="host", **env)
-    time.sleep(1.0)
+    _wait_until_listening(port)  # a fixed head start lost the race on a loaded machine: the leaver hosted the store
     victim = launcher.start([*_agent_args(port, "1:2"), TRAIN], name="victim", **env)
     wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "4"]) == 4, 120, "group of 4")
     before = marker_pids(markers)

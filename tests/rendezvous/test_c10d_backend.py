@@ -77,6 +77,8 @@ def test_threads_rendezvous_over_tcp_store_and_share_restart_count(tcp_store):
         t.join(30)
     try:
         assert sorted(r.rank for r in results.values()) == [0, 1, 2]
+        # Each node knows its round and the job's restart count from the join itself (no state read needed).
+        assert {h.last_round() for h in handlers} == {(handlers[0].get_round(), 0)}
         # The round store is namespaced by run and round and shared by all.
         results[0].store.set("x", b"1")
         assert results[1].store.get("x") == b"1"

@@ -76,13 +76,16 @@ def test_late_node_triggers_a_new_round(tcp_store, node_procs):
 @pytest.mark.timeout(60)
 def test_node_that_stops_heartbeating_is_evicted(tcp_store, node_procs):
     common = ("--endpoint", endpoint(tcp_store), "--min", "2", "--max", "2", "--keep-alive", "0.3")
-    watcher = node_procs.start("watch", *common)
-    victim = node_procs.start("watch", *common)
-    assert read_event(watcher, 30)["event"] == "rendezvous"
-    assert read_event(victim, 30)["event"] == "rendezvous"
+    assert_silent_node_is_evicted(node_procs.start("watch", *common), node_procs.start("watch", *common), 30, 15)
+
+
+def assert_silent_node_is_evicted(watcher, victim, start_timeout: float, notice_timeout: float) -> None:
+    """Two ``watch`` nodes rendezvous; the victim is frozen and the watcher must report it gone."""
+    assert read_event(watcher, start_timeout)["event"] == "rendezvous"
+    assert read_event(victim, start_timeout)["event"] == "rendezvous"
     os.killpg(victim.pid, signal.SIGSTOP)  # alive but silent: only its missing heartbeats can reveal it
     try:
-        changed = read_event(watcher, 15)
+        changed = read_event(watcher, notice_timeout)
     finally:
         os.killpg(victim.pid, signal.SIGKILL)
     assert changed["event"] == "participants_changed"

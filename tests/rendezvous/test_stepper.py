@@ -675,3 +675,20 @@ def test_keyed_arrival_with_a_skewed_clock_is_admitted(offset):
             break
         clock.advance(0.5)
     assert set(done) == {a, b} and {r.world_size for r in done.values()} == {2}
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_the_join_tells_the_round_and_the_restart_count_it_completed_with(keyed):
+    from elastic_impl.rendezvous.in_memory_backend import InMemoryRendezvousBackend
+    from tests.rendezvous.conftest import ManualClock
+
+    backend, clock = InMemoryRendezvousBackend(), ManualClock()
+    backend.keyed = keyed
+    settings = make_settings(min_nodes=2, max_nodes=2)
+    a, b = make_steppers(backend, clock, settings, 2)
+    drive_join([a, b], clock)
+    assert a.step("increment_restart_count").done and a.step("increment_restart_count").done
+    for s in (a, b):  # the next round, opened by a
+        s.begin_join()
+    drive_join([a, b], clock)
+    assert {(s.completed_round, s.completed_restart_count) for s in (a, b)} == {(1, 2)}

@@ -243,6 +243,19 @@ def _get_free_port(host: str = "") -> int:
         return sock.getsockname()[1]
 
 
+def _last_round(rdzv_handler) -> tuple[int, int | None] | None:
+    """The handler's (round, restart count) of the rendezvous that just completed, if it offers them (extension)."""
+    fn = getattr(rdzv_handler, "last_round", None)
+    if fn is None:
+        return None
+    try:
+        joined = fn()
+    except Exception as e:  # an optional extension: fall back to reading
+        logger.debug("rendezvous last_round() unavailable: %s", e)
+        return None
+    return joined if joined is not None and joined[0] is not None else None
+
+
 def _wait_for_keys(store, keys: list[str], clock: Clock, timeout: float, check: Callable[[], None] | None = None) -> None:
     """Poll until ``keys`` exist (non-blocking checks); ``check()`` runs between polls (it may raise to stop).
 
@@ -284,6 +297,7 @@ class SimpleElasticAgent(ElasticAgent):
         self._last_failure_published = False
         self._remote_failures: dict[int, dict[str, Any]] = {}
         self._members: tuple | None = None
+        self._members_by_count = False  # judge participant changes by count alone (see _rendezvous)
         # When the healthy-group store checks (peer failure, membership) may run next; see _invoke_run.
         self._next_store_check = float("-inf")
         self._failed_by_peer = False
@@ -397,7 +411,10 @@ class SimpleElasticAgent(ElasticAgent):
             store, group_rank, group_world_size = info.store, info.rank, info.world_size
             bootstrap = getattr(info, "bootstrap_store_info", None)
         self._store = store
-        self._rdzv_round = self._read_round(spec.rdzv_handler)
+        # Round and job-wide restart count as the join saw them (our handler's extension: no store read, which
+        # would move the whole O(N) state to every node once per round); otherwise read them.
+        joined = _last_round(spec.rdzv_handler)
+        self._rdzv_round = joined[0] if joined else self._read_round(spec.rdzv_handler)
         workers = self._assign_worker_ranks(store, group_rank, group_world_size, spec)
         worker_group.workers = workers
         worker_group.store = store
@@ -406,8 +423,14 @@ class SimpleElasticAgent(ElasticAgent):
         worker_group.master_addr, worker_group.master_port = self._resolve_master(
             spec, store, group_rank, bootstrap
         )
-        self._restart_count = self._read_job_restart_count(spec.rdzv_handler)
-        self._members = self._read_members(spec.rdzv_handler)
+        if joined and joined[1] is not None:
+            self._restart_count = joined[1]
+        else:
+            self._restart_count = self._read_job_restart_count(spec.rdzv_handler)
+        # A completed round's participants can only shrink (newcomers wait outside it), so with the round known the
+        # count alone reveals a change (see _membership_change_reason): no participant list to read now.
+        self._members = None if joined else self._read_members(spec.rdzv_handler)
+        self._members_by_count = bool(joined)
         self._emit(
             "agent.rendezvous",
             round=self._rdzv_round,
@@ -626,8 +649,10 @@ class SimpleElasticAgent(ElasticAgent):
                     continue
                 # These checks share the store connection with the rendezvous heartbeats: on a slow store they would
                 # otherwise take it nearly all the time (a check every monitor_interval, each several round trips)
-                # and starve the heartbeats into eviction. Wait at least as long as they took before the next.
-                self._next_store_check = self._clock.monotonic() + (self._clock.monotonic() - checks_started)
+                # and starve the heartbeats into eviction. Wait at least as long as they took before the next (the
+                # loop's own monitor_interval wait counts towards that).
+                took = self._clock.monotonic() - checks_started
+                self._next_store_check = self._clock.monotonic() + max(0.0, took - self._worker_group.spec.monitor_interval)
                 continue
             raise Exception(f"[{role}] worker group in unexpected state {state.name}")
 
@@ -653,6 +678,8 @@ class SimpleElasticAgent(ElasticAgent):
         if waiting > 0:
             return f"{waiting} node(s) waiting to join"
         members = self._read_members(rdzv_handler)
+        if self._members_by_count and members is not None and len(members) != self._worker_group.group_world_size:
+            return "participants changed (a node left or was evicted)"
         if self._members is not None and members is not None and set(members) != set(self._members):
             return "participants changed (a node left or was evicted)"
         if self._members is not None and len(self._members) != self._worker_group.group_world_size:

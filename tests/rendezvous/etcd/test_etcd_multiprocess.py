@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.rendezvous.test_c10d_multiprocess import read_event
+from tests.rendezvous.test_c10d_multiprocess import assert_silent_node_is_evicted, read_event
 
 pytestmark = pytest.mark.etcd
 
@@ -104,16 +104,7 @@ def test_late_node_triggers_a_new_round(backend, etcd_server, run_id, node_procs
 def test_node_that_stops_heartbeating_is_evicted(backend, etcd_server, run_id, node_procs):
     common = ("--min", "2", "--max", "2", "--keep-alive", "0.3")
     watcher = dynamic(node_procs, backend, etcd_server, run_id, "watch", *common)
-    victim = dynamic(node_procs, backend, etcd_server, run_id, "watch", *common)
-    assert read_event(watcher, 60)["event"] == "rendezvous"
-    assert read_event(victim, 60)["event"] == "rendezvous"
-    os.killpg(victim.pid, signal.SIGSTOP)  # alive but silent: only its missing heartbeats can reveal it
-    try:
-        changed = read_event(watcher, 20)
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)
-    assert changed["event"] == "participants_changed"
-    assert len(changed["before"]) == 2 and len(changed["after"]) == 1
+    assert_silent_node_is_evicted(watcher, dynamic(node_procs, backend, etcd_server, run_id, "watch", *common), 60, 20)
 
 
 @pytest.mark.timeout(120)
