@@ -152,6 +152,9 @@ class StoreConfig:
     broken_cas: bool = False
     # Offer the backend seam's optional keyed storage (per-key add/set/get-many/compare-set) to the state machine.
     keyed: bool = False
+    # Whether a restart_store keeps the data (etcd: yes) or comes back empty with every open connection gone for
+    # good (a TCPStore server: its clients never reconnect), as in live mode.
+    persistent: bool = True
 
 
 @dataclass
@@ -276,6 +279,8 @@ class Scenario:
             raise _err(where, "store.broken_cas", self.store.broken_cas, "must be true or false")
         if not isinstance(self.store.keyed, bool):
             raise _err(where, "store.keyed", self.store.keyed, "must be true or false")
+        if not isinstance(self.store.persistent, bool):
+            raise _err(where, "store.persistent", self.store.persistent, "must be true or false")
         if self.store.broken_cas and self.mode != "virtual":
             raise _err(where, "store.broken_cas", True, "only the virtual store can break compare-and-set")
         _num(where, "time_limit", self.time_limit, 0.0, strict=True)
@@ -335,6 +340,8 @@ class Scenario:
                 store["broken_cas"] = True
             if self.store.keyed:
                 store["keyed"] = True
+            if not self.store.persistent:
+                store["persistent"] = False
             out["store"] = store
         out["time_limit"] = self.time_limit
         out["faults"] = [f.to_dict() for f in self.faults]

@@ -150,6 +150,7 @@ class SimAgent:
 
     def _on_store_step_error(self, error: Exception, retry: Callable[[], None]) -> None:
         if isinstance(error, RendezvousClosedError):
+            self._stop_workers(-15)
             self._exit("CLOSED", reason="rendezvous closed")
             return
         if isinstance(error, RendezvousConnectionError):
@@ -158,6 +159,7 @@ class SimAgent:
             if self.now - self._store_error_since <= self.sim.settings.timeout.close.total_seconds():
                 self._arm(max(0.1, self.sim.store.round_trip(self.name)), retry)
                 return
+        self._stop_workers(-15)  # the agent's shutdown stops its workers whatever ended it
         self._exit("FAILED", reason=f"{type(error).__name__}: {error}")
 
     def _on_round(self, result: StepResult) -> None:
@@ -222,6 +224,11 @@ class SimAgent:
             self._succeed()
             return
         result = self.stepper.step("sync")
+        if result.error is not None:
+            # Like the agent's membership check: a store it cannot reach (beyond the close timeout) ends it.
+            self._on_store_step_error(result.error, self._monitor)
+            return
+        self._store_error_since = None
         if result.error is None:
             state = self.stepper.state
             if state.closed:

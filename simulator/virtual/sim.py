@@ -69,7 +69,8 @@ class Simulation:
         self.rng = random.Random(scenario.seed)
         self.clock = VirtualClock()
         cfg = scenario.store
-        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas, cfg.keyed)
+        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas, cfg.keyed,
+                              cfg.persistent)
         t = scenario.timeouts
         self.settings = RendezvousSettings(
             run_id=f"sim-{scenario.seed}",
@@ -199,7 +200,7 @@ class Simulation:
                 if fault.node is None or a.index == fault.node:
                     a.resume()
         elif name == "restart_store":
-            self.store.down = True
+            self.store.crash()
 
             def undo() -> None:
                 self.store.down = False

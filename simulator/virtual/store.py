@@ -9,7 +9,8 @@ it already saw, its own writes included), as over one connection to a linearizab
 (the optional change probe of the backend seam) follows the same rule and costs a few bytes.
 
 Faults: ``partition(node)``/``heal(node)`` make every call of that node raise ``RendezvousConnectionError``;
-``delay(node, seconds)`` adds latency; ``down`` makes the whole store unreachable (``restart_store``); ``loss`` is
+``delay(node, seconds)`` adds latency; ``crash()`` makes the whole store unreachable (``restart_store``) until
+``down`` is cleared, and with ``persistent=False`` empties it and breaks every open connection for good; ``loss`` is
 the probability that any call fails. ``broken_cas=True`` is TEST-ONLY: writes succeed whatever their token.
 
 Keyed storage (the seam's optional per-key operations: add, set, get-many, compare-set) is offered when
@@ -40,8 +41,12 @@ class SimStore:
         loss: float = 0.0,
         broken_cas: bool = False,
         keyed: bool = False,
+        persistent: bool = True,
     ) -> None:
         self.clock = clock
+        self.persistent = persistent
+        self.clients: set[str] = set()  # nodes that have called the store (their connections are open)
+        self.lost_clients: set[str] = set()  # connections a non-persistent restart broke for good
         self.keyed = keyed
         self.rng = rng
         self.latency = latency
@@ -82,6 +87,15 @@ class SimStore:
     def delay(self, node: str, seconds: float) -> None:
         self.delays[node] = seconds
 
+    def crash(self) -> None:
+        """The store goes down (``restart_store``). A non-persistent store loses its data and every open
+        connection: the nodes that were connected fail on every later call (a TCPStore client never reconnects)."""
+        self.down = True
+        if not self.persistent:
+            self._times, self._blobs, self._base = [], [], self.version
+            self.keys = {}
+            self.lost_clients |= self.clients
+
     def round_trip(self, node: str) -> float:
         """Time a call of ``node`` takes; a node steps again no sooner than this."""
         return self.latency + self.delays.get(node, 0.0)
@@ -90,7 +104,9 @@ class SimStore:
 
     def _check_reachable(self, node: str, op: str) -> None:
         reason = None
-        if self.down:
+        if node in self.lost_clients:
+            reason = "its connection died with the restarted store (TCPStore clients do not reconnect)"
+        elif self.down:
             reason = "store is down (restarting)"
         elif node in self.partitioned:
             reason = f"{node} is partitioned from the store"
@@ -99,6 +115,7 @@ class SimStore:
         if reason:
             self.failed_calls += 1
             raise RendezvousConnectionError(f"sim store: {op} from {node} failed: {reason}")
+        self.clients.add(node)
 
     @property
     def version(self) -> int:

@@ -382,3 +382,43 @@ def test_round_and_restart_count_come_from_the_join_and_members_are_judged_by_co
     assert result.state == WorkerState.SUCCEEDED
     assert agent.started_restart_counts == [7, 7]  # TORCHELASTIC_RESTART_COUNT from the join, no state read
     assert handler.rounds == 2  # the shrunken membership was noticed by its count
+
+
+class FlakyStoreHandler(RoundStoreHandler):
+    """num_nodes_waiting fails with a store error ``failures`` times (None: forever); heartbeat window 1 s."""
+
+    class settings:  # noqa: N801 - mimics the handler's settings attribute
+        heartbeat_expiry_seconds = 1.0
+
+    def __init__(self, store, failures):
+        super().__init__(store)
+        self.failures = failures
+
+    def num_nodes_waiting(self):
+        from elastic_impl.rendezvous import RendezvousConnectionError
+
+        if self.failures is None or self.failures > 0:
+            if self.failures:
+                self.failures -= 1
+            raise RendezvousConnectionError("etcd at 127.0.0.1:2379: Connection reset by peer")
+        return 0
+
+
+def test_a_short_store_outage_does_not_stop_healthy_workers(tcp_store):
+    handler = FlakyStoreHandler(tcp_store, failures=3)  # e.g. etcd restarting
+    agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY] * 40 + [SUCCEEDED])
+    result = agent.run()
+    assert result.state == WorkerState.SUCCEEDED and handler.failures == 0 and handler.rounds == 1
+
+
+def test_a_store_gone_for_good_ends_the_agent_after_the_heartbeat_window(tcp_store):
+    import pytest
+
+    from elastic_impl.rendezvous import RendezvousConnectionError
+
+    handler = FlakyStoreHandler(tcp_store, failures=None)
+    agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY] * 100000)
+    start = time.monotonic()
+    with pytest.raises(RendezvousConnectionError, match="Connection reset"):
+        agent.run()
+    assert 1.0 <= time.monotonic() - start < 10

@@ -175,6 +175,20 @@ def test_store_restart_and_delay_and_clock_skew_are_survived():
     assert result.outcome == "succeeded"
 
 
+def test_a_non_persistent_store_restart_fails_the_job_like_a_tcpstore_restart():
+    """persistent: false models the live c10d store: empty after the restart, and no client ever reconnects."""
+    faults = [{"at": 1.0, "fault": "restart_store", "duration": 0.5}]
+    s = scenario(faults=faults, store={"latency": 0.005, "persistent": False}, job={"steps": 30, "step_seconds": 0.5},
+                 expect={"outcome": "failed"})
+    result = run_checked(s)
+    assert result.outcome == "failed"
+    exits = result.history.filter(h.AGENT_EXIT)
+    assert len(exits) == 3 and all("do not reconnect" in (e.detail.get("reason") or "") for e in exits), exits
+    assert max(e.t for e in exits) < 1.0 + 5 + 2  # bounded by the store timeout (close: 5 s), not the time limit
+    persistent = run_checked(scenario(faults=faults, job={"steps": 30, "step_seconds": 0.5}))  # default: like etcd
+    assert persistent.outcome == "succeeded"
+
+
 def test_too_few_nodes_times_out_the_join():
     result = run_virtual(scenario(nodes=1, min_nodes=2, timeouts={**BASE["timeouts"], "join": 3}))
     exit_ = result.history.filter(h.AGENT_EXIT)[0]

@@ -300,6 +300,7 @@ class SimpleElasticAgent(ElasticAgent):
         self._members_by_count = False  # judge participant changes by count alone (see _rendezvous)
         # When the healthy-group store checks (peer failure, membership) may run next; see _invoke_run.
         self._next_store_check = float("-inf")
+        self._store_outage_since: float | None = None  # first store error of the current outage (monotonic)
         self._failed_by_peer = False
         self._acked_peer_failure = False
         self._next_peer_failure_check = 0.0
@@ -641,7 +642,13 @@ class SimpleElasticAgent(ElasticAgent):
                     self._stop_workers(self._worker_group)
                     self._worker_group.state = WorkerState.FAILED
                     return RunResult(state=WorkerState.FAILED)
-                reason = self._membership_change_reason(rdzv_handler)
+                try:
+                    reason = self._membership_change_reason(rdzv_handler)
+                except Exception as e:
+                    if type(e).__name__ != "RendezvousConnectionError" or not self._store_outage_tolerated(e):
+                        raise
+                    continue
+                self._store_outage_since = None
                 if reason:
                     logger.info("[%s] membership change (%s); restarting workers", role, reason)
                     self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
@@ -672,6 +679,24 @@ class SimpleElasticAgent(ElasticAgent):
         except Exception as e:  # unknown: keep upstream's behaviour (wait at the barrier)
             logger.debug("could not read whether the run is closed: %s", e)
             return False
+
+    def _store_outage_tolerated(self, error: Exception) -> bool:
+        """Whether the workers may keep running through this store error (a restarting etcd, a connection reset).
+
+        Healthy workers do not need the store; the membership check does. It is retried for up to the heartbeat
+        window (the time peers give a silent node) before the agent gives up: a store that is gone for good (a
+        TCPStore host that died) still ends the job within that bound.
+        """
+        now = self._clock.monotonic()
+        if self._store_outage_since is None:
+            self._store_outage_since = now
+        window = _detection_window(self._worker_group.spec.rdzv_handler) or 0.0
+        if now - self._store_outage_since > window:
+            return False
+        logger.warning("[%s] rendezvous store unavailable for %.1f s (giving up after %.1f s): %s",
+                       self._worker_group.spec.role, now - self._store_outage_since, window, error)
+        self._next_store_check = now + min(0.5, max(window / 10, 0.05))
+        return True
 
     def _membership_change_reason(self, rdzv_handler) -> str | None:
         waiting = rdzv_handler.num_nodes_waiting()
