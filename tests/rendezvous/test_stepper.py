@@ -463,6 +463,26 @@ def test_keyed_last_call_completes_once_for_everyone():
     assert sorted(r.rank for r in results) == [0, 1, 2] and {r.world_size for r in results} == {3}
 
 
+def _step_joins(*steppers, clock, passes, advance=1.0, advance_first=False):
+    """Step each stepper's join once per pass (moving the clock ``advance`` between passes) until all are done or the
+    passes run out; return stepper -> its done StepResult. No step may fail."""
+    done = {}
+    for _ in range(passes):
+        if advance_first:
+            clock.advance(advance)
+        for s in steppers:
+            if s not in done:
+                r = s.step("join")
+                assert r.error is None
+                if r.done:
+                    done[s] = r
+        if len(done) == len(steppers):
+            break
+        if not advance_first:
+            clock.advance(advance)
+    return done
+
+
 def test_keyed_withdrawn_and_silent_arrivals_are_left_out():
     backend, clock, settings, (a, b, d) = _keyed_setup(2, 3, 3, last_call=5.0, keep_alive=1.0, attempts=3)
     a.step("join")
@@ -475,15 +495,8 @@ def test_keyed_withdrawn_and_silent_arrivals_are_left_out():
     (c,) = make_steppers(backend, clock, settings, 1, first=7)
     c.begin_join()
     assert not c.step("join").done  # the 4th arrival; a is still judging d
-    done = {}
-    for _ in range(5):  # d's beat stays the same for longer than the expiry (3 s) while a and c beat
-        clock.advance(1.0)
-        for s in (a, c):
-            if s not in done:
-                r = s.step("join")
-                assert r.error is None
-                if r.done:
-                    done[s] = r
+    # d's beat stays the same for longer than the expiry (3 s) while a and c beat
+    done = _step_joins(a, c, clock=clock, passes=5, advance_first=True)
     assert set(done) == {a, c}, "a and c must complete without the silent d and the withdrawn b"
     assert {r.world_size for r in done.values()} == {2} and {r.rank for r in done.values()} == {0, 1}
     assert set(state_of(backend).participants) == {a.node.key, c.node.key}
@@ -663,17 +676,8 @@ def test_keyed_arrival_with_a_skewed_clock_is_admitted(offset):
     backend, clock, settings, (a,) = _keyed_setup(2, 2, 1, keep_alive=1.0, attempts=3)
     b = RendezvousStepper(backend, settings, NodeDesc("host", 101, 0), _SkewedClock(clock, offset))
     b.begin_join()
-    done = {}
-    for _ in range(20):  # whoever completes the round sees the other's beat change before it would give up on it
-        for s in (b, a):
-            if s not in done:
-                r = s.step("join")
-                assert r.error is None
-                if r.done:
-                    done[s] = r
-        if len(done) == 2:
-            break
-        clock.advance(0.5)
+    # whoever completes the round sees the other's beat change before it would give up on it
+    done = _step_joins(b, a, clock=clock, passes=20, advance=0.5)
     assert set(done) == {a, b} and {r.world_size for r in done.values()} == {2}
 
 
