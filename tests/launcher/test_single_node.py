@@ -41,6 +41,7 @@ def test_worker_failure_restarts_group_then_succeeds(launcher, tmp_path):
         TRAIN_FAIL_RANK="1",
         TRAIN_FAIL_ATTEMPT="0",
         TRAIN_FAIL_MODE="exit",
+        TRAIN_FAIL_AFTER_MARKERS="1",  # rank 1 fails only once rank 0 wrote its attempt-0 marker (load race)
         TRAIN_ALLREDUCE="1",  # rank 0 cannot finish attempt 0 without rank 1
     )
     rc = launcher.wait(proc, 120)
