@@ -36,13 +36,13 @@ def _new_group(markers, before: set, size: int = 4) -> list[dict]:
 def _scenario(launcher, tmp_path, store, tool, run_id, rejoin_env, measured):
     markers, stop_file = tmp_path / "markers", tmp_path / "stop"
     launcher.marker_dirs.append(markers)
-    common = dict(MARKER_DIR=markers, TRAIN_STOP_FILE=stop_file)
+    # A failing rank fails only once all ranks of its attempt wrote their markers: otherwise a rank stopped before
+    # writing one makes a group look incomplete and two attempts blur into one "group" (CI lost both races).
+    common = dict(MARKER_DIR=markers, TRAIN_STOP_FILE=stop_file, TRAIN_FAIL_AFTER_MARKERS="1")
     args = [*agent_args(store.port, "1:2", run_id=run_id, max_restarts=1, conf=CONF[tool], tool=tool), TRAIN]
     # attempt 0: global rank 3 exits -> one restart, counted once for the job
-    # rank 3 fails only once all four wrote their attempt-0 markers: otherwise a rank stopped before writing one
-    # makes the first group look incomplete and the two attempts blur into one "group"
     first = [launcher.start(args, tool=tool, name=f"{tool}-{i}", TRAIN_FAIL_RANK="3", TRAIN_FAIL_ATTEMPT="0",
-                            TRAIN_FAIL_AFTER_MARKERS="1", **common) for i in range(2)]
+                            **common) for i in range(2)]
     attempt0 = wait_for(lambda: _new_group(markers, set()), 240, "the first group of 4")
     restarted = wait_for(lambda: _new_group(markers, {m["pid"] for m in attempt0}), 240, "the restarted group of 4")
     counts = sorted(m["TORCHELASTIC_RESTART_COUNT"] for m in restarted)
@@ -60,7 +60,9 @@ def test_rejoined_node_shares_the_jobs_restart_count_and_budget(launcher, tmp_pa
     # the rejoined node's local rank 0 fails on the job's restart count 1: the budget (1) is spent -> job fails
     stayer, rejoined, markers, stop_file, before, first_counts = _scenario(
         launcher, tmp_path, rdzv_store, "elastic-run", "budget-ours",
-        dict(TRAIN_FAIL_LOCAL_RANK="0", TRAIN_FAIL_ATTEMPT="1", TRAIN_FAIL_MODE="exit"), measured,
+        # (after 5 s: its peer rank must write its marker first; TRAIN_FAIL_AFTER_MARKERS cannot tell this group's
+        # attempt-1 markers from the stopped group's before the rejoin)
+        dict(TRAIN_FAIL_LOCAL_RANK="0", TRAIN_FAIL_ATTEMPT="1", TRAIN_FAIL_MODE="exit", TRAIN_FAIL_DELAY="5"), measured,
     )
     assert first_counts == ["1"] * 4, first_counts  # the same on both nodes, though only one node's worker failed
     new = wait_for(lambda: _new_group(markers, before), 240, "the re-formed group of 4 with the rejoined node")
