@@ -426,10 +426,10 @@ class RendezvousStepper:
 
         A node renews its liveness before the state lists it, so a live set read after that which lacks it means
         its lease lapsed; one read earlier may simply predate the node. Both times are this node's monotonic clock.
+        Called by _evict_dead after it has watched every stamp of ``s``, so the first sighting is on record.
         """
         if key not in s.heartbeats:
             return True
-        self._silent_for(("hb", key), s.heartbeats[key])
         return self._observed[("hb", key)][1] < self._live_read_at
 
     def _watch_heartbeats(self, s: RendezvousState) -> None:
