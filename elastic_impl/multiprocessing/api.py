@@ -299,6 +299,25 @@ def _reap(pids: set[int]) -> None:
             pass
 
 
+def _wait_any_exit(pids: set[int], timeout: float, clock: Clock) -> None:
+    """Block until one of ``pids`` exits or ``timeout`` passes: on exit events (pidfd) where Linux has them."""
+    fds = []
+    try:
+        if hasattr(os, "pidfd_open"):
+            for p in pids:
+                try:
+                    fds.append(os.pidfd_open(p))
+                except OSError:  # gone already, or not ours to watch: the caller's next check sees it
+                    pass
+        if fds and len(fds) == len(pids):
+            select.select(fds, [], [], timeout)
+        else:
+            clock.sleep(timeout)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -379,7 +398,12 @@ class PContext(abc.ABC):
 
     @abc.abstractmethod
     def _wait_for_exit(self, timeout: float) -> None:
-        """Block until some worker may have exited or ``timeout`` passed (event-driven where the OS allows)."""
+        """Block until a worker the last check saw running exits, or ``timeout`` passed.
+
+        Waiting on the last check's view, not on a fresh one, matters: a worker that exits between ``_poll`` and
+        here must wake us at once (its exit event is already pending), not be filtered out as "already exited"
+        and leave us sleeping the whole period.
+        """
 
     def wait(self, timeout: float = -1, period: float = 1) -> RunProcsResult | None:
         """Result once all workers finished or one failed; None if still running after ``timeout`` (-1: forever)."""
@@ -439,7 +463,7 @@ class PContext(abc.ABC):
             live = {p for p in members if _alive(p)}
             if not live or self.clock.monotonic() >= deadline:
                 break
-            self._wait_for_exit(0.05)
+            _wait_any_exit(live, 0.05, self.clock)
         if live:
             logger.warning("[%s] %d processes ignored %s for %.1fs; sending SIGKILL", self.name, len(live),
                            signal.Signals(death_sig).name, timeout)
@@ -509,6 +533,7 @@ class MultiprocessContext(PContext):
         self.start_method = start_method
         self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{name}_")
         self._procs: dict[int, mp.process.BaseProcess] = {}
+        self._running_local_ranks: set[int] = set()  # as the last _poll saw them; _wait_for_exit waits on these
         self._return_values: dict[int, Any] = {}
         self._worker_stdouts = self.stdouts
         self._worker_stderrs = self.stderrs
@@ -530,14 +555,17 @@ class MultiprocessContext(PContext):
             )
             p.start()
             self._procs[local_rank] = p
+        self._running_local_ranks = set(self._procs)
 
     def _poll(self) -> RunProcsResult | None:
         if self._result is not None:
             return self._result
         failures: dict[int, ProcessFailure] = {}
         done = 0
+        running = set()
         for local_rank, p in self._procs.items():
             if p.exitcode is None and p.is_alive():
+                running.add(local_rank)
                 continue
             done += 1
             if p.exitcode != 0:
@@ -549,6 +577,7 @@ class MultiprocessContext(PContext):
                 except (OSError, EOFError, pickle.UnpicklingError) as e:
                     failures[local_rank] = self._failure(local_rank, p.pid or -1, 1)
                     failures[local_rank].message = f"worker exited 0 but its return value is unreadable: {e}"
+        self._running_local_ranks = running
         if failures:
             logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(failures))
             self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
@@ -559,7 +588,7 @@ class MultiprocessContext(PContext):
         return self._result
 
     def _wait_for_exit(self, timeout: float) -> None:
-        sentinels = [p.sentinel for p in self._procs.values() if p.exitcode is None]
+        sentinels = [self._procs[r].sentinel for r in self._running_local_ranks]
         if sentinels:
             multiprocessing.connection.wait(sentinels, timeout=timeout)
         else:

@@ -3,6 +3,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -268,5 +269,39 @@ def test_wait_is_event_driven(tmp_path, contexts, kind):
         pc = _start(contexts, "bin", sys.executable, {0: ("-c", "import time; time.sleep(0.3)")}, _envs(1),
                     DefaultLogsSpecs(str(tmp_path)))
     pc.clock = _NoSleepClock()
+    result = pc.wait(timeout=30, period=30)
+    assert result is not None and not result.is_failed()
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] == "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("kind", ["function", "binary"])
+def test_wait_wakes_for_an_exit_between_its_poll_and_its_block(tmp_path, contexts, kind):
+    """A worker that exits after wait()'s poll saw it running, but before wait() blocks, must wake it at once.
+
+    CI once lost this race: the exited worker was filtered out of the events to wait on, so wait() slept its whole
+    30 s period. Here the race is forced: poll, let the worker exit (a zombie, its exit event pending), then block.
+    """
+    if kind == "function":
+        pc = _start(contexts, "fn", workers.sleep_for, {0: (0.5,)}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
+    else:
+        pc = _start(contexts, "bin", sys.executable, {0: ("-c", "import time; time.sleep(0.5)")}, _envs(1),
+                    DefaultLogsSpecs(str(tmp_path)))
+    assert pc._poll() is None
+    (pid,) = pc.pids().values()
+    deadline = time.monotonic() + 30
+    while not _is_zombie(pid):
+        assert time.monotonic() < deadline, "the worker did not exit"
+        time.sleep(0.02)
+    pc.clock = _NoSleepClock()
+    started = time.monotonic()
+    pc._wait_for_exit(30)
+    assert time.monotonic() - started < 5
     result = pc.wait(timeout=30, period=30)
     assert result is not None and not result.is_failed()

@@ -24,6 +24,11 @@ def raise_recorded(msg):
     raise ValueError(msg)
 
 
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
 def sleep_forever():
     time.sleep(600)
 
