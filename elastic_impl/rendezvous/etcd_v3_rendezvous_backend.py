@@ -22,6 +22,9 @@ How (all through ``/v3/kv/range``, ``/v3/kv/txn``, ``/v3/lease/grant``, ``/v3/le
   key ``<state key>/alive/<node>`` bound to its own lease with TTL = keep-alive interval x max attempts; a
   keep-alive renews that lease (one small request, no write to the state blob) and etcd itself deletes the key
   once a node stops renewing, so the state machine evicts the nodes ``live_nodes()`` no longer lists;
+- keyed arrivals (the optional keyed storage of the seam, on unless ``keyed_arrivals=false``): a node arriving in
+  an open round writes a few O(1)-sized keys under ``<state key>/keys/`` instead of rewriting the O(N) state, so a
+  round moves O(N) bytes, not O(N^2) (counters are key versions: one put per increment, no retry loop);
 - :class:`EtcdV3Store` is the c10d Store handed to the agents: puts, a CAS loop for ``add``, and blocking reads
   that watch the prefix from the revision they read at (no polling).
 """
@@ -217,6 +220,20 @@ class EtcdV3Client:
         kvs = responses[0].get("response_range", {}).get("kvs") or []
         return False, revision, (kvs[0] if kvs else None)
 
+    def txn(self, compare: list[dict], success: list[dict], failure: list[dict] | None = None) -> dict:
+        """One transaction; the decoded answer (``succeeded``, ``responses``)."""
+        body: dict[str, Any] = {"compare": compare, "success": success}
+        if failure:
+            body["failure"] = failure
+        return self.post("/v3/kv/txn", body)
+
+    def put_prev(self, key: bytes, value: bytes, lease: int | None = None) -> dict | None:
+        """Put and return the key-value it replaced (None when the key was new), in one request."""
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value), "prev_kv": True}
+        if lease:
+            body["lease"] = str(lease)
+        return self.post("/v3/kv/put", body).get("prev_kv")
+
     def grant(self, ttl: int) -> int:
         answer = self.post("/v3/lease/grant", {"TTL": str(int(ttl))})
         if answer.get("error") or not answer.get("ID"):
@@ -319,6 +336,9 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         self.watch_state = False
         # Leases as heartbeats (see the module docstring); False: heartbeats in the state blob like other backends.
         self.lease_liveness = True
+        # Keyed arrivals (see "keyed storage" below); False: every arrival rewrites the state blob, as upstream's
+        # etcd backends do. Every node of a run must use the same setting.
+        self.keyed_arrivals = True
 
     @property
     def name(self) -> str:
@@ -391,6 +411,88 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
             return
         try:
             self._client.revoke(lease)
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+
+    # -------------------------------------------------------------- keyed storage (optional in the seam)
+    #
+    # Keys live under ``<state key>/keys/`` and are bound to this process's lease like the state, so an abandoned
+    # run's keys expire with it. etcd has no atomic add, and a compare-and-put loop would make N nodes arriving
+    # together retry O(N^2) times; instead a counter is the key's ``version`` (how many times it was written since
+    # it was created): ``key_add(k, 1)`` is one put that returns the previous version, so every arrival gets its
+    # own slot in one request. A counter is therefore read with ``key_add(k, 0)``, not ``key_get_many``. Batches
+    # stay within etcd's default limit of 128 operations per transaction.
+
+    _TXN_OPS = 128
+
+    def supports_keys(self) -> bool:
+        return self.keyed_arrivals
+
+    def _full(self, key: str) -> bytes:
+        return self._key + b"/keys/" + key.encode()
+
+    def key_add(self, key: str, amount: int) -> int:
+        amount = int(amount)
+        if amount < 0:
+            raise ValueError(f"etcd-v3 keyed counters only grow: key_add({key!r}, {amount}) is not allowed")
+        full = self._full(key)
+        try:
+            if amount == 0:
+                kv, _ = self._client.range(full, keys_only=True)
+                return 0 if kv is None else int(kv.get("version", 0))
+            count = 0
+            for _ in range(amount):
+                prev = self._client.put_prev(full, b"", self._lease.current())
+                count = (int(prev.get("version", 0)) if prev else 0) + 1
+            return count
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+
+    def key_set(self, key: str, value: bytes) -> None:
+        try:
+            self._client.put(self._full(key), bytes(value), self._lease.current())
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+
+    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        values: list[bytes | None] = []
+        try:
+            for start in range(0, len(keys), self._TXN_OPS):
+                batch = keys[start:start + self._TXN_OPS]
+                answer = self._client.txn([], [{"request_range": {"key": _b64(self._full(k))}} for k in batch])
+                for response in answer.get("responses") or []:
+                    kvs = (response.get("response_range") or {}).get("kvs") or []
+                    values.append(_unb64(kvs[0].get("value")) if kvs else None)
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+        if len(values) != len(keys):
+            raise RendezvousStateError(f"etcd answered {len(values)} reads for {len(keys)} keys under {self.key}")
+        return values
+
+    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        full = _b64(self._full(key))
+        if expected is None:
+            compare = {"key": full, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        else:
+            compare = {"key": full, "target": "VALUE", "result": "EQUAL", "value": _b64(bytes(expected))}
+        try:
+            answer = self._client.txn(
+                [compare],
+                [{"request_put": {"key": full, "value": _b64(bytes(desired)), "lease": str(self._lease.current())}}],
+                [{"request_range": {"key": full}}],
+            )
+        except EtcdUnreachable as e:
+            raise self._failed(e) from None
+        if answer.get("succeeded"):
+            return bytes(desired)
+        kvs = ((answer.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+        return _unb64(kvs[0].get("value")) if kvs else b""
+
+    def key_delete_many(self, keys: list[str]) -> None:
+        try:
+            for start in range(0, len(keys), self._TXN_OPS):
+                batch = dict.fromkeys(keys[start:start + self._TXN_OPS])  # etcd refuses a key twice in one txn
+                self._client.txn([], [{"request_delete_range": {"key": _b64(self._full(k))}} for k in batch])
         except EtcdUnreachable as e:
             raise self._failed(e) from None
 
@@ -503,7 +605,8 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdV3RendezvousBacken
     (default 5 s: bounds how long an unreachable endpoint takes to report), ``ssl_cert``, ``ssl_cert_key``,
     ``ca_cert`` (https), ``ttl`` (seconds the state outlives its last writer, default 7200), ``watch_state``
     (default false: waiting nodes wake on a watch of the state key instead of polling), ``lease_liveness``
-    (default true: keep-alives renew per-node leases instead of rewriting the state). Reaches etcd once,
+    (default true: keep-alives renew per-node leases instead of rewriting the state), ``keyed_arrivals`` (default
+    true: arriving nodes write O(1)-sized keys instead of the whole state; the same on every node). Reaches etcd once,
     so a wrong endpoint fails here with a RendezvousConnectionError naming host:port.
     """
     options = connection_options(params)
@@ -517,6 +620,7 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdV3RendezvousBacken
     backend = EtcdV3RendezvousBackend(client, params.run_id, key_prefix=KEY_PREFIX, ttl=ttl)
     backend.watch_state = bool(params.get_as_bool("watch_state", False))
     backend.lease_liveness = bool(params.get_as_bool("lease_liveness", True))
+    backend.keyed_arrivals = bool(params.get_as_bool("keyed_arrivals", True))
     try:
         client.range(backend.key.encode())
     except EtcdUnreachable as e:

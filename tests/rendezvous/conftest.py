@@ -43,7 +43,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture(params=["keyed", "blob"])
 def memory_backend(request):
-    """The in-memory backend twice: with keyed storage (c10d-like arrivals) and without (like the etcd backends)."""
+    """The in-memory backend twice: with keyed storage (c10d-like arrivals) and without (like etcd-v2)."""
     from elastic_impl.rendezvous.in_memory_backend import InMemoryRendezvousBackend
 
     backend = InMemoryRendezvousBackend()

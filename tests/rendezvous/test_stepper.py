@@ -432,7 +432,7 @@ def test_keyed_round_costs_linear_bytes_and_calls_at_8_64_256_nodes():
 
 
 def test_blob_round_cost_grows_linearly_in_calls_at_8_64_256_nodes():
-    """Without keyed storage (etcd-like backends) calls stay linear, bytes grow as N^2: every write and full read
+    """Without keyed storage (etcd-v2-like backends) calls stay linear, bytes grow as N^2: every write and full read
     moves the whole O(N) state (see the module docs, "Store traffic")."""
     cost = {n: _round_cost(n, keyed=False) for n in (8, 64, 256)}
     assert cost[256][0] / cost[64][0] < 4.5 and cost[64][0] / cost[8][0] < 9, cost

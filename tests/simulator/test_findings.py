@@ -11,7 +11,7 @@ from simulator.virtual import run_virtual
 
 # Two nodes train at max_nodes=2 while two more wait. One worker crashes: its node re-joins and opens the next
 # round, into which the waiting nodes are promoted (up to max_nodes) and then the opener adds itself as well.
-# That is the whole-state (blob) path, which backends without keyed storage (etcd-v2, etcd-v3) take. Found by
+# That is the whole-state (blob) path, which backends without keyed storage (etcd-v2) take. Found by
 # fuzzing; fixed: the opener waits when the promoted waiters already fill the round.
 OVERFULL_NEXT_ROUND = {
     "name": "waiters fill the next round",

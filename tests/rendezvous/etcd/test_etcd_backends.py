@@ -210,3 +210,28 @@ def test_state_version_and_wait_for_change(backend, etcd_server, run_id):
     assert waiter.state_version() != version
     # A change that happened before the wait started is still reported at once.
     assert waiter.wait_for_change(version, 20) is True
+
+
+def test_v3_keyed_storage_is_namespaced_by_run_and_bound_to_the_lease(etcd_server, run_id):
+    """Keyed arrivals live under the run's state key (another run never sees them) and expire with the lease."""
+    import base64
+
+    from elastic_impl.rendezvous.etcd_v3_rendezvous_backend import EtcdV3Client, EtcdV3RendezvousBackend
+
+    client = EtcdV3Client(etcd_server.get_host(), etcd_server.get_port())
+    backend = EtcdV3RendezvousBackend(client, run_id, ttl=60)
+    other = EtcdV3RendezvousBackend(client, run_id + "-other", ttl=60)
+    backend.key_set("g1.a1", b"node-a")
+    assert backend.key_add("g1.n", 1) == 1
+    assert other.key_get_many(["g1.a1"]) == [None] and other.key_add("g1.n", 0) == 0
+    kvs = client.range_prefix(backend.key.encode() + b"/keys/")
+    assert sorted(base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1] for kv in kvs) == ["g1.a1", "g1.n"]
+    assert all(int(kv.get("lease", 0)) != 0 for kv in kvs)
+    with pytest.raises(ValueError, match="only grow"):
+        backend.key_add("g1.n", -1)
+
+
+def test_v3_keyed_arrivals_can_be_turned_off(etcd_server, run_id):
+    on, _ = _create("etcd-v3", etcd_server.get_endpoint(), run_id)
+    off, _ = _create("etcd-v3", etcd_server.get_endpoint(), run_id, keyed_arrivals="false")
+    assert on.supports_keys() and not off.supports_keys()

@@ -54,15 +54,29 @@ def wait_until_joined(backend, server, run_id, count=1, timeout=60):
                 pass
             time.sleep(0.1)
     else:
-        from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
-
-        observer = rendezvous_handler_registry.create_handler(
-            RendezvousParameters(backend, server.get_endpoint(), run_id, 2, 2, read_timeout=5))
+        observer = _observer(backend, server, run_id)
         while time.monotonic() < deadline:
-            if len(observer.get_participants()) >= count:
+            if joined_count(observer) >= count:
                 return
             time.sleep(0.1)
     raise AssertionError(f"fewer than {count} node(s) joined run {run_id} within {timeout} s")
+
+
+def _observer(backend, server, run_id):
+    from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
+
+    return rendezvous_handler_registry.create_handler(
+        RendezvousParameters(backend, server.get_endpoint(), run_id, 2, 2, read_timeout=5))
+
+
+def joined_count(observer) -> int:
+    """Nodes in the run's current round: its participants, or with keyed arrivals (etcd-v3), where an open round's
+    state lists none, the round's arrival counter."""
+    participants = len(observer.get_participants())
+    backend = observer._backend
+    if participants or not backend.supports_keys():
+        return participants
+    return backend.key_add(f"g{observer.get_round()}.n", 0)
 
 
 def assert_contiguous(events, world_size):
@@ -116,9 +130,7 @@ def test_close_stops_waiting_nodes(backend, etcd_server, run_id, node_procs):
                for _ in range(2)]
     closer = rendezvous_handler_registry.create_handler(
         RendezvousParameters(backend, etcd_server.get_endpoint(), run_id, 3, 3, read_timeout=5))
-    deadline = time.monotonic() + 60
-    while len(closer.get_participants()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_joined(backend, etcd_server, run_id, count=2)
     closer.set_closed()
     for proc in waiting:
         event = read_event(proc, 20)
@@ -141,13 +153,7 @@ def test_etcd_stopped_mid_rendezvous_is_a_connection_error(backend, private_etcd
     endpoint = private_etcd_server.get_endpoint()
     waiting = dynamic(node_procs, backend, private_etcd_server, run_id, "join", "--min", "2", "--max", "2",
                       "--join-timeout", "60")
-    from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
-
-    observer = rendezvous_handler_registry.create_handler(RendezvousParameters(backend, endpoint, run_id, 2, 2))
-    deadline = time.monotonic() + 60
-    while not observer.get_participants() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert observer.get_participants(), "the node never joined"
+    wait_until_joined(backend, private_etcd_server, run_id)
     private_etcd_server.stop()
     started = time.monotonic()
     event = read_event(waiting, 30)

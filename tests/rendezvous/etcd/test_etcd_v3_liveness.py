@@ -1,5 +1,6 @@
-"""etcd-v3 leases as heartbeats, against a real etcd: keep-alives renew per-node leases instead of rewriting the
-shared state, and a node whose lease lapses (SIGKILL) is evicted so the survivors form a new round."""
+"""etcd-v3 beyond the blob, against a real etcd: keep-alives renew per-node leases instead of rewriting the shared
+state, a node whose lease lapses (SIGKILL) is evicted so the survivors form a new round, and arrivals write their
+own small keys instead of the whole state."""
 
 from __future__ import annotations
 
@@ -63,6 +64,34 @@ def test_heartbeats_of_a_completed_round_do_not_rewrite_the_state(lease_liveness
             # The contrast: heartbeats kept in the state blob rewrite it (~1 write per node per interval).
             assert writes > 0
             assert backend.live_nodes() == set()
+    finally:
+        for handler in handlers:
+            handler.leave()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed-arrivals", "blob-arrivals"])
+def test_arrivals_do_not_rewrite_the_state(keyed, etcd_server, run_id):
+    """8 nodes arriving together: with keyed arrivals the O(N)-sized state is written a constant number of times
+    per round (one node completes it for all), not once or more per node (O(N^2) bytes moved)."""
+    nodes = 8
+    handlers = [
+        rendezvous_handler_registry.create_handler(RendezvousParameters(
+            "etcd-v3", etcd_server.get_endpoint(), run_id, nodes, nodes, read_timeout=10,
+            keyed_arrivals=str(keyed).lower()))
+        for _ in range(nodes)
+    ]
+    try:
+        with ThreadPoolExecutor(nodes) as pool:
+            infos = list(pool.map(lambda h: h.next_rendezvous(), handlers, timeout=90))
+        assert sorted(i.rank for i in infos) == list(range(nodes))
+        assert {i.world_size for i in infos} == {nodes}
+        assert handlers[0].get_participants() == sorted(str(h.node) for h in handlers)
+        writes = _state_writes(etcd_server, handlers[0]._backend.key)
+        if keyed:
+            assert writes <= 3, f"{writes} state writes for one keyed round of {nodes} nodes"
+        else:
+            assert writes >= nodes, f"only {writes} state writes: were arrivals keyed after all?"
     finally:
         for handler in handlers:
             handler.leave()
