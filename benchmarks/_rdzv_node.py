@@ -1,9 +1,11 @@
 """One rendezvous node for the rendezvous benchmark (one OS process per node).
 
-python -m benchmarks._rdzv_node IMPL CONTROL_PORT N NODE ROUNDS RUN_PREFIX
+python -m benchmarks._rdzv_node IMPL CONTROL_PORT N NODE ROUNDS RUN_PREFIX [etcd ETCD_ENDPOINT]
 IMPL is the package that mirrors torch.distributed.elastic ("torch.distributed.elastic" or "elastic_impl").
-The parent hosts a TCPStore on CONTROL_PORT; it is both the control channel (go/done barriers, results) and the
-store the c10d rendezvous backend uses. The rendezvous store client is wrapped to count operations and bytes.
+The parent hosts a TCPStore on CONTROL_PORT; it is the control channel (go/done barriers, results) and, by default,
+the store the c10d rendezvous backend uses; its client is then wrapped to count operations and bytes. With
+``etcd ENDPOINT`` the rendezvous runs over that etcd server instead, through each implementation's registry (ours:
+``etcd-v3``; upstream has only ``etcd-v2``), and store cost is not counted.
 """
 
 from __future__ import annotations
@@ -97,12 +99,19 @@ def _counting_store_class(dist):
 
 def main(argv: list[str]) -> int:
     impl, port, n, node, rounds, prefix = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]), argv[5]
+    etcd_endpoint = argv[7] if len(argv) > 7 and argv[6] == "etcd" else None
     import torch.distributed as dist
 
     control = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     try:
         dynamic = importlib.import_module(f"{impl}.rendezvous.dynamic_rendezvous")
         c10d = importlib.import_module(f"{impl}.rendezvous.c10d_rendezvous_backend")
+        api = importlib.import_module(f"{impl}.rendezvous")
+        if etcd_endpoint:
+            # Imported before "ready", as the c10d modules are: otherwise 16 nodes importing the etcd client at the
+            # same moment on 2 cores add seconds to the first round's clock.
+            etcd_module = "etcd_v3_rendezvous_backend" if impl == "elastic_impl" else "etcd_rendezvous_backend"
+            importlib.import_module(f"{impl}.rendezvous.{etcd_module}")
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         control.set(f"{prefix}/error/{node}", f"{type(e).__name__}: {e}".splitlines()[0])
         control.add(f"{prefix}/ready", 1)
@@ -117,10 +126,15 @@ def main(argv: list[str]) -> int:
         counting.reset()
         result = {"node": node, "pid": os.getpid()}
         try:
-            backend = c10d.C10dRendezvousBackend(counting, run_id)
-            handler = dynamic.DynamicRendezvousHandler.from_backend(
-                run_id=run_id, store=counting, backend=backend, min_nodes=n, max_nodes=n,
-                timeout=dynamic.RendezvousTimeout(join=timedelta(seconds=300)))
+            if etcd_endpoint:
+                handler = api.rendezvous_handler_registry.create_handler(api.RendezvousParameters(
+                    backend="etcd-v3" if impl == "elastic_impl" else "etcd-v2", endpoint=etcd_endpoint,
+                    run_id=run_id, min_nodes=n, max_nodes=n, join_timeout=300))
+            else:
+                backend = c10d.C10dRendezvousBackend(counting, run_id)
+                handler = dynamic.DynamicRendezvousHandler.from_backend(
+                    run_id=run_id, store=counting, backend=backend, min_nodes=n, max_nodes=n,
+                    timeout=dynamic.RendezvousTimeout(join=timedelta(seconds=300)))
             handlers.append(handler)
             info = handler.next_rendezvous()
             result["t_end"] = time.time()
@@ -129,7 +143,8 @@ def main(argv: list[str]) -> int:
                 result["rank"], result["world_size"] = info[1], info[2]
             else:
                 result["rank"], result["world_size"] = info.rank, info.world_size
-            result.update(counting.snapshot())
+            if not etcd_endpoint:
+                result.update(counting.snapshot())
         except Exception as e:  # noqa: BLE001 - reported to the parent as one line
             result["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         control.set(f"{prefix}/res{r}/{node}", json.dumps(result))

@@ -24,7 +24,7 @@ from benchmarks._harness import (
 IMPLS = {"ours": "elastic_impl", "upstream": "torch.distributed.elastic"}
 
 
-def measure(side: str, n: int, rounds: int, timeout: float = 60.0) -> dict:
+def measure(side: str, n: int, rounds: int, timeout: float = 60.0, etcd_endpoint: str | None = None) -> dict:
     impl = IMPLS[side]
     reason = module_available(f"{impl}.rendezvous.dynamic_rendezvous")
     if reason:
@@ -35,7 +35,9 @@ def measure(side: str, n: int, rounds: int, timeout: float = 60.0) -> dict:
     store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
     prefix = f"bench-{side}-{n}-{uuid.uuid4().hex[:6]}"
     env = bench_env()
-    procs = [spawn([python(), "-m", "benchmarks._rdzv_node", impl, str(port), str(n), str(i), str(rounds), prefix], env)
+    over_etcd = ["etcd", etcd_endpoint] if etcd_endpoint else []
+    procs = [spawn([python(), "-m", "benchmarks._rdzv_node", impl, str(port), str(n), str(i), str(rounds), prefix,
+                    *over_etcd], env)
              for i in range(n)]
     try:
         # Every node has imported and connected before the clock starts: we time rendezvous, not `import torch`.
@@ -67,14 +69,16 @@ def measure(side: str, n: int, rounds: int, timeout: float = 60.0) -> dict:
             if ranks != list(range(n)) or {res["world_size"] for res in results} != {n}:
                 raise Unavailable(f"rendezvous gave invalid ranks {ranks} / world sizes")
             latencies.append(max(res["t_end"] for res in results) - t0)
-            ops.append(sum(res["ops"] for res in results))
-            nbytes.append(sum(res["bytes"] for res in results))
+            ops.append(sum(res.get("ops", 0) for res in results))
+            nbytes.append(sum(res.get("bytes", 0) for res in results))
             for res in results:
-                for op, count in res["by_op"].items():
+                for op, count in res.get("by_op", {}).items():
                     by_op[op] = by_op.get(op, 0) + count
         for p in procs:
             p.wait(timeout=30)
         out = summarize(latencies)
+        if etcd_endpoint:
+            return out  # store cost is counted on the c10d store only
         out["store_ops_per_rendezvous"] = summarize(ops)["median"]
         out["store_bytes_per_rendezvous"] = summarize(nbytes)["median"]
         out["store_ops_per_node"] = out["store_ops_per_rendezvous"] / n
@@ -101,11 +105,13 @@ def run(quick: bool) -> dict:
                 broken[side] = f"failed at N={n}: {case[side]['unavailable']}"
         case["ratio"] = ratio(case["ours"], case["upstream"])
         cases[f"N={n}"] = case
+    cases.update(_etcd_cases(sizes[-1] if quick else 16, 1 if quick else 3))
     growth = {side: _growth_exponent(cases, side, "store_ops_per_rendezvous") for side in ("ours", "upstream")}
     byte_growth = {side: _growth_exponent(cases, side, "store_bytes_per_rendezvous") for side in ("ours", "upstream")}
     return {
-        "description": "N local agents (one process each), c10d on one TCPStore, min=max=N: all started -> all "
-                       "have a rank (s); store ops/bytes summed over nodes per rendezvous",
+        "description": "N local agents (one process each), c10d on one TCPStore (and, at N=16, over one etcd), "
+                       "min=max=N: all started -> all have a rank (s); store ops/bytes summed over nodes per "
+                       "rendezvous (c10d only)",
         "unit": "s", "target": "N=16: ours <= 0.5x upstream, store ops O(N)",
         "cases": cases,
         # k in cost ~ N^k between the smallest and largest N (1 = linear, 2 = quadratic).
@@ -114,8 +120,31 @@ def run(quick: bool) -> dict:
     }
 
 
+def _etcd_cases(n: int, rounds: int) -> dict:
+    """N nodes over one real etcd server: ours (etcd-v3: keyed arrivals, leases) vs upstream (etcd-v2, the only
+    etcd backend it has; this etcd serves both APIs)."""
+    try:
+        from elastic_impl.rendezvous.etcd_server import EtcdServer, find_etcd_binary
+
+        find_etcd_binary()
+    except (ImportError, FileNotFoundError) as e:
+        reason = {"unavailable": f"no etcd server to run against: {e}"}
+        return {f"N={n} etcd": {"ours": reason, "upstream": reason, "ratio": None}}
+    server = EtcdServer()
+    try:
+        server.start(timeout=60)
+        case = {side: run_side(measure, side, n, rounds, etcd_endpoint=server.get_endpoint())
+                for side in ("upstream", "ours")}
+    finally:
+        server.stop()
+    case["ratio"] = ratio(case["ours"], case["upstream"])
+    case["note"] = "ours: etcd-v3 backend (keyed arrivals, lease heartbeats); upstream: etcd-v2 (it has no v3 backend)"
+    return {f"N={n} etcd": case}
+
+
 def _growth_exponent(cases: dict, side: str, key: str) -> float | None:
-    points = [(int(name.split("=")[1]), case[side].get(key)) for name, case in cases.items()]
+    points = [(int(name.split("=")[1]), case[side].get(key)) for name, case in cases.items()
+              if name.split("=")[1].isdigit()]
     points = [(n, v) for n, v in points if v]
     if len(points) < 2:
         return None

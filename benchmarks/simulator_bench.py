@@ -2,16 +2,15 @@
 
 No upstream counterpart: absolute wall times (target: 10,000 virtual nodes <= 10 s). Rounds call
 ``simulator.virtual.run_rendezvous_round`` (the real ``RendezvousStepper`` for every node over the simulated
-store, min = max = N, agents arriving within 50 ms); fault schedules run ``elastic-sim fuzz`` as a subprocess.
+store, min = max = N, agents arriving within 50 ms); fault schedules are generated, run in virtual time and checked in process.
 
 Store models: "instant" (latency 0: every store call is atomic, so no compare-and-set is ever lost; this
 measures the cost of the state machine) and "1 ms" (reads up to 1 ms stale, so concurrent joiners lose
 compare-and-sets and retry; this measures contention). "blob": the store offers only get_state/set_state (every
 arrival rewrites the whole O(N)-sized state: O(N^2) bytes per round); "keyed": it also offers the seam's optional
-keyed storage, which the state machine uses for O(1)-sized arrivals where it supports them. Rounds measure the
-rendezvous alone; one case adds the agent's whole-state read after the round (members, restart count), which
-costs every node one read of the O(N)-sized state again. A round that does not finish
-within its wall budget is reported with how many nodes had a rank by then.
+keyed storage (c10d, etcd-v3), which the state machine uses for O(1)-sized arrivals. Rounds measure the rendezvous
+alone (the agent reads nothing more after it: the join hands it its round and the restart count). A round that does
+not finish within its wall budget is reported with how many nodes had a rank by then.
 """
 
 from __future__ import annotations
@@ -103,9 +102,10 @@ def run(quick: bool) -> dict:
     plan = [(100, 0.0, False, False, 3, 60.0), (1000, 0.0, False, False, 1, 120.0),
             (100, 0.0, True, False, 3, 60.0), (1000, 0.0, True, False, 1, 60.0)]
     if not quick:
-        plan += [(10000, 0.0, True, False, 1, 120.0), (1000, 0.0, True, True, 1, 120.0),
-                 (10000, 0.0, False, False, 1, 60.0), (100, 0.001, False, False, 1, 60.0),
-                 (200, 0.001, False, False, 1, 60.0)]
+        # The blob path at 10,000 nodes is left out: it is O(N^2) bytes (1,000 nodes already move 108 MB) and did
+        # not finish in a 60 s budget; the agent's post-round state read is gone from the real agent, so its case is.
+        plan += [(10000, 0.0, True, False, 1, 120.0), (1000, 0.001, True, False, 1, 60.0),
+                 (100, 0.001, False, False, 1, 60.0), (200, 0.001, False, False, 1, 60.0)]
     for n, latency, keyed, sync, repeats, budget in plan:
         store = ("keyed " if keyed else "blob ") + ("instant store" if latency == 0 else f"{latency * 1e3:g} ms store")
         if sync:

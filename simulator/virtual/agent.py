@@ -164,8 +164,9 @@ class SimAgent:
 
     def _on_round(self, result: StepResult) -> None:
         self.round, self.rank, self.world_size = result.round, result.rank, result.world_size
-        # Like the agent after a rendezvous: read the run's state (restart count, participants) afresh; the join
-        # may have finished without reading the whole state (keyed arrivals).
+        # Read the run's state (restart count, participants) after the round. The real agent no longer does (its
+        # join hands it the round, world size and restart count); the virtual one still does by default because the
+        # checker wants each round's participant list in the history. Scale runs switch it off.
         synced = self.stepper.step("sync") if self.sim.post_round_sync else StepResult(done=True)
         state = self.stepper.state
         if synced.error is not None:

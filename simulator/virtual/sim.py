@@ -62,8 +62,8 @@ class Simulation:
             raise ValueError(f"scenario {scenario.name!r} has mode={scenario.mode!r}; the virtual simulator needs mode: virtual")
         self.scenario = scenario
         self.record_participants = record_participants
-        # Agents read the whole state once after each rendezvous (members, restart count), as the real agent does;
-        # the rendezvous-round benchmark turns it off to measure the state machine's own traffic.
+        # Agents read the whole state once after each rendezvous (members, restart count) for the history's
+        # participant lists; the real agent does not (see SimAgent._on_round), so the round benchmark turns it off.
         self.post_round_sync = post_round_sync
         self.progress = progress
         self.rng = random.Random(scenario.seed)
