@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterable
 
@@ -25,6 +26,7 @@ __all__ = [
     "descendants",
     "is_alive",
     "kill_processes",
+    "kill_session",
     "processes_with_env",
     "proc_table",
 ]
@@ -101,6 +103,23 @@ def _signal(pid: int, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL the process group ``proc`` leads (it was started with ``start_new_session=True``), reap ``proc`` and
+    close its pipes. A crash, not a shutdown: for servers and nodes a test or the simulator owns."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
 
 
 def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> list[int]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from fault_injection.base import Fault, FaultError
+from fault_injection.processes import kill_session
 
 __all__ = ["TCPStoreServer", "EtcdStoreServer", "RestartStore"]
 
@@ -53,21 +53,8 @@ class _ServerProcess:
 
     def stop(self) -> None:
         """SIGKILL the server's whole session (a crash, not a clean shutdown) and reap it."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        if self.proc is not None:
+            kill_session(self.proc)
 
     def restart(self):
         """Stop, then start on the same port (what survives is the server's business: see the subclasses)."""

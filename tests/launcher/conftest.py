@@ -89,13 +89,10 @@ class Launcher:
             pytest.fail(f"launcher did not exit within {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
 
     def cleanup(self) -> None:
+        from fault_injection.processes import kill_session
+
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(10)
+            kill_session(proc, timeout=10)
             # workers live in the launcher's session: make sure none of them outlived it
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

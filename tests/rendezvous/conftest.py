@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -84,16 +83,10 @@ class NodeProcesses:
         return proc
 
     def cleanup(self) -> None:
+        from fault_injection.processes import kill_session
+
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            kill_session(proc, timeout=10)
 
 
 @pytest.fixture
