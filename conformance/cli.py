@@ -1,7 +1,8 @@
 """``elastic-conformance certify --impl X --device Y [--table PATH] [--out DIR] [-k PATTERN] [--jobs N]``.
 
 Exit status: 0 all rows conform or are honestly unsupported, 1 on any VIOLATION (or a row without a check),
-2 on bad input (one-line error on stderr).
+2 on bad input (one-line error on stderr), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
+terminated run still stops the servers and processes its checks started (etcd, agents, workers).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,18 +69,41 @@ def _jobs(value: str | None) -> int | None:
     return jobs if jobs >= 1 else None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every ``finally`` runs: servers stopped, workers killed and reaped.
+
+    Without it the default action ends the process on the spot and the etcd servers and agents its checks started
+    outlive it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     previous_disable = logging.root.manager.disable
+    previous_term = None
+    if threading.current_thread() is threading.main_thread():
+        previous_term = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return _main(argv)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Terminated as exc:
+        print(f"elastic-conformance: terminated by {exc}; stopped what the checks had started", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("elastic-conformance: interrupted", file=sys.stderr)
         return 130
     finally:
         logging.disable(previous_disable)  # main() may be called in-process (tests, the pytest plugin)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import tempfile
 import time
@@ -65,12 +66,19 @@ def _sweep(began: int, exclude: set[int]) -> None:
         time.sleep(0.05)
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # quiet in a multiprocessing child, and every finally runs
+
+
 def _worker(adapter: Adapter, device: Device, workdir: str | None, quiet_logs: bool,
             tasks: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
     from conformance import runner
     from conformance.context import SuiteResources
     from conformance.signatures import load_snapshot
 
+    # A SIGTERM (the parent's, or one sent to the whole group) unwinds through the finally below, which stops this
+    # worker's etcd/TCPStore and reaps what its checks started.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if quiet_logs:
         logging.disable(logging.ERROR)
     load_checks()
@@ -168,10 +176,14 @@ def certify_parallel(
             except queue.Empty:
                 pass
     finally:
+        for worker in workers:  # a SIGTERM first, so each worker stops its own servers (SIGKILL if it hangs)
+            if worker.is_alive():
+                worker.terminate()
         for worker in workers:
+            worker.join(10)
             if worker.is_alive():
                 worker.kill()
-            worker.join(10)
+                worker.join(10)
         if began is not None:
             _sweep(began, {worker.pid for worker in workers if worker.is_alive()})
         _set_subreaper(False)

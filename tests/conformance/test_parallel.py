@@ -8,9 +8,11 @@ import os
 import signal
 import time
 
+import pytest
+
 from conformance.cli import main
 
-from .conftest import run_cli, write_package
+from .conftest import REPO_ROOT, run_cli, write_package
 
 # Rows from three check groups (rendezvous, timer, metrics), one of them broken in planted_impl.
 ROWS = "RendezvousParameters.get_as_int,timer.TimerRequest,metrics.put_metric"
@@ -93,3 +95,62 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _etcd_descendants(root: int) -> list[int]:
+    from fault_injection.processes import descendants
+
+    found = []
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() == "etcd":
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigterm_stops_the_etcd_its_checks_started(tmp_path, jobs):
+    """`kill <certify pid>` (a CI timeout, a scheduler) used to end certify on the spot and leave its etcd running;
+    now the run unwinds, stops the servers its checks started, and says so."""
+    import subprocess
+    import sys
+
+    from elastic_impl.rendezvous.etcd_server import find_etcd_binary
+    from fault_injection.processes import is_alive
+
+    try:
+        find_etcd_binary()
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the etcd binary: {e}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conformance.cli", "certify", "--impl", "elastic_impl", "--device", "cpu",
+         "-k", "etcd", "--jobs", jobs, "-q", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO_ROOT),
+        start_new_session=True)
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not servers and proc.poll() is None and time.monotonic() < deadline:
+            servers = _etcd_descendants(proc.pid)
+            time.sleep(0.1)
+        assert servers, f"certify started no etcd (rc={proc.poll()})"
+        os.kill(proc.pid, signal.SIGTERM)  # the main process only, as `kill PID` does
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        assert "terminated by SIGTERM" in err
+        gone_by = time.monotonic() + 10
+        while any(is_alive(p) for p in servers) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert not [p for p in servers if is_alive(p)], "etcd outlived the terminated certify"
+    finally:
+        for pid in [proc.pid, *servers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
