@@ -160,6 +160,21 @@ def split_endpoint(endpoint: str, default_port: int | None) -> tuple[str, int | 
 RDZV_CONF_ALIASES = {"heartbeat": "keep_alive_interval", "missed_heartbeats": "keep_alive_max_attempt"}
 
 
+# Options the launcher itself puts into every rendezvous config; a backend may have no use for them.
+_LAUNCHER_RDZV_OPTIONS = frozenset({"timeout", "rank"})
+
+
+def _warn_unread_rdzv_options(params) -> None:
+    """Name the --rdzv-conf options the backend never asked for: torchrun ignores them silently, so a misspelt
+    option (``join_timout=600``) quietly runs with the default."""
+    from elastic_impl.rendezvous.api import unread_options
+
+    unread = [key for key in unread_options(params) if key not in _LAUNCHER_RDZV_OPTIONS]
+    if unread:
+        logger.warning("rendezvous backend %r does not use --rdzv-conf option(s) %s; they have no effect (misspelt?)",
+                       params.backend, ", ".join(repr(k) for k in unread))
+
+
 def _canonical_rdzv_configs(configs: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in configs.items():
@@ -271,6 +286,7 @@ def launch_agent(
         rdzv_handler = rendezvous_handler_registry.create_handler(rdzv_parameters)
     except (ValueError, KeyError) as e:
         raise LaunchConfigError(str(e).strip("'\"")) from None
+    _warn_unread_rdzv_options(rdzv_parameters)
     window = getattr(getattr(rdzv_handler, "settings", None), "heartbeat_expiry_seconds", None)
     if window is not None:
         logger.info("rendezvous %s: a node silent for %.3g s is dropped and the others re-form", config.run_id, window)

@@ -161,6 +161,12 @@ def _require_int(name: str, value: Any) -> int:
     return value
 
 
+def unread_options(params: RendezvousParameters) -> list[str]:
+    """Options set in ``params`` that nothing has asked for (through ``get``/``get_as_*``) so far."""
+    asked = getattr(params, "_asked", None)
+    return [] if asked is None else sorted(set(params.config) - asked)
+
+
 class RendezvousParameters:
     """Everything needed to construct a rendezvous handler; backend-specific options go in ``**kwargs``."""
 
@@ -189,9 +195,12 @@ class RendezvousParameters:
         self.max_nodes = max_nodes
         self.local_addr = local_addr
         self.config = kwargs
+        # Option names a handler asked for: the launcher warns about given options no handler asked for (typos).
+        self._asked: set[str] = set()
 
     def get(self, key: str, default: Any = None) -> Any:
         """The backend option ``key``, or ``default`` when it is not set."""
+        self._asked.add(key)
         return self.config.get(key, default)
 
     def get_as_bool(self, key: str, default: bool | None = None) -> bool | None:

@@ -92,6 +92,24 @@ def test_bad_rendezvous_settings_are_one_line_and_exit_code_2(argv, fragment, ca
     assert fragment in lines[0], err
 
 
+def test_rdzv_conf_options_the_backend_never_reads_are_named(tmp_path):
+    """torchrun silently ignores a misspelt --rdzv-conf option (the job then runs with the default); ours runs too,
+    but says which options had no effect. Options the backend read (including aliases) are not named."""
+    script = tmp_path / "ok.py"
+    script.write_text("print('worker ran')\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic_impl.run", "--standalone", "--nproc-per-node", "1",
+         "--rdzv-conf", "join_timout=5,heartbeat=1,last_call_timeout=1", str(script)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "worker ran" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "does not use --rdzv-conf" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert "'join_timout'" in warnings[0] and "have no effect" in warnings[0]
+    assert "heartbeat" not in warnings[0] and "keep_alive" not in warnings[0] and "last_call" not in warnings[0]
+
+
 def test_missing_training_script_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--standalone"])
