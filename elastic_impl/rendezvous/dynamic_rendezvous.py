@@ -45,12 +45,12 @@ as another node writes instead of sleeping out the poll interval (c10d: ``TCPSto
 Backends with only get_state/set_state (etcd-v2) run the same state machine and simply re-read on every poll.
 
 Store traffic. The state is one compact JSON blob (~40 B per node: key, rank, millisecond heartbeat; upstream's
-pickled state is ~160 B per node). With a backend that has keyed storage (c10d, etcd-v3, in-memory) a node arriving in an
-open round does not rewrite the blob: it announces itself with O(1)-sized key operations and one node completes the
-round for everyone (see "keyed arrivals" below), so a round where N nodes arrive together writes the blob once and
-moves O(N) bytes in total (in-memory backend: N=8: 1.5 kB, N=64: 12 kB, N=256: 50 kB). Backends with only
-get_state/set_state (etcd-v2; etcd-v3 with ``keyed_arrivals=false``) run the same rules with every arrival rewriting the blob: O(1) calls per node
-but O(N^2) bytes per round (N=8: 5.3 kB, N=64: 322 kB, N=256: 5.2 MB). Not O(N) on either path: anything that hands
+pickled state is ~160 B per node). With a backend that has keyed storage (c10d, etcd-v3, in-memory) a node
+arriving in an open round does not rewrite the blob: it announces itself with O(1)-sized key operations and one node
+completes the round for everyone (see "keyed arrivals" below), so a round where N nodes arrive together writes the
+blob once and moves O(N) bytes in total (in-memory backend: N=8: 1.5 kB, N=64: 12 kB, N=256: 50 kB). Backends with
+only get_state/set_state (etcd-v2; etcd-v3 with ``keyed_arrivals=false``) run the same rules with every arrival
+rewriting the blob: O(1) calls per node but O(N^2) bytes per round (N=8: 5.3 kB, N=64: 322 kB, N=256: 5.2 MB). Not O(N) on either path: anything that hands
 every node the full membership, i.e. ``get_participants()``/``sync`` reads of a completed round's blob (the agent
 polls them to notice membership changes; the version probe keeps those polls O(1) while nothing changes), the
 first read of a completed round by each node that re-rendezvouses, and keep-alive heartbeats of a completed round,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import http.client
 import json
@@ -208,11 +209,7 @@ class EtcdV3Client:
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
             put["lease"] = str(lease)
-        answer = self.post("/v3/kv/txn", {
-            "compare": [compare],
-            "success": [{"request_put": put}],
-            "failure": [{"request_range": {"key": _b64(key)}}],
-        })
+        answer = self.txn([compare], [{"request_put": put}], [{"request_range": {"key": _b64(key)}}])
         revision = int(answer.get("header", {}).get("revision", 0))
         if answer.get("succeeded"):
             return True, revision, None
@@ -348,8 +345,13 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
     def key(self) -> str:
         return self._key.decode()
 
-    def _failed(self, e: BaseException) -> RendezvousConnectionError:
-        return RendezvousConnectionError(f"{e} (rendezvous key {self.key})")
+    @contextlib.contextmanager
+    def _reaching(self):
+        """Turn a transport failure into the seam's RendezvousConnectionError, naming the rendezvous key."""
+        try:
+            yield
+        except EtcdUnreachable as e:
+            raise RendezvousConnectionError(f"{e} (rendezvous key {self.key})") from None
 
     # -------------------------------------------------------------- change notification (optional in the seam)
 
@@ -358,18 +360,14 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         mod_revision (0 when absent), read without its value (``keys_only``)."""
         if not self.watch_state:
             return None
-        try:
+        with self._reaching():
             kv, _ = self._client.range(self._key, keys_only=True)
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
         return 0 if kv is None else int(kv.get("mod_revision", 0))
 
     def wait_for_change(self, version: int, timeout: float) -> bool | None:
         """Watch the state key from just after ``version``: True on a change, False after ``timeout`` seconds."""
-        try:
+        with self._reaching():
             return self._client.watch_once(self._key, int(version) + 1 if version else None, timeout, exact=True)
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
 
     # -------------------------------------------------------------- lease-based liveness (optional in the seam)
     #
@@ -386,22 +384,18 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
 
     def heartbeat(self, node_key: str, ttl: float) -> None:
         """Renew ``node_key``'s lease (granting it, and writing its liveness key, the first time or after expiry)."""
-        try:
+        with self._reaching():
             lease = self._node_leases.get(node_key)
             if lease is not None and self._client.keepalive(lease) > 0:
                 return
             lease = self._client.grant(max(1, math.ceil(ttl)))
             self._client.put(self._alive_prefix + node_key.encode(), b"", lease)
             self._node_leases[node_key] = lease
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
 
     def live_nodes(self) -> set[str]:
         """Nodes whose liveness lease has not expired."""
-        try:
+        with self._reaching():
             kvs = self._client.range_prefix(self._alive_prefix)
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
         return {_unb64(kv["key"])[len(self._alive_prefix):].decode() for kv in kvs}
 
     def forget(self, node_key: str) -> None:
@@ -409,10 +403,8 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         lease = self._node_leases.pop(node_key, None)
         if lease is None:
             return
-        try:
+        with self._reaching():
             self._client.revoke(lease)
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
 
     # -------------------------------------------------------------- keyed storage (optional in the seam)
     #
@@ -436,7 +428,7 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         if amount < 0:
             raise ValueError(f"etcd-v3 keyed counters only grow: key_add({key!r}, {amount}) is not allowed")
         full = self._full(key)
-        try:
+        with self._reaching():
             if amount == 0:
                 kv, _ = self._client.range(full, keys_only=True)
                 return 0 if kv is None else int(kv.get("version", 0))
@@ -445,26 +437,20 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
                 prev = self._client.put_prev(full, b"", self._lease.current())
                 count = (int(prev.get("version", 0)) if prev else 0) + 1
             return count
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
 
     def key_set(self, key: str, value: bytes) -> None:
-        try:
+        with self._reaching():
             self._client.put(self._full(key), bytes(value), self._lease.current())
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
 
     def key_get_many(self, keys: list[str]) -> list[bytes | None]:
         values: list[bytes | None] = []
-        try:
+        with self._reaching():
             for start in range(0, len(keys), self._TXN_OPS):
                 batch = keys[start:start + self._TXN_OPS]
                 answer = self._client.txn([], [{"request_range": {"key": _b64(self._full(k))}} for k in batch])
                 for response in answer.get("responses") or []:
                     kvs = (response.get("response_range") or {}).get("kvs") or []
                     values.append(_unb64(kvs[0].get("value")) if kvs else None)
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
         if len(values) != len(keys):
             raise RendezvousStateError(f"etcd answered {len(values)} reads for {len(keys)} keys under {self.key}")
         return values
@@ -475,26 +461,22 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
             compare = {"key": full, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
         else:
             compare = {"key": full, "target": "VALUE", "result": "EQUAL", "value": _b64(bytes(expected))}
-        try:
+        with self._reaching():
             answer = self._client.txn(
                 [compare],
                 [{"request_put": {"key": full, "value": _b64(bytes(desired)), "lease": str(self._lease.current())}}],
                 [{"request_range": {"key": full}}],
             )
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
         if answer.get("succeeded"):
             return bytes(desired)
         kvs = ((answer.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
         return _unb64(kvs[0].get("value")) if kvs else b""
 
     def key_delete_many(self, keys: list[str]) -> None:
-        try:
+        with self._reaching():
             for start in range(0, len(keys), self._TXN_OPS):
                 batch = dict.fromkeys(keys[start:start + self._TXN_OPS])  # etcd refuses a key twice in one txn
                 self._client.txn([], [{"request_delete_range": {"key": _b64(self._full(k))}} for k in batch])
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
 
     def _decode(self, kv: dict) -> tuple[bytes, Any]:
         try:
@@ -503,10 +485,8 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
             raise RendezvousStateError(f"rendezvous state in etcd key {self.key} is unreadable: {one_line(e)}") from None
 
     def get_state(self) -> tuple[bytes, Any] | None:
-        try:
+        with self._reaching():
             kv, _ = self._client.range(self._key)
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
         return None if kv is None else self._decode(kv)
 
     def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
@@ -518,10 +498,8 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
             except (TypeError, ValueError):
                 current = self.get_state()  # not one of our tokens: it cannot match
                 return None if current is None else (*current, False)
-        try:
+        with self._reaching():
             ok, revision, kv = self._client.compare_and_put(self._key, state, expected, self._lease.current())
-        except EtcdUnreachable as e:
-            raise self._failed(e) from None
         if ok:
             return state, revision, True
         return None if kv is None else (*self._decode(kv), False)
