@@ -80,7 +80,10 @@ def descendants(pid: int, table: dict[int, int] | None = None) -> list[int]:
 
 
 def processes_with_env(key: str, value: str) -> list[int]:
-    """Live processes (of this user) whose initial environment has ``key=value``."""
+    """Live processes (of this user) whose initial environment has ``key=value``.
+
+    A process in the middle of exec has no environment to read yet (for a moment after its parent's Popen returned):
+    it is found by the next call."""
     needle = f"{key}={value}".encode()
     me = os.getpid()
     found = []

@@ -98,5 +98,12 @@ def test_processes_with_env_finds_marked_descendants(spawn):
     env = dict(os.environ, SIM_TEST_MARK=token)
     proc = spawn(NODE, stdout=subprocess.PIPE, text=True, env=env)
     worker, grandchild = (int(x) for x in read_line(proc).split())
-    assert processes_with_env("SIM_TEST_MARK", token) == sorted([proc.pid, worker, grandchild])
+    expected = sorted([proc.pid, worker, grandchild])
+    # Popen returns when exec has closed its close-on-exec pipe, which the kernel does before it lays out the new
+    # program's environment: for a moment a just-started process shows an empty /proc/<pid>/environ (CI caught the
+    # grandchild there once). Look again until it has one.
+    deadline = time.monotonic() + 10
+    while (found := processes_with_env("SIM_TEST_MARK", token)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert found == expected
     assert processes_with_env("SIM_TEST_MARK", token + "x") == []
