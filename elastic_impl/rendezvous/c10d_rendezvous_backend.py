@@ -252,6 +252,9 @@ def _resolve(host: str, port: int) -> None:
         raise RendezvousConnectionError(f"rendezvous endpoint {host}:{port}: cannot resolve host {host!r} ({e})") from None
 
 
+_QUIET_CONNECT_SECONDS = 2.0  # a store host that answers within this is joined without a word
+
+
 def _create_tcp_store(params: RendezvousParameters):
     """The agent-facing TCPStore (hosted here or a client), plus its host and port."""
     from torch.distributed import TCPStore
@@ -271,8 +274,19 @@ def _create_tcp_store(params: RendezvousParameters):
                 raise RendezvousConnectionError(f"cannot host the rendezvous TCPStore at {host}:{port}: {_first_line(e)}") from None
             # Another agent on this machine hosts it already (port taken): join as a client, like torchrun.
             logger.info("rendezvous store %s:%s is hosted elsewhere on this machine (%s); connecting", host, port, e)
+    # Nodes often start before the store's host. A node that cannot connect at once says what it waits for and for
+    # how long (torchrun blocks silently for the whole timeout), then keeps trying for the rest of connect_timeout.
+    first_try = min(_QUIET_CONNECT_SECONDS, connect_timeout)
     try:
-        store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout), use_libuv=True)
+        try:
+            store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=first_try), use_libuv=True)
+        except (RuntimeError, OSError):
+            if connect_timeout <= first_try:
+                raise
+            logger.warning("the rendezvous store at %s:%s does not answer yet; waiting up to %g s more for its host "
+                           "(--rdzv-conf connect_timeout=S)", host, port, connect_timeout - first_try)
+            store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout - first_try),
+                             use_libuv=True)
     except (RuntimeError, OSError) as e:
         raise RendezvousConnectionError(
             f"cannot reach the rendezvous TCPStore at {host}:{port} within {connect_timeout} s: {_first_line(e)}"
