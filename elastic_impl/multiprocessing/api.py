@@ -132,8 +132,26 @@ class LogsSpecs(abc.ABC):
     def root_log_dir(self) -> str: ...
 
 
+def _new_attempt_dir(run_log_dir: str, restart: str) -> str:
+    """A folder no earlier start of the workers used: ``attempt_<restart>``, else ``attempt_<restart>.<n>``.
+
+    A membership change re-forms the group without using a restart, so the restart count repeats; upstream then
+    deletes the previous start's logs and error files. Ours never deletes what a worker wrote.
+    """
+    base = os.path.join(run_log_dir, f"attempt_{restart}")
+    path, n = base, 0
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = f"{base}.{n}"
+
+
 class DefaultLogsSpecs(LogsSpecs):
-    """Logs under ``<log_dir>/<run_id>/attempt_<restart_count>/<local_rank>/{stdout,stderr}.log`` + error.json."""
+    """Logs under ``<log_dir>/<run_id>_<unique>/attempt_<restart_count>[.<n>]/<local_rank>/`` (stdout.log,
+    stderr.log, error.json): one folder per run, and a new attempt folder for every start of the worker group."""
 
     def __init__(
         self,
@@ -150,6 +168,7 @@ class DefaultLogsSpecs(LogsSpecs):
             else:
                 os.makedirs(log_dir, exist_ok=True)
         super().__init__(log_dir, redirects, tee, local_ranks_filter)
+        self._run_log_dir: str | None = None  # made on the first reify, when the run id is known
 
     @property
     def root_log_dir(self) -> str:
@@ -165,9 +184,12 @@ class DefaultLogsSpecs(LogsSpecs):
         if self._root_log_dir == os.devnull:
             attempt_log_dir = os.devnull
         else:
-            attempt_log_dir = os.path.join(str(self._root_log_dir), run_id, f"attempt_{restart}")
-            shutil.rmtree(attempt_log_dir, ignore_errors=True)
-            os.makedirs(attempt_log_dir)
+            if self._run_log_dir is None:
+                # One folder per run of the launcher (as torchrun does): a rerun with the same run id and log dir
+                # must not write over, or delete, what the previous run's workers wrote.
+                safe_run_id = run_id.replace(os.sep, "_") or "none"
+                self._run_log_dir = tempfile.mkdtemp(prefix=f"{safe_run_id}_", dir=str(self._root_log_dir))
+            attempt_log_dir = _new_attempt_dir(self._run_log_dir, restart)
         redirs = to_map(self._redirects, nprocs)
         ts = to_map(self._tee, nprocs)
         dest = LogsDest()

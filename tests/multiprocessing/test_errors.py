@@ -1,4 +1,5 @@
 import json
+import re
 import signal
 
 import pytest
@@ -63,7 +64,7 @@ def test_to_map_and_devnull_logs(tmp_path):
     dest = DefaultLogsSpecs(log_dir=str(tmp_path), redirects={0: Std.OUT}, tee={1: Std.ERR},
                             local_ranks_filter={1}).reify({0: {}, 1: {}})
     assert set(dest.stdouts) == {0} and set(dest.stderrs) == {1} and set(dest.tee_stderrs) == {1}
-    assert dest.error_files[0].endswith("/none/attempt_0/0/error.json")
+    assert re.search(r"/none_[^/]+/attempt_0/0/error\.json$", dest.error_files[0]), dest.error_files[0]
 
 
 def test_bad_log_dir_is_one_line_error(tmp_path):

@@ -37,8 +37,9 @@ def test_function_entrypoint_returns_values_and_redirects(tmp_path, contexts):
     assert not result.is_failed()
     assert result.return_values == {0: 2, 1: 10}
     for rank, x in ((0, 1), (1, 5)):
-        out = tmp_path / "run" / "attempt_0" / str(rank) / "stdout.log"
-        err = tmp_path / "run" / "attempt_0" / str(rank) / "stderr.log"
+        (run_dir,) = tmp_path.glob("run_*")  # one folder per run: <log_dir>/<run_id>_<unique>
+        out = run_dir / "attempt_0" / str(rank) / "stdout.log"
+        err = run_dir / "attempt_0" / str(rank) / "stderr.log"
         assert result.stdouts[rank] == str(out) and out.read_text() == f"out-{x}\n"
         assert err.read_text() == f"err-{x}\n"
 
@@ -60,7 +61,8 @@ def test_binary_entrypoint_success_and_tee(tmp_path, contexts, capfd):
     result = pc.wait()
     assert not result.is_failed()
     assert result.return_values == {0: None, 1: None}
-    assert (tmp_path / "run" / "attempt_0" / "0" / "stdout.log").read_text() == "bin-a\n"
+    (run_dir,) = tmp_path.glob("run_*")
+    assert (run_dir / "attempt_0" / "0" / "stdout.log").read_text() == "bin-a\n"
     pc.close()  # stops the tailers, which flush what they read
     out = capfd.readouterr().out
     assert "[zero]:bin-a" in out and "[one]:bin-b" in out
