@@ -47,6 +47,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from elastic_impl.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousGracefulExitError,
+)
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 
 __all__ = [
@@ -333,6 +338,11 @@ class SimpleElasticAgent(ElasticAgent):
                 sigval = self._pending_signal
             if sigval is None:
                 self._emit("agent.exit", state="ERROR", error=f"{type(e).__name__}: {e}")
+                if not isinstance(e, (RendezvousGracefulExitError, RendezvousConnectionError, RendezvousClosedError)):
+                    # The job ends here (the launcher closes the run): without a published root cause a peer
+                    # waiting at its exit barrier would take the closed run for a finished job and exit 0.
+                    logger.error("the elastic agent failed: %s: %s", type(e).__name__, e, exc_info=True)
+                    self._publish_agent_error(e)
                 raise
             sigval = signal.Signals(sigval)
             logger.warning("agent received %s, stopping workers", sigval.name)
@@ -550,12 +560,18 @@ class SimpleElasticAgent(ElasticAgent):
                     return
                 if store.check([_JOB_FAILED_KEY]):
                     logger.warning("exit barrier skipped: a peer reported the job failed")
+                    self._failed_by_peer = True
                     self._ack_peer_failure(store)
                     return
                 self._check_signal()
                 if self._clock.monotonic() - closed_checked_at >= 1.0:
                     closed_checked_at = self._clock.monotonic()
                     if self._run_closed(rdzv_handler):
+                        if store.check([_JOB_FAILED_KEY]):  # published just before the failing node closed the run
+                            logger.warning("exit barrier ended: a peer failed the job and closed the run")
+                            self._failed_by_peer = True
+                            self._ack_peer_failure(store)
+                            return
                         logger.warning("exit barrier ended: the run was closed (%s of %s nodes arrived)", arrived,
                                        group_world_size)
                         return
@@ -610,6 +626,12 @@ class SimpleElasticAgent(ElasticAgent):
                     continue
                 logger.info("[%s] workers succeeded; waiting at the exit barrier", role)
                 self._exit_barrier()
+                if self._failed_by_peer:
+                    # This node's workers are done, but the JOB failed elsewhere: a job that failed is never
+                    # reported as a success on any node (the launcher reports the peer's root cause).
+                    logger.error("[%s] workers succeeded, but a peer failed the job", role)
+                    self._worker_group.state = WorkerState.FAILED
+                    return RunResult(state=WorkerState.FAILED)
                 return run_result
             if state in {WorkerState.UNHEALTHY, WorkerState.FAILED}:
                 self._emit_worker_failures(run_result)
@@ -800,13 +822,15 @@ class SimpleElasticAgent(ElasticAgent):
         if store is None:
             return
         root = _earliest_failure(run_result.failures)
+        self._publish_failure_record(_failure_to_dict(*root) if root is not None else None)
+
+    def _publish_failure_record(self, failure: dict[str, Any] | None) -> None:
+        store = self._store
+        if store is None:
+            return
         try:
-            if root is not None:
-                rank, failure = root
-                store.set(
-                    _FAILURE_KEY.format(group_rank=self._worker_group.group_rank),
-                    json.dumps(_failure_to_dict(rank, failure)).encode(),
-                )
+            if failure is not None:
+                store.set(_FAILURE_KEY.format(group_rank=self._worker_group.group_rank), json.dumps(failure).encode())
             store.set(_JOB_FAILED_KEY, str(self._worker_group.group_rank).encode())
             self._last_failure_published = True
             # This node may host the store: give the peers a moment to read the root cause before it goes away.
@@ -816,6 +840,25 @@ class SimpleElasticAgent(ElasticAgent):
                 self._clock.sleep(0.1)
         except Exception as e:
             logger.warning("could not publish the failure to peers: %s", e)
+
+    def _publish_agent_error(self, error: BaseException) -> None:
+        """Publish an error of this agent itself (not of its workers) as the job's failure, like a worker's."""
+        if self._store is None or self._last_failure_published:
+            return
+        ranks = [w.global_rank for w in self._worker_group.workers if w.global_rank is not None and w.global_rank >= 0]
+        failure = {
+            "rank": min(ranks) if ranks else -1 - (self._worker_group.group_rank or 0),
+            "local_rank": None,
+            "pid": os.getpid(),
+            "exitcode": 1,
+            "timestamp": int(time.time()),
+            "message": f"the elastic agent on {socket.getfqdn()} failed: {type(error).__name__}: {error}",
+            "host": socket.getfqdn(),
+            "error_file": "",
+            "stderr_file": None,
+            "stderr_tail": [],
+        }
+        self._publish_failure_record(failure)
 
     def _peer_failed_job(self, force: bool = False) -> bool:
         """Whether another node published that the job failed (checked at most once per second)."""
