@@ -18,6 +18,7 @@ from typing import Any
 from elastic_impl.agent.server.api import WorkerSpec
 from elastic_impl.agent.server.local_elastic_agent import LocalElasticAgent, shutdown_grace_from_env
 from elastic_impl.multiprocessing.errors import ChildFailedError
+from elastic_impl.rendezvous.options import RDZV_CONF_ALIASES as _RDZV_CONF_ALIASES
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
 
@@ -156,8 +157,8 @@ def split_endpoint(endpoint: str, default_port: int | None) -> tuple[str, int | 
     return host, int(port_str)
 
 
-# Our spellings of torchrun's keep-alive options (accepted by the CLI and by LaunchConfig.rdzv_configs).
-RDZV_CONF_ALIASES = {"heartbeat": "keep_alive_interval", "missed_heartbeats": "keep_alive_max_attempt"}
+# Our spellings of torchrun's keep-alive options: one table, in the rendezvous options module.
+RDZV_CONF_ALIASES = _RDZV_CONF_ALIASES
 
 
 # Options the launcher itself puts into every rendezvous config; a backend may have no use for them.

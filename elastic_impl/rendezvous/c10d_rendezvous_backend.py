@@ -12,6 +12,7 @@ from typing import Any
 
 from ._backend import RendezvousBackend
 from .api import RendezvousConnectionError, RendezvousParameters, RendezvousStateError
+from .options import keep_alive_options
 from .utils import matches_this_machine, parse_rendezvous_endpoint, positive_seconds
 
 __all__ = ["C10dRendezvousBackend", "create_backend"]
@@ -238,7 +239,8 @@ def store_liveness_timeout(params: RendezvousParameters) -> float:
     the store host gets the same bound instead of the 60 s read timeout.
     """
     read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    expiry = positive_seconds(params, "keep_alive_interval", 5.0) * params.get_as_int("keep_alive_max_attempt", 3)
+    interval, max_attempt = keep_alive_options(params)
+    expiry = interval * max_attempt
     if params.get("store_liveness_timeout") is not None:
         return positive_seconds(params, "store_liveness_timeout", expiry)
     return min(expiry, read_timeout)

@@ -86,6 +86,7 @@ from .api import (
     RendezvousStoreInfo,
     RendezvousTimeoutError,
 )
+from .options import DEFAULT_KEEP_ALIVE_INTERVAL, keep_alive_options, option_seconds, seconds_value
 
 __all__ = [
     "DynamicRendezvousHandler",
@@ -107,15 +108,9 @@ STEP_OPS = ("join", "keep_alive", "close", "leave", "sync", "increment_restart_c
 def _seconds(name: str, value: Any, default: float) -> float:
     if value is None:
         return default
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
+    if isinstance(value, str):  # the API takes a timedelta or a number, never text
         raise ValueError(f"rendezvous {name} timeout must be a timedelta or seconds, got {value!r}")
-    if seconds <= 0:
-        raise ValueError(f"rendezvous {name} timeout must be positive, got {seconds} s")
-    return seconds
+    return seconds_value(f"rendezvous {name} timeout", value)
 
 
 class RendezvousTimeout:
@@ -127,7 +122,7 @@ class RendezvousTimeout:
     _DEFAULT_JOIN = 600.0
     _DEFAULT_LAST_CALL = 30.0
     _DEFAULT_CLOSE = 30.0
-    _DEFAULT_HEARTBEAT = 5.0
+    _DEFAULT_HEARTBEAT = DEFAULT_KEEP_ALIVE_INTERVAL
 
     def __init__(
         self,
@@ -186,7 +181,7 @@ class RendezvousSettings:
             raise ValueError(f"rendezvous min_nodes must be an integer >= 1, got {self.min_nodes!r}")
         if not isinstance(self.max_nodes, int) or self.max_nodes < self.min_nodes:
             raise ValueError(f"rendezvous max_nodes must be an integer >= min_nodes ({self.min_nodes}), got {self.max_nodes!r}")
-        seconds = _seconds("keep_alive_interval", self.keep_alive_interval, 5.0)
+        seconds = _seconds("keep_alive_interval", self.keep_alive_interval, DEFAULT_KEEP_ALIVE_INTERVAL)
         self.keep_alive_interval = timedelta(seconds=seconds)
         if not isinstance(self.keep_alive_max_attempt, int) or self.keep_alive_max_attempt < 1:
             raise ValueError(f"rendezvous keep_alive_max_attempt must be an integer >= 1, got {self.keep_alive_max_attempt!r}")
@@ -1270,30 +1265,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return False
 
 
-def _param_seconds(params: RendezvousParameters, key: str) -> float | None:
-    value = params.get(key)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise ValueError(f"rendezvous option {key}={value!r} must be positive")
-    return seconds
-
-
 def create_handler(store, backend: RendezvousBackend, params: RendezvousParameters) -> DynamicRendezvousHandler:
     """Create a handler from ``params`` (options: join_timeout, last_call_timeout, close_timeout,
     keep_alive_interval, keep_alive_max_attempt)."""
-    keep_alive = _param_seconds(params, "keep_alive_interval")
+    keep_alive, max_attempt = keep_alive_options(params)
     timeout = RendezvousTimeout(
-        join=_param_seconds(params, "join_timeout"),
-        last_call=_param_seconds(params, "last_call_timeout"),
-        close=_param_seconds(params, "close_timeout"),
+        join=option_seconds(params, "join_timeout", None),
+        last_call=option_seconds(params, "last_call_timeout", None),
+        close=option_seconds(params, "close_timeout", None),
         heartbeat=keep_alive,
     )
-    max_attempt = params.get_as_int("keep_alive_max_attempt", 3)
     return DynamicRendezvousHandler.from_backend(
         params.run_id,
         store,

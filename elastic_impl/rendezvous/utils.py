@@ -56,12 +56,9 @@ def matches_this_machine(host: str) -> bool:
 
 
 def positive_seconds(params, key: str, default: float) -> float:
-    """Option ``key`` of ``params`` (a RendezvousParameters) as a positive number of seconds; one-line ValueError."""
-    value = params.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"rendezvous option {key}={value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ValueError(f"rendezvous option {key}={value!r} must be a positive number of seconds")
+    """Option ``key`` of ``params`` (a RendezvousParameters) in seconds within its bounds (see :mod:`.options`)."""
+    from .options import option_seconds
+
+    seconds = option_seconds(params, key, default)
+    assert seconds is not None
     return seconds

@@ -74,6 +74,16 @@ LATE_BAD_INPUTS = [
     (["--rdzv-backend", "c10d", "--rdzv-conf", "missed_heartbeats=many"], "many"),
     (["--rdzv-backend", "c10d", "--rdzv-conf", "join_timeout=-5"], "-5"),
     (["--rdzv-backend", "c10d", "--rdzv-conf", "store_type=carrier-pigeon"], "carrier-pigeon"),
+    # values a hostile run found (issue 13): each used to pass validation and fail later, blamed on the store
+    # ("no answer within 0.0 s"), as an OverflowError, or as "cannot convert float NaN to integer"
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "missed_heartbeats=0"], "missed_heartbeats (keep_alive_max_attempt)='0' is out of range (allowed: an integer with 1 <= value <= 1000)"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "missed_heartbeats=-1"], "missed_heartbeats (keep_alive_max_attempt)='-1' is out of range"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "heartbeat=1e-9"], "heartbeat (keep_alive_interval)='1e-9' is out of range (allowed: a number of seconds with 0.01 <= seconds <= 2592000)"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "heartbeat=inf"], "heartbeat (keep_alive_interval)='inf' is out of range"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "join_timeout=inf"], "join_timeout='inf' is out of range (allowed: a number of seconds with 0 < seconds <= 2592000)"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "close_timeout=nan"], "close_timeout='nan' is out of range"),
+    (["--rdzv-backend", "c10d", "--rdzv-conf", "last_call_timeout=nan"], "last_call_timeout='nan' is out of range"),
+    (["--rdzv-backend", "etcd", "--rdzv-conf", "last_call_timeout=nan"], "last_call_timeout='nan' is out of range"),
 ]
 
 
