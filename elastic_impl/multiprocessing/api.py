@@ -15,6 +15,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntFlag
@@ -240,6 +242,36 @@ class RunProcsResult:
 # --------------------------------------------------------------------------------------------- process tree helpers
 _PR_SET_CHILD_SUBREAPER = 36
 
+# Every worker (and so everything it starts, unless it wipes its environment) carries its group's mark: a daemon
+# that double-forked into a session of its own is neither a descendant of a worker nor in a worker's session, but
+# it is still found by its mark when the group is stopped.
+WORKER_GROUP_MARK_ENV = "ELASTIC_IMPL_WORKER_GROUP"
+
+
+def _new_group_mark() -> str:
+    return f"{os.getpid()}.{uuid.uuid4().hex[:16]}"
+
+
+def _marked_processes(mark: str) -> set[int]:
+    """Live processes whose environment carries ``mark`` (this user's processes; /proc only)."""
+    needle = f"{WORKER_GROUP_MARK_ENV}={mark}".encode()
+    found: set[int] = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if any(entry == needle for entry in env.split(b"\0")):
+            found.add(int(name))
+    return found
+
 
 def _become_subreaper() -> None:
     """Orphaned grandchildren re-parent to us (not init), so we can still see and reap them (Linux only)."""
@@ -392,6 +424,7 @@ class PContext(abc.ABC):
         self._stdout_tail = TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes)
         self._stderr_tail = TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes)
         self._closed = False
+        self._group_mark = _new_group_mark()  # see WORKER_GROUP_MARK_ENV
         self._seen: dict[int, str] = {}  # pid -> /proc start time of every group member observed
         self._result: RunProcsResult | None = None  # terminal result, kept so later polls do not re-close
         # SIGTERM->SIGKILL grace when a failure makes the poll stop the surviving workers (an agent sets its own).
@@ -474,13 +507,18 @@ class PContext(abc.ABC):
         # The start time guards against killing an unrelated process that reused a remembered pid.
         return {p for p, start in self._seen.items() if _start_time(p) == start}
 
+    def _members_now(self, roots: set[int]) -> set[int]:
+        """Every process of the group now: the workers' trees and sessions, and whatever carries the group's mark
+        (a double-forked daemon re-parented to this agent, or to init) with its own descendants."""
+        return _group_members(roots | _marked_processes(self._group_mark))
+
     def _kill_tree(self, roots: set[int], death_sig: int, timeout: float) -> None:
         self._remember_members()
-        members = _group_members(roots) | self._still_ours()
+        members = self._members_now(roots) | self._still_ours()
         _signal_all(roots, members, death_sig)
         deadline = self.clock.monotonic() + timeout
         while True:
-            members |= _group_members(roots)
+            members |= self._members_now(roots)
             _reap(members)
             live = {p for p in members if _alive(p)}
             if not live or self.clock.monotonic() >= deadline:
@@ -490,10 +528,10 @@ class PContext(abc.ABC):
             logger.warning("[%s] %d processes ignored %s for %.1fs; sending SIGKILL", self.name, len(live),
                            signal.Signals(death_sig).name, timeout)
             while live:
-                _signal_all(roots, live | _group_members(roots), signal.SIGKILL)
+                _signal_all(roots, live | self._members_now(roots), signal.SIGKILL)
                 _reap(members)
                 self.clock.sleep(0.01)
-                members |= _group_members(roots)
+                members |= self._members_now(roots)
                 live = {p for p in members if _alive(p)}
                 _reap(live)
 
@@ -503,9 +541,24 @@ class PContext(abc.ABC):
                               stderr_file=self.stderrs.get(local_rank))
 
 
+def _parent_to_die_with() -> int | None:
+    """This process's pid, if workers started now may die with it.
+
+    Linux's parent-death signal fires when the *thread* that started the child ends, not the process: only a
+    start from the main thread (the agent's loop) may use it, or a worker would die with a short-lived thread.
+    """
+    if not IS_LINUX or threading.current_thread() is not threading.main_thread():
+        return None
+    return os.getpid()
+
+
 def _wrap(local_rank: int, fn: Callable, args: tuple, env: dict[str, str], stdout: str | None,
-          stderr: str | None, ret_file: str, error_file: str) -> None:
+          stderr: str | None, ret_file: str, error_file: str, die_with: int | None = None) -> None:
     """Runs in the worker: own session, env, redirects; result pickled to ``ret_file`` for the parent."""
+    if die_with is not None:
+        from elastic_impl.multiprocessing.subprocess_handler.subprocess_handler import die_with_parent
+
+        die_with_parent(die_with)
     if not IS_WINDOWS:
         try:
             os.setsid()
@@ -567,12 +620,14 @@ class MultiprocessContext(PContext):
         if self._procs:
             raise ValueError(f"bad start(): context {self.name!r} was already started")
         ctx = mp.get_context(self.start_method)
+        die_with = _parent_to_die_with()
         for local_rank in sorted(self.args):
+            env = {**self.envs[local_rank], WORKER_GROUP_MARK_ENV: self._group_mark}
             p = ctx.Process(
                 target=_wrap,
-                args=(local_rank, self.entrypoint, self.args[local_rank], self.envs[local_rank],
+                args=(local_rank, self.entrypoint, self.args[local_rank], env,
                       self.stdouts.get(local_rank), self.stderrs.get(local_rank), self._ret_file(local_rank),
-                      self.error_files.get(local_rank, "")),
+                      self.error_files.get(local_rank, ""), die_with),
                 name=f"{self.name}-{local_rank}",
             )
             p.start()
@@ -656,6 +711,7 @@ class SubprocessContext(PContext):
             raise ValueError(f"bad start(): context {self.name!r} was already started")
         for local_rank in sorted(self.args):
             env = dict(self.envs[local_rank])
+            env[WORKER_GROUP_MARK_ENV] = self._group_mark
             if self.error_files.get(local_rank):
                 env["TORCHELASTIC_ERROR_FILE"] = self.error_files[local_rank]
             try:

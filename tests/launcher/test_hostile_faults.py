@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 import textwrap
 
@@ -173,3 +174,89 @@ def test_membership_restart_and_rerun_keep_every_log(launcher, tmp_path):
     assert len(stdouts) == 4, stdouts  # 2 runs x 2 workers, each in its own folder
     texts = sorted(open(p).read() for p in stdouts)
     assert texts == sorted(f"worker rank {r} attempt 0 says hello\n" for r in (0, 1) for _ in range(2)), texts
+
+
+# A worker that double-forks a daemon into a session of its own (the classic way to escape a process group), writes
+# the daemon's pid to DAEMON_PID_FILE, and then either finishes or sleeps (WORKER_SLEEP).
+_DAEMONIZING_WORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    if os.environ["LOCAL_RANK"] == "0":
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                with open(os.environ["DAEMON_PID_FILE"] + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.rename(os.environ["DAEMON_PID_FILE"] + ".tmp", os.environ["DAEMON_PID_FILE"])
+                time.sleep(600)
+            os._exit(0)
+        os.wait()
+    with open(os.path.join(os.environ["PID_DIR"], f"worker{os.environ['LOCAL_RANK']}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(float(os.environ.get("WORKER_SLEEP", "0")))
+    """
+)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_quietly(pid: int) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_double_forked_daemon_does_not_survive_the_job(launcher, tmp_path):
+    script = tmp_path / "daemonize.py"
+    script.write_text(_DAEMONIZING_WORKER)
+    daemon_pid_file = tmp_path / "daemon.pid"
+    agent = launcher.start(
+        ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1", str(script)],
+        DAEMON_PID_FILE=daemon_pid_file, PID_DIR=tmp_path,
+    )
+    try:
+        assert launcher.wait(agent, 120) == 0, launcher.output(agent)[1][-3000:]
+        daemon = int(daemon_pid_file.read_text())
+        assert not _pid_alive(daemon), f"daemon {daemon} outlived the job"
+    finally:
+        if daemon_pid_file.exists():
+            _kill_quietly(int(daemon_pid_file.read_text()))
+
+
+def test_workers_do_not_outlive_a_sigkilled_agent(launcher, tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "daemonize.py"
+    script.write_text(_DAEMONIZING_WORKER)
+    agent = launcher.start(
+        ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1", str(script)],
+        DAEMON_PID_FILE=tmp_path / "daemon.pid", PID_DIR=tmp_path, WORKER_SLEEP="600",
+    )
+    pid_files = [tmp_path / "worker0", tmp_path / "worker1"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert time.monotonic() < deadline, launcher.output(agent)[1][-3000:]
+        time.sleep(0.1)
+    workers = [int(p.read_text()) for p in pid_files]
+    try:
+        agent.send_signal(signal.SIGKILL)  # the agent alone (its workers have sessions of their own)
+        agent.wait(10)
+        deadline = time.monotonic() + 5
+        while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_pid_alive(w) for w in workers), "workers outlived their SIGKILLed agent"
+    finally:
+        for pid in workers:
+            _kill_quietly(pid)
+        if (tmp_path / "daemon.pid").exists():
+            _kill_quietly(int((tmp_path / "daemon.pid").read_text()))

@@ -6,11 +6,41 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 __all__ = ["SubprocessHandler"]
 
 IS_WINDOWS = sys.platform == "win32"
+
+
+IS_LINUX = sys.platform.startswith("linux")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a just-started worker: be SIGKILLed when ``parent_pid`` (the agent) dies, so a SIGKILLed agent never
+    leaves workers holding devices. Runs between fork and exec too, so it only calls into libc and os."""
+    if not IS_LINUX:
+        return
+    try:
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the agent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
 def _default_death_signal() -> signal.Signals:
@@ -40,6 +70,11 @@ class SubprocessHandler:
         kwargs: dict[str, Any] = {}
         if not IS_WINDOWS:
             kwargs["start_new_session"] = True  # own session => own process group (pgid == pid)
+        if IS_LINUX and threading.current_thread() is threading.main_thread():
+            # (PR_SET_PDEATHSIG follows the starting thread, so only the main thread's workers get it.)
+            parent = os.getpid()
+            _libc()  # loaded here: the child between fork and exec must not import
+            kwargs["preexec_fn"] = lambda: die_with_parent(parent)
         return subprocess.Popen(args=args, env=env, stdout=self._stdout, stderr=self._stderr, **kwargs)
 
     def close(self, death_sig: signal.Signals | None = None) -> None:
