@@ -373,12 +373,32 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _quiet_store_waits() -> None:
+    """Load torch with its C++ log level at ERROR for this process only.
+
+    A node waiting for its peers waits on the TCPStore with short timeouts, and every timed-out wait makes torch's
+    C++ socket code print two ``[c10d] waitForInput ... timed out`` warnings (about 3 lines a second, for as long
+    as the wait lasts). The level is read once, when torch loads, so the variable is set around the import and then
+    removed again: the workers inherit the user's environment unchanged. A level the user set wins.
+    """
+    if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+
+
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("LOGLEVEL", "WARNING").upper(),
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
     parsed = parse_args(args)
+    _quiet_store_waits()
     try:
         run(parsed)
     except LaunchConfigError as e:

@@ -260,3 +260,20 @@ def test_workers_do_not_outlive_a_sigkilled_agent(launcher, tmp_path):
             _kill_quietly(pid)
         if (tmp_path / "daemon.pid").exists():
             _kill_quietly(int((tmp_path / "daemon.pid").read_text()))
+
+
+def test_waiting_for_peers_is_silent(launcher, tmp_path):
+    """A node waiting for its peers printed ~3 C++ ``[c10d] waitForInput ... timed out`` lines a second."""
+    import time
+
+    script = tmp_path / "noop.py"
+    script.write_text("pass\n")
+    port = free_port()
+    agent = launcher.start(
+        ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "alone", str(script)],
+    )
+    time.sleep(6)
+    assert agent.poll() is None, launcher.output(agent)[1][-2000:]  # still waiting for the second node
+    err = launcher.output(agent)[1]
+    assert "waitForInput" not in err and "[c10d]" not in err, err[-2000:]
