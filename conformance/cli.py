@@ -1,7 +1,7 @@
 """``elastic-conformance certify --impl X --device Y [--table PATH] [--out DIR] [-k PATTERN] [--jobs N]``.
 
 Exit status: 0 all rows conform or are honestly unsupported, 1 on any VIOLATION (or a row without a check),
-2 on bad input (one-line error on stderr), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
+2 on bad input (one-line error on stderr), 3 when the requested device is absent (nothing certified), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
 terminated run still stops the servers and processes its checks started (etcd, agents, workers).
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 from conformance.adapters import AdapterError, get_adapter, reference_adapter
 from conformance.device import DEVICE_CHOICES, DeviceError, detect
 from conformance.table import TableError, default_table_path, load_table, validate_paths
+
+DEVICE_ABSENT = 3  # exit status: the requested device is not on this machine, so nothing was certified
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +132,16 @@ def _main(argv: list[str] | None) -> int:
     except (AdapterError, DeviceError) as exc:
         return _fail(str(exc))
     from conformance.report import progress_line, terminal_table, write_reports
+
+    device_label = args.device if device.requested != "auto" else f"auto->{device.kind}"
+    if not device.available:
+        # Rows that never touch the device would pass and read as a certification of it: run none.
+        line = f"{device.reason}; nothing certified"
+        if args.out:
+            write_reports([], Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
+                          table=table_path.name, not_certified=line)
+        print(line, file=sys.stderr)
+        return DEVICE_ABSENT
     from conformance.runner import certify, exit_code, select
 
     jobs = _jobs(args.jobs)
@@ -156,9 +168,8 @@ def _main(argv: list[str] | None) -> int:
     print(terminal_table(results))
     print(f"wall time: {time.monotonic() - started:.1f} s with {jobs} job(s)")
     if args.out:
-        paths = write_reports(results, Path(args.out), impl=adapter.name, device=args.device if device.requested != "auto"
-                              else f"auto->{device.kind}", table=table_path.name,
-                              run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1)})
+        paths = write_reports(results, Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
+                              table=table_path.name, run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1)})
         print("reports: " + ", ".join(str(p) for p in paths))
     code = exit_code(results)
     if code:

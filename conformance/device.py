@@ -1,7 +1,9 @@
-"""Which accelerator device-touching checks run on: ``cpu``, ``cuda``, ``npu`` or ``auto``.
+"""Which accelerator device-touching checks run on: ``cpu``, ``cuda``, ``npu``, ``hpu`` or ``auto``.
 
-A device that is not present is reported as "not available on this machine" and the rows that need it are SKIPPED
-with that reason; nothing is ever passed on a device that was not exercised.
+A certification is of one (device, process-group backend) pair: the backend name alone is ambiguous ("hccl" is
+Ascend's backend on npu and Habana's on hpu). A requested device that is not present is "not available on this
+machine" with the reason; ``elastic-conformance certify`` then certifies nothing, so nothing is ever passed on a
+device that was not exercised.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-DEVICE_CHOICES = ("cpu", "cuda", "npu", "auto")
-_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+DEVICE_CHOICES = ("cpu", "cuda", "npu", "hpu", "auto")
+_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "hpu": "hccl"}
 
 
 class DeviceError(ValueError):
@@ -20,9 +22,9 @@ class DeviceError(ValueError):
 @dataclass(frozen=True)
 class Device:
     requested: str
-    kind: str  # cpu | cuda | npu
+    kind: str  # cpu | cuda | npu | hpu
     available: bool
-    reason: str  # why it is unavailable, or what was found
+    reason: str  # what was found, or "<kind>: not available on this machine: <why>"
     count: int = 0
 
     @property
@@ -30,36 +32,59 @@ class Device:
         """The process-group backend for collectives on this device."""
         return _BACKENDS[self.kind]
 
+    @property
+    def key(self) -> str:
+        """What a certification is of: ``device/backend`` (e.g. ``npu/hccl``, ``hpu/hccl``)."""
+        return f"{self.kind}/{self.backend}"
+
     def describe(self) -> str:
         state = "available" if self.available else "NOT available"
         return f"{self.kind} ({state}: {self.reason}; backend {self.backend})"
+
+
+def _absent(kind: str, why: str) -> Device:
+    return Device(kind, kind, False, f"{kind}: not available on this machine: {why}")
 
 
 def _cuda() -> Device:
     import torch
 
     if not torch.cuda.is_available():
-        return Device("cuda", "cuda", False, "cuda not available on this machine (torch.cuda.is_available() is False)")
+        return _absent("cuda", "torch.cuda.is_available() is False")
     count = torch.cuda.device_count()
     return Device("cuda", "cuda", True, f"{count} cuda device(s): {torch.cuda.get_device_name(0)}", count)
 
 
 def _npu() -> Device:
     if importlib.util.find_spec("torch_npu") is None:
-        return Device("npu", "npu", False, "npu not available on this machine (torch_npu is not installed)")
+        return _absent("npu", "torch_npu is not installed")
     try:
         import torch
         import torch_npu  # noqa: F401  (registers torch.npu)
 
         if not torch.npu.is_available():
-            return Device("npu", "npu", False, "npu not available on this machine (torch.npu.is_available() is False)")
+            return _absent("npu", "torch.npu.is_available() is False")
         return Device("npu", "npu", True, f"{torch.npu.device_count()} npu device(s)", torch.npu.device_count())
     except Exception as exc:  # a broken toolkit install is "not available", with the reason
-        return Device("npu", "npu", False, f"npu not available on this machine (torch_npu failed: {exc})")
+        return _absent("npu", f"importing torch_npu failed: {' '.join(str(exc).split())}")
+
+
+def _hpu() -> Device:
+    if importlib.util.find_spec("habana_frameworks") is None:
+        return _absent("hpu", "habana_frameworks (Habana's PyTorch bridge) is not installed")
+    try:
+        import habana_frameworks.torch  # noqa: F401  (registers torch.hpu)
+        import torch
+
+        if not torch.hpu.is_available():
+            return _absent("hpu", "torch.hpu.is_available() is False")
+        return Device("hpu", "hpu", True, f"{torch.hpu.device_count()} hpu device(s)", torch.hpu.device_count())
+    except Exception as exc:
+        return _absent("hpu", f"importing habana_frameworks.torch failed: {' '.join(str(exc).split())}")
 
 
 def detect(requested: str) -> Device:
-    """Resolve a ``--device`` value; ``auto`` prefers cuda, then npu, then cpu."""
+    """Resolve a ``--device`` value; ``auto`` prefers cuda, then npu, then hpu, then cpu."""
     if requested not in DEVICE_CHOICES:
         raise DeviceError(f"--device {requested!r} is not one of {', '.join(DEVICE_CHOICES)}")
     if requested == "cpu":
@@ -68,8 +93,10 @@ def detect(requested: str) -> Device:
         return _cuda()
     if requested == "npu":
         return _npu()
-    for probe in (_cuda, _npu):
+    if requested == "hpu":
+        return _hpu()
+    for probe in (_cuda, _npu, _hpu):
         found = probe()
         if found.available:
             return Device("auto", found.kind, True, found.reason, found.count)
-    return Device("auto", "cpu", True, "no cuda or npu found; host CPU", 1)
+    return Device("auto", "cpu", True, "no cuda, npu or hpu found; host CPU", 1)

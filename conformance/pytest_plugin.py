@@ -17,7 +17,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "elastic conformance suite")
     group.addoption("--conformance-impl", default=None, metavar="IMPL",
                     help="add one test per support-table row, run against IMPL (elastic_impl, torch or a package)")
-    group.addoption("--conformance-device", default="auto", metavar="DEVICE", help="cpu, cuda, npu or auto")
+    group.addoption("--conformance-device", default="auto", metavar="DEVICE", help="cpu, cuda, npu, hpu or auto")
     group.addoption("--conformance-table", default=None, metavar="PATH", help="support table (.md or .csv)")
 
 
@@ -99,6 +99,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         device = detect(config.getoption("conformance_device"))
     except (TableError, AdapterError, DeviceError) as exc:
         raise pytest.UsageError(str(exc)) from None
+    if not device.available:  # the device-free rows would pass and read as a certification of the device
+        raise pytest.UsageError(f"{device.reason}; nothing certified")
     setattr(config, _STATE_KEY, {"adapter": adapter, "device": device})
     collector = ConformanceCollector.from_parent(session, name=f"conformance[{adapter.name}]", rows=rows)
     items.extend(collector.collect())

@@ -42,12 +42,16 @@ def terminal_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def _meta(impl: str, device: str, table: str) -> dict[str, Any]:
+NOT_CERTIFIED = "NOT CERTIFIED"
+
+
+def _meta(impl: str, device: str, backend: str, table: str) -> dict[str, Any]:
     import torch
 
     return {
         "impl": impl,
         "device": device,
+        "backend": backend,  # with the device, what was certified: "hccl" alone names Ascend's and Habana's
         "table": table,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -57,12 +61,23 @@ def _meta(impl: str, device: str, table: str) -> dict[str, Any]:
 
 
 def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: str, table: str,
-                  run: dict[str, Any] | None = None) -> list[Path]:
-    """``run``: how the certification ran (jobs, wall time, ...), recorded in the reports' metadata."""
+                  backend: str = "gloo", run: dict[str, Any] | None = None,
+                  not_certified: str | None = None) -> list[Path]:
+    """``run``: how the certification ran (jobs, wall time, ...), recorded in the reports' metadata.
+
+    ``not_certified``: why nothing was certified (the requested device is absent); the reports then say NOT
+    CERTIFIED in their title and summary and carry no row verdicts at all.
+    """
+    if not_certified is not None and results:
+        raise ValueError("a NOT CERTIFIED report carries no row results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = _meta(impl, device, table)
+    meta = _meta(impl, device, backend, table)
     meta.update(run or {})
     meta["summary"] = summary(results)
+    if not_certified is not None:
+        meta.update(outcome=NOT_CERTIFIED, reason=not_certified)
+    else:
+        meta["outcome"] = "FAILED" if any(r.verdict in ("VIOLATION", "NO-CHECK") for r in results) else "PASSED"
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1) + "\n")
     md_path = out_dir / "report.md"
@@ -77,11 +92,16 @@ def _cell(text: str) -> str:
 
 
 def _markdown(results: list[Result], meta: dict[str, Any]) -> str:
+    where = f"`{meta['impl']}` on `{meta['device']}` (backend `{meta['backend']}`)"
+    about = (f"torch {meta['torch']}, Python {meta['python']}, table `{meta['table']}`, created {meta['created']} "
+             f"on {meta['host']}" + "".join(f", {k} {meta[k]}" for k in ("jobs", "wall_s") if k in meta) + ".")
+    if meta["outcome"] == NOT_CERTIFIED:
+        return "\n".join([f"# {NOT_CERTIFIED}: {where}", "", about, "",
+                          f"Summary: **{NOT_CERTIFIED}**: {_cell(meta['reason'])}. No row was run.", ""])
     lines = [
-        f"# Conformance report: `{meta['impl']}` on `{meta['device']}`",
+        f"# Conformance report: {where}",
         "",
-        f"torch {meta['torch']}, Python {meta['python']}, table `{meta['table']}`, created {meta['created']} on "
-        f"{meta['host']}" + "".join(f", {k} {meta[k]}" for k in ("jobs", "wall_s") if k in meta) + ".",
+        about,
         "",
         "Summary: " + ", ".join(f"**{k}** {v}" for k, v in meta["summary"].items()),
         "",
@@ -116,6 +136,11 @@ def _junit(results: list[Result], meta: dict[str, Any]) -> ET.ElementTree:
         errors="0",
         time=f"{sum(r.duration_s for r in results):.3f}",
     )
+    if meta["outcome"] == NOT_CERTIFIED:  # one failing case, so CI cannot read an empty suite as a pass
+        suite.set("tests", "1")
+        suite.set("errors", "1")
+        case = ET.SubElement(suite, "testcase", classname="conformance.device", name=meta["device"], time="0")
+        ET.SubElement(case, "error", message=f"{NOT_CERTIFIED}: {meta['reason']}")
     for r in results:
         case = ET.SubElement(suite, "testcase", classname=f"conformance.{r.group}", name=r.api,
                              time=f"{r.duration_s:.3f}")

@@ -74,6 +74,10 @@ def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
 
         torch.npu.set_device(local_rank)
         device = torch.device("npu", local_rank)
+    elif device_kind == "hpu":
+        import habana_frameworks.torch  # noqa: F401  (registers torch.hpu and its hccl backend)
+
+        device = torch.device("hpu", local_rank)
     else:
         device = torch.device("cpu")
     dist.init_process_group(backend=backend, init_method="env://")

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -12,6 +14,8 @@ from conformance.device import DeviceError, detect
 from conformance.registry import load_checks
 from conformance.signatures import load_snapshot
 from conformance.table import Row
+
+from .conftest import run_cli
 
 
 def test_torch_adapter_resolves_upstream_objects():
@@ -50,10 +54,10 @@ def test_bad_impl_is_a_one_line_error(name, needle):
 
 def test_device_detection():
     assert detect("cpu").available and detect("cpu").backend == "gloo"
-    with pytest.raises(DeviceError, match="--device 'tpu' is not one of cpu, cuda, npu, auto"):
+    with pytest.raises(DeviceError, match="--device 'tpu' is not one of cpu, cuda, npu, hpu, auto"):
         detect("tpu")
     auto = detect("auto")
-    assert auto.available and auto.kind in ("cpu", "cuda", "npu")
+    assert auto.available and auto.kind in ("cpu", "cuda", "npu", "hpu")
 
 
 def _cuda_present() -> bool:
@@ -62,17 +66,21 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("kind, backend, present", [
-    ("npu", "hccl", lambda: importlib.util.find_spec("torch_npu") is not None),
-    ("cuda", "nccl", _cuda_present),
-])
+def _absent_devices():
+    """(kind, backend, is-present probe) for each accelerator; "hccl" names both Ascend's and Habana's backend."""
+    return [("npu", "hccl", lambda: importlib.util.find_spec("torch_npu") is not None),
+            ("hpu", "hccl", lambda: importlib.util.find_spec("habana_frameworks") is not None),
+            ("cuda", "nccl", _cuda_present)]
+
+
+@pytest.mark.parametrize("kind, backend, present", _absent_devices())
 @pytest.mark.parametrize("impl", ["torch", "elastic_impl"])
 def test_an_absent_device_is_reported_unavailable_and_device_rows_skip(kind, backend, present, impl, tmp_path):
     if present():
         pytest.skip(f"{kind} is present on this machine")
     device = detect(kind)
     assert not device.available and device.backend == backend
-    assert device.reason.startswith(f"{kind} not available on this machine")
+    assert device.reason.startswith(f"{kind}: not available on this machine: ") and device.key == f"{kind}/{backend}"
     load_checks()
     resources = SuiteResources(get_adapter(impl), device, tmp_path)
     try:
@@ -91,3 +99,26 @@ def test_cuda_request_on_a_machine_without_cuda_is_unavailable():
     assert cuda.available == torch.cuda.is_available()
     if not cuda.available:
         assert "not available on this machine" in cuda.reason
+
+
+@pytest.mark.parametrize("kind, backend, present", _absent_devices())
+def test_certify_on_an_absent_device_certifies_nothing(kind, backend, present, tmp_path):
+    """The real CLI: one line, non-zero, no row run, and reports that say NOT CERTIFIED (never CONFORMS)."""
+    if present():
+        pytest.skip(f"{kind} is present on this machine")
+    proc = run_cli(["certify", "--impl", "elastic_impl", "--device", kind, "--out", str(tmp_path)], timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"{kind}: not available on this machine: ")
+    assert proc.stderr.rstrip().endswith("; nothing certified")
+    md = (tmp_path / "report.md").read_text()
+    assert md.splitlines()[0] == f"# NOT CERTIFIED: `elastic_impl` on `{kind}` (backend `{backend}`)"
+    assert "Summary: **NOT CERTIFIED**: " in md and "CONFORMS" not in md
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert (data["meta"]["device"], data["meta"]["backend"], data["meta"]["outcome"]) == (kind, backend,
+                                                                                         "NOT CERTIFIED")
+    assert data["results"] == [] and data["meta"]["summary"] == {}
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("errors")) == ("1", "1")
+    assert "CONFORMS" not in (tmp_path / "junit.xml").read_text()

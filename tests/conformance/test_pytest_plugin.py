@@ -50,15 +50,14 @@ def test_no_items_without_the_option(tmp_path):
     assert proc.returncode == 5  # nothing collected
 
 
-def test_device_rows_skip_on_an_absent_device_never_pass(tmp_path):
+def test_an_absent_device_is_a_usage_error_nothing_runs(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("torch_npu") is not None:
         import pytest
 
         pytest.skip("torch_npu is installed here")
-    proc = _pytest(tmp_path, "--conformance-impl=elastic_impl", "--conformance-device=npu", "-k", "start_processes",
-                   "-rs")
-    assert proc.returncode == 0, proc.stdout[-2000:]
-    assert "1 skipped, 103 deselected" in proc.stdout
-    assert "npu not available on this machine (torch_npu is not installed)" in proc.stdout
+    proc = _pytest(tmp_path, "--conformance-impl=elastic_impl", "--conformance-device=npu", "-k", "RendezvousParameters")
+    assert proc.returncode == 4, proc.stdout[-2000:]  # device-free rows would otherwise pass "on npu"
+    assert "npu: not available on this machine: torch_npu is not installed; nothing certified" in proc.stderr
+    assert "passed" not in proc.stdout
