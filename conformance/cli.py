@@ -1,4 +1,4 @@
-"""``elastic-conformance certify --impl X --device Y [--table PATH] [--out DIR] [-k PATTERN] [--jobs N]``.
+"""``elastic-conformance certify --impl X --device Y [--table T [--hardware H]] [--baseline JSON] [--out DIR] ...``.
 
 Exit status: 0 all rows conform or are honestly unsupported, 1 on any VIOLATION (or a row without a check),
 2 on bad input (one-line error on stderr), 3 when the requested device is absent (nothing certified), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted or
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from conformance.adapters import AdapterError, get_adapter, reference_adapter
 from conformance.device import DEVICE_CHOICES, DeviceError, detect
-from conformance.table import TableError, default_table_path, load_table, validate_paths
+from conformance.table import TableError, load_claims, validate_paths
 
 DEVICE_ABSENT = 3  # exit status: the requested device is not on this machine, so nothing was certified
 
@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     cert = sub.add_parser("certify", help="run one check per table row and write reports")
     cert.add_argument("--impl", required=True, help="elastic_impl | torch | a package mirroring torch.distributed.elastic")
     cert.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} (default auto)")
-    cert.add_argument("--table", default=None, help="support table (.md or .csv); default: the published table")
+    cert.add_argument("--table", default=None,
+                      help="the claims certified: a table (.md, .csv, or a per-hardware .md), 'published' (default), "
+                           "'ascend-2.13' or 'all-supported' (every documented API claimed supported)")
+    cert.add_argument("--hardware", default=None,
+                      help="the column of a per-hardware table to certify, e.g. 'Atlas A2'")
+    cert.add_argument("--baseline", default=None,
+                      help="an earlier report.json: a row that passed there and fails now is a REGRESSION (exit 1)")
     cert.add_argument("--out", default=None, help="directory for report.json, report.md, junit.xml")
     cert.add_argument("-k", dest="pattern", default=None, help="only rows whose api contains one of these comma-separated substrings")
     cert.add_argument("-j", "--jobs", default=None,
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("-v", "--verbose", action="store_true", help="let the implementations' own log lines through")
     lst = sub.add_parser("list", help="list the table rows and the module of their check")
     lst.add_argument("--table", default=None)
+    lst.add_argument("--hardware", default=None)
     return parser
 
 
@@ -112,12 +119,12 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "certify" and not args.verbose:
         _quiet_implementation_logs()  # before the first torch import: the C++ log level is read at load
-    table_path = Path(args.table) if args.table else default_table_path()
     try:
-        rows = load_table(table_path)
-        validate_paths(rows, reference_adapter().exists, table_path.name)
+        claims = load_claims(args.table, args.hardware)
+        validate_paths(claims.rows, reference_adapter().exists, claims.name)
     except TableError as exc:
         return _fail(str(exc))
+    rows = claims.rows
     if args.command == "list":
         from conformance.registry import REGISTRY, load_checks
 
@@ -132,6 +139,7 @@ def _main(argv: list[str] | None) -> int:
     except (AdapterError, DeviceError) as exc:
         return _fail(str(exc))
     from conformance.report import progress_line, terminal_table, write_reports
+    from conformance.runner import BaselineError, apply_baseline, certify, exit_code, load_baseline, select
 
     device_label = args.device if device.requested != "auto" else f"auto->{device.kind}"
     if not device.available:
@@ -139,19 +147,24 @@ def _main(argv: list[str] | None) -> int:
         line = f"{device.reason}; nothing certified"
         if args.out:
             write_reports([], Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
-                          table=table_path.name, not_certified=line)
+                          claims=claims, not_certified=line)
         print(line, file=sys.stderr)
         return DEVICE_ABSENT
-    from conformance.runner import certify, exit_code, select
-
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = load_baseline(args.baseline, device.key)
+        except BaselineError as exc:
+            return _fail(str(exc))
     jobs = _jobs(args.jobs)
     if jobs is None:
         return _fail(f"--jobs {args.jobs!r} is not a positive whole number")
     selected = select(rows, args.pattern)
     if not selected:
-        return _fail(f"-k {args.pattern!r} matches no api in {table_path.name}")
-    print(f"certifying {adapter.name} ({adapter.root}) on {device.describe()}: {len(selected)} rows, "
-          f"{jobs} job(s)", flush=True)
+        return _fail(f"-k {args.pattern!r} matches no api in {claims.name}")
+    against = claims.name + (f" [{claims.hardware}]" if claims.hardware else "")
+    print(f"certifying {adapter.name} ({adapter.root}) on {device.describe()} against {against}: "
+          f"{len(selected)} rows, {jobs} job(s)", flush=True)
 
     def progress(index: int, total: int, result) -> None:
         if not args.quiet:
@@ -165,15 +178,19 @@ def _main(argv: list[str] | None) -> int:
                                    quiet_logs=not args.verbose)
     else:
         results = certify(selected, adapter, device, progress=progress)
+    if baseline is not None:
+        apply_baseline(results, baseline, args.baseline)
     print(terminal_table(results))
     print(f"wall time: {time.monotonic() - started:.1f} s with {jobs} job(s)")
     if args.out:
         paths = write_reports(results, Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
-                              table=table_path.name, run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1)})
+                              claims=claims, run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1),
+                                                  **({"baseline": args.baseline} if args.baseline else {})})
         print("reports: " + ", ".join(str(p) for p in paths))
     code = exit_code(results)
     if code:
-        print("certification FAILED: at least one VIOLATION (or a row without a check)", file=sys.stderr)
+        print("certification FAILED: at least one VIOLATION or REGRESSION (or a row without a check)",
+              file=sys.stderr)
     return code
 
 

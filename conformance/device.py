@@ -15,6 +15,11 @@ DEVICE_CHOICES = ("cpu", "cuda", "npu", "hpu", "auto")
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "hpu": "hccl"}
 
 
+def backend_for(kind: str) -> str:
+    """The process-group backend certified with a device kind ("?" for a kind this suite does not know)."""
+    return _BACKENDS.get(kind, "?")
+
+
 class DeviceError(ValueError):
     """Unknown device name; one-line message."""
 

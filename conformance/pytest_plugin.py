@@ -18,7 +18,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--conformance-impl", default=None, metavar="IMPL",
                     help="add one test per support-table row, run against IMPL (elastic_impl, torch or a package)")
     group.addoption("--conformance-device", default="auto", metavar="DEVICE", help="cpu, cuda, npu, hpu or auto")
-    group.addoption("--conformance-table", default=None, metavar="PATH", help="support table (.md or .csv)")
+    group.addoption("--conformance-table", default=None, metavar="TABLE",
+                    help="support table (.md, .csv, per-hardware .md), published, ascend-2.13 or all-supported")
+    group.addoption("--conformance-hardware", default=None, metavar="HARDWARE",
+                    help="the column of a per-hardware table, e.g. 'Atlas A2'")
 
 
 class ConformanceFailure(AssertionError):
@@ -85,16 +88,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     impl = config.getoption("conformance_impl")
     if not impl:
         return
-    from pathlib import Path
-
     from conformance.adapters import AdapterError, get_adapter, reference_adapter
     from conformance.device import DeviceError, detect
-    from conformance.table import TableError, default_table_path, load_table, validate_paths
+    from conformance.table import TableError, load_claims, validate_paths
 
-    table = Path(config.getoption("conformance_table") or default_table_path())
     try:
-        rows = load_table(table)
-        validate_paths(rows, reference_adapter().exists, table.name)
+        claims = load_claims(config.getoption("conformance_table"), config.getoption("conformance_hardware"))
+        rows = claims.rows
+        validate_paths(rows, reference_adapter().exists, claims.name)
         adapter = get_adapter(impl)
         device = detect(config.getoption("conformance_device"))
     except (TableError, AdapterError, DeviceError) as exc:

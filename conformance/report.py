@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from conformance.runner import Result
+from conformance.runner import FAILING_VERDICTS, Result
+from conformance.table import Claims
 
-VERDICT_ORDER = ("VIOLATION", "NO-CHECK", "UNDOCUMENTED-SUPPORT", "KNOWN-DIFFERENCE", "CLAIMED-UNSUPPORTED",
+VERDICT_ORDER = ("REGRESSION", "VIOLATION", "NO-CHECK", "UNDOCUMENTED-SUPPORT", "KNOWN-DIFFERENCE", "CLAIMED-UNSUPPORTED",
                  "SKIPPED", "CONFORMS")
 
 
@@ -34,7 +35,7 @@ def terminal_table(results: list[Result]) -> str:
     width = max((len(r.api) for r in results), default=10)
     lines = [f"{'api':<{width}}  claimed  observed  verdict", "-" * (width + 40)]
     lines += [f"{r.api:<{width}}  {r.claimed:<7}  {r.observed:<8}  {r.verdict}" for r in results]
-    failing = [r for r in results if r.verdict in ("VIOLATION", "NO-CHECK")]
+    failing = [r for r in results if r.verdict in FAILING_VERDICTS]
     if failing:
         lines.append(f"{len(failing)} failing row(s):")
         lines += [f"  {r.verdict}: {r.api}: {r.error}" for r in failing]
@@ -60,8 +61,8 @@ def _meta(impl: str, device: str, backend: str, table: str) -> dict[str, Any]:
     }
 
 
-def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: str, table: str,
-                  backend: str = "gloo", run: dict[str, Any] | None = None,
+def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: str, table: str | None = None,
+                  claims: Claims | None = None, backend: str = "gloo", run: dict[str, Any] | None = None,
                   not_certified: str | None = None) -> list[Path]:
     """``run``: how the certification ran (jobs, wall time, ...), recorded in the reports' metadata.
 
@@ -71,13 +72,15 @@ def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: st
     if not_certified is not None and results:
         raise ValueError("a NOT CERTIFIED report carries no row results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = _meta(impl, device, backend, table)
+    meta = _meta(impl, device, backend, claims.name if claims else table or "?")
+    if claims is not None and claims.hardware:
+        meta["hardware"] = claims.hardware
     meta.update(run or {})
     meta["summary"] = summary(results)
     if not_certified is not None:
         meta.update(outcome=NOT_CERTIFIED, reason=not_certified)
     else:
-        meta["outcome"] = "FAILED" if any(r.verdict in ("VIOLATION", "NO-CHECK") for r in results) else "PASSED"
+        meta["outcome"] = "FAILED" if any(r.verdict in FAILING_VERDICTS for r in results) else "PASSED"
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1) + "\n")
     md_path = out_dir / "report.md"
@@ -93,7 +96,8 @@ def _cell(text: str) -> str:
 
 def _markdown(results: list[Result], meta: dict[str, Any]) -> str:
     where = f"`{meta['impl']}` on `{meta['device']}` (backend `{meta['backend']}`)"
-    about = (f"torch {meta['torch']}, Python {meta['python']}, table `{meta['table']}`, created {meta['created']} "
+    table = f"`{meta['table']}`" + (f" column `{meta['hardware']}`" if "hardware" in meta else "")
+    about = (f"torch {meta['torch']}, Python {meta['python']}, table {table}, created {meta['created']} "
              f"on {meta['host']}" + "".join(f", {k} {meta[k]}" for k in ("jobs", "wall_s") if k in meta) + ".")
     if meta["outcome"] == NOT_CERTIFIED:
         return "\n".join([f"# {NOT_CERTIFIED}: {where}", "", about, "",
@@ -131,7 +135,7 @@ def _junit(results: list[Result], meta: dict[str, Any]) -> ET.ElementTree:
         "testsuite",
         name=f"conformance-{meta['impl']}-{meta['device']}",
         tests=str(len(results)),
-        failures=str(counts["VIOLATION"] + counts["NO-CHECK"]),
+        failures=str(sum(counts[v] for v in FAILING_VERDICTS)),
         skipped=str(counts["SKIPPED"]),
         errors="0",
         time=f"{sum(r.duration_s for r in results):.3f}",
@@ -147,7 +151,7 @@ def _junit(results: list[Result], meta: dict[str, Any]) -> ET.ElementTree:
         props = ET.SubElement(case, "properties")
         for key in ("claimed", "observed", "verdict"):
             ET.SubElement(props, "property", name=key, value=getattr(r, key))
-        if r.verdict in ("VIOLATION", "NO-CHECK"):
+        if r.verdict in FAILING_VERDICTS:
             failure = ET.SubElement(case, "failure", message=f"{r.verdict}: {r.error}")
             failure.text = r.detail or r.error
         elif r.verdict == "SKIPPED":

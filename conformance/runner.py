@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 
 from conformance.adapters import Adapter, ApiNotFound
 from conformance.context import CheckContext, SuiteResources, descendants, kill_pids, process_start_ticks
-from conformance.device import Device
+from conformance.device import Device, backend_for
 from conformance.known_differences import known_difference, signature_difference
 from conformance.registry import REGISTRY, Check, CheckFailed, CheckSkipped, load_checks
 from conformance.signatures import compare, describe, load_snapshot
@@ -28,7 +29,8 @@ UNDOCUMENTED_SUPPORT = "UNDOCUMENTED-SUPPORT"
 SKIPPED = "SKIPPED"
 KNOWN_DIFFERENCE = "KNOWN-DIFFERENCE"
 NO_CHECK = "NO-CHECK"  # a table row the suite has no check for: a defect of the suite itself
-FAILING_VERDICTS = (VIOLATION, NO_CHECK)
+REGRESSION = "REGRESSION"  # passed in the --baseline report, fails now: a failure whatever the claim
+FAILING_VERDICTS = (VIOLATION, NO_CHECK, REGRESSION)
 
 
 @dataclass
@@ -181,3 +183,35 @@ def _reap_leftovers(since_ticks: int) -> None:
 
 def exit_code(results: Iterable[Result]) -> int:
     return 1 if any(r.verdict in FAILING_VERDICTS for r in results) else 0
+
+
+class BaselineError(ValueError):
+    """The --baseline report cannot be used; one-line message."""
+
+
+def load_baseline(path: str | Path, device_key: str) -> dict[str, str]:
+    """api -> observed ("pass"/"fail"/"skip") of an earlier report.json certified on the same device/backend."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        meta, results = data["meta"], data["results"]
+        observed = {r["api"]: r["observed"] for r in results}
+    except OSError as exc:
+        raise BaselineError(f"cannot read --baseline {str(path)!r}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BaselineError(f"--baseline {str(path)!r} is not a report.json written by certify ({exc})") from None
+    kind = str(meta.get("device", "")).split("->")[-1]
+    then = f"{kind}/{meta.get('backend') or backend_for(kind)}"
+    if then != device_key:
+        raise BaselineError(f"--baseline {str(path)!r} was certified on {then}; this run is on {device_key}")
+    return observed
+
+
+def apply_baseline(results: list[Result], baseline: dict[str, str], source: str) -> list[Result]:
+    """A row that passed in the baseline and fails now becomes a REGRESSION, whatever its claim or waiver."""
+    for result in results:
+        if baseline.get(result.api) == "pass" and result.observed == "fail":
+            was = result.verdict
+            result.verdict = REGRESSION
+            result.notes = "; ".join(x for x in (f"passed in {source}; would be {was} without the baseline",
+                                                 result.notes) if x)
+    return results
