@@ -276,6 +276,59 @@ def _create_tcp_store(params: RendezvousParameters):
                 raise RendezvousConnectionError(f"cannot host the rendezvous TCPStore at {host}:{port}: {_first_line(e)}") from None
             # Another agent on this machine hosts it already (port taken): join as a client, like torchrun.
             logger.info("rendezvous store %s:%s is hosted elsewhere on this machine (%s); connecting", host, port, e)
+    store = _bounded_connect(lambda: _connect_client(host, port, connect_timeout), host, port, connect_timeout)
+    store.set_timeout(timeout)
+    return store, host, port
+
+
+_CONNECT_SLACK_SECONDS = 2.0  # beyond connect_timeout, before a connection that never answers is given up
+
+
+def _bounded_connect(connect, host: str, port: int, connect_timeout: float):
+    """``connect()`` on a thread, given up after ``connect_timeout`` (+ slack).
+
+    TCPStore's client handshake waits for the server's answer with no timeout: when something that is not a store
+    holds the port (an HTTP server, say) it blocks for good (seen: 10+ minutes). The stuck thread is a daemon and
+    holds only its own socket.
+    """
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def attempt() -> None:
+        try:
+            outcome["store"] = connect()
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=attempt, name=f"tcpstore-connect-{host}:{port}", daemon=True).start()
+    if not done.wait(connect_timeout + _CONNECT_SLACK_SECONDS):
+        raise RendezvousConnectionError(
+            f"rendezvous endpoint {host}:{port} accepted a connection but did not answer as a TCPStore within "
+            f"{connect_timeout:g} s ({_what_answers(host, port)}); is --rdzv-endpoint the store's address?"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["store"]
+
+
+def _what_answers(host: str, port: int) -> str:
+    """A short description of whatever listens at host:port, from its first bytes (to an HTTP HEAD probe)."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.settimeout(1.0)
+            sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")  # most text protocols answer this with their own error
+            data = sock.recv(200)
+    except OSError as e:
+        return f"probe: {e}"
+    first = data.split(b"\n", 1)[0].decode("ascii", errors="replace").strip()
+    return f"it answered {first!r}" if first else "it sent nothing back"
+
+
+def _connect_client(host: str, port: int, connect_timeout: float):
+    from torch.distributed import TCPStore
+
     # Nodes often start before the store's host. A node that cannot connect at once says what it waits for and for
     # how long (torchrun blocks silently for the whole timeout), then keeps trying for the rest of connect_timeout.
     first_try = min(_QUIET_CONNECT_SECONDS, connect_timeout)
@@ -293,8 +346,7 @@ def _create_tcp_store(params: RendezvousParameters):
         raise RendezvousConnectionError(
             f"cannot reach the rendezvous TCPStore at {host}:{port} within {connect_timeout} s: {_first_line(e)}"
         ) from None
-    store.set_timeout(timeout)
-    return store, host, port
+    return store
 
 
 def _protocol_connection(host: str, port: int, liveness: float):

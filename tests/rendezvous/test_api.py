@@ -158,3 +158,33 @@ def test_etcd_placeholders_are_listed_and_give_way_to_real_creators():
 
     local.register("etcd-v3", real)  # the module's own registration replaces the placeholder
     assert local._registry["etcd-v3"] is real
+
+
+def test_endpoint_held_by_something_else_is_named_within_connect_timeout():
+    """An HTTP server on the endpoint: TCPStore's handshake waits for an answer that never comes (10+ minutes,
+    as in torchrun); ours gives up after connect_timeout and says what answered."""
+    import http.server
+    import threading
+    import time
+
+    from elastic_impl.rendezvous import RendezvousConnectionError
+
+    # threads: the stuck TCPStore handshake must not keep the server from answering the probe (as `python -m
+    # http.server` does)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        params = RendezvousParameters("c10d", f"127.0.0.1:{port}", "r", 1, 1, is_host=False, connect_timeout=2)
+        start = time.monotonic()
+        with pytest.raises(RendezvousConnectionError) as excinfo:
+            rendezvous_handler_registry.create_handler(params)
+        took = time.monotonic() - start
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = one_line(excinfo)
+    assert f"127.0.0.1:{port}" in message and "did not answer as a TCPStore within 2 s" in message, message
+    assert "HTTP/1.0 501" in message, message  # what answered: BaseHTTPRequestHandler has no HEAD handler
+    assert took < 2 + 10, took
