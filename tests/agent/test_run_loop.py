@@ -7,6 +7,7 @@ real TCPStore, namespaced per round like the real handler's.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -343,13 +344,17 @@ def test_exit_barrier_ends_when_the_run_is_closed(tcp_store):
     assert 1.0 <= time.monotonic() - start < 10
 
 
-def test_members_read_short_of_the_world_size_count_as_a_membership_change(tcp_store):
+def test_members_read_short_of_the_world_size_count_as_a_membership_change(tcp_store, caplog):
     # the peer left between the round's completion and this node's first read of it: later reads equal that read
     handler = ParticipantsHandler(tcp_store, [(), (), ("a",), ("a",)])
     agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY, HEALTHY, SUCCEEDED])
-    result = agent.run()
+    with caplog.at_level(logging.WARNING, logger="elastic_impl.agent.server.api"):
+        result = agent.run()
     assert result.state == WorkerState.SUCCEEDED
     assert handler.rounds == 2 and agent._remaining_restarts == 0
+    # a restart loses work: its reason is said at the default log level (issue 13: a stalled store restarted a
+    # job with nothing printed)
+    assert any(r.levelno == logging.WARNING and "membership change" in r.getMessage() for r in caplog.records)
 
 
 class JoinInfoHandler(RoundStoreHandler):

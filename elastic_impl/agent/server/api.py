@@ -620,7 +620,7 @@ class SimpleElasticAgent(ElasticAgent):
                     # The group re-formed without this node's round (it was evicted, or a peer is re-forming it):
                     # a success in a world that no longer exists is not the job's. Rejoin like any membership change.
                     reason = f"workers succeeded in round {self._rdzv_round}, but the run moved on to round {moved_on}"
-                    logger.info("[%s] %s; rejoining", role, reason)
+                    logger.warning("[%s] %s; rejoining", role, reason)
                     self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
                     self._restart_workers(self._worker_group)
                     continue
@@ -672,7 +672,9 @@ class SimpleElasticAgent(ElasticAgent):
                     continue
                 self._store_outage_since = None
                 if reason:
-                    logger.info("[%s] membership change (%s); restarting workers", role, reason)
+                    # WARNING: restarting loses the workers' progress since their last checkpoint; the default log
+                    # level must say why it happened.
+                    logger.warning("[%s] membership change (%s); restarting workers", role, reason)
                     self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
                     self._restart_workers(self._worker_group)
                     continue
