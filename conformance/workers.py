@@ -125,6 +125,50 @@ def _record_event(destination: str, name: str) -> int:
     return 0
 
 
+def _unix_http(socket_path: str, method: str, path: str) -> tuple[int, str]:
+    """One HTTP/1.1 request over a Unix socket: (status code, body)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(socket_path)
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+def _worker_main(socket_path: str) -> int:
+    """Inside ``with worker_main()`` the control-plane server answers on $TORCH_WORKER_SERVER_SOCKET; after, not."""
+    worker_main = impl_module("control_plane").worker_main
+    report: dict = {}
+    with worker_main():
+        report["ping"] = _unix_http(socket_path, "POST", "/handler/ping")
+        report["handlers"] = _unix_http(socket_path, "GET", "/handler/")
+    try:
+        _unix_http(socket_path, "POST", "/handler/ping")
+        report["after"] = "still serving"
+    except OSError as exc:
+        report["after"] = type(exc).__name__
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def _debug_info_logging(run_id: str) -> int:
+    """Log expired timers at INFO (LOGLEVEL=INFO is set by the check) to stderr; an empty mapping logs nothing."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s|%(levelname)s|%(message)s", stream=sys.stderr)
+    log = impl_module("timer.debug_info_logging").log_debug_info_for_expired_timers
+    log(run_id, {})
+    print("empty-done", file=sys.stderr, flush=True)
+    log(run_id, {4242: ["scope-a", "scope-b"]})
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, args = argv[0], argv[1:]
     if mode == "sleep":
@@ -146,6 +190,10 @@ def main(argv: list[str]) -> int:
         return _file_timer_server(*args)
     if mode == "record_event":
         return _record_event(*args)
+    if mode == "worker_main":
+        return _worker_main(*args)
+    if mode == "debug_info_logging":
+        return _debug_info_logging(*args)
     print(f"conformance.workers: unknown mode {mode!r}", file=sys.stderr)
     return 2
 

@@ -69,3 +69,17 @@ def event_metadata_value(ctx) -> None:
     ctx.expect_equal(back.metadata, metadata, "metadata of every EventMetadataValue type after a round trip")
     ctx.expect_equal({type(v) for v in back.metadata.values()}, {str, int, float, bool, type(None)},
                      "metadata value types after a round trip")
+
+
+@check(f"{EV}.construct_and_record_rdzv_event")
+def construct_and_record_rdzv_event(ctx) -> None:
+    """Recording goes to the 'dynamic_rendezvous' destination (a null handler unless replaced): every node state
+    and every optional field is accepted and nothing is returned."""
+    record = ctx.get(f"{EV}.construct_and_record_rdzv_event")
+    states = ctx.get(f"{EV}.api.NodeState")
+    ctx.expect_equal(list(states.__members__), ["INIT", "RUNNING", "SUCCEEDED", "FAILED"], "NodeState members")
+    for state in states:
+        ctx.expect(record(run_id="conf-run", message=f"state {state.name}", node_state=state) is None,
+                   f"construct_and_record_rdzv_event(..., {state.name}) returned a value")
+    ctx.expect(record("conf-run", "all fields", states.RUNNING, name="Handler.next_rendezvous", hostname="h",
+                      pid=1234, master_endpoint="h:29400", local_id=0, rank=1) is None, "with every field")

@@ -129,3 +129,107 @@ def run_procs_result(ctx) -> None:
     result = _wait(ctx, _start(ctx, "ok", entry, {0: args}, {0: ctx.worker_env()}), 30)
     ctx.expect(isinstance(result, rpr), f"wait() returned {type(result).__name__}, documented RunProcsResult")
     ctx.expect(not result.is_failed() and 0 in result.return_values, f"clean exit result: {result}")
+
+
+def _custom_logs_run(ctx):
+    """One real worker started with a user-written LogsSpecs subclass: what reify() got, and the files it chose."""
+
+    def produce():
+        base = ctx.get(f"{M}.api.LogsSpecs")
+        dest_cls = ctx.get(f"{M}.api.LogsDest")
+        log_dir = ctx.resources.workdir / "custom-logs"
+        log_dir.mkdir(exist_ok=True)
+        seen: dict = {}
+
+        class FileLogsSpecs(base):
+            def reify(self, envs):
+                seen["envs"] = {rank: dict(env) for rank, env in envs.items()}
+                return dest_cls(stdouts={0: str(log_dir / "out-0.log")}, stderrs={0: str(log_dir / "err-0.log")},
+                                tee_stdouts={}, tee_stderrs={}, error_files={0: str(log_dir / "error-0.json")})
+
+            @property
+            def root_log_dir(self) -> str:
+                return str(log_dir)
+
+        entry, args = ctx.worker_command("echo", "custom-logs-marker")
+        pctx = ctx.get(f"{M}.start_processes")(name="custom-logs", entrypoint=entry, args={0: args},
+                                               envs={0: ctx.worker_env({"CONFORMANCE_MARK": "m0"})},
+                                               logs_specs=FileLogsSpecs(log_dir=str(log_dir)))
+        try:
+            result = _wait(ctx, pctx, 60)
+        finally:
+            pctx.close()
+        return {"seen": seen, "result": result, "log_dir": log_dir}
+
+    return ctx.resources.shared("custom-logs-specs-run", produce)
+
+
+@check(f"{M}.api.LogsSpecs", timeout=90)
+def logs_specs(ctx) -> None:
+    base = ctx.get(f"{M}.api.LogsSpecs")
+    ctx.expect_raises(TypeError, base, what="LogsSpecs() (abstract: reify and root_log_dir)")
+    run = _custom_logs_run(ctx)
+    ctx.expect(not run["result"].is_failed(), f"worker with a custom LogsSpecs failed: {run['result'].failures}")
+    out = run["log_dir"] / "out-0.log"
+    ctx.expect(out.exists() and "custom-logs-marker" in out.read_text(),
+               "stdout did not go to the file the custom LogsSpecs chose")
+
+
+@check(f"{M}.api.LogsSpecs.reify", timeout=90)
+def logs_specs_reify(ctx) -> None:
+    run = _custom_logs_run(ctx)
+    envs = run["seen"].get("envs")
+    ctx.expect(envs is not None, "start_processes never called reify()")
+    ctx.expect_equal(sorted(envs), [0], "reify() envs keys (local ranks)")
+    ctx.expect_equal(envs[0].get("CONFORMANCE_MARK"), "m0", "reify() got the worker's environment")
+
+
+@check(f"{M}.api.LogsDest", timeout=90)
+def logs_dest(ctx) -> None:
+    empty = ctx.get(f"{M}.api.LogsDest")()
+    ctx.expect_equal((empty.stdouts, empty.stderrs, empty.tee_stdouts, empty.tee_stderrs, empty.error_files),
+                     ({}, {}, {}, {}, {}), "LogsDest() defaults")
+    ctx.expect(empty.stdouts is not ctx.get(f"{M}.api.LogsDest")().stdouts, "LogsDest instances share one dict")
+    run = _custom_logs_run(ctx)
+    err = run["log_dir"] / "err-0.log"
+    ctx.expect(err.exists() and "err:custom-logs-marker" in err.read_text(),
+               "stderr did not go to LogsDest.stderrs[0]")
+    ctx.expect_equal(run["result"].stdouts.get(0), str(run["log_dir"] / "out-0.log"),
+                     "RunProcsResult.stdouts reports LogsDest.stdouts")
+
+
+def _reify_two_ranks(ctx, **kwargs):
+    specs = ctx.get(f"{M}.api.DefaultLogsSpecs")(log_dir=str(ctx.tmpdir / "default-logs"), **kwargs)
+    envs = {r: {"TORCHELASTIC_RUN_ID": "conf-run", "TORCHELASTIC_RESTART_COUNT": "0"} for r in range(2)}
+    return specs, specs.reify(envs)
+
+
+@check(f"{M}.api.DefaultLogsSpecs")
+def default_logs_specs(ctx) -> None:
+    specs = ctx.get(f"{M}.api.DefaultLogsSpecs")
+    log_dir = ctx.tmpdir / "created" / "here"
+    ctx.expect_equal(specs(log_dir=str(log_dir)).root_log_dir, str(log_dir), "root_log_dir")
+    ctx.expect(log_dir.is_dir(), "DefaultLogsSpecs(log_dir) did not create a missing log_dir")
+    a_file = ctx.tmpdir / "a-file"
+    a_file.write_text("")
+    ctx.expect_raises(NotADirectoryError, specs, log_dir=str(a_file), what="DefaultLogsSpecs(log_dir=<a file>)")
+    ctx.expect(ctx.get(f"{M}.api.LogsSpecs") in type(specs()).__mro__, "DefaultLogsSpecs is not a LogsSpecs")
+
+
+@check(f"{M}.api.DefaultLogsSpecs.reify")
+def default_logs_specs_reify(ctx) -> None:
+    std = ctx.get(f"{M}.api.Std")
+    specs, dest = _reify_two_ranks(ctx, redirects=std.ALL, tee=std.ERR)
+    for rank in range(2):
+        out, err = dest.stdouts[rank], dest.stderrs[rank]
+        for path, name in ((out, "stdout.log"), (err, "stderr.log"), (dest.error_files[rank], "error.json")):
+            ctx.expect(path.endswith(f"attempt_0/{rank}/{name}"), f"rank {rank} {name} path: {path!r}")
+            ctx.expect(path.startswith(specs.root_log_dir), f"{path!r} is not under log_dir")
+        ctx.expect(os.path.isdir(os.path.dirname(out)), f"{out!r}: its folder is missing")
+        ctx.expect_equal(dest.tee_stderrs.get(rank), err, f"rank {rank} tee=ERR duplicates stderr")
+        ctx.expect(rank not in dest.tee_stdouts, f"rank {rank}: stdout teed though tee=ERR")
+    run_dir = os.path.basename(dest.stdouts[0].split("/attempt_0/")[0])
+    ctx.expect(run_dir.startswith("conf-run"), f"the run's folder {run_dir!r} does not start with the run id")
+    _, plain = _reify_two_ranks(ctx)
+    ctx.expect_equal((plain.stdouts.get(0, ""), plain.stderrs.get(0, "")), ("", ""),
+                     "redirects=NONE: no file, the console (an empty path or none)")

@@ -247,3 +247,86 @@ def rendezvous_graceful_exit_error(ctx) -> None:
     _error_hierarchy(ctx, "RendezvousGracefulExitError")
     ctx.expect(ctx.get(f"{R}.RendezvousGracefulExitError") is ctx.get(f"{E}.RendezvousGracefulExitError"),
                "rendezvous.RendezvousGracefulExitError differs from rendezvous.api's")
+
+
+@check(f"{H}.use_agent_store")
+def handler_use_agent_store(ctx) -> None:
+    import os
+
+    handler = c10d_handler(ctx, ctx.run_id("agentstore"))
+    ctx.expect(handler.use_agent_store is True, "DynamicRendezvousHandler.use_agent_store is not True by default")
+    previous = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    try:
+        ctx.expect(handler.use_agent_store is False, "use_agent_store with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    finally:
+        if previous is None:
+            del os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
+        else:
+            os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = previous
+    base = ctx.get(H)
+
+    class Minimal(base):  # the base class's default: the store is not shared with the application
+        def get_backend(self):
+            return "minimal"
+
+        def next_rendezvous(self):
+            raise NotImplementedError
+
+        def is_closed(self):
+            return False
+
+        def set_closed(self):
+            pass
+
+        def num_nodes_waiting(self):
+            return 0
+
+        def get_run_id(self):
+            return "minimal"
+
+        def shutdown(self):
+            return True
+
+    ctx.expect(Minimal().use_agent_store is False, "RendezvousHandler.use_agent_store default is not False")
+
+
+@check(f"{R}.RendezvousInfo", timeout=60)
+def rendezvous_info(ctx) -> None:
+    info_cls = ctx.get(f"{R}.RendezvousInfo")
+    store = ctx.resources.tcp_store_client()
+    boot = ctx.get(f"{E}.RendezvousStoreInfo")("10.1.2.3", 4567)
+    info = info_cls(store, 3, 8, boot)
+    ctx.expect_equal((info.store is store, info.rank, info.world_size, info.bootstrap_store_info),
+                     (True, 3, 8, boot), "RendezvousInfo(store, rank, world_size, bootstrap_store_info) fields")
+    got = c10d_handler(ctx, ctx.run_id("info")).next_rendezvous()
+    ctx.expect(isinstance(got, info_cls), f"next_rendezvous() returned {type(got).__name__}, documented RendezvousInfo")
+    ctx.expect_equal((got.rank, got.world_size), (0, 1), "a 1-node rendezvous's RendezvousInfo")
+
+
+@check(f"{E}.RendezvousStoreInfo")
+def rendezvous_store_info(ctx) -> None:
+    rsi = ctx.get(f"{E}.RendezvousStoreInfo")
+    info = rsi("10.1.2.3", 4567)
+    ctx.expect_equal((info.master_addr, info.master_port), ("10.1.2.3", 4567), "RendezvousStoreInfo fields")
+    ctx.expect_equal(info, rsi(master_addr="10.1.2.3", master_port=4567), "RendezvousStoreInfo equality")
+    ctx.expect_equal((rsi.MASTER_ADDR_KEY, rsi.MASTER_PORT_KEY), ("MASTER_ADDR", "MASTER_PORT"), "store keys")
+
+
+@check(f"{E}.RendezvousStoreInfo.build", timeout=60)
+def rendezvous_store_info_build(ctx) -> None:
+    from torch.distributed import PrefixStore
+
+    build = ctx.get(f"{E}.RendezvousStoreInfo").build
+    prefix = ctx.run_id("storeinfo")
+    ranks = [PrefixStore(prefix, ctx.resources.tcp_store_client()) for _ in range(2)]
+    first = build(0, ranks[0], "127.0.0.1", 4321)
+    ctx.expect_equal((first.master_addr, first.master_port), ("127.0.0.1", 4321), "build() on rank 0")
+    second = build(1, ranks[1], None)
+    ctx.expect_equal(second, first, "build() on rank 1 reads what rank 0 published")
+    ctx.expect_equal(ranks[1].get("MASTER_PORT"), b"4321", "MASTER_PORT in the store")
+    other = [PrefixStore(prefix + "-free", ctx.resources.tcp_store_client()) for _ in range(2)]
+    picked = build(0, other[0], "127.0.0.1")
+    ctx.expect(isinstance(picked.master_port, int) and 0 < picked.master_port < 65536,
+               f"rank 0 without server_port picked {picked.master_port!r}, documented a free port")
+    ctx.expect_equal(build(1, other[1], None), picked, "rank 1 sees the port rank 0 picked")

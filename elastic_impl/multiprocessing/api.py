@@ -151,6 +151,10 @@ def _new_attempt_dir(run_log_dir: str, restart: str) -> str:
             path = f"{base}.{n}"
 
 
+class LogDirNotADirectoryError(NotADirectoryError, ValueError):
+    """log_dir names a file: NotADirectoryError as upstream, and a ValueError as this package always raised."""
+
+
 class DefaultLogsSpecs(LogsSpecs):
     """Logs under ``<log_dir>/<run_id>_<unique>/attempt_<restart_count>[.<n>]/<local_rank>/`` (stdout.log,
     stderr.log, error.json): one folder per run, and a new attempt folder for every start of the worker group."""
@@ -166,7 +170,7 @@ class DefaultLogsSpecs(LogsSpecs):
             if log_dir is None:
                 log_dir = tempfile.mkdtemp(prefix="torchelastic_")
             elif os.path.exists(log_dir) and not os.path.isdir(log_dir):
-                raise ValueError(f"bad log_dir {log_dir!r}: exists and is not a directory")
+                raise LogDirNotADirectoryError(f"bad log_dir {log_dir!r}: exists and is not a directory")
             else:
                 os.makedirs(log_dir, exist_ok=True)
         super().__init__(log_dir, redirects, tee, local_ranks_filter)

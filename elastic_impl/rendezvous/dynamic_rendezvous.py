@@ -1066,7 +1066,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     @property
     def use_agent_store(self) -> bool:
-        return True
+        # Read at every call, as upstream: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 opts out of sharing the store.
+        return os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0") != "1"
 
     def _step(self, op: str) -> StepResult:
         with self._lock:
@@ -1132,6 +1133,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         return PrefixStore(f"torch.rendezvous.{self._settings.run_id}.{round_}", self._store)
 
     def _bootstrap_info(self, store, rank: int) -> RendezvousStoreInfo | None:
+        if not self.use_agent_store:  # opted out: rank 0 publishes its own address and a free port
+            return RendezvousStoreInfo.build(rank, store, self._node.addr)
         # The shared TCPStore already has an address everyone knows; no need for rank 0 to publish one.
         host = getattr(self._store, "host", None)
         port = getattr(self._store, "port", None)

@@ -54,6 +54,11 @@ class HealthCheckServer:
         self._thread: threading.Thread | None = None
 
     @property
+    def alive_callback(self) -> Callable[[], int]:
+        """The callback giving the agent's last-alive time (documented upstream)."""
+        return self._alive_callback
+
+    @property
     def port(self) -> int:
         """The bound port once started (useful with ``port=0``), else the requested one."""
         return self._httpd.server_address[1] if self._httpd is not None else self._port
