@@ -213,7 +213,7 @@ def _peer_failures_as_process_failures(agent: LocalElasticAgent) -> dict[int, An
         failure.host = info.get("host")  # type: ignore[attr-defined]  (the report names the node it happened on)
         failure.stderr_file = info.get("stderr_file")
         failure.stderr_tail = list(info.get("stderr_tail") or [])
-        if info.get("error_file"):
+        if info.get("error_file") and info["error_file"] != "<N/A>":  # "<N/A>": the worker wrote no error file
             failure.error_file = f"{info['error_file']} (on {info.get('host')})"
             failure.error_file_data = {"message": failure.message}  # read there, carried here
         out[rank] = failure

@@ -7,6 +7,7 @@ The error file format is the one upstream torchelastic writes, so an agent of ei
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -20,6 +21,8 @@ from elastic_impl.multiprocessing.errors.error_handler import ErrorHandler
 from elastic_impl.multiprocessing.errors.handlers import get_error_handler
 
 __all__ = ["ChildFailedError", "ErrorHandler", "ProcessFailure", "get_error_handler", "record"]
+
+logger = logging.getLogger(__name__)
 
 _NOT_AVAILABLE = "<N/A>"
 STDERR_TAIL_LINES = 20
@@ -57,9 +60,51 @@ def _read_tail(path: str | None, lines: int = STDERR_TAIL_LINES) -> list[str]:
     return data.splitlines()[-lines:]
 
 
+_EMPTY_ERROR_DATA_MESSAGE = "<NONE>"
+# What upstream puts in ``message`` when a worker exited with a code and left no error file; code may compare to it.
+_NO_ERROR_FILE_MESSAGE = "To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html"
+
+
+class _NotAnErrorRecord(ValueError):
+    """An error file whose JSON is not the layout ErrorHandler writes."""
+
+
+def _parse_error_record(data: Any) -> tuple[str, int | None]:
+    """(message, timestamp) of an error file's JSON; timestamp None when the record has none."""
+    if not isinstance(data, dict):
+        raise _NotAnErrorRecord(f"the JSON is {type(data).__name__}, not an object")
+    if "message" not in data:
+        raise _NotAnErrorRecord("it has no 'message' field")
+    message = data["message"]
+    if isinstance(message, str):
+        # the flat layout: {"message": "...", "timestamp": <int or int string>}
+        raw = data.get("timestamp", 0)
+    elif isinstance(message, dict):
+        extra = message.get("extraInfo", {})
+        if not isinstance(extra, dict):
+            raise _NotAnErrorRecord(f"'message.extraInfo' is {type(extra).__name__}, not an object")
+        raw = extra.get("timestamp")
+        callstack = extra.get("py_callstack")
+        message = str(callstack) if callstack else str(message.get("message", ""))
+    else:
+        raise _NotAnErrorRecord(f"'message' is {type(message).__name__}, neither a string nor an object")
+    if raw is None:
+        return message, None
+    try:
+        return message, int(raw)
+    except (TypeError, ValueError):
+        raise _NotAnErrorRecord(f"its timestamp {raw!r} is not an integer") from None
+
+
 @dataclass
 class ProcessFailure:
-    """What is known about one failed worker: exit code, error file contents and (our extension) its stderr tail."""
+    """What is known about one failed worker: exit code, error file contents and (our extension) its stderr tail.
+
+    The attributes hold what upstream's hold (``error_file`` is ``"<N/A>"`` when the worker wrote none, ``message``
+    is the error file's message, ``Signal N (NAME) received by PID P`` or upstream's pointer text); the richer
+    explanation (likely cause of a signal, the worker's last stderr lines) is in ``ChildFailedError.format_msg()``.
+    An error file that is not an error record never raises: ``message`` names the file and what is wrong with it.
+    """
 
     local_rank: int
     pid: int
@@ -73,53 +118,43 @@ class ProcessFailure:
     stderr_tail: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.error_file_data = {}
-        if self.error_file and os.path.isfile(self.error_file):
-            try:
-                with open(self.error_file) as f:
-                    self.error_file_data = json.load(f)
-            except (OSError, ValueError) as e:
-                self.message = f"unreadable error file {self.error_file}: {e}"
-            else:
-                self.message, self.timestamp = self._message_from_error_file(self.error_file_data)
-        if not self.timestamp:
-            self.timestamp = int(time.time())
+        # The report names the file the worker was asked to write even after error_file became "<N/A>".
+        self.expected_error_file = self.error_file
         self.stderr_tail = _read_tail(self.stderr_file)
+        if self.error_file and os.path.isfile(self.error_file):
+            self._read_error_file()
+        else:
+            self.error_file = _NOT_AVAILABLE
+            self.error_file_data = {"message": _EMPTY_ERROR_DATA_MESSAGE}
+            self.message = ""
+            self.timestamp = int(time.time())
         if not self.message:
             if self.exitcode is not None and self.exitcode < 0:
-                name = self.signal_name()
-                cause = signal_cause(name)
-                self.message = f"Signal {-self.exitcode} ({name}) received by PID {self.pid}" + (
-                    f" ({cause})" if cause else ""
-                )
-            elif self.stderr_tail:
-                self.message = self.stderr_tail[-1].strip()
+                self.message = f"Signal {-self.exitcode} ({self.signal_name()}) received by PID {self.pid}"
             else:
-                self.message = "To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html"
+                self.error_file_data["errorTraits"] = {"category": "system_terminated_error", "retryability": "False"}
+                self.message = _NO_ERROR_FILE_MESSAGE
 
-    @staticmethod
-    def _message_from_error_file(data: dict) -> tuple[str, int]:
-        msg = data.get("message")
-        timestamp = 0
-        if isinstance(msg, dict):
-            extra = msg.get("extraInfo") or {}
-            try:
-                timestamp = int(extra.get("timestamp") or 0)
-            except (TypeError, ValueError):
-                timestamp = 0
-            text = str(msg.get("message", ""))
-            callstack = extra.get("py_callstack")
-            if callstack:
-                text = str(callstack)
-            return text, timestamp
-        return ("" if msg is None else str(msg)), timestamp
+    def _read_error_file(self) -> None:
+        data: Any = None
+        try:
+            with open(self.error_file) as f:
+                data = json.load(f)
+            self.message, timestamp = _parse_error_record(data)
+        except (OSError, ValueError) as e:  # _NotAnErrorRecord and JSONDecodeError are ValueErrors
+            self.error_file_data = data if isinstance(data, dict) else {"message": _EMPTY_ERROR_DATA_MESSAGE}
+            self.message = f"error file {self.error_file} is not a torchelastic error record: {e}"
+            self.timestamp = int(time.time())
+            return
+        self.error_file_data = data
+        self.timestamp = int(time.time()) if timestamp is None else timestamp
 
     def signal_name(self) -> str:
         if self.exitcode is not None and self.exitcode < 0:
             try:
                 return signal.Signals(-self.exitcode).name
             except ValueError:
-                return f"signal {-self.exitcode}"
+                return _NOT_AVAILABLE
         return _NOT_AVAILABLE
 
     def timestamp_isoformat(self) -> str:
@@ -141,10 +176,11 @@ class ChildFailedError(Exception):
         return rank, self.failures[rank]
 
     def _format_failure(self, idx: int, rank: int, failure: ProcessFailure) -> str:
-        if failure.error_file_data:
+        expected = getattr(failure, "expected_error_file", "")
+        if failure.error_file and failure.error_file != _NOT_AVAILABLE:
             error_file = failure.error_file
-        elif failure.error_file:
-            error_file = f"{failure.error_file} (not written by the worker; see its stderr below)"
+        elif expected and expected != _NOT_AVAILABLE:
+            error_file = f"{expected} (not written by the worker; see its stderr below)"
         else:
             error_file = "none (run with @record to get a traceback)"
         lines = [
@@ -156,8 +192,10 @@ class ChildFailedError(Exception):
             f"  error_file: {error_file}",
         ]
         if failure.exitcode is not None and failure.exitcode < 0:
-            lines.append(f"  signal    : {failure.signal_name()} {signal_cause(failure.signal_name())}".rstrip())
-        msg_lines = failure.message.splitlines() or [""]
+            name = failure.signal_name()
+            name = f"signal {-failure.exitcode}" if name == _NOT_AVAILABLE else name
+            lines.append(f"  signal    : {name} {signal_cause(name)}".rstrip())
+        msg_lines = _report_message(failure).splitlines() or [""]
         lines.append(f"  message   : {msg_lines[0]}")
         lines.extend(f"    {m}" for m in msg_lines[1:])
         if failure.stderr_tail:
@@ -179,6 +217,18 @@ class ChildFailedError(Exception):
         return "\n".join(parts)
 
 
+def _report_message(failure: ProcessFailure) -> str:
+    """The message line of the report: upstream's pointer text is replaced by the worker's last stderr line."""
+    message = failure.message
+    if isinstance(message, dict):  # upstream's ProcessFailure keeps the error record's message object
+        extra = message.get("extraInfo")
+        message = (extra.get("py_callstack") if isinstance(extra, dict) else None) or message.get("message", "")
+    message = str(message)
+    if message == _NO_ERROR_FILE_MESSAGE and failure.stderr_tail:
+        return failure.stderr_tail[-1].strip()
+    return message
+
+
 def _hostname() -> str:
     import socket
 
@@ -198,19 +248,21 @@ def record(fn: Callable[..., T] | None = None, error_handler: ErrorHandler | Non
         try:
             return fn(*args, **kwargs)
         except SystemExit as se:
-            # A clean sys.exit(0/None) is not a failure; any other code is reported like an exception.
-            if se.code in (None, 0):
-                raise
-            handler.record_exception(se)
+            # As upstream: sys.exit(0) ends the decorated function as a normal return; any other exit (None
+            # included) propagates, and an exit is never an error record: it carries its own code.
+            if se.code == 0:
+                return None  # type: ignore[return-value]
             raise
         except ChildFailedError as e:
+            # The root cause travels up as the child's own record; the ChildFailedError itself is never recorded.
             rank, failure = e.get_first_failure()
-            if failure.error_file != _NOT_AVAILABLE and failure.error_file_data:
+            if failure.error_file != _NOT_AVAILABLE:
                 handler.dump_error_file(failure.error_file, failure.exitcode)
             else:
-                handler.record_exception(e)
+                logger.info("local_rank %s failed without an error file; decorate its entrypoint with @record", rank)
             raise
-        except BaseException as e:
+        except Exception as e:
+            # Only exceptions: KeyboardInterrupt and other BaseExceptions are stops, not errors (as upstream).
             handler.record_exception(e)
             raise
 

@@ -64,14 +64,20 @@ class ErrorHandler:
         elif isinstance(rootcause_error["message"], str):
             logger.warning("child error file (%s) has a new message format; skipping error code override",
                            rootcause_error_file)
-        elif "errorCode" not in rootcause_error["message"]:
+        elif isinstance(rootcause_error["message"], dict):
+            # the child's process exit code is what the agent saw, so it replaces any code the child recorded
             rootcause_error["message"]["errorCode"] = error_code
 
     def dump_error_file(self, rootcause_error_file: str, error_code: int = 0) -> None:
         """Copy a child's error file into ours so the root cause travels up one more level."""
-        with open(rootcause_error_file) as fp:
-            rootcause_error = json.load(fp)
-        if error_code:
+        try:
+            with open(rootcause_error_file) as fp:
+                rootcause_error = json.load(fp)
+        except (OSError, ValueError) as e:
+            # raised here it would replace the child's failure the caller is propagating
+            logger.warning("child error file %s is not readable JSON (%s); not copied", rootcause_error_file, e)
+            return
+        if error_code and isinstance(rootcause_error, dict):
             self.override_error_code_in_rootcause_data(rootcause_error_file, rootcause_error, error_code)
         my_error_file = self._get_error_file_path()
         if my_error_file:
