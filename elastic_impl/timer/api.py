@@ -139,11 +139,13 @@ class TimerServer(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support expire_timer")
 
     def _reap_worker_no_throw(self, worker_id: Any) -> bool:
+        # As upstream documents: a _reap_worker that raises counts as reaped, so its timers are cleared rather than
+        # retried forever; a _reap_worker that returns False is retried on the next interval.
         try:
             return self._reap_worker(worker_id)
         except Exception:
-            logger.exception("error reaping worker %s; will retry next interval", worker_id)
-            return False
+            logger.exception("_reap_worker(%s) raised; counting the worker as reaped", worker_id)
+            return True
 
     def run_once(self, wait: float = 0.0) -> list[Any]:
         """One watchdog iteration: read requests (waiting up to ``wait`` s), reap expired workers; return them."""
@@ -169,8 +171,10 @@ class TimerServer(abc.ABC):
                 logger.exception("timer watchdog iteration failed")
 
     def start(self) -> None:
-        if self._watchdog_thread is not None:
-            raise RuntimeError(f"{type(self).__name__} already started")
+        if self._watchdog_thread is not None and self._watchdog_thread.is_alive():
+            # upstream tolerates a second start(); one watchdog is enough, so it is a no-op here
+            logger.info("%s already started", type(self).__name__)
+            return
         logger.info("starting %s (max_interval=%s s)", type(self).__name__, self._max_interval)
         self._stop_signaled.clear()
         self._watchdog_thread = threading.Thread(
@@ -198,10 +202,10 @@ def _check_interval(max_interval: float) -> None:
 _timer_client: TimerClient | None = None
 
 
-def configure(timer_client: TimerClient):
-    """Set the client ``expires`` uses when none is passed."""
-    if not isinstance(timer_client, TimerClient):
-        raise TypeError(f"timer_client must be a TimerClient, got {timer_client!r}")
+def configure(timer_client: TimerClient | None):
+    """Set the client ``expires`` uses when none is passed (None: no default client)."""
+    if timer_client is not None and not isinstance(timer_client, TimerClient):
+        raise TypeError(f"timer_client must be a TimerClient or None, got {timer_client!r}")
     global _timer_client
     _timer_client = timer_client
     logger.info("timer client configured to %s", type(timer_client).__name__)
@@ -218,7 +222,8 @@ def expires(after: float, scope: str | None = None, client: TimerClient | None =
         raise ValueError(f"expires(after=...) must be a non-negative finite number of seconds, got {after!r}")
     if client is None:
         if _timer_client is None:
-            raise RuntimeError("no timer client: call elastic_impl.timer.configure(client) or pass client=")
+            # upstream's wording; code may match on it
+            raise RuntimeError("Configure timer client before using countdown timers.")
         client = _timer_client
     if scope is None:
         # default scope: the caller's file and line, so nested/parallel blocks get distinct timers

@@ -194,6 +194,8 @@ class FileTimerServer(TimerServer):
                 pass
 
     def start(self) -> None:
+        if self._watchdog_thread is not None and self._watchdog_thread.is_alive():
+            return  # already listening: a second start() is a no-op (upstream tolerates it too)
         logger.info("FileTimerServer run_id=%s listening on %s", self._run_id, self._file_path)
         self._open_fifo()
         super().start()
@@ -264,6 +266,9 @@ class FileTimerServer(TimerServer):
             os.kill(worker_id, sig)
         except ProcessLookupError:
             logger.info("worker pid %s already gone; nothing to reap", worker_id)
+        except OSError:
+            logger.exception("could not signal worker pid %s; will retry next interval", worker_id)
+            return False
         return True
 
     def get_last_progress_time(self) -> int:

@@ -110,4 +110,7 @@ class LocalTimerServer(TimerServer):
             os.kill(worker_id, signal.SIGKILL)
         except ProcessLookupError:
             logger.info("worker pid %s already gone; nothing to reap", worker_id)
+        except OSError:
+            logger.exception("could not kill worker pid %s; will retry next interval", worker_id)
+            return False
         return True
