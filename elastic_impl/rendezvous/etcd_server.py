@@ -113,7 +113,10 @@ class EtcdServer:
     """
 
     def __init__(self, data_dir: str | None = None):
-        self._host = "127.0.0.1"
+        # upstream's get_host()/get_endpoint() say "localhost"; etcd itself listens on the IPv4 loopback address,
+        # which "localhost" names, so clients of either reach it
+        self._host = "localhost"
+        self._listen_ip = "127.0.0.1"
         self._port = -1
         self._peer_port = -1
         self._owns_base_dir = data_dir is None
@@ -179,12 +182,12 @@ class EtcdServer:
         raise last_error
 
     def _start_once(self, binary: str, data_dir: str, timeout: float, stderr) -> None:
-        client_sock = _reserve_port(self._host)
-        peer_sock = _reserve_port(self._host)
+        client_sock = _reserve_port(self._listen_ip)
+        peer_sock = _reserve_port(self._listen_ip)
         self._port = client_sock.getsockname()[1]
         self._peer_port = peer_sock.getsockname()[1]
-        client_url = f"http://{self._host}:{self._port}"
-        peer_url = f"http://{self._host}:{self._peer_port}"
+        client_url = f"http://{self._listen_ip}:{self._port}"
+        peer_url = f"http://{self._listen_ip}:{self._peer_port}"
         self._etcd_cmd = [
             binary,
             "--name", "elastic-etcd",
@@ -217,7 +220,7 @@ class EtcdServer:
         proc = self._proc_holder[0]
         assert proc is not None
         deadline = time.monotonic() + timeout
-        url = f"http://{self.get_endpoint()}/health"
+        url = f"http://{self._listen_ip}:{self._port}/health"
         last = "no answer yet"
         while time.monotonic() < deadline:
             code = proc.poll()

@@ -39,8 +39,8 @@ def _wait_dead(pid: int, timeout: float) -> bool:
 
 def test_start_serves_v2_and_v3_then_stop_removes_everything(private_etcd_server):
     server = private_etcd_server
-    assert server.get_host() == "127.0.0.1"
-    assert server.get_endpoint() == f"127.0.0.1:{server.get_port()}"
+    assert server.get_host() == "localhost"  # as upstream
+    assert server.get_endpoint() == f"localhost:{server.get_port()}"
     client = server.get_client()
     client.write("/t/k", "v")
     assert client.read("/t/k").value == "v"
