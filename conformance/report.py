@@ -87,7 +87,41 @@ def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: st
     md_path.write_text(_markdown(results, meta))
     xml_path = out_dir / "junit.xml"
     _junit(results, meta).write(xml_path, encoding="utf-8", xml_declaration=True)
-    return [json_path, md_path, xml_path]
+    paths = [json_path, md_path, xml_path]
+    if claims is not None and claims.layout is not None and not_certified is None:
+        observed_path = out_dir / "observed_table.md"
+        observed_path.write_text(observed_table(results, claims, meta))
+        paths.append(observed_path)
+    return paths
+
+
+def observed_table(results: list[Result], claims: Claims, meta: dict[str, Any]) -> str:
+    """The vendor's own per-hardware layout with the certified column as measured (✔ passed, ✘ failed, ? not run),
+    the other columns as claimed, then every row where measurement and claim differ."""
+    layout = claims.layout
+    assert layout is not None and claims.hardware is not None
+    measured = {r.api: {"pass": "✔", "fail": "✘"}.get(r.observed, "?") for r in results}
+    column = layout.columns.index(claims.hardware)
+    lines = [f"# Observed support: `{meta['impl']}` on `{meta['device']}` (backend `{meta['backend']}`), "
+             f"column {claims.hardware} measured",
+             "", f"Measured {meta['created']}; the other columns are copied from `{layout.source}` (claimed, not "
+             "measured here). ✔ the row's check passed, ✘ it failed, ? not run (skipped or not selected).", "",
+             "|section|API|" + "|".join(layout.columns) + "|", "|--|--|" + ":-:|" * len(layout.columns)]
+    diff = []
+    for entry in layout.entries:
+        marks = ["✔" if c else "✘" for c in entry.claims]
+        claimed = marks[column]
+        marks[column] = measured.get(entry.api, "?")
+        api = entry.api + (" (new)" if entry.new else "")
+        lines.append(f"|{entry.section}|{api}|" + "|".join(marks) + "|")
+        if marks[column] != "?" and marks[column] != claimed:
+            diff.append(f"|{entry.api}|{claimed}|{marks[column]}|")
+    lines += ["", f"## Measured vs claimed ({claims.hardware})", ""]
+    if diff:
+        lines += ["|API|claimed|measured|", "|--|:-:|:-:|", *diff]
+    else:
+        lines.append("No difference: every measured row agrees with the claim.")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(text: str) -> str:

@@ -122,3 +122,17 @@ def test_bad_baseline_is_a_one_line_error(tmp_path, content, needle):
         path.write_text(content)
     proc = run_cli(["certify", "--impl", "torch", "--device", "cpu", "--baseline", str(path)], timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+
+
+def test_a_per_hardware_certification_writes_the_observed_table_in_the_vendor_layout(tmp_path):
+    proc = run_cli(["certify", "--impl", "elastic_impl", "--device", "cpu", "--jobs", "1", "--table", "ascend-2.13",
+                    "--hardware", "Atlas A2", "-k", "RendezvousParameters.get_as_int,etcd_server", "--out",
+                    str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = (tmp_path / "observed_table.md").read_text()
+    assert "|section|API|Atlas A2 training|Atlas A3 training|Ascend 950DT|" in text
+    assert f"|Rendezvous|{GET_AS_INT}|✔|✔|✘|" in text  # measured ✔ under Atlas A2
+    assert f"|Rendezvous|{ETCD_SERVER}|✔|✘|✘|" in text  # claimed ✘, measured ✔
+    assert f"|{ETCD_SERVER}|✘|✔|" in text.split("## Measured vs claimed")[1]
+    assert "|Elastic Agent|torch.distributed.elastic.agent.server.ElasticAgent|?|✔|✘|" in text  # not selected
+    assert json.loads((tmp_path / "report.json").read_text())["meta"]["hardware"] == "Atlas A2 training"
