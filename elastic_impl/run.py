@@ -260,6 +260,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         raise LaunchConfigError("--module and --no-python cannot be used together")
     if not args.rdzv_backend or not args.rdzv_backend.strip():
         raise _bad("--rdzv-backend", args.rdzv_backend, "expected a backend name such as c10d, etcd or static")
+    from elastic_impl.rendezvous import rendezvous_handler_registry
+
+    # The registry's own error keeps upstream's wording for API users; on the command line, name what is allowed.
+    if args.rdzv_backend not in rendezvous_handler_registry.names():
+        raise _bad("--rdzv-backend", args.rdzv_backend,
+                   f"registered backends: {', '.join(rendezvous_handler_registry.names())}")
     rdzv_configs: dict[str, Any] = _parse_rdzv_conf(args.rdzv_conf)
     shutdown_grace = (
         _parse_float("--shutdown-grace", args.shutdown_grace, 0.0, inclusive=True)

@@ -149,6 +149,11 @@ class RendezvousHandler(ABC):
         """
 
 
+# The messages of RendezvousParameters and RendezvousHandlerRegistry are upstream's, word for word: code and tests
+# written against upstream match on them.
+_EMPTY_BACKEND = "The rendezvous backend name must be a non-empty string."
+
+
 def _require_text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"rendezvous {name} must be a non-empty string, got {value!r}")
@@ -180,6 +185,8 @@ class RendezvousParameters:
         local_addr: str | None = None,
         **kwargs,
     ):
+        if not backend:
+            raise ValueError(_EMPTY_BACKEND)
         self.backend = _require_text("backend", backend)
         self.run_id = _require_text("run_id", run_id)
         if endpoint is not None and not isinstance(endpoint, str):
@@ -188,9 +195,12 @@ class RendezvousParameters:
         min_nodes = _require_int("min_nodes", min_nodes)
         max_nodes = _require_int("max_nodes", max_nodes)
         if min_nodes < 1:
-            raise ValueError(f"rendezvous min_nodes must be >= 1, got {min_nodes}")
+            raise ValueError(f"The minimum number of rendezvous nodes ({min_nodes}) must be greater than zero.")
         if max_nodes < min_nodes:
-            raise ValueError(f"rendezvous max_nodes must be >= min_nodes ({min_nodes}), got {max_nodes}")
+            raise ValueError(
+                f"The maximum number of rendezvous nodes ({max_nodes}) must be greater than or equal to the minimum "
+                f"number of rendezvous nodes ({min_nodes})."
+            )
         self.min_nodes = min_nodes
         self.max_nodes = max_nodes
         self.local_addr = local_addr
@@ -204,29 +214,31 @@ class RendezvousParameters:
         return self.config.get(key, default)
 
     def get_as_bool(self, key: str, default: bool | None = None) -> bool | None:
-        """The option ``key`` as a bool (accepts 1/0, true/false, yes/no, on/off, case-insensitive)."""
+        """The option ``key`` as a bool (accepts 1/0, true/false, t/f, yes/no, y/n, case-insensitive, as upstream)."""
         value = self.get(key, default)
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         if isinstance(value, str):
-            text = value.strip().lower()
-            if text in ("1", "true", "t", "yes", "y", "on"):
+            text = value.lower()
+            if text in ("1", "true", "t", "yes", "y"):
                 return True
-            if text in ("0", "false", "f", "no", "n", "off"):
+            if text in ("0", "false", "f", "no", "n"):
                 return False
-        raise ValueError(f"rendezvous option {key}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+        raise ValueError(f"The rendezvous configuration option '{key}' does not represent a valid boolean value.")
 
     def get_as_int(self, key: str, default: int | None = None) -> int | None:
         """The option ``key`` as an int."""
         value = self.get(key, default)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        if value is None:
             return value
         try:
-            return int(str(value).strip())
+            return int(value)
         except ValueError:
-            raise ValueError(f"rendezvous option {key}={value!r} is not an integer") from None
+            raise ValueError(
+                f"The rendezvous configuration option '{key}' does not represent a valid integer value."
+            ) from None
 
     def __repr__(self) -> str:
         return (
@@ -251,11 +263,15 @@ class RendezvousHandlerRegistry:
 
     def register(self, backend: str, creator: RendezvousHandlerCreator) -> None:
         """Register ``creator`` for ``backend``; re-registering the same creator is a no-op, a different one errors."""
-        _require_text("backend", backend)
+        if not backend:
+            raise ValueError(_EMPTY_BACKEND)
         current = self._registry.get(backend)
         # A built-in lazy placeholder (see registry.py) gives way to the real creator its module registers.
-        if current is not None and current is not creator and not getattr(current, "is_placeholder", False):
-            raise ValueError(f"rendezvous backend {backend!r} is already registered with a different creator {current!r}")
+        if current is not None and current != creator and not getattr(current, "is_placeholder", False):
+            raise ValueError(
+                f"The rendezvous backend '{backend}' cannot be registered with '{creator}' as it is already "
+                f"registered with '{current}'."
+            )
         self._registry[backend] = creator
 
     def names(self) -> list[str]:
@@ -268,13 +284,15 @@ class RendezvousHandlerRegistry:
         self._load_entry_points()
         creator = self._registry.get(params.backend)
         if creator is None:
+            # upstream's wording (its tests match it); the launcher adds the registered names
             raise ValueError(
-                f"unknown rendezvous backend {params.backend!r}; registered backends: {', '.join(sorted(self._registry))}"
+                f"The rendezvous backend '{params.backend}' is not registered. Did you forget to call `register`?"
             )
         handler = creator(params)
         if handler.get_backend() != params.backend:
             raise RuntimeError(
-                f"rendezvous backend {params.backend!r} created a handler for backend {handler.get_backend()!r}"
+                f"The rendezvous backend '{handler.get_backend()}' does not match the requested backend "
+                f"'{params.backend}'."
             )
         return handler
 
