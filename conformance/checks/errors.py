@@ -53,6 +53,41 @@ def record(ctx) -> None:
     data = json.loads(error_file.read_text())
     ctx.expect("conformance-marker-7731" in json.dumps(data), f"error file lacks the exception message: {data}")
     ctx.expect("message" in data, f"error file lacks the documented 'message' key: {list(data)}")
+    _record_exits_and_child_failures(ctx, rec)
+
+
+def _record_exits_and_child_failures(ctx, rec) -> None:
+    """Documented equivalence of @record: sys.exit(0) is a normal end; other exits and a ChildFailedError are not
+    recorded as errors of this process (the child's error file is copied instead)."""
+    for code, what in ((0, "sys.exit(0)"), (3, "sys.exit(3)")):
+        error_file = ctx.tmpdir / f"exit{code}.json"
+
+        @rec
+        def leave(code=code):
+            raise SystemExit(code)
+
+        with _error_file_env(str(error_file)):
+            try:
+                result = ("returned", leave())
+            except SystemExit as e:
+                result = ("raised SystemExit", e.code)
+        ctx.expect_equal(result, ("returned", None) if code == 0 else ("raised SystemExit", 3), f"@record on {what}")
+        ctx.expect(not error_file.exists(), f"@record wrote an error file for {what}")
+    child = ctx.tmpdir / "child-of-record.json"
+    _write_error_file(child, "record-child-marker-4410", 5)
+    failure = ctx.get(f"{M}.ProcessFailure")(local_rank=0, pid=1, exitcode=7, error_file=str(child))
+    child_failed = ctx.get(f"{M}.ChildFailedError")("trainer", {0: failure})
+    own = ctx.tmpdir / "parent-of-record.json"
+
+    @rec
+    def nanny():
+        raise child_failed
+
+    with _error_file_env(str(own)):
+        ctx.expect_raises(type(child_failed), nanny, what="@record re-raises a ChildFailedError")
+    copied = json.loads(own.read_text()) if own.exists() else None
+    ctx.expect(copied is not None and "record-child-marker-4410" in json.dumps(copied) and "FAILED" not in json.dumps(copied),
+               f"@record on a ChildFailedError should copy the child's error file, got {copied!r}")
 
 
 def _handler_error_file(ctx, path, marker: str) -> None:
@@ -133,3 +168,11 @@ def process_failure(ctx) -> None:
     ctx.expect("pf-marker-32" in str(from_handler.message),
                f"message from an ErrorHandler-written error file lacks the exception text: {from_handler.message!r}")
     ctx.expect_equal(failed.signal_name(), "<N/A>", "signal_name() of a non-signal exit")
+    # The flat record layout ({"message": str, "timestamp": int}) keeps its timestamp too.
+    flat = ctx.tmpdir / "flat.json"
+    flat.write_text(json.dumps({"message": "pf-flat", "timestamp": 10}))
+    flat_failure = pf(local_rank=0, pid=1, exitcode=1, error_file=str(flat))
+    ctx.expect_equal((flat_failure.message, flat_failure.timestamp), ("pf-flat", 10), "flat error record")
+    # No error file: error_file is "<N/A>" (the documented placeholder), the timestamp is now.
+    absent = pf(local_rank=0, pid=1, exitcode=3, error_file=str(ctx.tmpdir / "never.json"))
+    ctx.expect_equal((absent.error_file, absent.signal_name()), ("<N/A>", "<N/A>"), "failure without an error file")

@@ -50,6 +50,14 @@ def _expires_round(ctx, client, use_configure: bool):
 @check(f"{T}.configure")
 def configure(ctx) -> None:
     _expires_round(ctx, _recording_client(ctx), use_configure=True)
+    # configure(None) leaves expires() without a default client: a RuntimeError, not a silent unguarded block.
+    ctx.get(f"{T}.configure")(None)
+
+    def unguarded():
+        with ctx.get(f"{T}.expires")(after=5, scope="no-client"):
+            pass
+
+    ctx.expect_raises(RuntimeError, unguarded, what="expires() after configure(None)")
 
 
 @check(f"{T}.expires")
