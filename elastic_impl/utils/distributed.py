@@ -7,6 +7,7 @@ import socket
 from datetime import timedelta
 
 from elastic_impl.utils.clock import REAL_CLOCK
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.store import barrier
 
 __all__ = ["create_c10d_store", "get_free_port", "get_socket_with_port"]

@@ -1,0 +1,33 @@
+"""Linux process state as ``/proc/<pid>/stat`` reports it, and whether it is uninterruptible sleep (D).
+
+Used by the local agent to notice a worker stuck in the kernel (e.g. a hung device driver or NFS read), which no
+signal can interrupt.
+"""
+
+from __future__ import annotations
+
+__all__ = ["read_proc_state", "is_uninterruptible_state"]
+
+
+def read_proc_state(pid: int) -> str | None:
+    """The one-letter state of process ``pid`` ('R', 'S', 'D', 'Z', ...), or None when it cannot be read.
+
+    None covers: not Linux, no such process, no permission, or a malformed stat line.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return None
+    # The second field is the command name in parentheses, and may itself hold spaces and ')': the state is the
+    # first field after the LAST ')'.
+    _, closing_paren, after_comm = stat.rpartition(")")
+    fields = after_comm.split()
+    if not closing_paren or not fields:
+        return None
+    return fields[0]
+
+
+def is_uninterruptible_state(state: str | None) -> bool:
+    """Whether ``state`` (as :func:`read_proc_state` returns it) is uninterruptible sleep: it starts with 'D'."""
+    return state is not None and state.startswith("D")
