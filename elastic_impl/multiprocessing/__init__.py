@@ -18,6 +18,7 @@ from elastic_impl.multiprocessing.api import (
     to_map,
 )
 from elastic_impl.multiprocessing.errors import ChildFailedError, ErrorHandler, record
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
 __all__ = [
     "ChildFailedError", "DefaultLogsSpecs", "ErrorHandler", "LogsDest", "LogsSpecs", "MultiprocessContext",

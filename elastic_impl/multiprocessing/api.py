@@ -18,12 +18,14 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import IntFlag
 from types import FrameType
 from typing import Any, Union
 
 from elastic_impl.multiprocessing.errors import ProcessFailure, record
+from elastic_impl.multiprocessing.redirects import redirect_stderr, redirect_stdout  # noqa: F401 -- upstream exposes them here
 from elastic_impl.multiprocessing.subprocess_handler import SubprocessHandler, get_subprocess_handler
 from elastic_impl.multiprocessing.tail_log import TailLog
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
@@ -31,14 +33,23 @@ from elastic_impl.utils.clock import REAL_CLOCK, Clock
 logger = logging.getLogger(__name__)
 
 IS_WINDOWS = sys.platform == "win32"
+IS_MACOS = sys.platform == "darwin"
 IS_LINUX = sys.platform.startswith("linux")
 
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 
 __all__ = [
     "DefaultLogsSpecs", "LogsDest", "LogsSpecs", "MultiprocessContext", "PContext", "RunProcsResult",
-    "SignalException", "Std", "SubprocessContext", "to_map", "start_processes",
+    "SignalException", "Std", "SubprocessContext", "to_map", "start_processes", "get_std_cm",
 ]
+
+
+def get_std_cm(std_rd: str, redirect_fn: Callable[[str], AbstractContextManager]) -> AbstractContextManager:
+    """``redirect_fn(std_rd)``, or a do-nothing context when there is no file (``std_rd`` empty) or the platform
+    cannot redirect a file descriptor (Windows, macOS)."""
+    if IS_WINDOWS or IS_MACOS or not std_rd:
+        return nullcontext()
+    return redirect_fn(std_rd)
 
 
 class SignalException(Exception):

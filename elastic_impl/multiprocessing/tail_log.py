@@ -12,7 +12,49 @@ from elastic_impl.utils.clock import REAL_CLOCK, Clock
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TailLog"]
+__all__ = ["TailLog", "tail_logfile"]
+
+
+def tail_logfile(
+    header: str,
+    file: str,
+    dst: TextIO,
+    finished: threading.Event,
+    interval_sec: float,
+    log_line_filter: Callable[[str], bool] | None = None,
+    *,
+    clock: Clock = REAL_CLOCK,
+) -> None:
+    """Copy the lines of ``file`` to ``dst``, each prefixed with ``header``, until ``finished`` is set.
+
+    The file may not exist yet (a worker creates it): wait for it, checking every ``interval_sec``, and return
+    without writing if ``finished`` is set first. Once it exists, follow it as it grows; after ``finished`` is set,
+    copy what is left up to end of file, then return. ``log_line_filter`` (given the line without its newline)
+    keeps the lines for which it is true; None keeps every line. A last line without a newline is copied too.
+    """
+    while not os.path.isfile(file):
+        if clock.wait(finished, interval_sec):
+            if not os.path.isfile(file):
+                return
+            break
+    partial = ""
+    with open(file, errors="replace") as f:
+        while True:
+            chunk = f.read()
+            if chunk:
+                partial += chunk
+                *lines, partial = partial.split("\n")
+                for line in lines:
+                    if log_line_filter is None or log_line_filter(line):
+                        dst.write(f"{header}{line}\n")
+                dst.flush()
+                continue
+            if finished.is_set():
+                break
+            clock.wait(finished, interval_sec)
+    if partial and (log_line_filter is None or log_line_filter(partial)):
+        dst.write(f"{header}{partial}\n")
+        dst.flush()
 
 
 class TailLog:
@@ -46,33 +88,11 @@ class TailLog:
         return self
 
     def _tail(self, path: str, prefix: str) -> None:
-        # The worker may not have created its file yet; wait for it, but never past stop().
-        while not os.path.isfile(path):
-            if self._clock.wait(self._stop_event, self._interval):
-                if not os.path.isfile(path):
-                    return
-                break
-        partial = ""
         try:
-            with open(path, errors="replace") as f:
-                while True:
-                    chunk = f.read()
-                    if chunk:
-                        partial += chunk
-                        *lines, partial = partial.split("\n")
-                        for line in lines:
-                            if self._line_filter(line):
-                                self._dst.write(f"{prefix}{line}\n")
-                        self._dst.flush()
-                        continue
-                    if self._stop_event.is_set():
-                        break
-                    self._clock.wait(self._stop_event, self._interval)
+            tail_logfile(prefix, path, self._dst, self._stop_event, self._interval, self._line_filter,
+                         clock=self._clock)
         except Exception as e:
             logger.error("error tailing %s: %s", path, e)
-        if partial:
-            self._dst.write(f"{prefix}{partial}\n")
-            self._dst.flush()
 
     def stop(self) -> None:
         # Drain: each thread reads to EOF once more after the stop flag before it exits.

@@ -19,8 +19,12 @@ from typing import Any, TypeVar
 
 from elastic_impl.multiprocessing.errors.error_handler import ErrorHandler
 from elastic_impl.multiprocessing.errors.handlers import get_error_handler
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
 __all__ = ["ChildFailedError", "ErrorHandler", "ProcessFailure", "get_error_handler", "record"]
+
+# A decoded error file (upstream's name for the type).
+JSON = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 
