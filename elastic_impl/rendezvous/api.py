@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from elastic_impl.utils.distributed import get_free_port  # noqa: F401 -- upstream exposes it here
+
 __all__ = [
     "RendezvousClosedError",
     "RendezvousConnectionError",

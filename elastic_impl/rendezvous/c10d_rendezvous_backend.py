@@ -10,8 +10,16 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from elastic_impl.events import construct_and_record_rdzv_event  # noqa: F401 -- upstream exposes it here
+from elastic_impl.events.api import NodeState  # noqa: F401 -- upstream exposes it here
+
 from ._backend import RendezvousBackend
-from .api import RendezvousConnectionError, RendezvousParameters, RendezvousStateError
+from .api import (  # RendezvousError: upstream exposes it here
+    RendezvousConnectionError,
+    RendezvousError,  # noqa: F401
+    RendezvousParameters,
+    RendezvousStateError,
+)
 from .options import keep_alive_options
 from .utils import matches_this_machine, parse_rendezvous_endpoint, positive_seconds
 

@@ -65,6 +65,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -103,6 +104,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STEP_OPS = ("join", "keep_alive", "close", "leave", "sync", "increment_restart_count")
+
+
+def get_method_name(depth: int = 2) -> str:
+    """The name of the function ``depth`` frames up the call stack (0: this function, 1: its caller, 2: the
+    caller's caller), or ``"no_method_name"`` when the stack is not that deep."""
+    try:
+        return sys._getframe(depth).f_code.co_name
+    except ValueError:  # the stack is shallower than depth
+        return "no_method_name"
 
 
 def _seconds(name: str, value: Any, default: float) -> float:

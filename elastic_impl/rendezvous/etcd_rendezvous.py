@@ -51,8 +51,8 @@ from .api import (
     RendezvousTimeoutError,
     rendezvous_handler_registry,
 )
-from .etcd_store import EtcdStore
-from .utils import positive_seconds
+from .etcd_store import EtcdStore, cas_delay  # noqa: F401 -- cas_delay: upstream exposes it here
+from .utils import parse_rendezvous_endpoint, positive_seconds  # noqa: F401 -- upstream exposes the parser here
 
 __all__ = [
     "EtcdRendezvous",

@@ -27,6 +27,7 @@ from .api import (
     rendezvous_handler_registry,
 )
 from .etcd_store import EtcdStore
+from .utils import parse_rendezvous_endpoint  # noqa: F401 -- upstream exposes it here
 
 __all__ = ["EtcdRendezvousBackend", "create_backend"]
 

@@ -245,3 +245,23 @@ class EtcdServer:
         """The etcd process id while it runs (for tests that pause or kill it)."""
         proc = self._proc_holder[0]
         return proc.pid if proc is not None and proc.poll() is None else None
+
+
+def find_free_port() -> socket.socket:
+    """A socket listening on a free loopback port: it holds the port until you close it (close it right before the
+    port's real user binds it)."""
+    from elastic_impl.utils.distributed import get_socket_with_port
+
+    return get_socket_with_port()
+
+
+def stop_etcd(subprocess: subprocess.Popen | None, data_dir: str | None = None) -> None:
+    """Terminate the etcd process ``subprocess`` (if it still runs) and wait for it, then delete ``data_dir``."""
+    # The parameter is named ``subprocess`` (shadowing the module inside this function) because upstream names it so.
+    if subprocess is not None and subprocess.poll() is None:
+        logger.info("stopping etcd server (pid %d)", subprocess.pid)
+        subprocess.terminate()
+        subprocess.wait()
+    if data_dir:
+        logger.info("deleting etcd data dir %s", data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -26,6 +26,11 @@ from ._etcd_client import as_bytes, client_endpoint, is_unreachable, one_line
 __all__ = ["EtcdStore"]
 
 
+def cas_delay() -> None:
+    """Sleep a random 0-100 ms: spreads out writers that retry a lost compare-and-swap, so fewer collide again."""
+    time.sleep(random.uniform(0, 0.1))
+
+
 class EtcdStore(Store):
     """A c10d ``Store`` over an etcd v2 client (python-etcd ``etcd.Client``), under ``etcd_store_prefix``."""
 

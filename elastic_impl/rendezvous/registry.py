@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .api import RendezvousHandler, RendezvousParameters, rendezvous_handler_registry
 
 
@@ -60,3 +62,22 @@ def _register_default_handlers() -> None:
 
 
 _register_default_handlers()
+
+# Upstream's public names in this module.
+log = logging.getLogger(__name__)
+handler_registry = rendezvous_handler_registry
+
+
+def get_rendezvous_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """A handler for ``params.backend``, made by the creator registered under that name."""
+    return handler_registry.create_handler(params)
+
+
+def __getattr__(name: str):
+    # ``create_handler`` (dynamic_rendezvous's) is exposed here as upstream does, but resolved on first use so that
+    # importing the package keeps not importing the dynamic rendezvous until a handler is created.
+    if name == "create_handler":
+        from .dynamic_rendezvous import create_handler
+
+        return create_handler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
