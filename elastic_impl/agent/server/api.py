@@ -41,18 +41,23 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from contextlib import closing
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from elastic_impl.events import Event, EventSource, record
+from elastic_impl.metrics import prof, put_metric  # noqa: F401 -- upstream exposes them here
+from elastic_impl.multiprocessing import ProcessFailure, SignalException  # noqa: F401 -- upstream exposes them here
 from elastic_impl.rendezvous.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousGracefulExitError,
 )
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
 __all__ = [
     "WorkerSpec",
@@ -949,6 +954,48 @@ class SimpleElasticAgent(ElasticAgent):
                 exitcode=exitcode,
                 signal=sig,
             )
+
+    def get_event_failed(self) -> Event:
+        """This agent's ``torchelastic.worker.status.FAILED`` event; its raw_error is the traceback of the exception
+        being handled (the launcher calls it from its ``except`` block)."""
+        return self._status_event("FAILED", raw_error=traceback.format_exc())
+
+    def get_event_succeeded(self) -> Event:
+        """This agent's ``torchelastic.worker.status.SUCCEEDED`` event."""
+        return self._status_event("SUCCEEDED")
+
+    @contextmanager
+    def record_duration(self, state: str) -> Iterator[None]:
+        """Time the block and record a ``torchelastic.worker.status.<state>`` agent event whose ``duration_ms`` says how
+        long it took, to the spec's event log handler; recorded also when the block raises."""
+        start = self._clock.monotonic()
+        try:
+            yield
+        finally:
+            duration_ms = (self._clock.monotonic() - start) * 1000
+            record(self._status_event(state, duration_ms=duration_ms), self._worker_group.spec.event_log_handler)
+
+    def _status_event(self, state: str, raw_error: str | None = None, duration_ms: float | None = None) -> Event:
+        # The agent-level status event (upstream's field set, so event consumers written for torchrun read it).
+        group = self._worker_group
+        spec = group.spec
+        details = {"group_world_size": group.group_world_size, "entry_point": spec.get_entrypoint_name()}
+        metadata = {
+            "run_id": _safe_run_id(spec.rdzv_handler),
+            "global_rank": None,
+            "group_rank": group.group_rank,
+            "worker_id": None,
+            "role": spec.role,
+            "hostname": socket.getfqdn(socket.gethostname()),
+            "state": state,
+            "total_run_time": self._total_execution_time,
+            "rdzv_backend": spec.rdzv_handler.get_backend(),
+            "raw_error": raw_error,
+            "metadata": json.dumps(details),
+            "agent_restarts": spec.max_restarts - self._remaining_restarts,
+            "duration_ms": duration_ms,
+        }
+        return Event(f"torchelastic.worker.status.{state}", source=EventSource.AGENT, metadata=metadata)
 
     def _put_metric(self, name: str, value: int) -> None:
         try:

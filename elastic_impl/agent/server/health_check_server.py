@@ -17,10 +17,12 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
 __all__ = ["HealthCheckServer", "create_healthcheck_server"]
 
 logger = logging.getLogger(__name__)
+log = logger  # upstream's name for this module's logger
 
 
 class HealthCheckServer:

@@ -27,15 +27,38 @@ from elastic_impl.agent.server.api import (
     WorkerSpec,
     WorkerState,
 )
+from elastic_impl.agent.server.health_check_server import (  # noqa: F401 -- upstream exposes them here
+    HealthCheckServer,
+    create_healthcheck_server,
+)
+from elastic_impl.metrics.api import prof  # noqa: F401 -- upstream exposes it here
+from elastic_impl.multiprocessing import LogsSpecs, PContext, start_processes  # noqa: F401 -- upstream exposes them here
+from elastic_impl.utils import macros  # noqa: F401 -- upstream exposes it here
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
+from elastic_impl.utils.process_state import (  # noqa: F401 -- upstream exposes them here
+    is_uninterruptible_state,
+    read_proc_state,
+)
 
-__all__ = ["LocalElasticAgent", "DEFAULT_SHUTDOWN_GRACE", "shutdown_grace_from_env"]
+__all__ = [
+    "LocalElasticAgent",
+    "DEFAULT_SHUTDOWN_GRACE",
+    "shutdown_grace_from_env",
+    "TORCHELASTIC_ENABLE_FILE_TIMER",
+    "TORCHELASTIC_TIMER_FILE",
+    "TORCHELASTIC_HEALTH_CHECK_PORT",
+    "TORCHELASTIC_UNINTERRUPTIBLE_STATE_TIMEOUT",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_GRACE = 30.0
 SHUTDOWN_GRACE_ENV = "TORCHELASTIC_SHUTDOWN_GRACE"
-ENABLE_FILE_TIMER_ENV = "TORCHELASTIC_ENABLE_FILE_TIMER"
-TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
+# Environment variables the agent reads (upstream's names and values).
+TORCHELASTIC_ENABLE_FILE_TIMER = "TORCHELASTIC_ENABLE_FILE_TIMER"
+TORCHELASTIC_HEALTH_CHECK_PORT = "TORCHELASTIC_HEALTH_CHECK_PORT"
+TORCHELASTIC_TIMER_FILE = "TORCHELASTIC_TIMER_FILE"
+TORCHELASTIC_UNINTERRUPTIBLE_STATE_TIMEOUT = "TORCHELASTIC_UNINTERRUPTIBLE_STATE_TIMEOUT"
 # How often the timer server looks for expired timers (upstream's agent uses the same 0.1 s).
 _TIMER_SERVER_INTERVAL = 0.1
 # Longest the monitor loop blocks before looking at a recorded termination signal.
@@ -201,10 +224,10 @@ class LocalElasticAgent(SimpleElasticAgent):
 
     def _setup_timer_server(self, envs: dict[int, dict[str, str]]) -> None:
         """Start the worker timer server once (see the module docstring) and tell every worker its pipe."""
-        if os.environ.get(ENABLE_FILE_TIMER_ENV) == "1" and self._timer_server is None:
+        if os.environ.get(TORCHELASTIC_ENABLE_FILE_TIMER) == "1" and self._timer_server is None:
             from elastic_impl.timer import FileTimerServer
 
-            path = os.environ.get(TIMER_FILE_ENV) or os.path.join(
+            path = os.environ.get(TORCHELASTIC_TIMER_FILE) or os.path.join(
                 tempfile.gettempdir(), f"elastic_timer_{uuid.uuid4().hex}"
             )
             run_id = next(iter(envs.values()))["TORCHELASTIC_RUN_ID"] if envs else ""
@@ -215,10 +238,10 @@ class LocalElasticAgent(SimpleElasticAgent):
             server.start()
             self._timer_server, self._timer_file = server, path
             logger.info("worker timer server listening on %s", path)
-        path = self._timer_file or os.environ.get(TIMER_FILE_ENV)
+        path = self._timer_file or os.environ.get(TORCHELASTIC_TIMER_FILE)
         if path:
             for env in envs.values():
-                env[TIMER_FILE_ENV] = path
+                env[TORCHELASTIC_TIMER_FILE] = path
 
     def _on_timer_expired(self, name: str, request: Any) -> None:
         pid = getattr(request, "worker_pid", None)
@@ -235,8 +258,6 @@ class LocalElasticAgent(SimpleElasticAgent):
                 logger.warning("timer server did not stop cleanly: %s", e)
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
-        from elastic_impl.multiprocessing import start_processes
-
         spec = worker_group.spec
         envs = self._worker_envs(worker_group)
         self._setup_timer_server(envs)
