@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from elastic_impl.timer.api import RequestQueue, TimerClient, TimerRequest, TimerServer, _check_interval
+from elastic_impl.timer.debug_info_logging import log_debug_info_for_expired_timers  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.clock import Clock
+from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer"]
 
