@@ -222,11 +222,16 @@ class DefaultLogsSpecs(LogsSpecs):
                 dest.stdouts[local_rank] = os.path.join(clogdir, "stdout.log")
             if redirect_std & Std.ERR == Std.ERR:
                 dest.stderrs[local_rank] = os.path.join(clogdir, "stderr.log")
-            if self._local_ranks_filter is None or local_rank in self._local_ranks_filter:
+            if not self._local_ranks_filter or local_rank in self._local_ranks_filter:
                 if tee_std & Std.OUT == Std.OUT:
                     dest.tee_stdouts[local_rank] = dest.stdouts[local_rank]
                 if tee_std & Std.ERR == Std.ERR:
                     dest.tee_stderrs[local_rank] = dest.stderrs[local_rank]
+            else:
+                # A filtered-out rank stays off the console: what is not written to a log file goes nowhere (as
+                # torchrun). An empty filter filters nothing, as upstream.
+                dest.stdouts.setdefault(local_rank, os.devnull)
+                dest.stderrs.setdefault(local_rank, os.devnull)
         logger.info("log directory for this attempt: %s", attempt_log_dir)
         return dest
 

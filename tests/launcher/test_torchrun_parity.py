@@ -65,3 +65,29 @@ def test_exhausted_restarts_match_torchrun_exit_code_and_report(launcher, tmp_pa
     assert _view(ours[2]) == _view(theirs[2])
     for err in (ours[1], theirs[1]):
         assert "Root Cause" in err and "InjectedFailure" in err and "rank" in err, err[-3000:]
+
+
+_SAYS_RANK = """
+import os, sys
+print("stdout of local rank", os.environ["LOCAL_RANK"], flush=True)
+print("stderr of local rank", os.environ["LOCAL_RANK"], file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--tee", "3"]], ids=["no-tee", "tee"])
+def test_local_ranks_filter_shows_the_same_ranks_as_torchrun(launcher, tmp_path, extra):
+    # Without --tee, torchrun sends the filtered-out ranks' console output to /dev/null (ours used to print it).
+    script = tmp_path / "says_rank.py"
+    script.write_text(_SAYS_RANK)
+    shown = {}
+    for tool in ("elastic-run", "torchrun"):
+        proc = launcher.start(["--standalone", "--nproc-per-node", "2", "--local-ranks-filter", "0", *extra,
+                               str(script)], tool=tool, name=tool)
+        assert launcher.wait(proc, 120) == 0, launcher.output(proc)
+        out, err = launcher.output(proc)
+        shown[tool] = (
+            [line for line in out.splitlines() if "of local rank" in line],
+            [line for line in err.splitlines() if "of local rank" in line],
+        )
+    assert shown["elastic-run"] == shown["torchrun"]
+    assert [line.endswith("rank 0") for line in shown["torchrun"][0]] == [True]

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import signal
 
@@ -64,7 +65,9 @@ def test_to_map_and_devnull_logs(tmp_path):
     assert to_map({1: Std.ERR}, 2) == {0: Std.NONE, 1: Std.ERR}
     dest = DefaultLogsSpecs(log_dir=str(tmp_path), redirects={0: Std.OUT}, tee={1: Std.ERR},
                             local_ranks_filter={1}).reify({0: {}, 1: {}})
-    assert set(dest.stdouts) == {0} and set(dest.stderrs) == {1} and set(dest.tee_stderrs) == {1}
+    assert set(dest.stdouts) == {0} and set(dest.tee_stderrs) == {1}
+    # rank 0 is filtered out: its stderr, not written to a file, goes nowhere (as upstream)
+    assert dest.stderrs[0] == os.devnull and dest.stderrs[1].endswith("/1/stderr.log")
     assert re.search(r"/none_[^/]+/attempt_0/0/error\.json$", dest.error_files[0]), dest.error_files[0]
 
 
