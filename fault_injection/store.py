@@ -131,7 +131,10 @@ class EtcdStoreServer(_ServerProcess):
     """The real etcd binary on loopback with ONE data dir and fixed ports across restarts, so a restarted etcd comes
     back with its keys on the same endpoint (v2 API enabled; the v3 API is always on)."""
 
-    def __init__(self, data_dir: str | None = None, binary: str | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(self, data_dir: str | None = None, binary: str | None = None, start_timeout: float = 60.0,
+                 name: str = "sim") -> None:
+        self.name = name
+        self.initial_cluster: str | None = None  # "name=peer_url,...": set by EtcdCluster for its members
         if binary is None:
             try:
                 from elastic_impl.rendezvous.etcd_server import find_etcd_binary
@@ -152,25 +155,36 @@ class EtcdStoreServer(_ServerProcess):
         self.restarts = 0
         self._start_timeout = start_timeout
 
-    def start(self) -> EtcdStoreServer:
-        import urllib.request
-
-        if self.is_running():
-            raise FaultError(f"etcd already running at {self.endpoint} (pid {self.pid})")
+    @property
+    def peer_url(self) -> str:
         if not self.port:
             self.port, self.peer_port = _free_port(), _free_port()
+        return f"http://{self.host}:{self.peer_port}"
+
+    def start(self) -> EtcdStoreServer:
+        self._launch()
+        return self._wait_healthy()
+
+    def _launch(self) -> None:
+        if self.is_running():
+            raise FaultError(f"etcd already running at {self.endpoint} (pid {self.pid})")
+        peer = self.peer_url
         client = f"http://{self.host}:{self.port}"
-        peer = f"http://{self.host}:{self.peer_port}"
-        cmd = [self.binary, "--name", "sim", "--data-dir", os.path.join(self.data_dir, "data"),
+        cmd = [self.binary, "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
                "--listen-client-urls", client, "--advertise-client-urls", client,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"sim={peer}", "--enable-v2=true"]
+               "--initial-cluster", self.initial_cluster or f"{self.name}={peer}", "--enable-v2=true"]
         log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         finally:
             log.close()
+
+    def _wait_healthy(self) -> EtcdStoreServer:
+        import urllib.request
+
+        client = f"http://{self.host}:{self.port}"
         deadline = time.monotonic() + self._start_timeout
         while True:
             try:
@@ -190,6 +204,63 @@ class EtcdStoreServer(_ServerProcess):
             import shutil
 
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class EtcdCluster:
+    """A real etcd cluster of ``size`` members on loopback (each its own process, ports and data dir). Its
+    ``endpoint`` lists every member (``h1:p1,h2:p2,...``), as a client configured for a cluster would."""
+
+    def __init__(self, size: int = 3, binary: str | None = None, start_timeout: float = 60.0) -> None:
+        if size < 1:
+            raise FaultError(f"invalid etcd cluster size {size!r}; expected >= 1")
+        self.members = [EtcdStoreServer(binary=binary, start_timeout=start_timeout, name=f"m{i}") for i in range(size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+
+    @property
+    def endpoint(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self) -> EtcdCluster:
+        try:
+            for member in self.members:  # all at once: a member is healthy only once a quorum elected a leader
+                member._launch()
+            for member in self.members:
+                member._wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def leader(self) -> EtcdStoreServer:
+        """The member that leads now (asked of each running member through the v3 maintenance API)."""
+        import json
+        import urllib.request
+
+        for member in self.members:
+            if not member.is_running():
+                continue
+            request = urllib.request.Request(f"http://{member.endpoint}/v3/maintenance/status", data=b"{}",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=2) as reply:
+                    status = json.loads(reply.read())
+            except OSError:
+                continue
+            if status.get("leader") and status.get("leader") == status.get("header", {}).get("member_id"):
+                return member
+        raise FaultError("etcd cluster has no leader right now")
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class RestartStore(Fault):

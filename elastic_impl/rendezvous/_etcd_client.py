@@ -107,9 +107,11 @@ class EtcdConnectionOptions:
     """Validated connection options of an etcd endpoint (see :func:`connection_options`)."""
 
     def __init__(self, host: str, port: int, protocol: str, read_timeout: float, connect_timeout: float,
-                 cert: Any, ca_cert: str | None) -> None:
+                 cert: Any, ca_cert: str | None, members: list[tuple[str, int]] | None = None) -> None:
         self.host = host
         self.port = port
+        # Every member of the etcd cluster named in the endpoint (``h1:p1,h2:p2,...``); the first is host:port.
+        self.members = members or [(host, port)]
         self.protocol = protocol
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
@@ -126,10 +128,13 @@ class EtcdConnectionOptions:
         return f"{self.protocol}://{host}:{self.port}"
 
     def v2_client(self) -> BoundedEtcdClient:
+        # Several members: python-etcd's own failover (it moves to the next machine when one cannot be reached).
+        cluster = len(self.members) > 1
         try:
             return BoundedEtcdClient(
-                self.host, self.port, read_timeout=self.read_timeout, connect_timeout=self.connect_timeout,
-                protocol=self.protocol, cert=self.cert, ca_cert=self.ca_cert,
+                tuple(self.members) if cluster else self.host, self.port, read_timeout=self.read_timeout,
+                connect_timeout=self.connect_timeout, protocol=self.protocol, cert=self.cert, ca_cert=self.ca_cert,
+                allow_reconnect=cluster,
             )
         except etcd.EtcdException as e:
             raise RendezvousConnectionError(f"cannot reach etcd at {self.endpoint}: {one_line(e)}") from None
@@ -142,9 +147,16 @@ def connection_options(params: RendezvousParameters, *, cert_keys: tuple[str, st
     ``cert_keys`` names the (client cert, client key, CA cert) options: the dynamic backends use upstream's
     ``ssl_cert``/``ssl_cert_key``/``ca_cert``, the legacy handler ``cert``/``key``/``cacert``.
     """
-    host, port = parse_rendezvous_endpoint(params.endpoint, DEFAULT_PORT)
-    if "/" in host or " " in host:
-        raise ValueError(f"rendezvous endpoint {params.endpoint!r} is not host[:port] (no scheme or path)")
+    members = []
+    for part in str(params.endpoint or "").split(",") or [""]:
+        if not part.strip() and members:
+            raise ValueError(f"rendezvous endpoint {params.endpoint!r} has an empty member (expected h1:p1,h2:p2,...)")
+        member_host, member_port = parse_rendezvous_endpoint(part, DEFAULT_PORT)
+        if "/" in member_host or " " in member_host:
+            raise ValueError(f"rendezvous endpoint {params.endpoint!r} is not host[:port][,host[:port]...] "
+                             "(no scheme or path)")
+        members.append((member_host, member_port))
+    host, port = members[0]
     raw_protocol = params.get("protocol", "http")
     protocol = str(raw_protocol if raw_protocol is not None else "http").strip().lower()
     if protocol not in ("http", "https"):
@@ -159,7 +171,8 @@ def connection_options(params: RendezvousParameters, *, cert_keys: tuple[str, st
         raise ValueError(f"rendezvous options {cert_key}/{ca_key} need protocol=https, got protocol={raw_protocol!r}")
     if cert and key:
         cert = (cert, key)
-    return EtcdConnectionOptions(host, port, protocol, read_timeout, connect_timeout, cert or None, ca_cert or None)
+    return EtcdConnectionOptions(host, port, protocol, read_timeout, connect_timeout, cert or None, ca_cert or None,
+                                 members)
 
 
 class _DropReportedFailures(logging.Filter):

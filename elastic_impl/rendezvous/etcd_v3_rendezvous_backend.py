@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import http.client
 import json
+import logging
 import math
 import random
 import ssl
@@ -57,6 +58,8 @@ from .api import (
 )
 
 __all__ = ["EtcdV3Client", "EtcdV3RendezvousBackend", "EtcdV3Store", "create_backend"]
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "/torch/elastic/rendezvous"
 STORE_PREFIX = "/torch/elastic/store"
@@ -85,13 +88,32 @@ class EtcdUnreachable(OSError):
     """The v3 gateway could not be reached or answered garbage (carries host:port)."""
 
 
+class _Retriable(Exception):
+    """An answer of a cluster in transition (see _RETRIABLE_ANSWERS): try again shortly."""
+
+
+# Answers of a healthy cluster in transition (a leader election, a slow quorum): the same request succeeds a moment
+# later, on this member or another.
+_RETRIABLE_ANSWERS = ("leader changed", "no leader", "request timed out", "timed out", "not capable",
+                      "too many requests", "unhealthy cluster")
+
+
 class EtcdV3Client:
-    """A minimal etcd v3 JSON-gateway client: one persistent HTTP connection, thread-safe, bounded connect time."""
+    """A minimal etcd v3 JSON-gateway client: one persistent HTTP connection, thread-safe, bounded connect time.
+
+    Given several cluster members (``members``), a request that cannot reach the current member goes to the next
+    one (a request fails only when no member could be reached), and an answer that means "the cluster is in
+    transition" (HTTP 503 "leader changed", "no leader", a server-side timeout) is retried, on the next member, for
+    up to ``failover_timeout`` seconds.
+    """
 
     def __init__(self, host: str, port: int, *, protocol: str = "http", read_timeout: float = 60.0,
-                 connect_timeout: float = 5.0, cert: Any = None, ca_cert: str | None = None) -> None:
-        self.host = host
-        self.port = int(port)
+                 connect_timeout: float = 5.0, cert: Any = None, ca_cert: str | None = None,
+                 members: list[tuple[str, int]] | None = None, failover_timeout: float = 10.0) -> None:
+        self.members = [(h, int(p)) for h, p in (members or [(host, port)])]
+        self._member = 0
+        self.failover_timeout = float(failover_timeout)
+        self.host, self.port = self.members[0]
         self.protocol = protocol
         self.read_timeout = float(read_timeout)
         self.connect_timeout = float(connect_timeout)
@@ -107,7 +129,15 @@ class EtcdV3Client:
     @classmethod
     def from_options(cls, options: EtcdConnectionOptions) -> EtcdV3Client:
         return cls(options.host, options.port, protocol=options.protocol, read_timeout=options.read_timeout,
-                   connect_timeout=options.connect_timeout, cert=options.cert, ca_cert=options.ca_cert)
+                   connect_timeout=options.connect_timeout, cert=options.cert, ca_cert=options.ca_cert,
+                   members=options.members)
+
+    def _next_member(self) -> None:
+        """Talk to the next member of the cluster from now on (a no-op with one member)."""
+        if len(self.members) > 1:
+            self._close()
+            self._member = (self._member + 1) % len(self.members)
+            self.host, self.port = self.members[self._member]
 
     @property
     def endpoint(self) -> str:
@@ -133,26 +163,48 @@ class EtcdV3Client:
             self._close()
 
     def post(self, path: str, body: dict) -> dict:
-        """POST ``body`` as JSON to ``path``; the decoded JSON answer. EtcdUnreachable on any transport failure."""
+        """POST ``body`` as JSON to ``path``; the decoded JSON answer. EtcdUnreachable when no member could be
+        reached, or the cluster kept answering "in transition" for ``failover_timeout`` seconds."""
         payload = json.dumps(body)
         with self._lock:
-            for attempt in (0, 1):
-                reused = self._conn is not None
+            deadline = time.monotonic() + self.failover_timeout
+            unreachable_in_a_row = 0
+            pause = 0.05
+            while True:
                 try:
-                    if self._conn is None:
-                        self._conn = self._connect(self.read_timeout)
-                    self._conn.request("POST", path, payload, {"Content-Type": "application/json"})
-                    response = self._conn.getresponse()
-                    data = response.read()
-                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                    self._close()
-                    if reused and attempt == 0:
-                        continue  # the server closed an idle kept-alive connection: one fresh try
-                    raise EtcdUnreachable(f"etcd at {self.endpoint}: {one_line(e)}") from None
-                except (OSError, http.client.HTTPException) as e:
-                    self._close()
-                    raise EtcdUnreachable(f"etcd at {self.endpoint}: {one_line(e)}") from None
-                return self._decode(path, response.status, data)
+                    return self._post_to_current(path, payload)
+                except _Retriable as e:
+                    unreachable_in_a_row = 0
+                    if time.monotonic() + pause > deadline:
+                        raise EtcdUnreachable(f"{e} (still after {self.failover_timeout:g} s of retries)") from None
+                    logger.info("%s; retrying", e)
+                    self._next_member()
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                except EtcdUnreachable:
+                    unreachable_in_a_row += 1
+                    if unreachable_in_a_row >= len(self.members):
+                        raise
+                    self._next_member()
+
+    def _post_to_current(self, path: str, payload: str) -> dict:
+        for attempt in (0, 1):
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    self._conn = self._connect(self.read_timeout)
+                self._conn.request("POST", path, payload, {"Content-Type": "application/json"})
+                response = self._conn.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self._close()
+                if reused and attempt == 0:
+                    continue  # the server closed an idle kept-alive connection: one fresh try
+                raise EtcdUnreachable(f"etcd at {self.endpoint}: {one_line(e)}") from None
+            except (OSError, http.client.HTTPException) as e:
+                self._close()
+                raise EtcdUnreachable(f"etcd at {self.endpoint}: {one_line(e)}") from None
+            return self._decode(path, response.status, data)
         raise AssertionError("unreachable")
 
     def _decode(self, path: str, status: int, data: bytes) -> dict:
@@ -163,10 +215,10 @@ class EtcdV3Client:
         if status != 200 or not isinstance(answer, dict):
             text = data.decode(errors="replace").strip().splitlines()
             detail = (answer or {}).get("error") if isinstance(answer, dict) else (text[0] if text else "")
-            raise EtcdUnreachable(
-                f"etcd at {self.endpoint} answered {path} with HTTP {status}: {detail or 'no body'}"
-                + (" (not an etcd v3 endpoint?)" if status == 404 else "")
-            )
+            message = f"etcd at {self.endpoint} answered {path} with HTTP {status}: {detail or 'no body'}"
+            if status in (429, 500, 503, 504) and any(t in str(detail).lower() for t in _RETRIABLE_ANSWERS):
+                raise _Retriable(message)
+            raise EtcdUnreachable(message + (" (not an etcd v3 endpoint?)" if status == 404 else ""))
         return answer
 
     # ------------------------------------------------------------------ v3 calls
