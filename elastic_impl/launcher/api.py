@@ -9,6 +9,7 @@ every node stops; an agent stopped by a signal only LEAVES it, so the surviving 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Callable
@@ -176,6 +177,19 @@ def _warn_unread_rdzv_options(params) -> None:
                        params.backend, ", ".join(repr(k) for k in unread))
 
 
+_ALLOWED_BY_KIND = {"boolean": "1/0, true/false, t/f, yes/no, y/n", "integer": "an integer"}
+
+
+def _with_bad_value(message: str, params) -> str:
+    """The API's error for a bad option value is upstream's wording, which names neither the value nor what is
+    allowed; the CLI adds both."""
+    match = re.search(r"option '([^']+)' does not represent a valid (boolean|integer) value", message)
+    if not match:
+        return message
+    key, kind = match.groups()
+    return f"{message.rstrip('.')}: got {params.config.get(key)!r} (allowed: {_ALLOWED_BY_KIND[kind]})"
+
+
 def _canonical_rdzv_configs(configs: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in configs.items():
@@ -286,7 +300,7 @@ def launch_agent(
     try:
         rdzv_handler = rendezvous_handler_registry.create_handler(rdzv_parameters)
     except (ValueError, KeyError) as e:
-        raise LaunchConfigError(str(e).strip("'\"")) from None
+        raise LaunchConfigError(_with_bad_value(str(e).strip("'\""), rdzv_parameters)) from None
     _warn_unread_rdzv_options(rdzv_parameters)
     window = getattr(getattr(rdzv_handler, "settings", None), "heartbeat_expiry_seconds", None)
     if window is not None:

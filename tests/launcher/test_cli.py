@@ -84,6 +84,7 @@ LATE_BAD_INPUTS = [
     (["--rdzv-backend", "c10d", "--rdzv-conf", "close_timeout=nan"], "close_timeout='nan' is out of range"),
     (["--rdzv-backend", "c10d", "--rdzv-conf", "last_call_timeout=nan"], "last_call_timeout='nan' is out of range"),
     (["--rdzv-backend", "etcd", "--rdzv-conf", "last_call_timeout=nan"], "last_call_timeout='nan' is out of range"),
+    (["--rdzv-backend", "etcd-v3", "--rdzv-conf", "lease_liveness=maybe"], "got 'maybe' (allowed: 1/0, true/false"),
 ]
 
 
