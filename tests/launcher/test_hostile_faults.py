@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+from fault_injection.processes import is_alive
 from tests.launcher.conftest import REPO, free_port, needs_runtime
 
 pytestmark = [pytest.mark.slow, needs_runtime]
@@ -198,14 +199,6 @@ _DAEMONIZING_WORKER = textwrap.dedent(
 )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _kill_quietly(pid: int) -> None:
     import signal
 
@@ -226,7 +219,7 @@ def test_double_forked_daemon_does_not_survive_the_job(launcher, tmp_path):
     try:
         assert launcher.wait(agent, 120) == 0, launcher.output(agent)[1][-3000:]
         daemon = int(daemon_pid_file.read_text())
-        assert not _pid_alive(daemon), f"daemon {daemon} outlived the job"
+        assert not is_alive(daemon), f"daemon {daemon} outlived the job"
     finally:
         if daemon_pid_file.exists():
             _kill_quietly(int(daemon_pid_file.read_text()))
@@ -252,9 +245,9 @@ def test_workers_do_not_outlive_a_sigkilled_agent(launcher, tmp_path):
         agent.send_signal(signal.SIGKILL)  # the agent alone (its workers have sessions of their own)
         agent.wait(10)
         deadline = time.monotonic() + 5
-        while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(is_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_pid_alive(w) for w in workers), "workers outlived their SIGKILLed agent"
+        assert not any(is_alive(w) for w in workers), "workers outlived their SIGKILLed agent"
     finally:
         for pid in workers:
             _kill_quietly(pid)
