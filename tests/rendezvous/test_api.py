@@ -186,6 +186,6 @@ def test_endpoint_held_by_something_else_is_named_within_connect_timeout():
         server.shutdown()
         server.server_close()
     message = one_line(excinfo)
-    assert f"127.0.0.1:{port}" in message and "did not answer as a TCPStore within 2 s" in message, message
+    assert f"127.0.0.1:{port}" in message and "no TCPStore answered within 2 s" in message, message
     assert "HTTP/1.0 501" in message, message  # what answered: BaseHTTPRequestHandler has no HEAD handler
-    assert took < 2 + 10, took
+    assert took < 2 * 2 + 5 + 5, took  # the bound (2 x connect_timeout + 5 s) and a margin for a loaded machine
