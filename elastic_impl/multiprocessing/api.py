@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import ctypes
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -298,7 +297,8 @@ def _become_subreaper() -> None:
     if not IS_LINUX:
         return
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        from elastic_impl.multiprocessing.redirects import libc
+
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except Exception as e:  # not fatal: sessions still reach most grandchildren
         logger.debug("PR_SET_CHILD_SUBREAPER unavailable: %s", e)

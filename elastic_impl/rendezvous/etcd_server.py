@@ -65,15 +65,11 @@ def _reserve_port(host: str) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGKILL etcd when the thread that started it (the main thread) dies."""
-    try:
-        import ctypes
+def _die_with_parent_of(parent_pid: int):
+    """A preexec_fn: the kernel SIGKILLs etcd when the thread that started it (the main thread) dies."""
+    from elastic_impl.multiprocessing.subprocess_handler.subprocess_handler import die_with_parent
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort; stop()/atexit still apply
-        pass
+    return lambda: die_with_parent(parent_pid)
 
 
 def _kill_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
@@ -212,7 +208,7 @@ class EtcdServer:
             stderr=stderr,
             close_fds=True,
             start_new_session=True,
-            preexec_fn=_die_with_parent if (in_main_thread and sys.platform.startswith("linux")) else None,
+            preexec_fn=_die_with_parent_of(os.getpid()) if (in_main_thread and sys.platform.startswith("linux")) else None,
         )
         self._wait_until_healthy(timeout)
 

@@ -9,6 +9,9 @@ import sys
 import threading
 from typing import Any
 
+# The C library, loaded here at import: die_with_parent runs between fork and exec, where nothing may be imported.
+from elastic_impl.multiprocessing.redirects import libc as _libc
+
 __all__ = ["SubprocessHandler"]
 
 IS_WINDOWS = sys.platform == "win32"
@@ -24,23 +27,11 @@ def die_with_parent(parent_pid: int) -> None:
     if not IS_LINUX:
         return
     try:
-        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:  # the agent died before the signal was armed
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    return _LIBC
 
 
 def _default_death_signal() -> signal.Signals:
@@ -73,7 +64,6 @@ class SubprocessHandler:
         if IS_LINUX and threading.current_thread() is threading.main_thread():
             # (PR_SET_PDEATHSIG follows the starting thread, so only the main thread's workers get it.)
             parent = os.getpid()
-            _libc()  # loaded here: the child between fork and exec must not import
             kwargs["preexec_fn"] = lambda: die_with_parent(parent)
         return subprocess.Popen(args=args, env=env, stdout=self._stdout, stderr=self._stderr, **kwargs)
 
