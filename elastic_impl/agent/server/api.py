@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from types import SimpleNamespace
 from typing import Any
 
 from elastic_impl.events import Event, EventSource, record
@@ -825,9 +826,6 @@ class SimpleElasticAgent(ElasticAgent):
 
     def _publish_failure(self, run_result: RunResult) -> None:
         """Tell the peers this node failed for good, with its root-cause failure (for their reports)."""
-        store = self._store
-        if store is None:
-            return
         root = _earliest_failure(run_result.failures)
         self._publish_failure_record(_failure_to_dict(*root) if root is not None else None)
 
@@ -853,19 +851,12 @@ class SimpleElasticAgent(ElasticAgent):
         if self._store is None or self._last_failure_published:
             return
         ranks = [w.global_rank for w in self._worker_group.workers if w.global_rank is not None and w.global_rank >= 0]
-        failure = {
-            "rank": min(ranks) if ranks else -1 - (self._worker_group.group_rank or 0),
-            "local_rank": None,
-            "pid": os.getpid(),
-            "exitcode": 1,
-            "timestamp": int(time.time()),
-            "message": f"the elastic agent on {socket.getfqdn()} failed: {type(error).__name__}: {error}",
-            "host": socket.getfqdn(),
-            "error_file": "",
-            "stderr_file": None,
-            "stderr_tail": [],
-        }
-        self._publish_failure_record(failure)
+        rank = min(ranks) if ranks else -1 - (self._worker_group.group_rank or 0)
+        agent = SimpleNamespace(  # the agent process itself, described like a failed worker
+            pid=os.getpid(), exitcode=1,
+            message=f"the elastic agent on {socket.getfqdn()} failed: {type(error).__name__}: {error}",
+        )
+        self._publish_failure_record(_failure_to_dict(rank, agent))
 
     def _peer_failed_job(self, force: bool = False) -> bool:
         """Whether another node published that the job failed (checked at most once per second)."""
