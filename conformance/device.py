@@ -60,32 +60,28 @@ def _cuda() -> Device:
     return Device("cuda", "cuda", True, f"{count} cuda device(s): {torch.cuda.get_device_name(0)}", count)
 
 
-def _npu() -> Device:
-    if importlib.util.find_spec("torch_npu") is None:
-        return _absent("npu", "torch_npu is not installed")
+def _plugin_device(kind: str, package: str, plugin: str, package_label: str) -> Device:
+    """A device that a vendor's plugin (``plugin``, from ``package``) registers as ``torch.<kind>``."""
+    if importlib.util.find_spec(package) is None:
+        return _absent(kind, f"{package_label} is not installed")
     try:
         import torch
-        import torch_npu  # noqa: F401  (registers torch.npu)
 
-        if not torch.npu.is_available():
-            return _absent("npu", "torch.npu.is_available() is False")
-        return Device("npu", "npu", True, f"{torch.npu.device_count()} npu device(s)", torch.npu.device_count())
+        importlib.import_module(plugin)  # registers torch.<kind>
+        module = getattr(torch, kind)
+        if not module.is_available():
+            return _absent(kind, f"torch.{kind}.is_available() is False")
+        return Device(kind, kind, True, f"{module.device_count()} {kind} device(s)", module.device_count())
     except Exception as exc:  # a broken toolkit install is "not available", with the reason
-        return _absent("npu", f"importing torch_npu failed: {' '.join(str(exc).split())}")
+        return _absent(kind, f"importing {plugin} failed: {' '.join(str(exc).split())}")
+
+
+def _npu() -> Device:
+    return _plugin_device("npu", "torch_npu", "torch_npu", "torch_npu")
 
 
 def _hpu() -> Device:
-    if importlib.util.find_spec("habana_frameworks") is None:
-        return _absent("hpu", "habana_frameworks (Habana's PyTorch bridge) is not installed")
-    try:
-        import habana_frameworks.torch  # noqa: F401  (registers torch.hpu)
-        import torch
-
-        if not torch.hpu.is_available():
-            return _absent("hpu", "torch.hpu.is_available() is False")
-        return Device("hpu", "hpu", True, f"{torch.hpu.device_count()} hpu device(s)", torch.hpu.device_count())
-    except Exception as exc:
-        return _absent("hpu", f"importing habana_frameworks.torch failed: {' '.join(str(exc).split())}")
+    return _plugin_device("hpu", "habana_frameworks", "habana_frameworks.torch", "habana_frameworks (Habana's PyTorch bridge)")
 
 
 def detect(requested: str) -> Device:
