@@ -11,6 +11,13 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   participant of the new round with the waiting nodes promoted (with keyed storage: everyone, waiting nodes
   included, arrives in the new round like a fresh node); the other old participants rejoin as they notice
   (``num_nodes_waiting() > 0`` for them once the round moved on, or ``get_participants()`` changed).
+- Re-formation (not upstream: there every round waits out the last call once ``min_nodes`` are in). A round
+  opened by a member of the round just ended, with nobody on the wait list, *expects* back exactly that round's
+  members (``RendezvousState.expected``); it completes as soon as all of them still in the run have arrived (at least
+  ``min_nodes``), without the last call: after a worker failure, a node leaving, or a dead node's eviction, nobody
+  else is coming. A member that leaves or is evicted stops being expected; one that died before coming back is
+  evicted after its heartbeat expiry like any silent node. A round anyone else arrives in, or opened while nodes
+  wait (a scale-up), keeps the last call, so nodes starting together are still gathered into one round.
 - Every node heartbeats (``keep_alive_interval``) into the state; a node whose heartbeat has not changed for
   ``keep_alive_interval * keep_alive_max_attempt`` is evicted by whichever node next touches the state. Staleness
   is judged by each observer on its own monotonic clock (how long it has seen the same stamp), never by comparing
@@ -261,6 +268,9 @@ class RendezvousState:
     restart_count: int = 0
     # Size of the round when it completed (participants may leave afterwards; late readers still need it).
     world_size: int = 0
+    # Of an open round re-formed by the members of the previous one: the members still expected back (see
+    # "Re-formation" in the module notes). None: a first round, or a scale-up; the last call applies as usual.
+    expected: list[str] | None = None
 
     def to_bytes(self) -> bytes:
         # Millisecond heartbeats keep the blob small; nothing here needs finer resolution.
@@ -277,6 +287,8 @@ class RendezvousState:
             data["n"] = self.restart_count
         if self.world_size:
             data["s"] = self.world_size
+        if self.expected is not None:
+            data["e"] = self.expected
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -293,6 +305,7 @@ class RendezvousState:
                 heartbeats={str(k): float(v) for k, v in data["h"].items()},
                 restart_count=int(data.get("n", 0)),
                 world_size=int(data.get("s", 0)),
+                expected=None if data.get("e") is None else [str(k) for k in data["e"]],
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RendezvousStateError(f"rendezvous state is corrupt ({type(e).__name__}: {e}): {blob[:80]!r}") from None
@@ -308,6 +321,7 @@ class RendezvousState:
             dict(self.heartbeats),
             self.restart_count,
             self.world_size,
+            None if self.expected is None else list(self.expected),
         )
 
 
@@ -383,6 +397,8 @@ class RendezvousStepper:
         self._slot_beat = float("-inf")
         self._announce_round: int | None = None
         self._cleanup_round: int | None = None
+        # The last (round, arrivals, expected members) a re-formation was checked at (see _may_be_reformed).
+        self._reform_tried: tuple[int, int, int] | None = None
         # Version-checked reads (see _read): (monotonic time of the full read, version, (state, token) or None).
         self._cached: tuple[float, int, tuple[bytes, Any] | None] | None = None
         # None: not known yet whether the backend has versions. False also when the caller reads too rarely for a
@@ -600,7 +616,7 @@ class RendezvousStepper:
             return (s if changed else None), StepResult(done=True)
         if op == "keep_alive":
             # With per-node liveness the heartbeat already happened (a lease renewal): only evictions write.
-            if (me in s.participants or me in s.wait_list) and not self._liveness():
+            if (me in s.participants or me in s.wait_list or me in (s.expected or ())) and not self._liveness():
                 s.heartbeats[me] = now
                 changed = True
             return (s if changed else None), StepResult(done=True)
@@ -680,7 +696,8 @@ class RendezvousStepper:
             return (s if changed else None), StepResult(done=False, wait_until=poll_until)
 
         count = len(s.participants)
-        if count >= settings.max_nodes or (count >= settings.min_nodes and s.deadline is not None and now >= s.deadline):
+        if (count >= settings.max_nodes or (count >= settings.min_nodes and s.deadline is not None and now >= s.deadline)
+                or self._reformed(s)):
             self._complete(s)
             result = StepResult(done=True, round=s.round, rank=s.participants[me], world_size=count)
             return s, result
@@ -812,7 +829,8 @@ class RendezvousStepper:
                 # One call either starts the last call (first node to see min_nodes) or reads when it ends.
                 proposed = repr(now + settings.timeout.last_call.total_seconds()).encode()
                 deadline = float(self.backend.key_compare_set(k(round_, "dl"), None, proposed))
-            if arrived >= settings.max_nodes or (deadline is not None and now >= deadline):
+            if (arrived >= settings.max_nodes or (deadline is not None and now >= deadline)
+                    or self._may_be_reformed(round_, arrived, state)):
                 return self._try_complete(round_, arrived, claim, state, got, now, mono, deadline)
         except RendezvousError as e:
             return StepResult(done=False, error=e)
@@ -858,7 +876,8 @@ class RendezvousStepper:
                 s.wait_list.append(key)
             s.heartbeats[key] = now
         count = len(s.participants)
-        if not (count >= settings.max_nodes or (count >= settings.min_nodes and deadline is not None and now >= deadline)):
+        if not (count >= settings.max_nodes or (count >= settings.min_nodes and deadline is not None and now >= deadline)
+                or self._reformed(s)):
             # Some arrivals were withdrawn or dead: not enough live nodes yet. Let go and wait for more.
             self.backend.key_set(k(round_, "claim"), _CLAIM_RELEASED)
             return StepResult(done=False, wait_until=mono + self._next_poll_delay())
@@ -882,6 +901,22 @@ class RendezvousStepper:
             return StepResult(done=False, wait_until=mono)
         return self._finish_join(round_, s.participants[me], s.world_size, s.restart_count)
 
+    def _reformed(self, s: RendezvousState) -> bool:
+        """Whether the open round holds exactly the members expected back, enough of them, and nobody else."""
+        return (s.expected is not None and len(s.participants) >= self.settings.min_nodes
+                and set(s.participants) == set(s.expected) and not s.wait_list)
+
+    def _may_be_reformed(self, round_: int, arrived: int, s: RendezvousState) -> bool:
+        """Whether the arrivals may be exactly the expected members: worth a claim that reads them (once per
+        arrival count and expected count, so a round where that is not the case costs no repeated O(N) reads)."""
+        if s.expected is None or arrived < max(len(s.expected), self.settings.min_nodes):
+            return False
+        attempt = (round_, arrived, len(s.expected))
+        if attempt == self._reform_tried:
+            return False
+        self._reform_tried = attempt
+        return True
+
     def _finish_join(self, round_: int, rank: int, world_size: int, restart_count: int | None) -> StepResult:
         self._slot = None
         self.completed_round = round_
@@ -901,6 +936,7 @@ class RendezvousStepper:
             s.participants[key] = rank
         s.complete = True
         s.deadline = None
+        s.expected = None
         s.world_size = len(s.participants)
 
     def _open_next_round(self, s: RendezvousState, now: float) -> None:
@@ -909,11 +945,16 @@ class RendezvousStepper:
         With keyed arrivals the waiting nodes stay on the wait list (still counted by ``num_nodes_waiting``) and
         announce themselves in the new round like everyone else; the completing node takes them off the list.
         """
+        members = sorted(s.participants)
+        # Only the members of the round just ended are expected back; with anyone waiting it is a scale-up.
+        s.expected = members if members and not s.wait_list else None
         s.round += 1
         s.complete = False
         s.deadline = None
         s.world_size = 0
-        keep = set(s.wait_list)
+        # Expected members keep their heartbeat entry: one that died before coming back is evicted (and no longer
+        # waited for) like any silent node.
+        keep = set(s.wait_list) | set(members if s.expected is not None else ())
         s.participants = {}
         if not self._keyed():
             while s.wait_list and len(s.participants) < self.settings.max_nodes:
@@ -926,6 +967,11 @@ class RendezvousStepper:
         if key in s.wait_list:
             s.wait_list.remove(key)
         s.heartbeats.pop(key, None)
+        if s.expected is not None and key in s.expected:
+            s.expected.remove(key)
+            present = True
+            if not s.expected:
+                s.expected = None
         if s.complete and not s.participants and not s.closed:
             # Nobody is left in the completed round: the next one opens for whoever comes (waiters first).
             self._open_next_round(s, 0.0)
@@ -948,7 +994,7 @@ class RendezvousStepper:
                 return False
             # The state's timestamp is the node's join time here (keep-alives renew leases, not the state): a node
             # listed only after the live set was read may be missing from it without being dead.
-            members = set(s.participants) | set(s.wait_list) | set(s.heartbeats)
+            members = set(s.participants) | set(s.wait_list) | set(s.heartbeats) | set(s.expected or ())
             dead = sorted(k for k in members if k != me and k not in live and self._seen_before_live_read(s, k))
             why = "its liveness lease lapsed"
         else:

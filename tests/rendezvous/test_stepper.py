@@ -696,3 +696,84 @@ def test_the_join_tells_the_round_and_the_restart_count_it_completed_with(keyed)
         s.begin_join()
     drive_join([a, b], clock)
     assert {(s.completed_round, s.completed_restart_count) for s in (a, b)} == {(1, 2)}
+
+
+# ---------------------------------------------------------------- re-formation after a loss (issue 13)
+#
+# A round opened by a member of the previous round completes as soon as every surviving member of that round is
+# back, without waiting out the last call for nodes nobody expects; a round that anyone else arrives in (a scale-up)
+# keeps the last call.
+
+
+def test_survivors_of_a_leave_reform_without_waiting_out_the_last_call(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=3, last_call=30.0)
+    nodes = make_steppers(memory_backend, clock, settings, 3)
+    drive_join(nodes, clock)  # 3 = max_nodes: completes at once
+    assert nodes[2].step("leave").done
+    start = clock.now
+    results = drive_join(nodes[:2], clock)
+    assert {r.world_size for r in results.values()} == {2}
+    assert clock.now - start < 2.0, f"re-formed after {clock.now - start:.1f} s: waited out the last call"
+
+
+def test_survivors_of_an_eviction_reform_without_waiting_out_the_last_call(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=3, last_call=30.0, keep_alive=1.0, attempts=3)
+    a, b, dead = make_steppers(memory_backend, clock, settings, 3)
+    drive_join([a, b, dead], clock)
+    for _ in range(6):  # the dead node stays silent past the 3 s expiry; the others beat
+        clock.advance(1.0)
+        a.step("keep_alive")
+        b.step("keep_alive")
+    assert dead.node.key not in state_of(memory_backend).participants
+    start = clock.now
+    results = drive_join([a, b], clock)
+    assert {r.world_size for r in results.values()} == {2}
+    assert clock.now - start < 2.0, f"re-formed after {clock.now - start:.1f} s: waited out the last call"
+
+
+def test_a_member_that_died_after_the_round_reopened_is_not_waited_for_past_its_eviction(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=3, last_call=30.0, keep_alive=1.0, attempts=3)
+    a, b, dead = make_steppers(memory_backend, clock, settings, 3)
+    drive_join([a, b, dead], clock)
+    start = clock.now
+    # a and b re-rendezvous (say, a worker failed) while the third node is already dead: they wait for it only
+    # until its silence evicts it (3 s), not for the 30 s last call.
+    for s in (a, b):
+        s.begin_join()
+    pending = {s.node.key: s for s in (a, b)}
+    while pending and clock.now - start < 60:
+        clock.advance(0.25)
+        for key, s in list(pending.items()):
+            r = s.step("join")
+            assert r.error is None
+            if r.done:
+                assert r.world_size == 2
+                del pending[key]
+            s.step("keep_alive")
+    assert not pending
+    assert clock.now - start < 10.0, f"re-formed after {clock.now - start:.1f} s: waited out the last call"
+
+
+def test_a_scale_up_keeps_the_last_call(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=4, last_call=5.0)
+    a, b, newcomer = make_steppers(memory_backend, clock, settings, 3)
+    drive_join([a, b], clock)
+    newcomer.begin_join()
+    newcomer.step("join")  # waits for the next round: the members re-rendezvous to admit it
+    assert num_nodes_waiting_in(state_of(memory_backend), settings, a.completed_round) == 1
+    start = clock.now
+    results = drive_join([a, b, newcomer], clock)
+    assert {r.world_size for r in results.values()} == {3}
+    assert clock.now - start >= 5.0, "a round with a new node completed before its last call ended"
+
+
+def test_a_new_node_arriving_while_members_reform_keeps_the_last_call(memory_backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=4, last_call=5.0)
+    a, b, newcomer = make_steppers(memory_backend, clock, settings, 3)
+    drive_join([a, b], clock)
+    a.begin_join()
+    a.step("join")  # a opens the next round; the newcomer arrives in it before b
+    start = clock.now
+    results = drive_join([newcomer, a, b], clock)
+    assert {r.world_size for r in results.values()} == {3}
+    assert clock.now - start >= 5.0, "a round with a new node completed before its last call ended"
