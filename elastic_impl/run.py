@@ -37,6 +37,10 @@ from elastic_impl.launcher.api import (
     elastic_launch,
     split_endpoint,
 )
+from elastic_impl.multiprocessing.api import parse_signals_to_handle
+
+# torchrun's entry point group for --logs-specs plugins (a plugin for us subclasses our LogsSpecs).
+LOGS_SPECS_GROUP = "torchrun.logs_specs"
 
 __all__ = ["main", "run", "get_args_parser", "parse_args", "config_from_args", "parse_min_max_nnodes"]
 
@@ -128,6 +132,25 @@ def get_args_parser() -> ArgumentParser:
         help="Seconds between SIGTERM and SIGKILL when stopping workers (default: $TORCHELASTIC_SHUTDOWN_GRACE or 30).")
     opt("--log-line-prefix-template", "--log_line_prefix_template", env="log_line_prefix_template", type=str,
         default=None, help="Per-line prefix template for worker output (${role_name}, ${rank}, ${local_rank}).")
+    opt("--duplicate-stdout-filters", "--duplicate_stdout_filters", env="duplicate_stdout_filters", type=str,
+        default=None, help="Also copy the teed stdout lines that contain any of these strings (comma separated; "
+                           "',,' is a literal comma) to filtered_stdout.log in the attempt's log folder.")
+    opt("--duplicate-stderr-filters", "--duplicate_stderr_filters", env="duplicate_stderr_filters", type=str,
+        default=None, help="As --duplicate-stdout-filters, for stderr (filtered_stderr.log).")
+    parser.add_argument("--logs-specs", "--logs_specs", type=str, default=None,
+                        help="Name of an entry point in group 'torchrun.logs_specs': a LogsSpecs subclass (of "
+                             "elastic_impl.multiprocessing.LogsSpecs) that decides where worker logs go.")
+    from elastic_impl.multiprocessing.numa_binding import AFFINITY_MODES
+
+    parser.add_argument("--numa-binding", "--numa_binding", type=str, choices=AFFINITY_MODES, default=None,
+                        help="Bind each worker to CPUs near the GPU of its local rank (needs CUDA GPUs).")
+    opt("--signals-to-handle", "--signals_to_handle", env="signals_to_handle", type=str,
+        default="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+        help="Signals that make the agent stop its workers and leave (comma-separated names, e.g. add SIGUSR1).")
+    parser.add_argument("--virtual-local-rank", "--virtual_local_rank", action="store_true",
+                        default=os.environ.get("PET_VIRTUAL_LOCAL_RANK", "0") not in ("", "0"),
+                        help="Every worker gets LOCAL_RANK=0 and sees only its own GPU, as device 0 "
+                             "(CUDA_VISIBLE_DEVICES).")
     parser.add_argument("training_script", type=str, help="The training program (and its arguments after it).")
     parser.add_argument("training_script_args", nargs=REMAINDER)
     return parser
@@ -219,6 +242,32 @@ def _parse_rdzv_conf(conf: str) -> dict[str, str]:
     return out
 
 
+def _comma_separated(value: str | None) -> list[str]:
+    """torchrun's filter list: items split at ',', where ',,' is a comma inside an item."""
+    if value is None:
+        return []
+    return [item.replace("\0", ",") for item in str(value).replace(",,", "\0").split(",")]
+
+
+def _logs_specs_class(name: str | None) -> type:
+    """The LogsSpecs class registered as entry point ``name`` in group ``torchrun.logs_specs`` (default: ours)."""
+    from elastic_impl.multiprocessing import DefaultLogsSpecs, LogsSpecs
+
+    if name is None:
+        return DefaultLogsSpecs
+    from importlib import metadata
+
+    registered = {ep.name: ep for ep in metadata.entry_points(group=LOGS_SPECS_GROUP)}
+    if name not in registered:
+        raise _bad("--logs-specs", name, f"expected the name of an entry point in group {LOGS_SPECS_GROUP!r} "
+                   f"(installed: {', '.join(sorted(registered)) or 'none'})")
+    cls = registered[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, LogsSpecs)):
+        raise _bad("--logs-specs", name, f"entry point {registered[name].value!r} is {cls!r}, expected a subclass "
+                   "of elastic_impl.multiprocessing.LogsSpecs")
+    return cls
+
+
 def _parse_std(option: str, value: str):
     from elastic_impl.multiprocessing import Std
 
@@ -299,8 +348,24 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
 
     redirects = _parse_std("--redirects", args.redirects)
     tee = _parse_std("--tee", args.tee)
+    duplicate_stdout_filters = _comma_separated(args.duplicate_stdout_filters)
+    duplicate_stderr_filters = _comma_separated(args.duplicate_stderr_filters)
+    try:
+        parse_signals_to_handle(args.signals_to_handle)
+    except ValueError as e:
+        raise LaunchConfigError(f"invalid --signals-to-handle value: {e}") from None
+    numa_options = None
+    if args.numa_binding is not None:
+        from torch.numa.binding import (  # torch's options type, as LaunchConfig takes it
+            AffinityMode,
+            NumaOptions,
+        )
+
+        numa_options = NumaOptions(affinity_mode=AffinityMode(args.numa_binding))
     capture_stderr = False
-    if _is_std_none(redirects) and _is_std_none(tee) and os.environ.get("ELASTIC_IMPL_CAPTURE_STDERR", "1") != "0":
+    # (Not with stderr filters: they copy what the user tees, and the capture would tee stderr unasked.)
+    if (_is_std_none(redirects) and _is_std_none(tee) and not duplicate_stderr_filters
+            and os.environ.get("ELASTIC_IMPL_CAPTURE_STDERR", "1") != "0"):
         # Tee stderr to a file and print it unprefixed: the console looks as without it, and a failure report
         # can quote the worker's last stderr lines even without @record (upstream prints "<N/A>" there).
         from elastic_impl.multiprocessing import Std
@@ -313,9 +378,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
             ranks_filter = {int(r) for r in args.local_ranks_filter.split(",") if r.strip()}
         except ValueError:
             raise _bad("--local-ranks-filter", args.local_ranks_filter, "expected comma-separated ints") from None
-    from elastic_impl.multiprocessing import DefaultLogsSpecs
-
-    logs_specs = DefaultLogsSpecs(
+    logs_specs = _logs_specs_class(args.logs_specs)(
         log_dir=args.log_dir, redirects=redirects, tee=tee, local_ranks_filter=ranks_filter
     )
 
@@ -341,6 +404,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         event_log_handler=args.event_log_handler,
         logs_specs=logs_specs,
         shutdown_timeout=shutdown_grace,
+        numa_options=numa_options,
+        signals_to_handle=args.signals_to_handle,
+        duplicate_stdout_filters=duplicate_stdout_filters,
+        duplicate_stderr_filters=duplicate_stderr_filters,
+        virtual_local_rank=args.virtual_local_rank,
     )
     if capture_stderr and args.log_line_prefix_template is None:
         config.log_line_prefix_template = ""  # the teed stderr shows as the worker wrote it
@@ -370,6 +438,13 @@ def run(args: argparse.Namespace) -> None:
         args.rdzv_id = str(uuid.uuid4())
         logger.info("standalone: c10d rendezvous at %s, run id %s", args.rdzv_endpoint, args.rdzv_id)
     config, cmd, cmd_args = config_from_args(args)
+    if config.numa_options is not None and isinstance(cmd, str):
+        # The agent chooses each binary worker's CPUs when it starts it: find out now, before this node joins the
+        # rendezvous, whether it can (one line, exit 1 -- not a failed agent's traceback after the job formed).
+        from elastic_impl.multiprocessing.numa_binding import worker_cpus
+
+        for local_rank in range(config.nproc_per_node):
+            worker_cpus(config.numa_options, local_rank)
     elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
 
 

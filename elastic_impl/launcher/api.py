@@ -9,6 +9,7 @@ every node stops; an agent stopped by a signal only LEAVES it, so the surviving 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import uuid
@@ -18,7 +19,9 @@ from typing import Any
 
 from elastic_impl.agent.server.api import WorkerSpec
 from elastic_impl.agent.server.local_elastic_agent import LocalElasticAgent, shutdown_grace_from_env
+from elastic_impl.multiprocessing.api import SIGNALS_TO_HANDLE_ENV, parse_signals_to_handle
 from elastic_impl.multiprocessing.errors import ChildFailedError
+from elastic_impl.multiprocessing.numa_binding import affinity_mode_of
 from elastic_impl.rendezvous.options import RDZV_CONF_ALIASES as _RDZV_CONF_ALIASES
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
@@ -84,6 +87,18 @@ class LaunchConfig:
             raise bad("role", self.role, "must be a non-empty string")
         if self.shutdown_timeout is not None and self.shutdown_timeout < 0:
             raise bad("shutdown_timeout", self.shutdown_timeout, "must be >= 0 seconds")
+        try:
+            parse_signals_to_handle(self.signals_to_handle)
+            if self.numa_options is not None:
+                affinity_mode_of(self.numa_options)
+        except ValueError as e:
+            raise LaunchConfigError(str(e)) from None
+        for name in ("duplicate_stdout_filters", "duplicate_stderr_filters"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise bad(name, value, "must be a list of strings, or None")
+        if not isinstance(self.virtual_local_rank, bool):
+            raise bad("virtual_local_rank", self.virtual_local_rank, "must be True or False")
         if self.rdzv_timeout != -1:
             self.rdzv_configs["timeout"] = self.rdzv_timeout
         else:
@@ -318,7 +333,14 @@ def launch_agent(
         master_port=master_port,
         local_addr=config.local_addr,
         event_log_handler=config.event_log_handler,
+        numa_options=config.numa_options,
+        duplicate_stdout_filters=config.duplicate_stdout_filters,
+        duplicate_stderr_filters=config.duplicate_stderr_filters,
+        virtual_local_rank=config.virtual_local_rank,
     )
+    # The agent and its worker contexts read the signals to handle from the environment (the workers inherit it,
+    # as under torchrun).
+    os.environ[SIGNALS_TO_HANDLE_ENV] = config.signals_to_handle
     grace = config.shutdown_timeout if config.shutdown_timeout is not None else shutdown_grace_from_env()
     agent = LocalElasticAgent(
         spec=spec,

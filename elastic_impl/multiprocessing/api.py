@@ -37,6 +37,12 @@ IS_LINUX = sys.platform.startswith("linux")
 
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 
+# Which signals stop the workers and end the agent's run (torchrun's --signals-to-handle sets it for the agent).
+SIGNALS_TO_HANDLE_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+DEFAULT_SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+# Signals no process can catch: naming one is a mistake, not a request.
+_UNCATCHABLE_SIGNALS = frozenset({"SIGKILL", "SIGSTOP"})
+
 __all__ = [
     "DefaultLogsSpecs", "LogsDest", "LogsSpecs", "MultiprocessContext", "PContext", "RunProcsResult",
     "SignalException", "Std", "SubprocessContext", "to_map", "start_processes", "get_std_cm",
@@ -57,6 +63,37 @@ class SignalException(Exception):
     def __init__(self, msg: str, sigval: signal.Signals) -> None:
         super().__init__(msg)
         self.sigval = sigval
+
+
+def parse_signals_to_handle(names: str) -> tuple[signal.Signals, ...]:
+    """``"SIGTERM,SIGUSR1"`` -> the signals; ValueError naming a name that is not a catchable signal here."""
+    catchable = sorted(s.name for s in signal.Signals if s.name not in _UNCATCHABLE_SIGNALS)
+    out: list[signal.Signals] = []
+    for name in str(names).split(","):
+        name = name.strip()
+        if name not in catchable:
+            raise ValueError(f"bad signal {name!r} in {names!r}: expected comma-separated names of catchable "
+                             f"signals ({', '.join(catchable)})")
+        if signal.Signals[name] not in out:
+            out.append(signal.Signals[name])
+    return tuple(out)
+
+
+def signals_to_handle_from_env() -> tuple[signal.Signals, ...]:
+    """The signals named by ``TORCHELASTIC_SIGNALS_TO_HANDLE`` (default: SIGTERM, SIGINT, SIGHUP, SIGQUIT).
+
+    A name that is not a catchable signal is skipped with a warning, as upstream does (the launcher rejects it
+    before it gets here).
+    """
+    names = os.environ.get(SIGNALS_TO_HANDLE_ENV, DEFAULT_SIGNALS_TO_HANDLE)
+    out: list[signal.Signals] = []
+    for name in names.split(","):
+        try:
+            out.extend(s for s in parse_signals_to_handle(name) if s not in out)
+        except ValueError:
+            logger.warning("%s=%r: %r is not a catchable signal; not handled", SIGNALS_TO_HANDLE_ENV, names,
+                           name.strip())
+    return tuple(out)
 
 
 def _terminate_process_handler(signum: int, frame: FrameType | None) -> None:
@@ -209,6 +246,9 @@ class DefaultLogsSpecs(LogsSpecs):
         redirs = to_map(self._redirects, nprocs)
         ts = to_map(self._tee, nprocs)
         dest = LogsDest()
+        if attempt_log_dir != os.devnull:
+            dest.filtered_stdout = os.path.join(attempt_log_dir, "filtered_stdout.log")
+            dest.filtered_stderr = os.path.join(attempt_log_dir, "filtered_stderr.log")
         for local_rank, tee_std in ts.items():
             redirect_std = redirs[local_rank] | tee_std  # teeing needs the file to tail
             if attempt_log_dir == os.devnull:
@@ -422,7 +462,6 @@ class PContext(abc.ABC):
         duplicate_stderr_filters: list[str] | None = None,
         clock: Clock = REAL_CLOCK,
     ):
-        _check_unsupported(None, duplicate_stdout_filters, duplicate_stderr_filters)
         self.name = name
         if set(args) != set(envs):
             raise ValueError(
@@ -441,8 +480,27 @@ class PContext(abc.ABC):
         self.error_files = logs_dest.error_files
         self.nprocs = nprocs
         self.clock = clock
-        self._stdout_tail = TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes)
-        self._stderr_tail = TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes)
+        self._tail_logs = [
+            TailLog(name, logs_dest.tee_stdouts, sys.stdout, log_line_prefixes),
+            TailLog(name, logs_dest.tee_stderrs, sys.stderr, log_line_prefixes),
+        ]
+        # --duplicate-std*-filters: the teed lines holding any of the filter strings, of every teed rank, also go
+        # to one file per stream in the attempt's log folder.
+        self._filtered_files: list[Any] = []
+        for filters, tee_files, path in (
+            (duplicate_stdout_filters, logs_dest.tee_stdouts, logs_dest.filtered_stdout),
+            (duplicate_stderr_filters, logs_dest.tee_stderrs, logs_dest.filtered_stderr),
+        ):
+            if not filters:
+                continue
+            if not path:
+                raise ValueError(f"bad logs_specs {logs_specs!r}: duplicate filters {filters!r} need a file for the "
+                                 "filtered lines, but its reify() names none (LogsDest.filtered_stdout/stderr)")
+            dst = open(path, "w", errors="replace", buffering=1)  # noqa: SIM115 -- closed in close()
+            self._filtered_files.append(dst)
+            self._tail_logs.append(TailLog(name, tee_files, dst, log_line_prefixes,
+                                           log_line_filter=_holds_any_of(list(filters))))
+        self._previous_signal_handlers: dict[signal.Signals, Any] = {}
         self._closed = False
         self._group_mark = _new_group_mark()  # see WORKER_GROUP_MARK_ENV
         self._seen: dict[int, str] = {}  # pid -> /proc start time of every group member observed
@@ -451,19 +509,26 @@ class PContext(abc.ABC):
         self.failure_close_timeout: float = 30
 
     def start(self) -> None:
-        if not IS_WINDOWS:
-            # Only the main thread may install signal handlers; elsewhere the caller handles signals itself.
-            try:
-                signal.signal(signal.SIGTERM, _terminate_process_handler)
-                signal.signal(signal.SIGINT, _terminate_process_handler)
-                signal.signal(signal.SIGHUP, _terminate_process_handler)
-                signal.signal(signal.SIGQUIT, _terminate_process_handler)
-            except ValueError:
-                pass
+        # Only the main thread may install signal handlers; elsewhere the caller handles signals itself.
+        if not IS_WINDOWS and threading.current_thread() is threading.main_thread():
+            for sig in signals_to_handle_from_env():
+                previous = signal.signal(sig, _terminate_process_handler)
+                self._previous_signal_handlers.setdefault(sig, previous)
         _become_subreaper()
         self._start()
-        self._stdout_tail.start()
-        self._stderr_tail.start()
+        for tail in self._tail_logs:
+            tail.start()
+
+    def _restore_signal_handlers(self) -> None:
+        """Put back the handlers ``start`` replaced, so that after ``close`` a signal does what it did before (a
+        SIGTERM to a program that ran workers in-process stops it again). A handler someone installed after ours
+        stays."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may; the handlers stay until the main thread's close
+        for sig, previous in self._previous_signal_handlers.items():
+            if signal.getsignal(sig) is _terminate_process_handler and previous is not None:
+                signal.signal(sig, previous)
+        self._previous_signal_handlers.clear()
 
     @abc.abstractmethod
     def _start(self) -> None: ...
@@ -512,8 +577,11 @@ class PContext(abc.ABC):
         self._close(death_sig=death_sig, timeout=timeout)
         if not self._closed:
             self._closed = True
-            self._stdout_tail.stop()
-            self._stderr_tail.stop()
+            for tail in self._tail_logs:
+                tail.stop()
+            for f in self._filtered_files:
+                f.close()
+        self._restore_signal_handlers()
 
     def _remember_members(self) -> None:
         """Note every process in the group (with its start time) so one that later leaves the tree is still found."""
@@ -572,8 +640,31 @@ def _parent_to_die_with() -> int | None:
     return os.getpid()
 
 
+def _holds_any_of(needles: list[str]) -> Callable[[str], bool]:
+    return lambda line: any(needle in line for needle in needles)
+
+
+def _bound_to_numa(fn: Callable, numa_options: Any, local_rank: int) -> Callable:
+    """``fn`` that first binds this worker to the CPUs near its GPU: in the worker, so that CUDA is never
+    initialised in the agent (a forked worker could not use it then), and under @record, so a binding error is the
+    worker's reported failure."""
+    if numa_options is None:
+        return fn
+
+    def bound(*args: Any) -> Any:
+        from elastic_impl.multiprocessing.numa_binding import bind_this_process, worker_cpus
+
+        cpus = worker_cpus(numa_options, local_rank)
+        if cpus:
+            bind_this_process(cpus)
+        return fn(*args)
+
+    return bound
+
+
 def _wrap(local_rank: int, fn: Callable, args: tuple, env: dict[str, str], stdout: str | None,
-          stderr: str | None, ret_file: str, error_file: str, die_with: int | None = None) -> None:
+          stderr: str | None, ret_file: str, error_file: str, die_with: int | None = None,
+          numa_options: Any = None) -> None:
     """Runs in the worker: own session, env, redirects; result pickled to ``ret_file`` for the parent."""
     if die_with is not None:
         from elastic_impl.multiprocessing.subprocess_handler.subprocess_handler import die_with_parent
@@ -594,7 +685,7 @@ def _wrap(local_rank: int, fn: Callable, args: tuple, env: dict[str, str], stdou
             os.dup2(f, fd)
             os.close(f)
     try:
-        ret = record(fn)(*args)
+        ret = record(_bound_to_numa(fn, numa_options, local_rank))(*args)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -623,9 +714,11 @@ class MultiprocessContext(PContext):
         allowed = mp.get_all_start_methods()
         if start_method not in allowed:
             raise ValueError(f"bad start_method {start_method!r}: expected one of {allowed}")
-        _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
-        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock=clock)
+        _check_numa_options(numa_options)
+        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, duplicate_stdout_filters,
+                         duplicate_stderr_filters, clock=clock)
         self.start_method = start_method
+        self._numa_options = numa_options
         self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{name}_")
         self._procs: dict[int, mp.process.BaseProcess] = {}
         self._running_local_ranks: set[int] = set()  # as the last _poll saw them; _wait_for_exit waits on these
@@ -647,7 +740,7 @@ class MultiprocessContext(PContext):
                 target=_wrap,
                 args=(local_rank, self.entrypoint, self.args[local_rank], env,
                       self.stdouts.get(local_rank), self.stderrs.get(local_rank), self._ret_file(local_rank),
-                      self.error_files.get(local_rank, ""), die_with),
+                      self.error_files.get(local_rank, ""), die_with, self._numa_options),
                 name=f"{self.name}-{local_rank}",
             )
             p.start()
@@ -719,8 +812,10 @@ class SubprocessContext(PContext):
         duplicate_stderr_filters: list[str] | None = None,
         clock: Clock = REAL_CLOCK,
     ):
-        _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
-        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, clock=clock)
+        _check_numa_options(numa_options)
+        super().__init__(name, entrypoint, args, envs, logs_specs, log_line_prefixes, duplicate_stdout_filters,
+                         duplicate_stderr_filters, clock=clock)
+        self._numa_options = numa_options
         self._running_local_ranks: set[int] = set(range(self.nprocs))
         self._failures: dict[int, ProcessFailure] = {}
         self.subprocess_handlers: dict[int, SubprocessHandler] = {}
@@ -738,7 +833,7 @@ class SubprocessContext(PContext):
                 handler = get_subprocess_handler(
                     entrypoint=self.entrypoint,  # type: ignore[arg-type]
                     args=self.args[local_rank], env=env, stdout=self.stdouts.get(local_rank),
-                    stderr=self.stderrs.get(local_rank), local_rank_id=local_rank)
+                    stderr=self.stderrs.get(local_rank), local_rank_id=local_rank, numa_options=self._numa_options)
             except OSError as e:
                 self.close(timeout=5)
                 raise ValueError(f"bad entrypoint {self.entrypoint!r}: cannot execute ({e.strerror})") from None
@@ -802,13 +897,11 @@ class SubprocessContext(PContext):
         self._pidfds.clear()
 
 
-def _check_unsupported(numa_options: Any, stdout_filters: Any, stderr_filters: Any) -> None:
-    # Not implemented yet: say so plainly rather than silently ignoring the request.
+def _check_numa_options(numa_options: Any) -> None:
     if numa_options is not None:
-        raise ValueError(f"bad numa_options {numa_options!r}: NUMA binding is not supported by elastic_impl; pass None")
-    if stdout_filters or stderr_filters:
-        raise ValueError(f"bad duplicate_*_filters {stdout_filters or stderr_filters!r}: line filters are not "
-                         "supported by elastic_impl yet; pass None")
+        from elastic_impl.multiprocessing.numa_binding import affinity_mode_of
+
+        affinity_mode_of(numa_options)  # ValueError naming a mode that does not exist
 
 
 def start_processes(
@@ -836,17 +929,18 @@ def start_processes(
         raise ValueError(f"bad local ranks {sorted(args)}: expected 0..{len(args) - 1}")
     if not isinstance(logs_specs, LogsSpecs):
         raise ValueError(f"bad logs_specs {logs_specs!r}: expected a LogsSpecs (e.g. DefaultLogsSpecs())")
-    _check_unsupported(numa_options, duplicate_stdout_filters, duplicate_stderr_filters)
     context: PContext
+    options = dict(numa_options=numa_options, duplicate_stdout_filters=duplicate_stdout_filters,
+                   duplicate_stderr_filters=duplicate_stderr_filters)
     if isinstance(entrypoint, str):
         if not entrypoint:
             raise ValueError("bad entrypoint '': expected a binary path or a callable")
         context = SubprocessContext(name=name, entrypoint=entrypoint, args=args, envs=envs,
-                                    logs_specs=logs_specs, log_line_prefixes=log_line_prefixes)
+                                    logs_specs=logs_specs, log_line_prefixes=log_line_prefixes, **options)
     elif callable(entrypoint):
         context = MultiprocessContext(name=name, entrypoint=entrypoint, args=args, envs=envs,
                                       log_line_prefixes=log_line_prefixes, start_method=start_method,
-                                      logs_specs=logs_specs)
+                                      logs_specs=logs_specs, **options)
     else:
         raise ValueError(f"bad entrypoint {entrypoint!r}: expected a callable or a str (binary path)")
     try:

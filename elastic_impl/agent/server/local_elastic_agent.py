@@ -33,6 +33,7 @@ from elastic_impl.agent.server.health_check_server import (  # noqa: F401 -- ups
 )
 from elastic_impl.metrics.api import prof  # noqa: F401 -- upstream exposes it here
 from elastic_impl.multiprocessing import LogsSpecs, PContext, start_processes  # noqa: F401 -- upstream exposes them here
+from elastic_impl.multiprocessing.api import signals_to_handle_from_env
 from elastic_impl.utils import macros  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.process_state import (  # noqa: F401 -- upstream exposes them here
@@ -66,8 +67,6 @@ _SIGNAL_CHECK_SLICE = 0.1
 # Bound on waiting for the signal watcher's leave() when the run ends (leave is itself bounded by the close timeout).
 _WATCHER_JOIN_TIMEOUT = 60.0
 
-# Signals that make the agent stop its workers and leave (the job goes on without this node).
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def shutdown_grace_from_env(default: float = DEFAULT_SHUTDOWN_GRACE) -> float:
@@ -149,7 +148,9 @@ class LocalElasticAgent(SimpleElasticAgent):
         ``start_processes`` installs its own raising handlers)."""
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; an embedding program handles signals itself
-        for sig in _HANDLED_SIGNALS:
+        # The signals that make the agent stop its workers and leave (the job goes on without this node):
+        # TORCHELASTIC_SIGNALS_TO_HANDLE, which --signals-to-handle sets; SIGTERM, SIGINT, SIGHUP, SIGQUIT by default.
+        for sig in signals_to_handle_from_env():
             try:
                 previous = signal.signal(sig, self._on_signal)
             except (ValueError, OSError):
@@ -199,7 +200,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         envs: dict[int, dict[str, str]] = {}
         for worker in worker_group.workers:
             env = {
-                "LOCAL_RANK": str(worker.local_rank),
+                **self._local_rank_env(spec, worker.local_rank),
                 "RANK": str(worker.global_rank),
                 "GROUP_RANK": str(worker_group.group_rank),
                 "ROLE_RANK": str(worker.role_rank),
@@ -221,6 +222,24 @@ class LocalElasticAgent(SimpleElasticAgent):
                 env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
             envs[worker.local_rank] = env
         return envs
+
+    @staticmethod
+    def _local_rank_env(spec: WorkerSpec, local_rank: int) -> dict[str, str]:
+        """LOCAL_RANK, and CUDA_VISIBLE_DEVICES where the agent has it or sets it.
+
+        With ``spec.virtual_local_rank`` every worker is local rank 0 and sees only its own GPU (the local_rank-th
+        of the agent's CUDA_VISIBLE_DEVICES, or GPU <local_rank> when that is unset) as device 0.
+        """
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if not spec.virtual_local_rank:
+            return {"LOCAL_RANK": str(local_rank), **({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})}
+        if visible is None:
+            return {"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": str(local_rank)}
+        devices = visible.split(",")
+        if local_rank >= len(devices):
+            raise ValueError(f"bad CUDA_VISIBLE_DEVICES {visible!r} for virtual local ranks: local rank {local_rank} "
+                             f"needs a device of its own, but it names {len(devices)} (one per local rank allowed)")
+        return {"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": devices[local_rank].strip()}
 
     def _setup_timer_server(self, envs: dict[int, dict[str, str]]) -> None:
         """Start the worker timer server once (see the module docstring) and tell every worker its pipe."""
@@ -270,6 +289,9 @@ class LocalElasticAgent(SimpleElasticAgent):
             logs_specs=self._logs_specs,
             log_line_prefixes=self._log_line_prefixes(worker_group),
             start_method=self._start_method,
+            numa_options=spec.numa_options,
+            duplicate_stdout_filters=spec.duplicate_stdout_filters,
+            duplicate_stderr_filters=spec.duplicate_stderr_filters,
         )
         # When one worker fails the context stops the others itself: with our grace, not a fixed 30 s.
         self._pcontext.failure_close_timeout = self._shutdown_timeout

@@ -14,4 +14,4 @@ def get_subprocess_handler(
     numa_options: object | None = None,
 ) -> SubprocessHandler:
     return SubprocessHandler(entrypoint=entrypoint, args=args, env=env, stdout=stdout, stderr=stderr,
-                             local_rank_id=local_rank_id)
+                             local_rank_id=local_rank_id, numa_options=numa_options)

@@ -49,6 +49,13 @@ class SubprocessHandler:
         local_rank_id: int,
         numa_options: Any | None = None,
     ):
+        # The CPUs are chosen here, in the agent (it needs torch.cuda and files, which a child between fork and exec
+        # must not touch); the child only applies them. The binding outlives exec.
+        self._numa_cpus: set[int] | None = None
+        if numa_options is not None:
+            from elastic_impl.multiprocessing.numa_binding import worker_cpus
+
+            self._numa_cpus = worker_cpus(numa_options, local_rank_id)
         self._stdout = open(stdout, "w") if stdout else None  # noqa: SIM115 - closed in close()
         self._stderr = open(stderr, "w") if stderr else None  # noqa: SIM115
         env_vars = os.environ.copy()
@@ -61,10 +68,17 @@ class SubprocessHandler:
         kwargs: dict[str, Any] = {}
         if not IS_WINDOWS:
             kwargs["start_new_session"] = True  # own session => own process group (pgid == pid)
-        if IS_LINUX and threading.current_thread() is threading.main_thread():
-            # (PR_SET_PDEATHSIG follows the starting thread, so only the main thread's workers get it.)
-            parent = os.getpid()
-            kwargs["preexec_fn"] = lambda: die_with_parent(parent)
+        # (PR_SET_PDEATHSIG follows the starting thread, so only the main thread's workers get it.)
+        parent = os.getpid() if IS_LINUX and threading.current_thread() is threading.main_thread() else None
+        cpus = self._numa_cpus
+        if parent is not None or cpus:
+            def in_child() -> None:
+                if cpus:
+                    os.sched_setaffinity(0, cpus)
+                if parent is not None:
+                    die_with_parent(parent)
+
+            kwargs["preexec_fn"] = in_child
         return subprocess.Popen(args=args, env=env, stdout=self._stdout, stderr=self._stderr, **kwargs)
 
     def close(self, death_sig: signal.Signals | None = None) -> None:
