@@ -341,10 +341,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
             raise _bad("--nnodes", args.nnodes, "the static backend needs a fixed node count N, not MIN:MAX")
         rdzv_configs["rank"] = node_rank
         if not rdzv_endpoint:
-            master_addr = args.master_addr
-            rdzv_endpoint = f"[{master_addr}]:{master_port}" if ":" in master_addr else f"{master_addr}:{master_port}"
+            master_addr = args.master_addr.strip()
+            # torchrun documents IPv6 as [addr]; a bare IPv6 address gets its brackets here
+            bare_ipv6 = ":" in master_addr and not master_addr.startswith("[")
+            rdzv_endpoint = f"[{master_addr}]:{master_port}" if bare_ipv6 else f"{master_addr}:{master_port}"
     if rdzv_endpoint:
-        split_endpoint(rdzv_endpoint, default_port=None)  # validates host[:port]
+        # A malformed endpoint is one line now, before anything starts; the backends parse it with the same parser.
+        split_endpoint(rdzv_endpoint, default_port=None)
 
     redirects = _parse_std("--redirects", args.redirects)
     tee = _parse_std("--tee", args.tee)

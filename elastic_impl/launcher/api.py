@@ -139,38 +139,22 @@ def _static_master(params) -> tuple[str | None, int | None]:
     # For the static backend the endpoint IS the master address; dynamic backends pick one at rendezvous.
     if params.backend != "static":
         return None, None
-    endpoint = params.endpoint.strip()
-    if not endpoint:
-        raise LaunchConfigError("invalid rdzv_endpoint: '' (the static backend needs <master_addr>:<port>)")
-    host, port = split_endpoint(endpoint, default_port=29500)
-    return host, port
+    from elastic_impl.rendezvous.static_tcp_rendezvous import static_master
+
+    try:
+        return static_master(params.endpoint)
+    except ValueError as e:
+        raise LaunchConfigError(str(e)) from None
 
 
 def split_endpoint(endpoint: str, default_port: int | None) -> tuple[str, int | None]:
-    """Split ``host[:port]`` / ``[v6addr][:port]``; one-line LaunchConfigError naming the value when malformed."""
-    raw = endpoint
-    endpoint = endpoint.strip()
-    host, port_str = endpoint, None
-    if endpoint.startswith("["):
-        close = endpoint.find("]")
-        if close < 0:
-            raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (unclosed '[' in IPv6 address)")
-        host, rest = endpoint[1:close], endpoint[close + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (expected [addr]:port)")
-            port_str = rest[1:]
-    elif endpoint.count(":") == 1:
-        host, port_str = endpoint.split(":")
-    elif endpoint.count(":") > 1:
-        raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (expected host:port; write IPv6 as [addr]:port)")
-    if not host or any(c.isspace() for c in host):
-        raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (missing or malformed host; expected host:port)")
-    if port_str is None:
-        return host, default_port
-    if not port_str.isdigit() or not (0 <= int(port_str) <= 65535):
-        raise LaunchConfigError(f"invalid rdzv endpoint: {raw!r} (port must be an integer in 0..65535)")
-    return host, int(port_str)
+    """``parse_rendezvous_endpoint`` (the one endpoint parser) with its error as a LaunchConfigError."""
+    from elastic_impl.rendezvous.utils import parse_rendezvous_endpoint
+
+    try:
+        return parse_rendezvous_endpoint(endpoint, default_port)
+    except ValueError as e:
+        raise LaunchConfigError(str(e)) from None
 
 
 # Our spellings of torchrun's keep-alive options: one table, in the rendezvous options module.

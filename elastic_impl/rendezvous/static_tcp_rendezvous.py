@@ -83,10 +83,21 @@ class StaticTCPRendezvous(RendezvousHandler):
         return True
 
 
+def static_master(endpoint: str) -> tuple[str, int]:
+    """The master's (host, port) from a static endpoint; the launcher tells workers the same address the handler
+    binds. The port is required (there is no default to disagree on), as upstream."""
+    if not endpoint or not endpoint.strip():
+        raise ValueError("static rendezvous needs an endpoint host:port (the address of rank 0)")
+    host, port = parse_rendezvous_endpoint(endpoint, None)
+    if port is None:
+        raise ValueError(f"bad static rendezvous endpoint {endpoint!r}: the static backend needs the port of rank 0 "
+                         "(host:port or [ipv6-address]:port; torchrun's --master-port)")
+    return host, port
+
+
 def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Options: ``rank`` (required), ``timeout`` (seconds, default 60); world size = ``max_nodes`` (must equal min)."""
-    if not params.endpoint:
-        raise ValueError("static rendezvous needs an endpoint host:port (the address of rank 0)")
+    host, port = static_master(params.endpoint)
     if params.min_nodes != params.max_nodes:
         raise ValueError(
             f"static rendezvous needs min_nodes == max_nodes, got {params.min_nodes}:{params.max_nodes}"
@@ -94,7 +105,6 @@ def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
     rank = params.get_as_int("rank")
     if rank is None:
         raise ValueError("static rendezvous needs the option rank=<0..max_nodes-1>")
-    host, port = parse_rendezvous_endpoint(params.endpoint, 29400)
     timeout = params.get_as_int("timeout", _DEFAULT_TIMEOUT)
     if timeout is None or timeout <= 0:
         raise ValueError(f"static rendezvous option timeout={timeout!r} must be a positive number of seconds")
