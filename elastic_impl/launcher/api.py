@@ -22,6 +22,11 @@ from elastic_impl.agent.server.local_elastic_agent import LocalElasticAgent, shu
 from elastic_impl.multiprocessing.api import SIGNALS_TO_HANDLE_ENV, parse_signals_to_handle
 from elastic_impl.multiprocessing.errors import ChildFailedError
 from elastic_impl.multiprocessing.numa_binding import affinity_mode_of
+from elastic_impl.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousGracefulExitError,
+)
 from elastic_impl.rendezvous.options import RDZV_CONF_ALIASES as _RDZV_CONF_ALIASES
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
@@ -346,12 +351,12 @@ def launch_agent(
         if getattr(e, "sigval", None) is not None:
             job_ended = False  # this node leaves; the job goes on without it
             raise
-        if type(e).__name__ in ("RendezvousGracefulExitError", "RendezvousConnectionError"):
+        if isinstance(e, (RendezvousGracefulExitError, RendezvousConnectionError)):
             # Leaving, or this node lost the store: not the job's end. Closing the run on a connection error would
             # end the job for every node that can still reach the store (it may be this node's network alone).
             job_ended = False
             raise
-        if type(e).__name__ == "RendezvousClosedError":
+        if isinstance(e, RendezvousClosedError):
             # A peer ended the job while we were re-forming: report its root cause if it left one.
             if _peer_failures_as_process_failures(agent):
                 raise _job_failed_error(entrypoint_name, agent, {}) from None
