@@ -67,14 +67,22 @@ def table(results: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+# benchmarks/results/tmp/ is git-ignored: where --quick writes unless told otherwise.
+QUICK_RESULTS_DIR = RESULTS_DIR / "tmp" / "quick"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="minimal sizes and one repetition (a smoke run)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where <name>.json and latest.md go")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help=f"where <name>.json and latest.md go (default {RESULTS_DIR}; with --quick "
+                             f"{QUICK_RESULTS_DIR}, git-ignored, so a smoke run never overwrites the committed results)")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: rebuild latest.md from the results JSON already in --results-dir")
     args = parser.parse_args(argv)
+    if args.results_dir is None:
+        args.results_dir = QUICK_RESULTS_DIR if args.quick else RESULTS_DIR
     names = [] if args.table_only else list(BENCHMARKS)
     if args.only and not args.table_only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]

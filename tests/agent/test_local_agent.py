@@ -5,12 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-import pytest
-
 from elastic_impl.agent.server import WorkerSpec, WorkerState
 from tests.agent.test_run_loop import RoundStoreHandler
-
-pytest.importorskip("elastic_impl.multiprocessing")
 
 
 def _agent(tcp_store, tmp_path, code: str, monitor_interval: float):

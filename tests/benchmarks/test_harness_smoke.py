@@ -93,3 +93,18 @@ def test_conformance_benchmark_times_a_real_certification():
     assert side["n"] == 1 and side["median"] > 0 and side["exit_code"] == 0
     assert side["verdicts"] == {"CONFORMS": 3}
     assert side["jobs"] == os.cpu_count() and side["certify_wall_s"] <= side["median"]
+
+
+def test_quick_run_without_results_dir_leaves_the_committed_results_alone():
+    # Before: --quick wrote into benchmarks/results/ (the committed results) unless --results-dir was given.
+    from benchmarks.__main__ import QUICK_RESULTS_DIR, RESULTS_DIR
+
+    committed = {p: p.read_bytes() for p in RESULTS_DIR.glob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--table-only"], capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode == 0:
+        assert (QUICK_RESULTS_DIR / "latest.md").exists()
+    else:
+        assert f"no results JSON in {QUICK_RESULTS_DIR} " in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in RESULTS_DIR.glob("*") if p.is_file()} == committed
+    assert QUICK_RESULTS_DIR.is_relative_to(RESULTS_DIR / "tmp")  # git-ignored (see .gitignore)
