@@ -1,15 +1,13 @@
-"""A simulated elastic agent: the run loop of ``elastic_impl``'s agent on virtual time, around a real
-:class:`~elastic_impl.rendezvous.dynamic_rendezvous.RendezvousStepper`.
+"""A simulated elastic agent on virtual time: the real agent's decisions over simulated processes and store.
 
-What is simulated: processes (workers "train" as timed events), the monitor loop, restarts. What is NOT simulated:
-the rendezvous protocol itself, which is the real state machine stepping over the simulated store.
-
-Agent loop (mirrors ``SimpleElasticAgent._invoke_run``): join -> start workers -> every ``monitor`` seconds: a
-failed worker consumes a restart (bumping the job-wide counter once per round) and re-joins, or fails the job and
-closes the run when restarts are exhausted; succeeded workers end the agent and close the run; healthy workers
-re-join when nodes wait or the participants changed (a "membership" restart, free). After its first round the agent
-heartbeats every ``heartbeat`` seconds. Store errors are retried for up to ``close`` seconds (the store client's
-timeout) before the agent fails.
+What is real: the rendezvous protocol (:class:`~elastic_impl.rendezvous.dynamic_rendezvous.RendezvousStepper`
+stepping over the simulated store) and every decision of the agent's run loop
+(:class:`~elastic_impl.agent.server.decisions.AgentStepper`, the one ``SimpleElasticAgent`` runs: restart or fail,
+the job-wide restart budget, membership re-forms, the peer-failure and exit-barrier outcomes). What is simulated:
+worker processes (they "train" as timed events and fail when the nemesis says), the agent's answers to the
+stepper's asks (from the simulated store, including the round's agent keys), the rendezvous handler's blocking
+loops (join retries, the keep-alive thread) as scheduled callbacks, and the launcher's closing of the run when
+the agent's run ends. The exit barrier does not wait: the simulated job ends on every member of a round at once.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from elastic_impl.agent.server.decisions import Action, AgentStepper, Ask, StoreUnavailable
 from elastic_impl.rendezvous.api import RendezvousClosedError, RendezvousConnectionError
 from elastic_impl.rendezvous.dynamic_rendezvous import (
     NodeDesc,
@@ -58,13 +57,15 @@ class SimAgent:
         self.status = "new"  # new | joining | running | exited
         self.exit_state: str | None = None
         self.paused = False
-        self.remaining_restarts = sim.scenario.max_restarts
+        # The real agent's decisions (restart, re-form, exit barrier, fail, the restart budget); this class only
+        # answers what they ask, from the simulated store, and acts them out on simulated processes.
+        self.decisions = AgentStepper(sim.scenario.max_restarts, sim.scenario.timeouts.monitor,
+                                      store_outage_window=sim.settings.heartbeat_expiry_seconds)
         self.workers: dict[int, str] = {}
         self.worker_fail_reason: dict[int, str] = {}
         self.round: int | None = None
         self.rank: int | None = None
         self.world_size: int | None = None
-        self.members: frozenset[str] | None = frozenset()
         self.succeeded = False
         self.keep_alive_on = False
         self._store_error_since: float | None = None
@@ -164,16 +165,16 @@ class SimAgent:
 
     def _on_round(self, result: StepResult) -> None:
         self.round, self.rank, self.world_size = result.round, result.rank, result.world_size
-        # Read the run's state (restart count, participants) after the round. The real agent no longer does (its
-        # join hands it the round, world size and restart count); the virtual one still does by default because the
-        # checker wants each round's participant list in the history. Scale runs switch it off.
+        # Read the run's state (participants) after the round. The real agent does not (its join hands it the round,
+        # world size and restart count); the virtual one still does by default because the checker wants each
+        # round's participant list in the history. Scale runs switch it off.
         synced = self.stepper.step("sync") if self.sim.post_round_sync else StepResult(done=True)
         state = self.stepper.state
-        if synced.error is not None:
-            self.members = None  # unknown: the agent then cannot notice participant changes in this round
-        else:
-            self.members = frozenset(state.participants)
-        restart_count = state.restart_count
+        restart_count = self.stepper.completed_restart_count
+        if restart_count is None and synced.error is None:
+            restart_count = state.restart_count
+        # As the real agent with our handler: the join told the round, so a participant change shows in the count.
+        self.decisions.joined(self.round, self.world_size, restart_count, members=None, members_by_count=True)
         participants = None
         if self.sim.record_participants and synced.error is None and state.round == self.round and state.complete:
             # O(N log N) per node: scale runs switch it off.
@@ -189,14 +190,14 @@ class SimAgent:
         for lr in range(wpn):
             self._record(
                 h.WORKER_START, round=self.round, rank=self.rank * wpn + lr, world_size=self.world_size * wpn,
-                detail={"local_rank": lr, "restart_count": restart_count},
+                detail={"local_rank": lr, "restart_count": self.decisions.restart_count},
             )
         self.status = "running"
         self._epoch += 1
         if not self.keep_alive_on:
             self.keep_alive_on = True
             self._arm_keep_alive()
-        self.sim.round_started(self, self.round, participants if participants is not None else (self.members or ()))
+        self.sim.round_started(self, self.round, participants if participants is not None else state.participants)
         self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
 
     def _round_detail(self, participants: list[str] | None) -> dict:
@@ -217,59 +218,94 @@ class SimAgent:
                 self.workers[lr] = STOPPED
 
     def _monitor(self) -> None:
+        """One monitor tick: the real agent's decision (AgentStepper) on the simulated workers' state."""
         failed = [lr for lr, st in self.workers.items() if st == FAILED]
-        if failed:
-            self._on_worker_failure(failed)
-            return
-        if self.succeeded:
-            self._succeed()
-            return
-        result = self.stepper.step("sync")
-        if result.error is not None:
-            # Like the agent's membership check: a store it cannot reach (beyond the close timeout) ends it.
-            self._on_store_step_error(result.error, self._monitor)
-            return
-        self._store_error_since = None
-        if result.error is None:
-            state = self.stepper.state
-            if state.closed:
-                self._stop_workers(-15)
-                self.sim.break_round(self.round)
-                self._exit("STOPPED", reason="rendezvous closed while workers ran (the job ended elsewhere)")
-                return
-            waiting = num_nodes_waiting_in(state, self.sim.settings, self.stepper.completed_round)
-            # A participant that left between the round's completion and this node's first read of it is missing
-            # from the members read then: the count gives it away (the real agent does the same).
-            changed = self.members is not None and (
-                frozenset(state.participants) != self.members or len(self.members) != self.world_size
-            )
-            if waiting > 0 or changed:
-                reason = f"{waiting} node(s) waiting" if waiting > 0 else "participants changed"
-                self._restart("membership", reason)
-                return
-        self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
-
-    def _on_worker_failure(self, failed: list[int]) -> None:
         wpn = len(self.workers)
         for lr in failed:
             self._record(h.WORKER_FAILED, round=self.round, rank=(self.rank or 0) * wpn + lr, state="FAILED",
                          detail={"local_rank": lr, "exitcode": -9, "reason": self.worker_fail_reason.get(lr, "SIGKILL")})
-        self.sim.break_round(self.round)
-        if self.remaining_restarts > 0:
-            self.remaining_restarts -= 1
-            if self.sim.claim_restart_bump(self.round):
-                self._step_until_done("increment_restart_count")
-            self._restart("worker_failed", f"local rank(s) {failed} failed")
-            return
-        self._stop_workers(-15)
-        reason = f"{self.name}: workers failed and max_restarts={self.sim.scenario.max_restarts} is exhausted"
-        self.sim.job_failed(reason)
-        self._step_until_done("close")
-        self._exit("FAILED", reason=reason)
+        if failed:
+            self.sim.break_round(self.round)
+        workers = "FAILED" if failed else "SUCCEEDED" if self.succeeded else "HEALTHY"
+        decision = self.decisions.step(workers, self.clock, self._answer)
+        action = decision.action
+        if action == Action.KEEP_RUNNING:
+            self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
+        elif action in (Action.RESTART, Action.REFORM):
+            kind = "worker_failed" if action == Action.RESTART else "membership"
+            why = f"local rank(s) {failed} failed" if action == Action.RESTART else decision.reason
+            self._restart(kind, why, decision.restart_count)
+        elif action == Action.SUCCEED:
+            self._succeed()
+        elif action == Action.STORE_LOST:
+            self._stop_workers(-15)
+            self._exit("FAILED", reason=f"{type(decision.error).__name__}: {decision.error}")
+        else:  # FAIL (this node ends the job) or PEER_FAILED_JOB (another node did)
+            self._stop_workers(-15)
+            reason = f"{self.name}: {decision.reason}"
+            if action == Action.FAIL:
+                self.sim.job_failed(reason)
+                self._round_store("set", "job_failed", str(self.rank).encode())  # tells the round's peers
+            # The launcher closes the run once the agent's run returned (the job ended).
+            self._step_until_done("close")
+            self._exit("FAILED", reason=reason, restarts_exhausted=action == Action.FAIL)
 
-    def _restart(self, kind: str, why: str) -> None:
-        self._record(h.RESTART, round=self.round, detail={
-            "restart_count": self.stepper.state.restart_count, "reason": kind, "why": why})
+    # ------------------------------------------------------------------ answers to the agent stepper's asks
+
+    def _round_store(self, op: str, key: str, value: bytes = b"") -> bytes | int | None:
+        """The round's agent keys (like the real agent's per-round store namespace) in the simulated store."""
+        full = f"torchelastic/agent/round{self.round}/{key}"
+        if op == "add":
+            return self.sim.store.key_add(self.name, full, 1)
+        if op == "set":
+            try:
+                self.sim.store.key_set(self.name, full, value)
+            except RendezvousConnectionError:
+                pass  # like the real agent: the peers then learn of it when they next rendezvous (closed run)
+            return None
+        return self.sim.store.key_get_many(self.name, [full])[0]
+
+    def _synced_state(self):
+        """The run's state as a plain read shows it now (None: the store could not be read)."""
+        result = self.stepper.step("sync")
+        return None if result.error is not None else self.stepper.state
+
+    def _answer(self, ask: Ask):
+        if ask in (Ask.PEER_FAILED, Ask.EXIT_BARRIER):
+            # The simulated job ends on every member of a round at once, so the exit barrier has nothing to wait
+            # for; what is left of it is whether a peer failed the job.
+            try:
+                return self._round_store("get", "job_failed") is not None
+            except RendezvousConnectionError:
+                return False
+        # PARTICIPANTS and RUN_CLOSED come right after NODES_WAITING and CURRENT_ROUND, whose read they reuse (the
+        # real handler reads again; one read per monitor tick keeps thousand-node runs affordable).
+        if ask == Ask.PARTICIPANTS:
+            return tuple(self.stepper.state.participants)
+        if ask == Ask.RUN_CLOSED:
+            return self.stepper.state.closed
+        if ask in (Ask.CURRENT_ROUND, Ask.RESTART_COUNT_ABOVE):
+            state = self._synced_state()
+            if state is None:
+                return None
+            return state.round if ask == Ask.CURRENT_ROUND else state.restart_count
+        if ask == Ask.NODES_WAITING:
+            result = self.stepper.step("sync")
+            if result.error is not None:
+                return StoreUnavailable(result.error)
+            return num_nodes_waiting_in(self.stepper.state, self.sim.settings, self.stepper.completed_round)
+        if ask == Ask.CLAIM_FAILURE_ROUND:
+            try:
+                return self._round_store("add", "restart_bump") == 1
+            except RendezvousConnectionError:
+                return None
+        if ask == Ask.INCREMENT_RESTART_COUNT:
+            result = self._step_until_done("increment_restart_count")
+            return self.stepper.state.restart_count if result.done and result.error is None else None
+        raise ValueError(f"unknown decision ask: {ask!r}")
+
+    def _restart(self, kind: str, why: str, restart_count: int | None) -> None:
+        self._record(h.RESTART, round=self.round, detail={"restart_count": restart_count, "reason": kind, "why": why})
         self._stop_workers(-15)
         self.sim.break_round(self.round)
         self._begin_join()
@@ -284,12 +320,15 @@ class SimAgent:
         self._step_until_done("close")
         self._exit("SUCCEEDED")
 
-    def _exit(self, state: str, reason: str | None = None) -> None:
+    def _exit(self, state: str, reason: str | None = None, restarts_exhausted: bool = False) -> None:
         if self.status == "exited":
             return
         self.status = "exited"
         self.exit_state = state
-        self._record(h.AGENT_EXIT, state=state, detail={"reason": reason} if reason else {})
+        detail: dict = {"reason": reason} if reason else {}
+        if restarts_exhausted:
+            detail["restarts_exhausted"] = True
+        self._record(h.AGENT_EXIT, state=state, detail=detail)
         self.sim.agent_exited(self)
 
     # ------------------------------------------------------------------ faults (the nemesis calls these)

@@ -29,7 +29,6 @@ class _Round:
     training: bool = False
     broken: bool = False
     begin: float = 0.0
-    restart_bumped: bool = False
 
 
 @dataclass
@@ -122,16 +121,6 @@ class Simulation:
         for agent in self.agents.values():
             if agent.alive and agent.status == "running" and agent.round == rnd.number and agent.name in rnd.members:
                 agent.succeeded = True  # the agent notices at its next monitor tick
-
-    def claim_restart_bump(self, number: int | None) -> bool:
-        """Whether this node is the first of its round to count a restart (the agent's once-per-round rule)."""
-        rnd = self.rounds.get(number) if number is not None else None
-        if rnd is None:
-            return True
-        if rnd.restart_bumped:
-            return False
-        rnd.restart_bumped = True
-        return True
 
     def job_succeeded(self) -> None:
         if self.outcome is None:

@@ -2,7 +2,9 @@
 
 Public names and signatures follow ``torch.distributed.elastic.agent.server.api``. The implementation is our own.
 
-Run loop of :class:`SimpleElasticAgent` (``_invoke_run``)::
+Run loop of :class:`SimpleElasticAgent` (``_invoke_run``; its decisions are made by
+:class:`~elastic_impl.agent.server.decisions.AgentStepper`, which the virtual simulator runs too, and the agent does
+the I/O the stepper asks for)::
 
     rendezvous -> assign ranks -> start workers
     every monitor_interval, or AT ONCE when a worker exits (``_wait_for_worker_event``: the local agent blocks on
@@ -49,6 +51,7 @@ from enum import Enum
 from types import SimpleNamespace
 from typing import Any
 
+from elastic_impl.agent.server.decisions import Action, AgentStepper, Ask, StoreUnavailable
 from elastic_impl.events import Event, EventSource, record
 from elastic_impl.metrics import prof, put_metric  # noqa: F401 -- upstream exposes them here
 from elastic_impl.multiprocessing import ProcessFailure, SignalException  # noqa: F401 -- upstream exposes them here
@@ -85,8 +88,6 @@ _FAILURE_ACK_KEY = "torchelastic/agent/job_failed_ack"
 _RESTART_BUMP_KEY = "torchelastic/agent/restart_bump"
 # How long a node that failed the job keeps its store up for peers to read the root cause.
 _FAILURE_ACK_TIMEOUT = 5.0
-# Seconds between checks whether a peer failed the job (one store read each).
-_PEER_FAILURE_POLL = 1.0
 # How long a node that lost the race to count a failure round waits to see the winner's increment.
 _RESTART_BUMP_WAIT = 5.0
 
@@ -295,7 +296,11 @@ class SimpleElasticAgent(ElasticAgent):
 
     def __init__(self, spec: WorkerSpec, exit_barrier_timeout: float = 300, shutdown_timeout: int = 30) -> None:
         self._worker_group = WorkerGroup(spec)
-        self._remaining_restarts = spec.max_restarts
+        # Every decision of the run loop (restart, re-form, exit barrier, fail) and the restart budget live in this
+        # stepper; the agent does the I/O it asks for (see _answer).
+        self._decisions = AgentStepper(
+            spec.max_restarts, spec.monitor_interval, store_outage_window=_detection_window(spec.rdzv_handler) or 0.0
+        )
         self._store = None
         self._exit_barrier_timeout = exit_barrier_timeout
         self._shutdown_timeout = shutdown_timeout
@@ -303,24 +308,30 @@ class SimpleElasticAgent(ElasticAgent):
         # Protocol timing goes through the clock seam (tests/simulator may inject their own).
         self._clock: Clock = REAL_CLOCK
         self._node_id = f"{socket.gethostname()}_{os.getpid()}"
-        self._restart_count = 0
-        self._rdzv_round: int | None = None
         self._last_failure_published = False
         self._remote_failures: dict[int, dict[str, Any]] = {}
-        self._members: tuple | None = None
-        self._members_by_count = False  # judge participant changes by count alone (see _rendezvous)
-        # When the healthy-group store checks (peer failure, membership) may run next; see _invoke_run.
-        self._next_store_check = float("-inf")
-        self._store_outage_since: float | None = None  # first store error of the current outage (monotonic)
         self._failed_by_peer = False
         self._acked_peer_failure = False
-        self._next_peer_failure_check = 0.0
         # Bound on waiting for peers' keys right after a rendezvous (they are a few store round trips behind).
         self._store_wait_timeout = 300.0
         # A termination signal the agent received but has not acted on yet (see _check_signal).
         self._pending_signal: signal.Signals | None = None
         self._leave_lock = threading.Lock()
         self._left_rendezvous = False
+
+    # The decision state, as the names the rest of the agent (and its subclasses) read.
+    @property
+    def _remaining_restarts(self) -> int:
+        return self._decisions.remaining_restarts
+
+    @property
+    def _restart_count(self) -> int:
+        """The job-wide restart count of the running attempt (TORCHELASTIC_RESTART_COUNT)."""
+        return self._decisions.restart_count
+
+    @property
+    def _rdzv_round(self) -> int | None:
+        return self._decisions.round
 
     # ------------------------------------------------------------------ public API
 
@@ -431,7 +442,7 @@ class SimpleElasticAgent(ElasticAgent):
         # Round and job-wide restart count as the join saw them (our handler's extension: no store read, which
         # would move the whole O(N) state to every node once per round); otherwise read them.
         joined = _last_round(spec.rdzv_handler)
-        self._rdzv_round = joined[0] if joined else self._read_round(spec.rdzv_handler)
+        rdzv_round = joined[0] if joined else self._read_round(spec.rdzv_handler)
         workers = self._assign_worker_ranks(store, group_rank, group_world_size, spec)
         worker_group.workers = workers
         worker_group.store = store
@@ -440,14 +451,13 @@ class SimpleElasticAgent(ElasticAgent):
         worker_group.master_addr, worker_group.master_port = self._resolve_master(
             spec, store, group_rank, bootstrap
         )
-        if joined and joined[1] is not None:
-            self._restart_count = joined[1]
-        else:
-            self._restart_count = self._read_job_restart_count(spec.rdzv_handler)
+        restart_count = joined[1] if joined and joined[1] is not None else self._read_job_restart_count(spec.rdzv_handler)
         # A completed round's participants can only shrink (newcomers wait outside it), so with the round known the
-        # count alone reveals a change (see _membership_change_reason): no participant list to read now.
-        self._members = None if joined else self._read_members(spec.rdzv_handler)
-        self._members_by_count = bool(joined)
+        # count alone reveals a change: no participant list to read now.
+        self._decisions.joined(
+            rdzv_round, group_world_size, restart_count,
+            members=None if joined else self._read_members(spec.rdzv_handler), members_by_count=bool(joined),
+        )
         self._emit(
             "agent.rendezvous",
             round=self._rdzv_round,
@@ -603,7 +613,6 @@ class SimpleElasticAgent(ElasticAgent):
         role = spec.role
         logger.info("[%s] starting workers for entrypoint: %s", role, spec.get_entrypoint_name())
         self._initialize_workers(self._worker_group)
-        rdzv_handler = spec.rdzv_handler
         while True:
             self._check_signal()
             self._wait_for_worker_event(spec.monitor_interval)
@@ -613,94 +622,81 @@ class SimpleElasticAgent(ElasticAgent):
             self._worker_group.state = state
             self._put_metric(f"workers.{role}.remaining_restarts", self._remaining_restarts)
             self._put_metric(f"workers.{role}.{state.name.lower()}", 1)
-
-            if state == WorkerState.SUCCEEDED:
-                moved_on = self._round_moved_on(rdzv_handler)
-                if moved_on and self._run_closed(rdzv_handler):
-                    # Taken for dead (e.g. frozen past the heartbeat window) and the others already finished the
-                    # job: nobody will ever join this round's exit barrier (upstream waits out its timeout there).
-                    logger.warning("[%s] workers succeeded, but the job ended without this node (its round %s was "
-                                   "superseded); skipping the exit barrier", role, self._rdzv_round)
-                    return run_result
-                if moved_on:
-                    # The group re-formed without this node's round (it was evicted, or a peer is re-forming it):
-                    # a success in a world that no longer exists is not the job's. Rejoin like any membership change.
-                    reason = f"workers succeeded in round {self._rdzv_round}, but the run moved on to round {moved_on}"
-                    logger.warning("[%s] %s; rejoining", role, reason)
-                    self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
-                    self._restart_workers(self._worker_group)
-                    continue
-                logger.info("[%s] workers succeeded; waiting at the exit barrier", role)
-                self._exit_barrier()
-                if self._failed_by_peer:
-                    # This node's workers are done, but the JOB failed elsewhere: a job that failed is never
-                    # reported as a success on any node (the launcher reports the peer's root cause).
-                    logger.error("[%s] workers succeeded, but a peer failed the job", role)
-                    self._worker_group.state = WorkerState.FAILED
-                    return RunResult(state=WorkerState.FAILED)
-                return run_result
+            if state not in {WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.UNHEALTHY, WorkerState.HEALTHY}:
+                raise Exception(f"[{role}] worker group in unexpected state {state.name}")
             if state in {WorkerState.UNHEALTHY, WorkerState.FAILED}:
                 self._emit_worker_failures(run_result)
-                if self._peer_failed_job(force=True):
-                    # Our workers most likely broke because a peer gave up: restarting cannot help.
-                    logger.error("[%s] workers failed after a peer failed the job; not restarting", role)
-                    self._stop_workers(self._worker_group)
-                    self._worker_group.state = WorkerState.FAILED
-                    return run_result
-                if self._consume_restart(rdzv_handler):
-                    self._emit("agent.restart", restart_count=self._restart_count + 1, reason="worker_failed")
-                    logger.info(
-                        "[%s] worker group failed; restarting (%s/%s restarts left)",
-                        role,
-                        self._remaining_restarts,
-                        spec.max_restarts,
-                    )
-                    self._restart_workers(self._worker_group)
-                    continue
+            decision = self._decisions.step(state.value, self._clock, self._answer)
+            action = decision.action
+            if action == Action.KEEP_RUNNING:
+                if decision.reason:  # riding out a store outage
+                    logger.warning("[%s] rendezvous %s", role, decision.reason)
+                continue
+            if action == Action.REFORM:
+                # WARNING: restarting loses the workers' progress since their last checkpoint; the default log level
+                # must say why it happened.
+                logger.warning("[%s] membership change (%s); restarting workers", role, decision.reason)
+                self._emit("agent.membership_change", reason=decision.reason, restart_count=self._restart_count)
+                self._restart_workers(self._worker_group)
+                continue
+            if action == Action.RESTART:
+                self._emit("agent.restart", restart_count=self._restart_count + 1, reason="worker_failed")
+                logger.info("[%s] worker group failed; restarting (%s/%s restarts left)", role,
+                            self._remaining_restarts, spec.max_restarts)
+                self._restart_workers(self._worker_group)
+                continue
+            if action == Action.SUCCEED:
+                if decision.reason:
+                    logger.warning("[%s] workers succeeded, but %s", role, decision.reason)
+                return run_result
+            if action == Action.STORE_LOST:
+                raise decision.error  # type: ignore[misc]
+            if action == Action.FAIL:
+                logger.error("[%s] %s (job-wide restart count %s)", role, decision.reason, self._restart_count)
                 self._stop_workers(self._worker_group)
                 self._worker_group.state = WorkerState.FAILED
                 self._publish_failure(run_result)
                 return run_result
-            if state == WorkerState.HEALTHY:
-                checks_started = self._clock.monotonic()
-                if checks_started < self._next_store_check:
-                    continue
-                if self._peer_failed_job():
-                    logger.error("[%s] a peer failed the job; stopping workers", role)
-                    self._stop_workers(self._worker_group)
-                    self._worker_group.state = WorkerState.FAILED
-                    return RunResult(state=WorkerState.FAILED)
-                try:
-                    reason = self._membership_change_reason(rdzv_handler)
-                except Exception as e:
-                    if type(e).__name__ != "RendezvousConnectionError" or not self._store_outage_tolerated(e):
-                        raise
-                    continue
-                self._store_outage_since = None
-                if reason:
-                    # WARNING: restarting loses the workers' progress since their last checkpoint; the default log
-                    # level must say why it happened.
-                    logger.warning("[%s] membership change (%s); restarting workers", role, reason)
-                    self._emit("agent.membership_change", reason=reason, restart_count=self._restart_count)
-                    self._restart_workers(self._worker_group)
-                    continue
-                # These checks share the store connection with the rendezvous heartbeats: on a slow store they would
-                # otherwise take it nearly all the time (a check every monitor_interval, each several round trips)
-                # and starve the heartbeats into eviction. Wait at least as long as they took before the next (the
-                # loop's own monitor_interval wait counts towards that).
-                took = self._clock.monotonic() - checks_started
-                self._next_store_check = self._clock.monotonic() + max(0.0, took - self._worker_group.spec.monitor_interval)
-                continue
-            raise Exception(f"[{role}] worker group in unexpected state {state.name}")
+            # Action.PEER_FAILED_JOB: a job that failed elsewhere is never reported as a success here (the launcher
+            # reports the peer's root cause).
+            logger.error("[%s] %s; stopping", role, decision.reason)
+            if state != WorkerState.SUCCEEDED:
+                self._stop_workers(self._worker_group)
+            self._worker_group.state = WorkerState.FAILED
+            return run_result if state in {WorkerState.FAILED, WorkerState.UNHEALTHY} else RunResult(state=WorkerState.FAILED)
 
-    # ------------------------------------------------------------------ membership and the job-wide view
+    # ------------------------------------------------------------------ answers to the decision stepper's asks
 
-    def _round_moved_on(self, rdzv_handler) -> int | None:
-        """The run's current round if it is past the one this node's workers belong to, else None."""
-        if self._rdzv_round is None:
-            return None
-        current = self._read_round(rdzv_handler)
-        return current if current is not None and current > self._rdzv_round else None
+    def _answer(self, ask: Ask) -> Any:
+        rdzv_handler = self._worker_group.spec.rdzv_handler
+        if ask == Ask.PEER_FAILED:
+            return self._peer_failed_job()
+        if ask == Ask.CURRENT_ROUND:
+            return self._read_round(rdzv_handler)
+        if ask == Ask.RUN_CLOSED:
+            return self._run_closed(rdzv_handler)
+        if ask == Ask.EXIT_BARRIER:
+            logger.info("[%s] workers succeeded; waiting at the exit barrier", self._worker_group.spec.role)
+            self._exit_barrier()
+            return self._failed_by_peer
+        if ask == Ask.NODES_WAITING:
+            try:
+                return rdzv_handler.num_nodes_waiting()
+            except Exception as e:
+                # Any implementation's connection error (ours or upstream's class of that name) is an outage the
+                # healthy workers may ride out; anything else ends the agent.
+                if type(e).__name__ != "RendezvousConnectionError":
+                    raise
+                return StoreUnavailable(e)
+        if ask == Ask.PARTICIPANTS:
+            return self._read_members(rdzv_handler)
+        if ask == Ask.CLAIM_FAILURE_ROUND:
+            return self._claim_failure_round(rdzv_handler)
+        if ask == Ask.INCREMENT_RESTART_COUNT:
+            return self._job_restart_counter_call(lambda: _incremented_count(rdzv_handler))
+        if ask == Ask.RESTART_COUNT_ABOVE:
+            return self._job_restart_counter_call(lambda: self._wait_for_restart_count_above(rdzv_handler))
+        raise ValueError(f"unknown decision ask: {ask!r}")
 
     @staticmethod
     def _run_closed(rdzv_handler) -> bool:
@@ -709,39 +705,6 @@ class SimpleElasticAgent(ElasticAgent):
         except Exception as e:  # unknown: keep upstream's behaviour (wait at the barrier)
             logger.debug("could not read whether the run is closed: %s", e)
             return False
-
-    def _store_outage_tolerated(self, error: Exception) -> bool:
-        """Whether the workers may keep running through this store error (a restarting etcd, a connection reset).
-
-        Healthy workers do not need the store; the membership check does. It is retried for up to the heartbeat
-        window (the time peers give a silent node) before the agent gives up: a store that is gone for good (a
-        TCPStore host that died) still ends the job within that bound.
-        """
-        now = self._clock.monotonic()
-        if self._store_outage_since is None:
-            self._store_outage_since = now
-        window = _detection_window(self._worker_group.spec.rdzv_handler) or 0.0
-        if now - self._store_outage_since > window:
-            return False
-        logger.warning("[%s] rendezvous store unavailable for %.1f s (giving up after %.1f s): %s",
-                       self._worker_group.spec.role, now - self._store_outage_since, window, error)
-        self._next_store_check = now + min(0.5, max(window / 10, 0.05))
-        return True
-
-    def _membership_change_reason(self, rdzv_handler) -> str | None:
-        waiting = rdzv_handler.num_nodes_waiting()
-        if waiting > 0:
-            return f"{waiting} node(s) waiting to join"
-        members = self._read_members(rdzv_handler)
-        if self._members_by_count and members is not None and len(members) != self._worker_group.group_world_size:
-            return "participants changed (a node left or was evicted)"
-        if self._members is not None and members is not None and set(members) != set(self._members):
-            return "participants changed (a node left or was evicted)"
-        if self._members is not None and len(self._members) != self._worker_group.group_world_size:
-            # Read right after the round completed, yet short of its world size: a participant left or was evicted
-            # before that read (comparing later reads with it alone would never notice).
-            return "participants changed (a node left right after the round completed)"
-        return None
 
     @staticmethod
     def _read_members(rdzv_handler) -> tuple | None:
@@ -766,63 +729,42 @@ class SimpleElasticAgent(ElasticAgent):
         except Exception:
             return None
 
-    def _read_job_restart_count(self, rdzv_handler) -> int:
+    def _read_job_restart_count(self, rdzv_handler) -> int | None:
         # A rendezvous-wide counter keeps every node's TORCHELASTIC_RESTART_COUNT equal and survives nodes
-        # leaving and rejoining; without one we count our own restarts like upstream.
-        local = self._worker_group.spec.max_restarts - self._remaining_restarts
+        # leaving and rejoining; without one (None) the stepper counts our own restarts like upstream.
         fn = getattr(rdzv_handler, "get_restart_count", None)
         if fn is None:
-            return local
+            return None
         try:
             return int(fn())
         except Exception as e:
             logger.warning("rendezvous restart counter unavailable (%s); using the local count", e)
-            return local
-
-    def _consume_restart(self, rdzv_handler) -> bool:
-        """Spend one restart of the budget for this failure; return whether a restart is allowed.
-
-        With the rendezvous' job-wide counter the budget is the job's, not this process's: a failure round costs
-        one restart however many nodes saw it, and an agent that rejoins (new process, same run id) starts from the
-        job's count. Without the extension: a local countdown, like upstream.
-        """
-        max_restarts = self._worker_group.spec.max_restarts
-        job_count = self._bump_job_restart_count(rdzv_handler)
-        if job_count is None:
-            if self._remaining_restarts <= 0:
-                return False
-            self._remaining_restarts -= 1
-            return True
-        self._remaining_restarts = max(0, max_restarts - job_count)
-        if job_count > max_restarts:
-            logger.error(
-                "[%s] restart budget spent: this is failure round %s of the job and max_restarts=%s",
-                self._worker_group.spec.role, job_count, max_restarts,
-            )
-            return False
-        return True
-
-    def _bump_job_restart_count(self, rdzv_handler) -> int | None:
-        """Count this round's failure in the job-wide counter; return the count after it (None: no counter)."""
-        fn = getattr(rdzv_handler, "increment_restart_count", None)
-        get = getattr(rdzv_handler, "get_restart_count", None)
-        if fn is None or get is None:
             return None
+
+    def _claim_failure_round(self, rdzv_handler) -> bool | None:
+        """Whether this node is the first of its round to count a failure (None: no job-wide counter to count in)."""
+        if getattr(rdzv_handler, "increment_restart_count", None) is None or (
+            getattr(rdzv_handler, "get_restart_count", None) is None
+        ):
+            return None
+        return self._job_restart_counter_call(lambda: self._store is None or self._store.add(_RESTART_BUMP_KEY, 1) == 1)
+
+    @staticmethod
+    def _job_restart_counter_call(call: Callable[[], Any]) -> Any:
         try:
-            # One failure usually breaks every node's workers (collectives fail): count one restart per round,
-            # bumped by whichever node notices first; the others wait (briefly) to see that bump.
-            if self._store is None or self._store.add(_RESTART_BUMP_KEY, 1) == 1:
-                bumped = fn()
-                return bumped if isinstance(bumped, int) else int(get())
-            deadline = self._clock.monotonic() + _RESTART_BUMP_WAIT
-            while True:
-                count = int(get())
-                if count > self._restart_count or self._clock.monotonic() > deadline:
-                    return max(count, self._restart_count + 1)
-                self._clock.sleep(0.05)
+            return call()
         except Exception as e:
             logger.warning("could not use the rendezvous restart counter (%s); counting restarts locally", e)
             return None
+
+    def _wait_for_restart_count_above(self, rdzv_handler) -> int:
+        """The job-wide count once the round's claimant has bumped it past ours, or as it is after a short wait."""
+        deadline = self._clock.monotonic() + _RESTART_BUMP_WAIT
+        while True:
+            count = int(rdzv_handler.get_restart_count())
+            if count > self._restart_count or self._clock.monotonic() > deadline:
+                return count
+            self._clock.sleep(0.05)
 
     def _publish_failure(self, run_result: RunResult) -> None:
         """Tell the peers this node failed for good, with its root-cause failure (for their reports)."""
@@ -858,15 +800,11 @@ class SimpleElasticAgent(ElasticAgent):
         )
         self._publish_failure_record(_failure_to_dict(rank, agent))
 
-    def _peer_failed_job(self, force: bool = False) -> bool:
-        """Whether another node published that the job failed (checked at most once per second)."""
+    def _peer_failed_job(self) -> bool:
+        """Whether another node published that the job failed (the decision stepper paces these checks)."""
         store = self._store
         if store is None or self._last_failure_published:
             return False
-        now = self._clock.monotonic()
-        if not force and now < self._next_peer_failure_check:
-            return False
-        self._next_peer_failure_check = now + _PEER_FAILURE_POLL
         try:
             failed = store.check([_JOB_FAILED_KEY])
         except Exception as e:
@@ -1033,6 +971,11 @@ def _advertised_address(worker_group_size: int | None) -> str:
         f"cannot advertise an address for the workers: neither {socket.getfqdn()!r} nor {socket.gethostname()!r} "
         "resolves; pass --local-addr with an address the other nodes can reach"
     )
+
+
+def _incremented_count(rdzv_handler) -> int:
+    bumped = rdzv_handler.increment_restart_count()
+    return bumped if isinstance(bumped, int) else int(rdzv_handler.get_restart_count())
 
 
 def _safe_run_id(rdzv_handler) -> str:
