@@ -15,8 +15,11 @@ Invariants (names are what ``Violation.invariant`` and ``expect.violations`` use
 - ``failure_handled``: every ``worker_failed`` is followed on that node, within the failure bound, by a ``restart``,
   a new ``rdzv_join``, the agent's exit, or the job's end; every killed agent's surviving peers react (``restart``,
   ``rdzv_join`` or the job's end) within the detection bound.
-- ``restart_budget``: no node restarts its workers for failures (``restart`` without ``detail.reason ==
-  "membership"``) more than ``max_restarts`` times.
+- ``restart_budget``: the job restarts its workers for failures (``restart`` without ``detail.reason ==
+  "membership"``) in at most ``max_restarts`` distinct rounds (where records carry the round; a failure round costs
+  one restart however many nodes restart in it), no node does so more than ``max_restarts`` times, and no agent
+  gives up with its budget spent (``agent_exit`` with ``detail.restarts_exhausted``) before ``max_restarts``
+  failure rounds.
 - ``no_orphans``: every ``orphan_check`` found no leftover process.
 - ``expectations``: the scenario's optional ``expect.final_world_size`` and ``expect.restarts`` hold.
 - ``liveness``: the job reached exactly one outcome and it is the expected one (``expect.outcome``); a run that
@@ -263,16 +266,32 @@ def _running_peers(before: list[Event], victim: str | None) -> list[str]:
 
 
 def restart_budget(history: History, scenario: Scenario) -> list[Violation]:
+    budget = scenario.max_restarts
     counts: dict[str, list[Event]] = defaultdict(list)
-    for e in history.filter(h.RESTART):
-        if e.detail.get("reason") != "membership":
+    # The budget is the job's: a failure round costs one restart however many nodes restart in it.
+    failure_rounds: dict[int, Event] = {}
+    out: list[Violation] = []
+    for e in history:
+        if e.event == h.RESTART and e.detail.get("reason") != "membership":
             counts[e.node].append(e)
-    return [
-        Violation("restart_budget", f"{node} restarted its workers {len(evs)} times, max_restarts is {scenario.max_restarts}",
-                  evs[scenario.max_restarts:])
+            if e.round is not None:
+                failure_rounds.setdefault(e.round, e)
+        elif e.event == h.AGENT_EXIT and e.detail.get("restarts_exhausted") and len(failure_rounds) < budget:
+            out.append(Violation(
+                "restart_budget", f"{e.node} gave up with the restart budget spent after {len(failure_rounds)} "
+                f"failure round(s), max_restarts is {budget}", [e]))
+    out += [
+        Violation("restart_budget", f"{node} restarted its workers {len(evs)} times, max_restarts is {budget}",
+                  evs[budget:])
         for node, evs in sorted(counts.items())
-        if len(evs) > scenario.max_restarts
+        if len(evs) > budget
     ]
+    if len(failure_rounds) > budget:
+        rounds = sorted(failure_rounds)
+        out.append(Violation(
+            "restart_budget", f"the job restarted for failures in {len(rounds)} rounds {rounds}, max_restarts is {budget}",
+            [failure_rounds[r] for r in rounds[budget:]]))
+    return out
 
 
 def no_orphans(history: History, scenario: Scenario) -> list[Violation]:
