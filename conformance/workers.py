@@ -61,6 +61,29 @@ def _agent_worker(out_dir: str, fail_mode: str) -> int:
     return 0
 
 
+def _node_worker(out_dir: str, late_group_rank: str, late_seconds: str, full_world_size: str) -> int:
+    """A worker of a multi-node agent scenario: record env + pid, then finish (or hold until the world grows).
+
+    Below ``full_world_size`` the worker stays healthy (sleeps) until its agent stops it for a membership change;
+    at full size the workers of node ``late_group_rank`` finish ``late_seconds`` after the others. ``w<pid>.done``
+    holds the wall-clock time a worker finished, for exit-barrier timing across nodes.
+    """
+    env = {k: os.environ.get(k) for k in ENV_KEYS}
+    env["pid"] = os.getpid()
+    record = os.path.join(out_dir, f"w{os.getpid()}.json")
+    with open(record + ".tmp", "w") as fh:
+        json.dump(env, fh)
+    os.replace(record + ".tmp", record)
+    if int(env["WORLD_SIZE"]) < int(full_world_size):
+        time.sleep(60)  # healthy until stopped; a survivor of a membership change is caught by the check
+        return 0
+    if env["GROUP_RANK"] == late_group_rank:
+        time.sleep(float(late_seconds))
+    with open(os.path.join(out_dir, f"w{os.getpid()}.done"), "w") as fh:
+        fh.write(repr(time.time()))
+    return 0
+
+
 def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
     import torch
     import torch.distributed as dist
@@ -182,6 +205,8 @@ def main(argv: list[str]) -> int:
         return 0
     if mode == "agent_worker":
         return _agent_worker(*args)
+    if mode == "node_worker":
+        return _node_worker(*args)
     if mode == "allreduce":
         return _allreduce(*args)
     if mode == "filetimer":

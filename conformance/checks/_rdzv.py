@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 DR = "rendezvous.dynamic_rendezvous"
@@ -27,24 +28,35 @@ def c10d_handler(ctx, run_id: str, min_nodes: int = 1, max_nodes: int = 1, **tim
     return handler
 
 
+class Concurrent:
+    """Callables running in threads (one simulated node each), started together; ``results`` joins them."""
+
+    def __init__(self, fns) -> None:
+        self.results: list = [None] * len(fns)
+        self.errors: list = [None] * len(fns)
+        self.threads = [threading.Thread(target=self._run, args=(i, fn), daemon=True) for i, fn in enumerate(fns)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i, fn) -> None:
+        try:
+            self.results[i] = fn()
+        except BaseException as exc:  # reported to the caller by results()
+            self.errors[i] = exc
+
+    def results_within(self, ctx, timeout_s: float) -> list:
+        """Their results once all finished, or the first error; fails the check if any is still running."""
+        deadline = time.monotonic() + timeout_s
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        ctx.expect(not any(t.is_alive() for t in self.threads),
+                   f"concurrent nodes did not finish within {timeout_s} s")
+        for exc in self.errors:
+            if exc is not None:
+                raise exc
+        return self.results
+
+
 def in_threads(ctx, fns, timeout_s: float = 40):
     """Run callables concurrently (one simulated node each); return their results or raise the first error."""
-    results: list = [None] * len(fns)
-    errors: list = [None] * len(fns)
-
-    def runner(i):
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:  # reported to the caller below
-            errors[i] = exc
-
-    threads = [threading.Thread(target=runner, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout_s)
-    ctx.expect(not any(t.is_alive() for t in threads), f"concurrent nodes did not finish within {timeout_s} s")
-    for exc in errors:
-        if exc is not None:
-            raise exc
-    return results
+    return Concurrent(fns).results_within(ctx, timeout_s)

@@ -6,14 +6,16 @@ by the rows of the SimpleElasticAgent hooks: each row asserts the documented eff
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 import subprocess
 import time
 
 from conformance.adapters import ApiNotFound
-from conformance.checks._rdzv import c10d_handler
-from conformance.context import run_process_group
+from conformance.checks._rdzv import Concurrent, c10d_handler, in_threads
+from conformance.context import kill_pids, run_process_group
 from conformance.registry import check
 
 A = "agent.server"
@@ -98,12 +100,128 @@ def failing_run(ctx):
     return ctx.resources.shared("agent_fail", lambda: _run_agent(ctx, "fail", "always", 0))
 
 
+NPROC = 2  # workers per node in the multi-node scenarios
+SHARE_OPT_OUT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+LATE_SECONDS = 1.5  # how much later than the other node's the late node's workers finish
+
+
+def _node_agent(ctx, handler, out_dir, full_world_size: int, late_group_rank: int = -1):
+    """An instrumented agent of one node of a multi-node job (``node_worker`` workers, exit barrier 30 s)."""
+    _, args = ctx.worker_command("node_worker", str(out_dir), str(late_group_rank), str(LATE_SECONDS),
+                                 str(full_world_size))
+    spec = _spec(ctx, handler, out_dir, "never", 0, nproc=NPROC, args=args)
+    logs = ctx.get("multiprocessing.api.DefaultLogsSpecs")(log_dir=str(out_dir / f"logs-{ctx.run_id('node')}"))
+    return _instrumented(ctx)(spec, logs, start_method="spawn", exit_barrier_timeout=30)
+
+
+def _run_node(agent, handler):
+    """One node: run the agent, note the wall-clock time run() returned (for the exit barrier), shut down."""
+    try:
+        result = agent.run()
+        return result, time.time()
+    finally:
+        handler.shutdown()
+
+
+def _node_records(out_dir, full_world_size: int | None = None):
+    """Worker records of a multi-node scenario (env + pid, and ``done``: when it finished), by pid."""
+    records = {}
+    for path in out_dir.glob("w*.json"):
+        env = json.loads(path.read_text())
+        done = path.with_suffix(".done")
+        env["done"] = float(done.read_text()) if done.exists() else None
+        records[env["pid"]] = env
+    if full_world_size is not None:
+        records = {pid: env for pid, env in records.items() if env["WORLD_SIZE"] == str(full_world_size)}
+    return records
+
+
+def _multinode_run(ctx):
+    """2 agents x 2 workers over one c10d rendezvous; group rank 1's workers finish LATE_SECONDS after group 0's."""
+    out_dir = ctx.resources.workdir / "agent-multinode"
+    out_dir.mkdir(exist_ok=True)
+    run_id = ctx.run_id("multinode")
+    handlers = [c10d_handler(ctx, run_id, 2, 2) for _ in range(2)]
+    agents = [_node_agent(ctx, h, out_dir, 2 * NPROC, late_group_rank=1) for h in handlers]
+    outcomes = in_threads(ctx, [functools.partial(_run_node, a, h) for a, h in zip(agents, handlers, strict=True)], 60)
+    workers = _node_records(out_dir)
+    ctx.add_cleanup(lambda: kill_pids(list(workers)))
+    return {"agents": agents, "results": [r for r, _ in outcomes], "returned_at": [t for _, t in outcomes],
+            "workers": workers, "run_id": run_id}
+
+
+def multinode_run(ctx):
+    return ctx.resources.shared("agent_multinode", lambda: _multinode_run(ctx))
+
+
+def _membership_run(ctx):
+    """2 agents (min 2, max 3 nodes) run healthy workers; a third agent joins; all restart at 3 nodes."""
+    out_dir = ctx.resources.workdir / "agent-membership"
+    out_dir.mkdir(exist_ok=True)
+    run_id = ctx.run_id("membership")
+    handlers = [c10d_handler(ctx, run_id, 2, 3) for _ in range(3)]
+    agents = [_node_agent(ctx, h, out_dir, 3 * NPROC) for h in handlers]
+    nodes = [functools.partial(_run_node, a, h) for a, h in zip(agents, handlers, strict=True)]
+    # Upstream 2.13 with the rendezvous TCPStore shared (its default): a node joining a running job that is not
+    # rank 0 of the new round blocks in next_rendezvous() on MASTER_ADDR under the new round's prefix, which the
+    # rank 0 that kept its store server never writes; every agent then times out. Opting out of the sharing (a
+    # documented switch, read at each next_rendezvous) keeps this scenario about the agent, not that hang.
+    saved = os.environ.get(SHARE_OPT_OUT)
+    os.environ[SHARE_OPT_OUT] = "1"
+    try:
+        return _join_third_node(ctx, out_dir, agents, nodes)
+    finally:
+        if saved is None:
+            os.environ.pop(SHARE_OPT_OUT, None)
+        else:
+            os.environ[SHARE_OPT_OUT] = saved
+
+
+def _join_third_node(ctx, out_dir, agents, nodes):
+    first = Concurrent(nodes[:2])
+    deadline = time.monotonic() + 30
+    while len(_node_records(out_dir)) < 2 * NPROC and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = _node_records(out_dir)
+    ctx.add_cleanup(lambda: kill_pids(list(_node_records(out_dir))))
+    ctx.expect_equal(len(before), 2 * NPROC, "workers recorded by the first two nodes before the third joined")
+    joiner = Concurrent(nodes[2:])
+    outcomes = first.results_within(ctx, 30) + joiner.results_within(ctx, 15)
+    return {"agents": agents, "results": [r for r, _ in outcomes], "before": before,
+            "after": _node_records(out_dir, 3 * NPROC)}
+
+
+def membership_run(ctx):
+    return ctx.resources.shared("agent_membership", lambda: _membership_run(ctx))
+
+
+def _expect_node_layout(ctx, workers: dict, nodes: int, what: str) -> None:
+    """Node-contiguous global ranks: the worker with LOCAL_RANK l on the node of GROUP_RANK g has RANK g*NPROC+l."""
+    layout = sorted((int(w["GROUP_RANK"]), int(w["LOCAL_RANK"]), int(w["RANK"])) for w in workers.values())
+    ctx.expect_equal(layout, [(g, lr, g * NPROC + lr) for g in range(nodes) for lr in range(NPROC)],
+                     f"{what}: (GROUP_RANK, LOCAL_RANK, RANK) of every worker")
+
+
+def _hook_returns(agent, name, phase="exit"):
+    return [payload for ph, n, payload in agent.calls if n == name and ph == phase]
+
+
+def _hook_order(agent):
+    return [n for ph, n, _ in agent.calls if ph == "enter"]
+
+
 def _calls(run, name, phase="exit"):
-    return [payload for ph, n, payload in run["agent"].calls if n == name and ph == phase]
+    return _hook_returns(run["agent"], name, phase)
 
 
 def _order(run):
-    return [n for ph, n, _ in run["agent"].calls if ph == "enter"]
+    return _hook_order(run["agent"])
+
+
+def _by_group_rank(run):
+    """(group rank, agent, run result) of each node of a multi-node scenario, by group rank."""
+    nodes = [(a.get_worker_group().group_rank, a, r) for a, r in zip(run["agents"], run["results"], strict=True)]
+    return sorted(nodes, key=lambda node: node[0])
 
 
 def _state(ctx, name):
@@ -128,6 +246,12 @@ def get_worker_group(ctx) -> None:
     ctx.expect_equal(group.spec.role, "trainer", "worker group spec role")
     ctx.expect_equal(sorted(w.global_rank for w in group.workers), [0, 1], "global ranks of the group's workers")
     ctx.expect_equal((group.group_rank, group.group_world_size), (0, 1), "group rank / world size of a 1-node job")
+    groups = [a.get_worker_group() for a in multinode_run(ctx)["agents"]]
+    ctx.expect_equal(sorted((g.group_rank, g.group_world_size) for g in groups), [(0, 2), (1, 2)],
+                     "(group rank, group world size) of the two nodes of a 2-node job")
+    for g in groups:
+        ctx.expect_equal(sorted(w.global_rank for w in g.workers), [g.group_rank * NPROC + lr for lr in range(NPROC)],
+                         f"global ranks of the workers of group rank {g.group_rank}")
 
 
 @check(f"{A}.ElasticAgent.run", timeout=90)
@@ -141,6 +265,10 @@ def agent_run(ctx) -> None:
     ctx.expect_equal(failed.state, _state(ctx, "FAILED"), "run() state when a worker always exits 3 (max_restarts=0)")
     ctx.expect(failed.is_failed(), "failed run() result is not is_failed()")
     ctx.expect_failed_ranks(failed.failures, 1, 3, "failed global ranks")
+    for group_rank, _, node_result in _by_group_rank(multinode_run(ctx)):
+        ctx.expect_equal(node_result.state, _state(ctx, "SUCCEEDED"), f"run() state on the node of group rank {group_rank}")
+        ctx.expect_equal(sorted(node_result.return_values), [group_rank * NPROC + lr for lr in range(NPROC)],
+                         f"run() return_values keys on the node of group rank {group_rank} (its global ranks)")
 
 
 @check(f"{A}.WorkerSpec")
@@ -216,11 +344,13 @@ def local_elastic_agent(ctx) -> None:
         env = envs.get(f"rank{rank}-restart1.json")
         ctx.expect(env is not None, f"no worker env recorded for rank {rank} on the second attempt: {sorted(envs)}")
         want = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                "GROUP_RANK": "0", "ROLE_RANK": str(rank), "ROLE_NAME": "trainer", "TORCHELASTIC_RESTART_COUNT": "1",
+                "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": "2",
+                "ROLE_NAME": "trainer", "TORCHELASTIC_RESTART_COUNT": "1",
                 "TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_RUN_ID": run["run_id"]}
         got = {k: env.get(k) for k in want}
         ctx.expect_equal(got, want, f"worker env of rank {rank}")
         ctx.expect(env.get("MASTER_ADDR") and env.get("MASTER_PORT"), f"MASTER_ADDR/PORT missing for rank {rank}")
+    _expect_multinode_env(ctx)
     device = ctx.device
     nproc = 2 if device.kind == "cpu" else min(2, device.count)
     out_dir = ctx.tmpdir
@@ -237,6 +367,27 @@ def local_elastic_agent(ctx) -> None:
         if device.kind != "cpu":
             ctx.expect_equal(out["device"], f"{device.kind}:{out['local_rank']}", "LOCAL_RANK -> device index")
     _launcher_job(ctx, nproc)
+
+
+def _expect_multinode_env(ctx) -> None:
+    """Every launcher env var of every worker of a 2-node x 2-worker job."""
+    run = multinode_run(ctx)
+    workers = run["workers"]
+    ctx.expect_equal(len(workers), 2 * NPROC, "workers recorded in a 2-node x 2-worker job")
+    _expect_node_layout(ctx, workers, 2, "2 nodes x 2 workers")
+    for w in workers.values():
+        want = {"WORLD_SIZE": str(2 * NPROC), "LOCAL_WORLD_SIZE": str(NPROC), "GROUP_WORLD_SIZE": "2",
+                "ROLE_RANK": w["RANK"], "ROLE_WORLD_SIZE": str(2 * NPROC), "ROLE_NAME": "trainer",
+                "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": run["run_id"]}
+        ctx.expect_equal({k: w.get(k) for k in want}, want, f"env of the worker of RANK {w['RANK']} (2 nodes)")
+    masters = {(w["MASTER_ADDR"], w["MASTER_PORT"]) for w in workers.values()}
+    ctx.expect_equal(len(masters), 1, f"(MASTER_ADDR, MASTER_PORT) pairs among one job's workers {sorted(masters)}")
+    addr, port = masters.pop()
+    ctx.expect(addr and port and port.isdigit() and 0 < int(port) < 65536, f"MASTER_ADDR={addr!r} MASTER_PORT={port!r}")
+    try:
+        socket.getaddrinfo(addr, int(port))
+    except OSError as exc:
+        ctx.expect(False, f"MASTER_ADDR={addr!r} does not resolve: {exc}")
 
 
 def _launcher_job(ctx, nproc: int) -> None:
@@ -288,6 +439,13 @@ def assign_worker_ranks(ctx) -> None:
     order = _order(run)
     ctx.expect(order.index("_rendezvous") < order.index("_assign_worker_ranks") < order.index("_start_workers"),
                f"_assign_worker_ranks not between rendezvous and start: {order}")
+    world = 2 * NPROC
+    for group_rank, agent, _ in _by_group_rank(multinode_run(ctx)):
+        workers = _hook_returns(agent, "_assign_worker_ranks")[-1][0]
+        ranks = [(lr, group_rank * NPROC + lr, group_rank * NPROC + lr, world, world) for lr in range(NPROC)]
+        ctx.expect_equal(sorted((w.local_rank, w.global_rank, w.role_rank, w.world_size, w.role_world_size)
+                                for w in workers), ranks,
+                         f"(local, global, role rank, world, role world) assigned on the node of group rank {group_rank}")
 
 
 @check(f"{A}.SimpleElasticAgent._exit_barrier", timeout=90)
@@ -299,6 +457,17 @@ def exit_barrier(ctx) -> None:
     ctx.expect_equal(last_monitor.state, _state(ctx, "SUCCEEDED"), "monitor state right before the exit barrier")
     ctx.expect(len(order) - 1 - order[::-1].index("_monitor_workers") < order.index("_exit_barrier"),
                f"exit barrier before the final monitor: {order}")
+    # Blocking: the node whose workers finish early stays in run() until the other node's workers are done.
+    multi = multinode_run(ctx)
+    finished = {g: [w["done"] for w in multi["workers"].values() if w["GROUP_RANK"] == str(g)] for g in (0, 1)}
+    ctx.expect(all(t is not None for ts in finished.values() for t in ts), f"workers that never finished: {finished}")
+    early_done, late_done = max(finished[0]), max(finished[1])
+    ctx.expect(late_done - early_done > LATE_SECONDS / 2,
+               f"scenario: group rank 1's workers finished only {late_done - early_done:.2f} s after group rank 0's")
+    returned = {a.get_worker_group().group_rank: t for a, t in zip(multi["agents"], multi["returned_at"], strict=True)}
+    ctx.expect(returned[0] >= late_done,
+               f"the node of group rank 0 left run() {late_done - returned[0]:.2f} s before the other node's workers "
+               "finished: the exit barrier did not wait for the other agent")
 
 
 @check(f"{A}.SimpleElasticAgent._initialize_workers", timeout=90)
@@ -326,6 +495,11 @@ def rendezvous_hook(ctx) -> None:
     group = run["agent"].get_worker_group()
     ctx.expect(group.store is not None, "the worker group has no store after rendezvous")
     ctx.expect_equal((group.group_rank, group.group_world_size), (0, 1), "group rank/world size set by rendezvous")
+    nodes = _by_group_rank(multinode_run(ctx))
+    ctx.expect_equal([(g, a.get_worker_group().group_world_size) for g, a, _ in nodes], [(0, 2), (1, 2)],
+                     "(group rank, group world size) set by the rendezvous of a 2-node job")
+    ctx.expect_equal([_hook_order(a).count("_rendezvous") for _, a, _ in nodes], [1, 1],
+                     "rendezvous rounds per node of a 2-node job without failures")
 
 
 @check(f"{A}.SimpleElasticAgent._restart_workers", timeout=90)
@@ -336,6 +510,17 @@ def restart_workers(ctx) -> None:
     ctx.expect_equal(run["envs"]["rank1-restart1.json"]["TORCHELASTIC_RESTART_COUNT"], "1", "restart count seen by workers")
     failing = failing_run(ctx)
     ctx.expect_equal(_order(failing).count("_restart_workers"), 0, "restarts with max_restarts=0")
+    # A membership change restarts the running nodes' groups (no worker failed) at the new size.
+    membership = membership_run(ctx)
+    ctx.expect_equal([_hook_order(a).count("_restart_workers") for a in membership["agents"]], [1, 1, 0],
+                     "restarts per node (two running nodes, then the joining one) when a third node joined")
+    after = membership["after"]
+    ctx.expect_equal(len(after), 3 * NPROC, "workers started at WORLD_SIZE 6 after the third node joined")
+    _expect_node_layout(ctx, after, 3, "after a third node joined")
+    ctx.expect_equal({(w["GROUP_WORLD_SIZE"], w["TORCHELASTIC_RESTART_COUNT"]) for w in after.values()}, {("3", "0")},
+                     "(GROUP_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) after a membership change (not a restart)")
+    ctx.expect(all(r.state == _state(ctx, "SUCCEEDED") for r in membership["results"]),
+               f"run() states after the membership change: {[r.state for r in membership['results']]}")
 
 
 @check(f"{A}.SimpleElasticAgent._shutdown", timeout=90)
@@ -369,6 +554,17 @@ def stop_workers(ctx) -> None:
     ctx.expect(not any(alive_after.get(p) for p in first_attempt), f"workers alive after _stop_workers: {alive_after}")
     order = _order(run)
     ctx.expect(order.index("_restart_workers") < order.index("_stop_workers"), f"stop not within restart: {order}")
+    # A third node joining stops the HEALTHY workers of the two running nodes (nothing else stops them).
+    membership = membership_run(ctx)
+    tracked = {}
+    for node, agent in enumerate(membership["agents"][:2]):
+        stops = _hook_returns(agent, "_stop_workers")
+        ctx.expect(stops, f"_stop_workers was not called on running node {node} when a third node joined")
+        tracked.update(stops[0][1])
+    ctx.expect(set(membership["before"]) <= set(tracked),
+               f"pids of the healthy workers {sorted(membership['before'])} not among those started {sorted(tracked)}")
+    survivors = sorted(pid for pid in membership["before"] if tracked[pid])
+    ctx.expect(not survivors, f"healthy workers still running after _stop_workers on a membership change: {survivors}")
 
 
 @check(f"{A}.api.RunResult", timeout=90)
