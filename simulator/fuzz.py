@@ -18,8 +18,9 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from .checker import CheckResult, check
-from .generator import TIMED_FAULTS, fuzz_base, with_faults
-from .scenario import FAULT_NAMES, Fault, Scenario
+from .faults import draw_fault, number_new_nodes
+from .generator import fuzz_base, with_faults
+from .scenario import Fault, Scenario
 from .virtual import run_virtual
 
 MAX_FAULTS = 6
@@ -39,39 +40,37 @@ class FuzzResult:
         return self.failing is None
 
 
-def _fault_strategy(base: Scenario, horizon: float) -> st.SearchStrategy[Fault]:
-    node = st.integers(0, base.nodes - 1)
+class _HypothesisDraw:
+    """The registry's :class:`~simulator.faults.Draw` over a hypothesis ``draw``: seconds on the parameter's grid,
+    so shrinking moves to round numbers."""
 
+    def __init__(self, draw) -> None:
+        self.draw = draw
+
+    def choice(self, options):
+        return self.draw(st.sampled_from(options))
+
+    def index(self, count: int) -> int:
+        return self.draw(st.integers(0, count - 1))
+
+    def seconds(self, low: float, high: float, resolution: int) -> float:
+        return self.draw(st.integers(round(low * resolution), round(high * resolution))) / resolution
+
+    def coin(self) -> bool:
+        return self.draw(st.booleans())
+
+
+def _fault_strategy(base: Scenario, horizon: float, kinds: tuple[str, ...] | None = None) -> st.SearchStrategy[Fault]:
     @st.composite
     def one(draw) -> Fault:
-        kind = draw(st.sampled_from(FAULT_NAMES))
-        at = draw(st.integers(0, int(horizon * 100))) / 100
-        fault = Fault(at=at, fault=kind, node=draw(node))
-        if kind in ("kill_worker", "expire_timer"):
-            fault.rank = draw(st.integers(0, base.workers_per_node - 1))
-        if kind in TIMED_FAULTS:
-            fault.duration = draw(st.integers(1, 30)) / 10
-        if kind == "delay":
-            fault.seconds = draw(st.integers(1, 50)) / 100
-        if kind == "clock_skew":
-            fault.seconds = draw(st.integers(-20, 20)) / 10
-        if kind in ("restart_store", "add_node") or (kind == "heal" and draw(st.booleans())):
-            fault.node = None
-        return fault
+        return draw_fault(_HypothesisDraw(draw), kinds, base.nodes, base.workers_per_node, horizon)
 
     return one()
 
 
 def _number_new_nodes(base: Scenario, faults: list[Fault]) -> list[Fault]:
     """Give ``add_node`` faults fresh indices in time order (the scenario format wants explicit, valid ones)."""
-    out = []
-    added = 0
-    for f in sorted(faults, key=lambda f: f.at):
-        if f.fault == "add_node":
-            f = replace(f, node=base.nodes + added)
-            added += 1
-        out.append(f)
-    return out
+    return number_new_nodes(faults, base.nodes)
 
 
 def fuzz(

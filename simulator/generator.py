@@ -1,7 +1,7 @@
 """The generator: fault schedules (and client operations) over time, from a scenario file or at random.
 
-Random schedules are drawn from a seeded ``random.Random`` and only contain faults that make sense for the
-scenario (valid node indices and local ranks, a duration for faults that need an undo), so every generated
+Random schedules are drawn from a seeded ``random.Random`` by the fault registry's rule (:func:`simulator.faults.
+draw_fault`: valid node indices and local ranks, a duration for faults that need an undo), so every generated
 scenario passes validation.
 """
 
@@ -11,10 +11,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import replace
 
-from .scenario import FAULT_NAMES, Expect, Fault, Job, Scenario, StoreConfig, Timeouts
-
-# Faults that stay in force until undone: generated with a duration so the run can recover.
-TIMED_FAULTS = ("pause_agent", "partition", "delay", "restart_store", "clock_skew")
+from .faults import RandomDraw, draw_fault
+from .scenario import Expect, Fault, Job, Scenario, StoreConfig, Timeouts
 
 
 def operations(scenario: Scenario) -> Iterator[Fault]:
@@ -42,33 +40,15 @@ def fuzz_base(seed: int = 0, broken_cas: bool = False) -> Scenario:
     ).validate()
 
 
-def random_fault(rng: random.Random, scenario: Scenario, horizon: float, kinds: tuple[str, ...] = FAULT_NAMES,
+def random_fault(rng: random.Random, scenario: Scenario, horizon: float, kinds: tuple[str, ...] | None = None,
                  node_count: int | None = None) -> Fault:
-    """One random fault of ``kinds`` at a time in ``[0, horizon)``."""
+    """One random fault of ``kinds`` (default: every registered kind) at a time in ``[0, horizon)``, drawn by its registry entry's rule."""
     nodes = node_count if node_count is not None else scenario.nodes
-    kind = rng.choice(kinds)
-    at = round(rng.uniform(0.0, horizon), 3)
-    node = rng.randrange(nodes)
-    fault = Fault(at=at, fault=kind, node=node)
-    if kind in ("kill_worker", "expire_timer"):
-        fault.rank = rng.randrange(scenario.workers_per_node)
-    if kind in TIMED_FAULTS:
-        fault.duration = round(rng.uniform(0.1, 3.0), 3)
-    if kind == "delay":
-        fault.seconds = round(rng.uniform(0.01, 0.5), 3)
-    if kind == "clock_skew":
-        fault.seconds = round(rng.uniform(-2.0, 2.0), 3)
-    if kind == "heal":
-        fault.node = None if rng.random() < 0.5 else node
-    if kind == "restart_store":
-        fault.node = None
-    if kind == "add_node":
-        fault.node = None  # the next free index
-    return fault
+    return draw_fault(RandomDraw(rng), kinds, nodes, scenario.workers_per_node, horizon)
 
 
 def random_schedule(seed: int, scenario: Scenario, count: int, horizon: float | None = None,
-                    kinds: tuple[str, ...] = FAULT_NAMES) -> list[Fault]:
+                    kinds: tuple[str, ...] | None = None) -> list[Fault]:
     """``count`` random faults over ``horizon`` seconds (default: the job's length), reproducible from ``seed``."""
     rng = random.Random(seed)
     horizon = horizon if horizon is not None else scenario.job.seconds

@@ -30,27 +30,13 @@ from typing import Any
 
 import yaml
 
+from .faults import FAULT_NAMES as FAULT_NAMES  # re-exported: the names a scenario's faults may use
+from .faults import validate_fault
+
 MODES = ("live", "virtual")
 LIVE_BACKENDS = ("c10d", "etcd-v2", "etcd-v3")
 VIRTUAL_BACKENDS = ("sim",)
 OUTCOMES = ("succeeded", "failed")
-FAULT_NAMES = (
-    "kill_worker",
-    "kill_agent",
-    "pause_agent",
-    "partition",
-    "heal",
-    "delay",
-    "restart_store",
-    "expire_timer",
-    "clock_skew",
-    "add_node",
-    "remove_node",
-)
-# Faults about the whole store / cluster, where ``node`` is optional.
-_NODE_OPTIONAL = ("heal", "restart_store", "add_node")
-# Faults that act on one worker, where ``rank`` (the local rank) matters.
-_RANKED = ("kill_worker", "expire_timer")
 _FAULT_KEYS = ("at", "fault", "node", "rank", "duration", "seconds", "signal", "args")
 _TOP_KEYS = (
     "name",
@@ -284,32 +270,8 @@ class Scenario:
         if self.store.broken_cas and self.mode != "virtual":
             raise _err(where, "store.broken_cas", True, "only the virtual store can break compare-and-set")
         _num(where, "time_limit", self.time_limit, 0.0, strict=True)
-        total = self.total_nodes
         for i, f in enumerate(self.faults):
-            fw = f"faults[{i}]"
-            if f.fault not in FAULT_NAMES:
-                raise _err(where, f"{fw}.fault", f.fault, f"allowed: {', '.join(FAULT_NAMES)}")
-            _num(where, f"{fw}.at", f.at, 0.0)
-            if f.node is None and f.fault not in _NODE_OPTIONAL:
-                raise ScenarioError(f"{where}: {fw}.node is required for fault {f.fault} (a node index 0..{total - 1})")
-            if f.node is not None:
-                _int(where, f"{fw}.node", f.node, 0)
-                if f.node >= total:
-                    raise _err(where, f"{fw}.node", f.node, f"node indices are 0..{total - 1}")
-            if f.rank is not None:
-                _int(where, f"{fw}.rank", f.rank, 0)
-                if f.fault not in _RANKED:
-                    raise _err(where, f"{fw}.rank", f.rank, f"only {', '.join(_RANKED)} take a rank")
-                if f.rank >= self.workers_per_node:
-                    raise _err(where, f"{fw}.rank", f.rank, f"local ranks are 0..{self.workers_per_node - 1}")
-            if f.duration is not None:
-                _num(where, f"{fw}.duration", f.duration, 0.0, strict=True)
-            if f.seconds is not None:
-                _num(where, f"{fw}.seconds", f.seconds, float("-inf") if f.fault == "clock_skew" else 0.0)
-            if f.fault in ("delay", "clock_skew") and f.seconds is None:
-                raise ScenarioError(f"{where}: {fw}.seconds is required for fault {f.fault}")
-            if not isinstance(f.args, dict):
-                raise _err(where, f"{fw}.args", f.args, "must be a mapping")
+            validate_fault(f, self, f"{where}: faults[{i}]", ScenarioError)
         if self.expect.outcome is not None and self.expect.outcome not in OUTCOMES:
             raise _err(where, "expect.outcome", self.expect.outcome, f"allowed: {', '.join(OUTCOMES)}")
         if not isinstance(self.expect.violations, list) or not all(isinstance(v, str) for v in self.expect.violations):

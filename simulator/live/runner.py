@@ -24,6 +24,7 @@ from typing import Any
 
 from fault_injection import FaultError
 from simulator import history as h
+from simulator.faults import inject_live
 from simulator.history import History
 from simulator.live.cluster import Cluster, LiveError
 
@@ -52,40 +53,6 @@ def cluster_for(scenario, out_dir: str | Path) -> Cluster:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "scenario"
-
-
-def _apply(cluster: Cluster, fault, budget: float) -> Any:
-    """Inject one scheduled fault; return the Fault object to heal later (or None)."""
-    kind, node, args = fault.fault, fault.node, dict(fault.args or {})
-    if kind == "kill_worker":
-        cluster.kill_worker(node, fault.rank or 0, timeout=budget)
-    elif kind == "kill_agent":
-        cluster.kill_agent(node)
-    elif kind == "pause_agent":
-        if "period" in args:
-            return cluster.heartbeat_delay(node, float(args.get("stop", args["period"] / 2)), float(args["period"]))
-        return cluster.pause_agent(node)
-    elif kind == "partition":
-        return cluster.partition(node, mode=args.get("mode", "blackhole"))
-    elif kind == "heal":
-        cluster.heal(node)
-    elif kind == "delay":
-        return cluster.delay(node, fault.seconds)
-    elif kind == "restart_store":
-        return cluster.restart_store(downtime=fault.duration or 0.0)
-    elif kind == "expire_timer":
-        cluster.expire_timer(node, fault.rank or 0, timeout=budget)
-    elif kind == "clock_skew":
-        return cluster.clock_skew(node, fault.seconds)
-    elif kind == "add_node":
-        index = cluster.add_node()
-        if node is not None and index != node:
-            raise LiveError(f"add_node started node{index}, but the scenario names node{node}")
-    elif kind == "remove_node":
-        cluster.remove_node(node)
-    else:
-        raise LiveError(f"fault {kind!r} is not supported in live mode")
-    return None
 
 
 def _wait_running(cluster: Cluster, scenario, deadline: float) -> None:
@@ -139,7 +106,7 @@ def run_scenario(scenario, out_dir: str | Path | None = None, *, cluster: Cluste
                 continue
             budget = max(5.0, limit - (time.monotonic() - t0))
             try:
-                healable = _apply(cluster, item, budget)
+                healable = inject_live(cluster, item, budget)
             except (LiveError, FaultError) as e:
                 logger.warning("fault %s not applied: %s", item.describe(), e)
                 cluster.record("nemesis", h.OP, detail={"op": "fault_not_applied", "fault": item.fault,

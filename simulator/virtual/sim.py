@@ -11,6 +11,7 @@ from typing import Any
 from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousSettings, RendezvousTimeout
 
 from .. import history as h
+from ..faults import inject_virtual
 from ..history import History
 from ..scenario import Fault, Job, Scenario, StoreConfig, Timeouts
 from .agent import RUNNING, SimAgent, node_name_of
@@ -143,85 +144,37 @@ class Simulation:
 
     # ------------------------------------------------------------------ nemesis
 
-    def _agent(self, fault: Fault) -> SimAgent | None:
-        return self.agents.get(fault.node) if fault.node is not None else None
+    def add_node(self, index: int | None) -> bool:
+        """Start one more agent (``index``: its node index; None: the next free one); False if it exists."""
+        index = index if index is not None else self._next_index
+        if index in self.agents:
+            return False
+        self._next_index = max(self._next_index, index + 1)
+        self.history.record(self.clock.now, "client", h.OP, detail={"op": "add_node", "node": f"node{index}"})
+        self._start_agent(index)
+        return True
+
+    def remove_node(self, index: int) -> bool:
+        """SIGTERM node ``index``'s agent (it leaves the rendezvous); False if it is not running."""
+        agent = self.agents.get(index)
+        if agent is None or not agent.alive:
+            return False
+        self.history.record(self.clock.now, "client", h.OP, detail={"op": "remove_node", "node": agent.name})
+        return agent.leave()
 
     def _apply(self, fault: Fault) -> None:
+        """Inject a scheduled fault through its registry entry (simulator.faults) and record it."""
         detail: dict[str, Any] = fault.to_dict()
         detail.pop("at", None)
         if fault.node is not None:
             detail["target"] = f"node{fault.node}"
-        agent = self._agent(fault)
-        name = fault.fault
-        undo: Callable[[], None] | None = None
-        fired = True
-        if name in ("kill_worker", "expire_timer"):
-            reason = "SIGKILL" if name == "kill_worker" else "timer expired (reaped with SIGKILL)"
-            fired = agent is not None and agent.kill_worker(fault.rank or 0, reason)
-        elif name == "kill_agent":
-            fired = agent is not None and agent.kill()
-        elif name == "pause_agent":
-            period, stop = fault.args.get("period"), fault.args.get("stop")
-            if agent is not None and isinstance(period, (int, float)) and isinstance(stop, (int, float)) and period > 0:
-                # A straggler: stopped ``stop`` seconds out of every ``period`` for the fault's duration.
-                fired = agent.alive
-                span = fault.duration if fault.duration is not None else period
-                k = 0
-                while k * period < span:
-                    start = self.clock.now + k * period
-                    self.clock.schedule(start, agent.pause)
-                    self.clock.schedule(start + min(stop, span - k * period), agent.resume)
-                    k += 1
-                undo = lambda: None  # noqa: E731 - the last cycle already resumed it
-            else:
-                fired = agent is not None and agent.pause()
-                if fired:
-                    undo = agent.resume
-        elif name == "partition":
-            self.store.partition(f"node{fault.node}")
-            undo = lambda: self.store.heal(f"node{fault.node}")  # noqa: E731
-        elif name == "delay":
-            self.store.delay(f"node{fault.node}", float(fault.seconds or 0.0))
-            undo = lambda: self.store.heal(f"node{fault.node}")  # noqa: E731
-        elif name == "heal":
-            self.store.heal(f"node{fault.node}" if fault.node is not None else None)
-            for a in self.agents.values():
-                if fault.node is None or a.index == fault.node:
-                    a.resume()
-        elif name == "restart_store":
-            self.store.crash()
-
-            def undo() -> None:
-                self.store.down = False
-
-            if fault.duration is None:
-                fault = Fault(fault.at, fault.fault, fault.node, fault.rank, 1.0, fault.seconds, fault.signal, fault.args)
-        elif name == "clock_skew":
-            fired = agent is not None and agent.alive
-            if fired:
-                skew = float(fault.seconds or 0.0)
-                agent.clock.skew += skew
-
-                def undo() -> None:
-                    agent.clock.skew -= skew
-        elif name == "add_node":
-            index = fault.node if fault.node is not None else self._next_index
-            fired = index not in self.agents
-            if fired:
-                self._next_index = max(self._next_index, index + 1)
-                self.history.record(self.clock.now, "client", h.OP, detail={"op": "add_node", "node": f"node{index}"})
-                self._start_agent(index)
-        elif name == "remove_node":
-            fired = agent is not None and agent.alive
-            if fired:
-                self.history.record(self.clock.now, "client", h.OP, detail={"op": "remove_node", "node": agent.name})
-                agent.leave()
+        fired, undo, duration = inject_virtual(self, fault)
         if not fired:
             detail["noop"] = True
         # Recorded after the action so the history shows the fault next to its first effects, at the same time.
         self.history.record(self.clock.now, "nemesis", h.FAULT_START, detail=detail)
-        if fired and undo is not None and fault.duration is not None:
-            self.clock.after(fault.duration, self._undo, undo, detail)
+        if fired and undo is not None and duration is not None:
+            self.clock.after(duration, self._undo, undo, detail)
 
     def _undo(self, undo: Callable[[], None], detail: dict[str, Any]) -> None:
         undo()

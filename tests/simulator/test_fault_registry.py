@@ -1,0 +1,105 @@
+"""The fault registry is the one place a fault kind is defined: validation, both generators and both runners use it."""
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulator import faults as registry
+from simulator import history as h
+from simulator.fuzz import _fault_strategy
+from simulator.generator import fuzz_base, random_fault, random_schedule, with_faults
+from simulator.live.cluster import LiveError
+from simulator.scenario import Fault, ScenarioError, load_scenario, scenario_from_dict
+from simulator.virtual import run_virtual
+
+LIBRARY = sorted((Path(__file__).resolve().parents[2] / "simulator" / "scenarios").glob("*.yaml"))
+
+
+def test_every_kind_has_both_sides_or_says_why():
+    for kind in registry.REGISTRY.values():
+        assert kind.live is not None or kind.live_missing, kind.name
+        assert kind.virtual is not None or kind.virtual_missing, kind.name
+    with pytest.raises(ValueError, match="no virtual implementation and no reason"):
+        registry.FaultKind("x", "x", live=lambda c, f, b: None)
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.stem)
+def test_library_scenarios_still_validate(path):
+    scenario = load_scenario(path)
+    assert all(f.fault in registry.REGISTRY for f in scenario.faults)
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ({"at": 1, "fault": "partition", "node": 0, "args": {"mood": "x"}}, "faults[0].args.mood='x' is invalid (fault partition takes args: from, mode)"),
+    ({"at": 1, "fault": "delay", "node": 0}, "faults[0].seconds is required for fault delay"),
+    ({"at": 1, "fault": "kill_agent", "node": 0, "rank": 0}, "faults[0].rank=0 is invalid (only kill_worker, expire_timer take a rank)"),
+    ({"at": 1, "fault": "kill_agent"}, "faults[0].node is required for fault kill_agent"),
+    ({"at": 1, "fault": "nap", "node": 0}, "faults[0].fault='nap' is invalid (allowed: kill_worker, "),
+])
+def test_validation_follows_the_registry_schema(fault, needle):
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict({"name": "x", "faults": [fault]})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_generated_faults_obey_the_schema_they_are_drawn_from():
+    base = fuzz_base()
+    schedule = random_schedule(5, base, 300)
+    with_faults(base, schedule)  # validates every fault
+    for f in schedule:
+        kind = registry.REGISTRY[f.fault]
+        assert (f.rank is not None) == kind.ranked
+        assert (f.duration is not None) == kind.timed
+        assert (f.seconds is not None) == (kind.seconds is not None)
+        if kind.seconds is not None:
+            assert kind.seconds.low <= f.seconds <= kind.seconds.high
+        if kind.node == "one":
+            assert f.node is not None
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.lists(_fault_strategy(fuzz_base(), 4.0), max_size=8))
+def test_hypothesis_faults_obey_the_same_schema(drawn):
+    base = fuzz_base()
+    from simulator.faults import number_new_nodes
+
+    with_faults(base, number_new_nodes(drawn, base.nodes))
+    for f in drawn:
+        kind = registry.REGISTRY[f.fault]
+        assert (f.duration is not None) == kind.timed and (f.seconds is not None) == (kind.seconds is not None)
+
+
+def _kill_two_workers(sim, fault):
+    agent = sim.agents.get(fault.node)
+    fired = agent is not None and agent.kill_worker(0, "SIGKILL")
+    return fired and agent.kill_worker(1, "SIGKILL"), None
+
+
+def test_a_new_fault_kind_is_one_entry(monkeypatch):
+    """Registering one entry makes the kind valid in scenarios, drawn by both generators and run virtually; its
+    missing live side is refused with the entry's reason."""
+    kind = registry.FaultKind("kill_both_workers", "SIGKILL both workers of a node at once", virtual=_kill_two_workers,
+                              live_missing="demonstration kind: no live primitive")
+    monkeypatch.setitem(registry.REGISTRY, kind.name, kind)
+    base = fuzz_base()
+    drawn = {random_fault(random.Random(i), base, 4.0).fault for i in range(200)}
+    assert kind.name in drawn
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(_fault_strategy(base, 4.0))
+    def draws(fault):
+        seen.add(fault.fault)
+
+    seen: set[str] = set()
+    draws()
+    assert kind.name in seen
+    scenario = with_faults(base, [Fault(at=1.0, fault=kind.name, node=1)])
+    history = run_virtual(scenario).history
+    started = history.filter(h.FAULT_START)
+    assert [e.detail["fault"] for e in started] == [kind.name] and "noop" not in started[0].detail
+    assert len([e for e in history.filter(h.WORKER_FAILED) if e.node == "node1"]) == 2
+    with pytest.raises(LiveError, match="no live implementation: demonstration kind"):
+        registry.inject_live(object(), scenario.faults[0], 1.0)
