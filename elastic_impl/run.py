@@ -30,14 +30,9 @@ from argparse import REMAINDER, ArgumentParser
 from contextlib import closing
 from typing import Any
 
-from elastic_impl.launcher.api import (
-    RDZV_CONF_ALIASES,
-    LaunchConfig,
-    LaunchConfigError,
-    elastic_launch,
-    split_endpoint,
-)
+from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch
 from elastic_impl.multiprocessing.api import parse_signals_to_handle
+from elastic_impl.rendezvous.options import canonical_rdzv_configs
 
 # torchrun's entry point group for --logs-specs plugins (a plugin for us subclasses our LogsSpecs).
 LOGS_SPECS_GROUP = "torchrun.logs_specs"
@@ -151,6 +146,10 @@ def get_args_parser() -> ArgumentParser:
                         default=os.environ.get("PET_VIRTUAL_LOCAL_RANK", "0") not in ("", "0"),
                         help="Every worker gets LOCAL_RANK=0 and sees only its own GPU, as device 0 "
                              "(CUDA_VISIBLE_DEVICES).")
+    parser.add_argument("--prewarm", action="store_true", default=None,
+                        help="Beyond torchrun: start Python workers as forks of an interpreter that already imported "
+                             "torch (ELASTIC_IMPL_PREWARM_PRELOAD lists the modules); also ELASTIC_IMPL_PREWARM=1. "
+                             "Anything it cannot start faithfully gets a fresh interpreter (logged once).")
     parser.add_argument("training_script", type=str, help="The training program (and its arguments after it).")
     parser.add_argument("training_script_args", nargs=REMAINDER)
     return parser
@@ -224,22 +223,20 @@ def determine_local_world_size(nproc_per_node: str) -> int:
 
 
 def _parse_rdzv_conf(conf: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if not conf or not conf.strip():
-        return out
-    for item in conf.split(","):
+    """``key1=value1,key2=value2`` as options under their canonical names (the options module's one alias table);
+    their values are checked where the launcher builds the rendezvous options."""
+    pairs: list[tuple[str, str]] = []
+    for item in (conf or "").split(","):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise _bad("--rdzv-conf", conf, f"entry {item!r} is not key=value (expected key1=value1,key2=value2)")
-        key = key.strip()
-        canonical = RDZV_CONF_ALIASES.get(key, key)
-        if canonical in out:
-            raise _bad("--rdzv-conf", conf, f"{key!r} is given twice (heartbeat = keep_alive_interval, "
-                       "missed_heartbeats = keep_alive_max_attempt)")
-        out[canonical] = value.strip()
-    return out
+        pairs.append((key.strip(), value.strip()))
+    try:
+        return canonical_rdzv_configs(pairs)
+    except ValueError as e:
+        raise _bad("--rdzv-conf", conf, str(e)) from None
 
 
 def _comma_separated(value: str | None) -> list[str]:
@@ -345,10 +342,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
             # torchrun documents IPv6 as [addr]; a bare IPv6 address gets its brackets here
             bare_ipv6 = ":" in master_addr and not master_addr.startswith("[")
             rdzv_endpoint = f"[{master_addr}]:{master_port}" if bare_ipv6 else f"{master_addr}:{master_port}"
-    if rdzv_endpoint:
-        # A malformed endpoint is one line now, before anything starts; the backends parse it with the same parser.
-        split_endpoint(rdzv_endpoint, default_port=None)
-
     redirects = _parse_std("--redirects", args.redirects)
     tee = _parse_std("--tee", args.tee)
     duplicate_stdout_filters = _comma_separated(args.duplicate_stdout_filters)
@@ -412,6 +405,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         duplicate_stdout_filters=duplicate_stdout_filters,
         duplicate_stderr_filters=duplicate_stderr_filters,
         virtual_local_rank=args.virtual_local_rank,
+        prewarm=args.prewarm,
     )
     if capture_stderr and args.log_line_prefix_template is None:
         config.log_line_prefix_template = ""  # the teed stderr shows as the worker wrote it

@@ -27,7 +27,7 @@ from elastic_impl.rendezvous.api import (
     RendezvousConnectionError,
     RendezvousGracefulExitError,
 )
-from elastic_impl.rendezvous.options import RDZV_CONF_ALIASES as _RDZV_CONF_ALIASES
+from elastic_impl.rendezvous.options import RendezvousOptions, node_count_problem
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
 
@@ -67,6 +67,7 @@ class LaunchConfig:
     duplicate_stderr_filters: list[str] | None = None
     virtual_local_rank: bool = False
     shutdown_timeout: float | None = None
+    prewarm: bool | None = None  # beyond upstream: pre-warmed worker interpreters (None: ELASTIC_IMPL_PREWARM)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, allowed: str) -> LaunchConfigError:
@@ -76,10 +77,9 @@ class LaunchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise bad(name, value, "must be an int")
-        if self.min_nodes < 1:
-            raise bad("min_nodes", self.min_nodes, "must be >= 1")
-        if self.max_nodes < self.min_nodes:
-            raise bad("max_nodes", self.max_nodes, f"must be >= min_nodes ({self.min_nodes})")
+        problem = node_count_problem(self.min_nodes, self.max_nodes)
+        if problem:
+            raise bad(problem[0], getattr(self, problem[0]), problem[1])
         if self.nproc_per_node < 1:
             raise bad("nproc_per_node", self.nproc_per_node, "must be >= 1")
         if self.max_restarts < 0:
@@ -162,10 +162,6 @@ def split_endpoint(endpoint: str, default_port: int | None) -> tuple[str, int | 
         raise LaunchConfigError(str(e)) from None
 
 
-# Our spellings of torchrun's keep-alive options: one table, in the rendezvous options module.
-RDZV_CONF_ALIASES = _RDZV_CONF_ALIASES
-
-
 # Options the launcher itself puts into every rendezvous config; a backend may have no use for them.
 _LAUNCHER_RDZV_OPTIONS = frozenset({"timeout", "rank"})
 
@@ -192,19 +188,6 @@ def _with_bad_value(message: str, params) -> str:
         return message
     key, kind = match.groups()
     return f"{message.rstrip('.')}: got {params.config.get(key)!r} (allowed: {_ALLOWED_BY_KIND[kind]})"
-
-
-def _canonical_rdzv_configs(configs: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in configs.items():
-        canonical = RDZV_CONF_ALIASES.get(key, key)
-        if canonical in out:
-            raise LaunchConfigError(
-                f"invalid rdzv_configs: {key!r} is given twice (heartbeat = keep_alive_interval, "
-                "missed_heartbeats = keep_alive_max_attempt)"
-            )
-        out[canonical] = value
-    return out
 
 
 def _peer_failures_as_process_failures(agent: LocalElasticAgent) -> dict[int, Any]:
@@ -281,23 +264,23 @@ def launch_agent(
     health_check_server: Any = None,
 ) -> dict[int, Any]:
     """Run one node's agent for ``entrypoint(*args)`` to the end; raise ChildFailedError if the job failed."""
-    from elastic_impl.rendezvous import RendezvousParameters, rendezvous_handler_registry
+    from elastic_impl.rendezvous import rendezvous_handler_registry
 
     if not config.run_id:
         config.run_id = str(uuid.uuid4().int)
         logger.warning("config has no run_id; generated a random one: %s", config.run_id)
     entrypoint_name = _entrypoint_name(entrypoint, args)
-    rdzv_configs = _canonical_rdzv_configs(config.rdzv_configs)
     try:
-        rdzv_parameters = RendezvousParameters(
+        # Built once, here, for the CLI and the API alike: every bad option is found before anything starts.
+        rdzv_parameters = RendezvousOptions.build(
             backend=config.rdzv_backend,
             endpoint=config.rdzv_endpoint,
             run_id=config.run_id,
             min_nodes=config.min_nodes,
             max_nodes=config.max_nodes,
             local_addr=config.local_addr,
-            **rdzv_configs,
-        )
+            config=config.rdzv_configs,
+        ).parameters()
     except ValueError as e:
         raise LaunchConfigError(str(e)) from None
     master_addr, master_port = _static_master(rdzv_parameters)
@@ -338,6 +321,7 @@ def launch_agent(
         log_line_prefix_template=config.log_line_prefix_template,
         shutdown_timeout=grace,
         health_check_server=health_check_server,
+        prewarm=config.prewarm,
     )
     job_ended = True
     try:

@@ -16,7 +16,8 @@ import etcd
 import urllib3
 
 from .api import RendezvousConnectionError, RendezvousParameters
-from .utils import parse_rendezvous_endpoint, positive_seconds
+from .options import option_seconds
+from .utils import parse_rendezvous_endpoint
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -161,8 +162,8 @@ def connection_options(params: RendezvousParameters, *, cert_keys: tuple[str, st
     protocol = str(raw_protocol if raw_protocol is not None else "http").strip().lower()
     if protocol not in ("http", "https"):
         raise ValueError(f"rendezvous option protocol={raw_protocol!r} is invalid; allowed: http, https")
-    read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    connect_timeout = positive_seconds(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    connect_timeout = option_seconds(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     cert_key, key_key, ca_key = cert_keys
     cert = params.get(cert_key)
     key = params.get(key_key)

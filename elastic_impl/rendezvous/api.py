@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 from elastic_impl.utils.distributed import get_free_port  # noqa: F401 -- upstream exposes it here
 
+from .options import check_run_id, node_count_problem
+
 __all__ = [
     "RendezvousClosedError",
     "RendezvousConnectionError",
@@ -190,19 +192,15 @@ class RendezvousParameters:
         if not backend:
             raise ValueError(_EMPTY_BACKEND)
         self.backend = _require_text("backend", backend)
-        self.run_id = _require_text("run_id", run_id)
+        self.run_id = check_run_id(run_id)
         if endpoint is not None and not isinstance(endpoint, str):
             raise ValueError(f"rendezvous endpoint must be a string like host:port, got {endpoint!r}")
         self.endpoint = endpoint or ""
         min_nodes = _require_int("min_nodes", min_nodes)
         max_nodes = _require_int("max_nodes", max_nodes)
-        if min_nodes < 1:
-            raise ValueError(f"The minimum number of rendezvous nodes ({min_nodes}) must be greater than zero.")
-        if max_nodes < min_nodes:
-            raise ValueError(
-                f"The maximum number of rendezvous nodes ({max_nodes}) must be greater than or equal to the minimum "
-                f"number of rendezvous nodes ({min_nodes})."
-            )
+        problem = node_count_problem(min_nodes, max_nodes)
+        if problem:
+            raise ValueError(problem[1])
         self.min_nodes = min_nodes
         self.max_nodes = max_nodes
         self.local_addr = local_addr

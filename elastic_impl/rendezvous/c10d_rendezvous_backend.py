@@ -20,8 +20,8 @@ from .api import (  # RendezvousError: upstream exposes it here
     RendezvousParameters,
     RendezvousStateError,
 )
-from .options import keep_alive_options
-from .utils import matches_this_machine, parse_rendezvous_endpoint, positive_seconds
+from .options import check_run_id, keep_alive_options, option_seconds
+from .utils import matches_this_machine, parse_rendezvous_endpoint
 
 __all__ = ["C10dRendezvousBackend", "create_backend"]
 
@@ -79,8 +79,7 @@ class C10dRendezvousBackend(RendezvousBackend):
     """
 
     def __init__(self, store, run_id: str, where: str | None = None, call_timeout: float | None = None) -> None:
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"rendezvous run_id must be a non-empty string, got {run_id!r}")
+        check_run_id(run_id)
         if call_timeout is not None and not call_timeout > 0:
             raise ValueError(f"rendezvous store call_timeout must be positive seconds, got {call_timeout!r}")
         self._store = store
@@ -246,11 +245,11 @@ def store_liveness_timeout(params: RendezvousParameters) -> float:
     ``keep_alive_max_attempt`` (3) = 15 s, never more than ``read_timeout``. A peer silent that long is evicted;
     the store host gets the same bound instead of the 60 s read timeout.
     """
-    read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
     interval, max_attempt = keep_alive_options(params)
     expiry = interval * max_attempt
     if params.get("store_liveness_timeout") is not None:
-        return positive_seconds(params, "store_liveness_timeout", expiry)
+        return option_seconds(params, "store_liveness_timeout", expiry)
     return min(expiry, read_timeout)
 
 
@@ -270,8 +269,8 @@ def _create_tcp_store(params: RendezvousParameters):
     from torch.distributed import TCPStore
 
     host, port = parse_rendezvous_endpoint(params.endpoint, DEFAULT_PORT)
-    read_timeout = positive_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    connect_timeout = positive_seconds(params, "connect_timeout", read_timeout)
+    read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    connect_timeout = option_seconds(params, "connect_timeout", read_timeout)
     _resolve(host, port)
     explicit_host = params.get_as_bool("is_host")
     is_host = explicit_host if explicit_host is not None else matches_this_machine(host)

@@ -52,7 +52,8 @@ from .api import (
     rendezvous_handler_registry,
 )
 from .etcd_store import EtcdStore, cas_delay  # noqa: F401 -- cas_delay: upstream exposes it here
-from .utils import parse_rendezvous_endpoint, positive_seconds  # noqa: F401 -- upstream exposes the parser here
+from .options import option_seconds
+from .utils import parse_rendezvous_endpoint  # noqa: F401 -- upstream exposes the parser here
 
 __all__ = [
     "EtcdRendezvous",
@@ -593,8 +594,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
 def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Create an :class:`EtcdRendezvousHandler` from ``params`` (options: see the handler's docstring)."""
     options = connection_options(params, cert_keys=("cert", "key", "cacert"))
-    timeout = positive_seconds(params, "timeout", _DEFAULT_TIMEOUT)
-    last_call = positive_seconds(params, "last_call_timeout", _DEFAULT_LAST_CALL_TIMEOUT)
+    timeout = option_seconds(params, "timeout", _DEFAULT_TIMEOUT)
+    last_call = option_seconds(params, "last_call_timeout", _DEFAULT_LAST_CALL_TIMEOUT)
     keep_alive_ttl = params.get_as_int("keep_alive_ttl", CONST_WORKER_KEEPALIVE_TTL)
     prefix = params.get("etcd_prefix", _DEFAULT_PREFIX)
     if not isinstance(prefix, str) or not prefix.strip():

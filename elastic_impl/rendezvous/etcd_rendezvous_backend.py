@@ -27,6 +27,7 @@ from .api import (
     rendezvous_handler_registry,
 )
 from .etcd_store import EtcdStore
+from .options import check_run_id
 from .utils import parse_rendezvous_endpoint  # noqa: F401 -- upstream exposes it here
 
 __all__ = ["EtcdRendezvousBackend", "create_backend"]
@@ -45,8 +46,7 @@ class EtcdRendezvousBackend(RendezvousBackend):
     _DEFAULT_TTL = 7200
 
     def __init__(self, client, run_id: str, key_prefix: str | None = None, ttl: int | None = None) -> None:
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"rendezvous run_id must be a non-empty string, got {run_id!r}")
+        check_run_id(run_id)
         if "/" in run_id:
             raise ValueError(f"rendezvous run_id {run_id!r} must not contain '/' (it is an etcd key name)")
         self._client = client

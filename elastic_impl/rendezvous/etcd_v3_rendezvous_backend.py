@@ -56,6 +56,7 @@ from .api import (
     RendezvousStateError,
     rendezvous_handler_registry,
 )
+from .options import check_run_id
 
 __all__ = ["EtcdV3Client", "EtcdV3RendezvousBackend", "EtcdV3Store", "create_backend"]
 
@@ -372,8 +373,7 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
 
     def __init__(self, client: EtcdV3Client, run_id: str, key_prefix: str | None = KEY_PREFIX,
                  ttl: int | None = None) -> None:
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"rendezvous run_id must be a non-empty string, got {run_id!r}")
+        check_run_id(run_id)
         self._client = client
         prefix = (key_prefix or "").rstrip("/")
         self._key = f"{prefix}/{run_id}".encode()

@@ -1,4 +1,4 @@
-"""Helpers shared by the rendezvous backends: endpoint parsing, "is this host me?", config parsing."""
+"""Helpers shared by the rendezvous backends: endpoint parsing and "is this host me?" (options: see .options)."""
 
 from __future__ import annotations
 
@@ -75,12 +75,3 @@ def matches_this_machine(host: str) -> bool:
     except OSError:
         local = set()
     return str(addr) in local
-
-
-def positive_seconds(params, key: str, default: float) -> float:
-    """Option ``key`` of ``params`` (a RendezvousParameters) in seconds within its bounds (see :mod:`.options`)."""
-    from .options import option_seconds
-
-    seconds = option_seconds(params, key, default)
-    assert seconds is not None
-    return seconds

@@ -77,13 +77,13 @@ def test_split_endpoint(endpoint, expected):
 
 
 def test_heartbeat_spellings_map_to_torchruns_keep_alive_options():
-    from elastic_impl.launcher.api import _canonical_rdzv_configs
+    from elastic_impl.rendezvous.options import canonical_rdzv_configs
 
-    assert _canonical_rdzv_configs({"heartbeat": 1, "missed_heartbeats": 2, "join_timeout": 5}) == {
+    assert canonical_rdzv_configs({"heartbeat": 1, "missed_heartbeats": 2, "join_timeout": 5}) == {
         "keep_alive_interval": 1, "keep_alive_max_attempt": 2, "join_timeout": 5,
     }
-    with pytest.raises(LaunchConfigError, match="'keep_alive_interval' is given twice"):
-        _canonical_rdzv_configs({"heartbeat": 1, "keep_alive_interval": 2})
+    with pytest.raises(ValueError, match="'keep_alive_interval' is given twice"):
+        canonical_rdzv_configs({"heartbeat": 1, "keep_alive_interval": 2})
 
 
 def test_a_node_that_loses_the_store_leaves_instead_of_closing_the_run(monkeypatch):
