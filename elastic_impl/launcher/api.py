@@ -27,6 +27,7 @@ from elastic_impl.rendezvous.api import (
     RendezvousConnectionError,
     RendezvousGracefulExitError,
 )
+from elastic_impl.rendezvous.extensions import LeavingHandler, detection_window
 from elastic_impl.rendezvous.options import RendezvousOptions, node_count_problem
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent", "LaunchConfigError"]
@@ -289,7 +290,7 @@ def launch_agent(
     except (ValueError, KeyError) as e:
         raise LaunchConfigError(_with_bad_value(str(e).strip("'\""), rdzv_parameters)) from None
     _warn_unread_rdzv_options(rdzv_parameters)
-    window = getattr(getattr(rdzv_handler, "settings", None), "heartbeat_expiry_seconds", None)
+    window = detection_window(rdzv_handler)
     if window is not None:
         logger.info("rendezvous %s: a node silent for %.3g s is dropped and the others re-form", config.run_id, window)
 
@@ -354,15 +355,14 @@ def _release_rendezvous(rdzv_handler, close: bool) -> None:
 
     ``close``: the job ended (success, or restarts exhausted): ``shutdown()`` closes the run for every node, as
     upstream's does. Otherwise this node leaves (agent stopped by a signal): ``leave()`` where the handler offers
-    it (ours: the others re-form without this node), else ``shutdown()`` (a handler without ``leave`` has
-    nothing finer to offer; the static one, for instance).
+    it (a :class:`LeavingHandler`; ours: the others re-form without this node), else ``shutdown()`` (a handler
+    without ``leave`` has nothing finer to offer; the static one, for instance).
     """
     try:
-        leave = getattr(rdzv_handler, "leave", None)
-        if close or not callable(leave):
+        if close or not isinstance(rdzv_handler, LeavingHandler):
             rdzv_handler.shutdown()
         else:
-            leave()
+            rdzv_handler.leave()
     except Exception as e:  # the store host may be gone already; nothing more to release
         logger.debug("rendezvous release (close=%s) failed: %s", close, e)
 
