@@ -63,6 +63,8 @@ class SimAgent:
                                       store_outage_window=sim.settings.heartbeat_expiry_seconds)
         self.workers: dict[int, str] = {}
         self.worker_fail_reason: dict[int, str] = {}
+        # Failed local ranks already in the history (a failure waiting to be counted is decided on again later).
+        self._failures_recorded: set[int] = set()
         self.round: int | None = None
         self.rank: int | None = None
         self.world_size: int | None = None
@@ -187,6 +189,7 @@ class SimAgent:
         wpn = self.sim.scenario.workers_per_node
         self.workers = {lr: RUNNING for lr in range(wpn)}
         self.worker_fail_reason = {}
+        self._failures_recorded = set()
         for lr in range(wpn):
             self._record(
                 h.WORKER_START, round=self.round, rank=self.rank * wpn + lr, world_size=self.world_size * wpn,
@@ -222,6 +225,9 @@ class SimAgent:
         failed = [lr for lr, st in self.workers.items() if st == FAILED]
         wpn = len(self.workers)
         for lr in failed:
+            if lr in self._failures_recorded:
+                continue
+            self._failures_recorded.add(lr)
             self._record(h.WORKER_FAILED, round=self.round, rank=(self.rank or 0) * wpn + lr, state="FAILED",
                          detail={"local_rank": lr, "exitcode": -9, "reason": self.worker_fail_reason.get(lr, "SIGKILL")})
         if failed:
@@ -231,6 +237,8 @@ class SimAgent:
         action = decision.action
         if action == Action.KEEP_RUNNING:
             self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
+        elif action == Action.RETRY_LATER:
+            self._arm(decision.retry_in, self._monitor)
         elif action in (Action.RESTART, Action.REFORM):
             kind = "worker_failed" if action == Action.RESTART else "membership"
             why = f"local rank(s) {failed} failed" if action == Action.RESTART else decision.reason
@@ -297,11 +305,16 @@ class SimAgent:
         if ask == Ask.CLAIM_FAILURE_ROUND:
             try:
                 return self._round_store("add", "restart_bump") == 1
-            except RendezvousConnectionError:
-                return None
+            except RendezvousConnectionError as e:
+                return StoreUnavailable(e)
         if ask == Ask.INCREMENT_RESTART_COUNT:
             result = self._step_until_done("increment_restart_count")
-            return self.stepper.state.restart_count if result.done and result.error is None else None
+            if result.error is not None:
+                return StoreUnavailable(result.error)
+            if not result.done:
+                return StoreUnavailable(RendezvousConnectionError(
+                    f"{self.name} lost {_IMMEDIATE_RETRIES} compare-and-sets in a row incrementing the restart count"))
+            return self.stepper.state.restart_count
         raise ValueError(f"unknown decision ask: {ask!r}")
 
     def _restart(self, kind: str, why: str, restart_count: int | None) -> None:

@@ -59,6 +59,53 @@ def test_without_a_job_wide_counter_the_budget_is_a_local_countdown():
     assert s.step("FAILED", clock, no_counter).action == Action.FAIL
 
 
+DOWN = StoreUnavailable(RendezvousConnectionError("connection reset"))
+
+
+def test_a_failure_the_counter_cannot_take_waits_for_the_store_and_is_never_counted_locally():
+    # The job already spent its one restart elsewhere; this node never restarted itself. The old fallback (this
+    # node's own countdown, still 1) restarted here: a second failure round on a budget of one.
+    s, clock = stepper(max_restarts=1, restart_count=1, window=1.0), Clock()
+    waiting = s.step("FAILED", clock, answers(peer_failed=False, claim_failure_round=DOWN))
+    assert (waiting.action, waiting.restart_count) == (Action.RETRY_LATER, None)
+    assert 0 < waiting.retry_in <= 0.5 and "counted once the store answers" in waiting.reason
+    assert (s.restart_count, s.remaining_restarts) == (1, 1)  # nothing spent while the counter is silent
+    clock.now += 0.5  # the store answers again: the failure is counted in the job's count, which is spent
+    counted = answers(peer_failed=False, claim_failure_round=True, increment_restart_count=2)
+    assert s.step("FAILED", clock, counted).action == Action.FAIL
+
+
+def test_a_failure_is_counted_once_when_the_store_answers_again():
+    # Claimed, then the store went away before the increment: the retry increments without claiming again (a second
+    # claim would lose to this node's own first one and leave the round uncounted).
+    s, clock = stepper(max_restarts=3, restart_count=1), Clock()
+    first = answers(peer_failed=False, claim_failure_round=True, increment_restart_count=DOWN)
+    assert s.step("FAILED", clock, first).action == Action.RETRY_LATER
+    clock.now += 0.2
+    retry = answers(peer_failed=False, increment_restart_count=2)
+    decision = s.step("FAILED", clock, retry)
+    assert (decision.action, decision.restart_count) == (Action.RESTART, 2)
+    assert retry.asked == [Ask.PEER_FAILED, Ask.INCREMENT_RESTART_COUNT]
+    # A node that lost the claim counts on the claimant even when it cannot read the count: one more than it knew.
+    loser = stepper(max_restarts=3, restart_count=1)
+    lost = loser.step("FAILED", clock, answers(peer_failed=False, claim_failure_round=False, restart_count_above=DOWN))
+    assert (lost.action, lost.restart_count) == (Action.RESTART, 2)
+    loser.joined(round=5, world_size=2, restart_count=1)  # rejoined before the claimant's increment landed
+    assert loser.restart_count == 2  # the job-wide count it knew is not forgotten
+
+
+def test_a_failure_not_counted_within_the_outage_window_ends_the_agent_with_a_clear_error():
+    s, clock = stepper(max_restarts=2, window=1.0), Clock()
+    assert s.step("FAILED", clock, answers(peer_failed=False, claim_failure_round=DOWN)).action == Action.RETRY_LATER
+    clock.now += 1.5
+    lost = s.step("FAILED", clock, answers(peer_failed=False, claim_failure_round=DOWN))
+    assert lost.action == Action.STORE_LOST and isinstance(lost.error, RendezvousConnectionError)
+    assert str(lost.error) == lost.reason == (
+        "workers failed in round 4, and the failure could not be counted against max_restarts=2: the store did not "
+        "answer for more than 1 s (last error: RendezvousConnectionError: connection reset)")
+    assert lost.error.__cause__ is DOWN.error
+
+
 def test_a_peer_that_failed_the_job_stops_this_node_without_spending_the_budget():
     s, clock = stepper(), Clock()
     assert s.step("FAILED", clock, answers(peer_failed=True)).action == Action.PEER_FAILED_JOB

@@ -11,6 +11,8 @@ the I/O the stepper asks for)::
     the workers' exit events, so monitor_interval only paces the membership checks):
         SUCCEEDED            -> wait at the exit barrier (unless a peer already reported the job failed), done
         FAILED / UNHEALTHY   -> restart (re-rendezvous) while restarts remain, else publish the failure, done
+                                (counted job-wide before restarting: while the counter's store does not answer,
+                                wait for it, up to the store outage window)
         HEALTHY              -> if nodes wait to join, or a peer left/was evicted, restart to re-form the group
                                 (membership restarts do not consume max_restarts)
 
@@ -613,9 +615,11 @@ class SimpleElasticAgent(ElasticAgent):
         role = spec.role
         logger.info("[%s] starting workers for entrypoint: %s", role, spec.get_entrypoint_name())
         self._initialize_workers(self._worker_group)
+        failure_pending = False  # the last decision left a failure waiting to be counted (RETRY_LATER)
         while True:
             self._check_signal()
-            self._wait_for_worker_event(spec.monitor_interval)
+            if not failure_pending:  # a failed group's exit event stays set: waiting on it would return at once
+                self._wait_for_worker_event(spec.monitor_interval)
             self._check_signal()
             run_result = self._monitor_workers(self._worker_group)
             state = run_result.state
@@ -624,10 +628,17 @@ class SimpleElasticAgent(ElasticAgent):
             self._put_metric(f"workers.{role}.{state.name.lower()}", 1)
             if state not in {WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.UNHEALTHY, WorkerState.HEALTHY}:
                 raise Exception(f"[{role}] worker group in unexpected state {state.name}")
-            if state in {WorkerState.UNHEALTHY, WorkerState.FAILED}:
+            if state in {WorkerState.UNHEALTHY, WorkerState.FAILED} and not failure_pending:
                 self._emit_worker_failures(run_result)
             decision = self._decisions.step(state.value, self._clock, self._answer)
             action = decision.action
+            if action == Action.RETRY_LATER:
+                if not failure_pending:
+                    logger.warning("[%s] %s", role, decision.reason)
+                failure_pending = True
+                self._clock.sleep(decision.retry_in)
+                continue
+            failure_pending = False
             if action == Action.KEEP_RUNNING:
                 if decision.reason:  # riding out a store outage
                     logger.warning("[%s] rendezvous %s", role, decision.reason)
@@ -754,8 +765,9 @@ class SimpleElasticAgent(ElasticAgent):
         try:
             return call()
         except Exception as e:
-            logger.warning("could not use the rendezvous restart counter (%s); counting restarts locally", e)
-            return None
+            # The decision stepper waits for the counter (within the store outage window) rather than count locally.
+            logger.debug("the rendezvous restart counter did not answer: %s", e)
+            return StoreUnavailable(e)
 
     def _wait_for_restart_count_above(self, rdzv_handler) -> int:
         """The job-wide count once the round's claimant has bumped it past ours, or as it is after a short wait."""

@@ -17,7 +17,8 @@ The decisions (a worker group's state in, an action out):
   closed: the job ended without this node); otherwise wait at the exit barrier and SUCCEED, or PEER_FAILED_JOB when
   the barrier ended because a peer failed the job.
 - FAILED / UNHEALTHY: PEER_FAILED_JOB if a peer already failed the job (restarting cannot help); otherwise count the
-  failure against the restart budget: RESTART while the budget allows, else FAIL.
+  failure against the restart budget: RESTART while the budget allows, else FAIL. A failure the job-wide counter
+  cannot take yet (the store does not answer) is RETRY_LATER until it can, and STORE_LOST after the outage window.
 - HEALTHY: at most as often as the store checks allow, PEER_FAILED_JOB if a peer failed the job, REFORM if nodes
   wait to join or a participant left; a store outage is ridden out for ``store_outage_window`` seconds (STORE_LOST
   after that).
@@ -26,6 +27,16 @@ The restart budget is the job's when the driver has a job-wide counter (the rend
 costs one restart however many nodes saw it (the first node of the round to claim it counts it), and a node that
 rejoins starts from the job's count. Without a counter it is a countdown of this agent's own restarts. Membership
 changes (REFORM) never spend it.
+
+A failure is counted in the job-wide counter BEFORE the workers restart, never after. Counting it locally while the
+store is unreachable and publishing it later cannot keep the budget: until it is published the other nodes do not see
+it, re-form (for free) and may spend the same last restart on a failure of their own, and the node's local countdown
+never saw the restarts the job spent elsewhere (found by virtual fuzzing: two worker kills and a 0.1 s partition
+restarted a job with max_restarts=1 twice). Waiting costs no availability: the restart is a re-rendezvous, which
+needs the same store. So the failure stays pending (RETRY_LATER, asked again every few tenths of a second) until the
+store answers; it is then counted exactly once, because the claim is per failure round (a peer that claimed the
+round counts it; a claim this node won is remembered, so a retry only increments). A store still silent after the
+outage window ends the agent (STORE_LOST): by then its peers have dropped it anyway.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from elastic_impl.rendezvous.api import RendezvousConnectionError
 from elastic_impl.utils.clock import Clock
 
 __all__ = ["Action", "AgentStepper", "Ask", "Decision", "StoreUnavailable", "drive"]
@@ -52,10 +64,10 @@ class Ask(str, Enum):
     EXIT_BARRIER = "exit_barrier"  # bool: wait at the exit barrier; whether it ended because a peer failed the job
     NODES_WAITING = "nodes_waiting"  # int, or StoreUnavailable when the store cannot be reached
     PARTICIPANTS = "participants"  # tuple | None: the round's current participants (None: unknown)
-    CLAIM_FAILURE_ROUND = "claim_failure_round"  # bool | None: this node is the first of its round to count a
-    #   failure (None: no job-wide counter, or it cannot be used)
-    INCREMENT_RESTART_COUNT = "increment_restart_count"  # int | None: the job-wide count after adding one
-    RESTART_COUNT_ABOVE = "restart_count_above"  # int | None: the job-wide count once it exceeds
+    CLAIM_FAILURE_ROUND = "claim_failure_round"  # bool | None | StoreUnavailable: this node is the first of its
+    #   round to count a failure (None: there is no job-wide counter; StoreUnavailable: there is, but it did not answer)
+    INCREMENT_RESTART_COUNT = "increment_restart_count"  # int | StoreUnavailable: the job-wide count after adding one
+    RESTART_COUNT_ABOVE = "restart_count_above"  # int | None | StoreUnavailable: the job-wide count once it exceeds
     #   stepper.restart_count (the claimant's increment), or as it is when a short wait for that ran out
 
 
@@ -66,6 +78,8 @@ class Action(str, Enum):
     SUCCEED = "succeed"  # done: the workers succeeded (the exit barrier, if any, is behind)
     FAIL = "fail"  # the workers failed and the budget is spent: stop them, tell the peers, end the job
     PEER_FAILED_JOB = "peer_failed_job"  # a peer failed the job: stop, report its root cause, do not restart
+    RETRY_LATER = "retry_later"  # the workers failed, but the failure cannot be counted yet (the store does not
+    #   answer): restart nothing, and step again with the same state after ``retry_in`` seconds
     STORE_LOST = "store_lost"  # the store stayed unreachable past the outage window: end the agent with ``error``
 
 
@@ -77,6 +91,8 @@ class Decision:
     restart_count: int | None = None
     # STORE_LOST: the store error that ended it.
     error: BaseException | None = None
+    # RETRY_LATER: seconds until the driver steps again.
+    retry_in: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,11 @@ class AgentStepper:
         self._next_store_check = float("-inf")
         self._next_peer_failure_check = float("-inf")
         self._store_outage_since: float | None = None
+        # This node won the claim of its round's failure but could not increment the job-wide count yet: a retry
+        # must increment without claiming again (the claim is spent: a second one would say a peer counted it).
+        self._claim_won = False
+        # The job-wide count the last RESTART ran under: a floor for the next join's count (see joined).
+        self._restarted_under = 0
 
     @property
     def restarts_spent(self) -> int:
@@ -126,7 +147,12 @@ class AgentStepper:
         """
         self.round = round
         self.world_size = world_size
-        self.restart_count = restart_count if restart_count is not None else self.restarts_spent
+        # The job-wide count only grows: the larger of what the join saw and what this node already knew. (A node
+        # that lost its round's claim restarts under one more than it knew while the claimant may not have counted
+        # yet; a rejoin must not forget that.)
+        known = max(self.restart_count, self._restarted_under)
+        self.restart_count = max(known, restart_count if restart_count is not None else self.restarts_spent)
+        self._claim_won = False
         self._members = members
         self._members_by_count = members_by_count
 
@@ -169,8 +195,12 @@ class AgentStepper:
             # Our workers most likely broke because a peer gave up: restarting cannot help.
             return Decision(Action.PEER_FAILED_JOB, "workers failed after a peer failed the job")
         count = yield from self._spend_restart()
+        if isinstance(count, StoreUnavailable):
+            return self._failure_not_counted(count.error, clock.monotonic())
+        self._store_outage_since = None
         if count is None:
             return Decision(Action.FAIL, f"workers failed and max_restarts={self.max_restarts} is exhausted")
+        self._restarted_under = count
         return Decision(Action.RESTART, "workers failed", restart_count=count)
 
     def _on_healthy(self, clock: Clock) -> Generator[Ask, Any, Decision]:
@@ -201,16 +231,26 @@ class AgentStepper:
         """A membership restart: free of the restart budget."""
         return Decision(Action.REFORM, reason, restart_count=self.restart_count)
 
-    def _spend_restart(self) -> Generator[Ask, Any, int | None]:
-        """Count this failure against the budget; the job-wide count the restart runs under, None when spent."""
-        claimed = yield Ask.CLAIM_FAILURE_ROUND
+    def _spend_restart(self) -> Generator[Ask, Any, int | StoreUnavailable | None]:
+        """Count this failure against the budget: the job-wide count the restart runs under, None when the budget is
+        spent, StoreUnavailable when the job-wide counter did not answer (nothing spent: ask again later)."""
+        claimed = True if self._claim_won else (yield Ask.CLAIM_FAILURE_ROUND)
+        if isinstance(claimed, StoreUnavailable):
+            return claimed
         count = None
-        if claimed is not None:
+        if claimed:
             # One failure usually breaks every node's workers (their collectives fail): one count per round, by the
             # first node to claim it; the others take the count it made.
-            count = yield Ask.INCREMENT_RESTART_COUNT if claimed else Ask.RESTART_COUNT_ABOVE
-            if count is not None and not claimed:
-                count = max(count, self.restart_count + 1)
+            self._claim_won = True
+            count = yield Ask.INCREMENT_RESTART_COUNT
+            if isinstance(count, StoreUnavailable):
+                return count
+            self._claim_won = False
+        elif claimed is not None:
+            # A peer claimed the round and counts it: at least one more than this node knew, even if the count it
+            # made cannot be read (so this node's unanswered read never turns into a count of its own).
+            count = yield Ask.RESTART_COUNT_ABOVE
+            count = max(count if isinstance(count, int) else 0, self.restart_count + 1)
         if count is None:  # no job-wide counter: this agent's own countdown
             if self.remaining_restarts <= 0:
                 return None
@@ -230,16 +270,37 @@ class AgentStepper:
             return "participants changed (a node left right after the round completed)"
         return None
 
-    def _store_outage(self, error: BaseException, now: float) -> Decision:
-        """Healthy workers do not need the store; the membership check does. Retry it for up to the outage window."""
+    def _outage_over(self, now: float) -> bool:
+        """Whether the store has been unreachable for longer than the outage window (the outage starts now if new)."""
         if self._store_outage_since is None:
             self._store_outage_since = now
-        if now - self._store_outage_since > self.store_outage_window:
+        return now - self._store_outage_since > self.store_outage_window
+
+    def _outage_retry_in(self) -> float:
+        return min(0.5, max(self.store_outage_window / 10, 0.05))
+
+    def _store_outage(self, error: BaseException, now: float) -> Decision:
+        """Healthy workers do not need the store; the membership check does. Retry it for up to the outage window."""
+        if self._outage_over(now):
             return Decision(Action.STORE_LOST, f"store unreachable for more than {self.store_outage_window:g} s",
                             error=error)
-        self._next_store_check = now + min(0.5, max(self.store_outage_window / 10, 0.05))
+        self._next_store_check = now + self._outage_retry_in()
         return Decision(Action.KEEP_RUNNING, f"store unavailable for {now - self._store_outage_since:.1f} s "
                                              f"(giving up after {self.store_outage_window:.1f} s): {error}")
+
+    def _failure_not_counted(self, error: BaseException, now: float) -> Decision:
+        """The job-wide counter did not answer: the failure stays pending (see the module docstring)."""
+        if self._outage_over(now):
+            reason = (f"workers failed in round {self.round}, and the failure could not be counted against "
+                      f"max_restarts={self.max_restarts}: the store did not answer for more than "
+                      f"{self.store_outage_window:g} s (last error: {type(error).__name__}: {error})")
+            lost = RendezvousConnectionError(reason)
+            lost.__cause__ = error
+            return Decision(Action.STORE_LOST, reason, error=lost)
+        return Decision(Action.RETRY_LATER, f"workers failed; the failure is counted once the store answers (unavailable "
+                                            f"for {now - self._store_outage_since:.1f} s, giving up after "
+                                            f"{self.store_outage_window:.1f} s): {error}",
+                        retry_in=self._outage_retry_in())
 
 
 def drive(decision: Generator[Ask, Any, Decision], answer: Callable[[Ask], Any]) -> Decision:
