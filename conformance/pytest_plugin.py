@@ -1,5 +1,7 @@
 """pytest plugin: ``pytest --conformance-impl=elastic_impl|torch [--conformance-device=...]`` adds one item per row.
 
+Without test paths on the command line it runs only those items (see ``_rows_only``); with paths, their tests too.
+
 Loaded for every pytest run through the ``pytest11`` entry point, so module import stays cheap (no torch) and
 nothing happens unless ``--conformance-impl`` is given. Verdicts map onto outcomes: VIOLATION / NO-CHECK fail,
 SKIPPED skips (with the reason), CONFORMS, CLAIMED-UNSUPPORTED and UNDOCUMENTED-SUPPORT pass and carry the verdict
@@ -83,6 +85,17 @@ def _state(config: pytest.Config) -> dict:
     return state
 
 
+def _rows_only(config: pytest.Config) -> bool:
+    """``--conformance-impl`` and no test paths named: the run is the conformance rows alone, not also the tests
+    that ``testpaths`` (or the current directory) would collect -- the repository's whole suite, when run from its
+    root. Named paths are collected as usual, with the rows added."""
+    return bool(config.getoption("conformance_impl")) and config.args_source != pytest.Config.ArgsSource.ARGS
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None:
+    return True if _rows_only(config) else None
+
+
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselection sees the items
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     impl = config.getoption("conformance_impl")
@@ -104,7 +117,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError(f"{device.reason}; nothing certified")
     setattr(config, _STATE_KEY, {"adapter": adapter, "device": device})
     collector = ConformanceCollector.from_parent(session, name=f"conformance[{adapter.name}]", rows=rows)
-    items.extend(collector.collect())
+    items.extend(session.genitems(collector))  # through the collection hooks, so reports count the rows
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -61,3 +61,17 @@ def test_an_absent_device_is_a_usage_error_nothing_runs(tmp_path):
     assert proc.returncode == 4, proc.stdout[-2000:]  # device-free rows would otherwise pass "on npu"
     assert "npu: not available on this machine: torch_npu is not installed; nothing certified" in proc.stderr
     assert "passed" not in proc.stdout
+
+
+def test_the_readmes_command_collects_only_the_rows():
+    """README: ``pytest --conformance-impl=torch --conformance-device=cpu`` from the repository root. Named no paths,
+    it is the rows alone (seen failing before: 977 items, the repository's tests collected with the 104 rows)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *_plugin_args(), "-p", "no:cacheprovider", "-p", "no:xdist",
+         "--conformance-impl=torch", "--conformance-device=cpu", "--collect-only", "-q"],
+        capture_output=True, text=True, timeout=240, cwd=str(REPO_ROOT),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    items = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert len(items) == 104 and all("::conformance[torch]::" in line for line in items), proc.stdout[-2000:]
+    assert "104 tests collected" in proc.stdout
