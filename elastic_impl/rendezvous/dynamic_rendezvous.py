@@ -28,6 +28,12 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   the node's lease instead of rewriting the state, and the nodes the backend no longer lists as live are evicted
   (the state's timestamp is then only the node's join time: a node is given the expiry after joining before an
   absent liveness entry counts against it).
+- Store outages (not upstream). Silence only counts against a peer while this node could reach the store: nobody
+  can renew anything while the store is frozen or unreachable, and a frozen etcd revokes every lease that lapsed
+  when it thaws. A store call that fails, or that answers only after half the keep-alive interval (a stall), marks
+  an outage (:class:`StoreContact`, shared by a handler's two steppers, logged once at WARNING); no node is evicted
+  until the store has answered for a whole heartbeat expiry since, by which time every live peer has renewed.
+  Evictions themselves are logged at WARNING with their reason.
 - ``set_closed()`` closes the run: every node's next step raises ``RendezvousClosedError``. ``shutdown()`` also
   closes it (as upstream does: it is what a launcher calls when the job ends). ``leave()`` (an extension) only
   removes this node; survivors re-form without it and the run stays open.
@@ -105,6 +111,7 @@ __all__ = [
     "RendezvousStepper",
     "RendezvousTimeout",
     "StepResult",
+    "StoreContact",
     "create_handler",
 ]
 
@@ -343,6 +350,37 @@ class StepResult:
     world_size: int | None = None
 
 
+class StoreContact:
+    """When a node last lost contact with its store: a store call failed, or answered only after a stall.
+
+    Shared by the steppers of one handler (the agent's and the keep-alive's), since either may be the one that
+    was blocked in the store while it was frozen, and either may evict.
+    """
+
+    def __init__(self) -> None:
+        self.lost_at = float("-inf")
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def stall_seconds(settings: RendezvousSettings) -> float:
+        """A store call slower than this counts as an outage: half the smaller of the keep-alive interval and the
+        expiry (a slower store could let a live peer's renewal lapse; a faster one cannot)."""
+        return min(settings.keep_alive_seconds, settings.heartbeat_expiry_seconds) / 2
+
+    def lost(self, mono: float, settings: RendezvousSettings, why: str) -> None:
+        with self._lock:
+            first = mono - self.lost_at > settings.heartbeat_expiry_seconds
+            self.lost_at = max(self.lost_at, mono)
+        if first:
+            logger.warning(
+                "rendezvous %s: lost contact with the store (%s); no node is evicted for silence until the store has "
+                "answered for %.1f s", settings.run_id, why, settings.heartbeat_expiry_seconds,
+            )
+
+    def in_contact_for(self, mono: float) -> float:
+        return mono - self.lost_at
+
+
 class RendezvousStepper:
     """Non-blocking driver of the rendezvous state machine for one node.
 
@@ -370,6 +408,7 @@ class RendezvousStepper:
         poll_interval: float | None = None,
         max_poll_interval: float | None = None,
         versioned_reads: bool = True,
+        store_contact: StoreContact | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -425,6 +464,10 @@ class RendezvousStepper:
         # slot's beat, a round's claim), the value this node last saw and when (its clock.monotonic()) it first
         # saw that value. Something is stale once the same value has been seen for longer than the expiry.
         self._observed: dict[Any, tuple[Any, float, bool]] = {}  # what -> (value, first seen, changed while seen)
+        # When this node last failed to reach the store, or waited on it for too long (shared by the steppers of one
+        # handler): see "Store outages" in the module notes.
+        self.store_contact = store_contact if store_contact is not None else StoreContact()
+        self._step_began = float("-inf")
 
     def _observe(self, what: Any, value: Any) -> tuple[float, bool]:
         """How long (this node's monotonic seconds) ``what`` has shown ``value`` (0 the first time it shows it),
@@ -520,13 +563,21 @@ class RendezvousStepper:
     def step(self, op: str) -> StepResult:
         if op not in STEP_OPS:
             raise ValueError(f"unknown rendezvous step op {op!r}; allowed: {', '.join(STEP_OPS)}")
+        self._step_began = began = self.clock.monotonic()
+        result = self._step(op)
+        ended = self.clock.monotonic()
+        if ended - began > self.store_contact.stall_seconds(self.settings):
+            self.store_contact.lost(ended, self.settings, f"the store took {ended - began:.1f} s to answer")
+        return result
+
+    def _step(self, op: str) -> StepResult:
         if op == "join" and self._slot is not None:
             return self._step_announced()
         if op == "leave" and self._slot is not None:
             try:
                 self._withdraw()
             except RendezvousError as e:
-                return StepResult(done=False, error=e)
+                return self._store_failed(e)
         self._announce_round = None
         self._cleanup_round = None
         try:
@@ -537,7 +588,7 @@ class RendezvousStepper:
                 self._refresh_live()
             got = self._read(op)
         except RendezvousError as e:
-            return StepResult(done=False, error=e)
+            return self._store_failed(e)
         token = None
         state = RendezvousState()
         if got is not None:
@@ -556,7 +607,7 @@ class RendezvousStepper:
             try:
                 written = self.backend.set_state(blob, token)
             except RendezvousError as e:
-                return StepResult(done=False, error=e)
+                return self._store_failed(e)
             self._cached = None
             self.seen_version = None
             if written is None or not written[2]:
@@ -592,6 +643,21 @@ class RendezvousStepper:
             # Decisions are made on clock.time(); callers wait on clock.monotonic().
             result.wait_until = mono + max(0.0, result.wait_until - now)
         return result
+
+    # ------------------------------------------------------------------ store outages
+
+    def _store_failed(self, error: RendezvousError) -> StepResult:
+        self.store_contact.lost(self.clock.monotonic(), self.settings, f"{type(error).__name__}: {error}")
+        return StepResult(done=False, error=error)
+
+    def _may_evict(self) -> bool:
+        """Whether silence may count as death now: this node has been in contact with the store for a whole
+        heartbeat expiry (this step's store calls included), so every peer has had that long to show a sign of life."""
+        mono = self.clock.monotonic()
+        waited = mono - self._step_began
+        if waited > self.store_contact.stall_seconds(self.settings):
+            self.store_contact.lost(mono, self.settings, f"the store took {waited:.1f} s to answer")
+        return self.store_contact.in_contact_for(mono) > self.settings.heartbeat_expiry_seconds
 
     # ------------------------------------------------------------------ decisions (pure: state in, state out)
 
@@ -755,7 +821,7 @@ class RendezvousStepper:
             self.backend.key_set(self._k(round_, f"a{slot}"), self.node.key.encode())
             self.backend.key_set(self._k(round_, f"h{slot}"), repr(now).encode())
         except RendezvousError as e:
-            return StepResult(done=False, error=e)
+            return self._store_failed(e)
         self._slot, self._slot_beat = (round_, slot), self.clock.monotonic()
         self._events = []
         self._note("rdzv.join", f"joined round {round_}")
@@ -809,7 +875,7 @@ class RendezvousStepper:
                 return StepResult(done=False, wait_until=mono + self.poll_interval)
             got = self._read("join")
         except RendezvousError as e:
-            return StepResult(done=False, error=e)
+            return self._store_failed(e)
         state = RendezvousState.from_bytes(got[0]) if got is not None else RendezvousState()
         self.state = state
         if state.closed:
@@ -833,7 +899,7 @@ class RendezvousStepper:
                     or self._may_be_reformed(round_, arrived, state)):
                 return self._try_complete(round_, arrived, claim, state, got, now, mono, deadline)
         except RendezvousError as e:
-            return StepResult(done=False, error=e)
+            return self._store_failed(e)
         poll_until = now + self._next_poll_delay()
         wait_until = min(deadline, poll_until) if deadline is not None else poll_until
         return StepResult(done=False, wait_until=mono + max(0.0, wait_until - now))
@@ -854,9 +920,9 @@ class RendezvousStepper:
             if name is None or name == b"-" or beat is None:
                 continue  # not written yet, or withdrawn
             silent, changed = self._observe(("slot", round_, j + 1), beat)
-            if silent > expiry:
+            if silent > expiry and self._may_evict():
                 continue  # the same beat for longer than the expiry, on this node's clock: dead
-            if not changed and now - float(beat) > expiry and name != me.encode():
+            if (silent > expiry or (not changed and now - float(beat) > expiry)) and name != me.encode():
                 # Old by the wall clock but never watched: dead, or alive with a skewed clock. Watch it (at most the
                 # expiry) rather than drop a live node or admit a dead one.
                 suspects.append(name.decode())
@@ -1001,8 +1067,10 @@ class RendezvousStepper:
             dead = [k for k, quiet in silent.items() if quiet > expiry]
             # Nodes present without a heartbeat entry cannot be judged; they are removed with their first heartbeat lapse.
             why = f"heartbeat unchanged for > {expiry} s"
+        if dead and not self._may_evict():
+            return False  # the store itself was silent lately: so was everyone
         for key in dead:
-            logger.info("rendezvous %s: evicting node %s (%s)", self.settings.run_id, key, why)
+            logger.warning("rendezvous %s: evicting node %s (%s)", self.settings.run_id, key, why)
             self._remove(s, key)
             self._note("rdzv.evict", f"evicted {key} at round {s.round} ({why})")
         return bool(dead)
@@ -1079,7 +1147,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._backend = backend
         self._clock = clock
         self._local_addr = local_addr
-        self._stepper = RendezvousStepper(backend, settings, node, clock)
+        # One view of store outages for both of this node's steppers (see StoreContact).
+        self._store_contact = StoreContact()
+        self._stepper = RendezvousStepper(backend, settings, node, clock, store_contact=self._store_contact)
         # Re-entrant: leave() may run in a signal handler that interrupted a step on the same thread.
         self._lock = threading.RLock()
         self._keep_alive_stop = threading.Event()
@@ -1208,6 +1278,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 logger.debug("rendezvous %s: heartbeats share the agent's connection (%s)", self._settings.run_id, e)
                 backend = self._backend
             self._keep_alive_stepper = RendezvousStepper(backend, self._settings, self._node, self._clock,
+                                                         store_contact=self._store_contact,
                                                          versioned_reads=False)
         self._keep_alive_stop.clear()
         self._keep_alive_thread = threading.Thread(

@@ -777,3 +777,110 @@ def test_a_new_node_arriving_while_members_reform_keeps_the_last_call(memory_bac
     results = drive_join([newcomer, a, b], clock)
     assert {r.world_size for r in results.values()} == {3}
     assert clock.now - start >= 5.0, "a round with a new node completed before its last call ended"
+
+
+# ---------------------------------------------------------------- store outages (issue 13.3)
+#
+# Nobody can renew anything while the store is frozen or unreachable: that silence must not evict anyone.
+
+
+_STORE_CALLS = ("get_state", "set_state", "state_version", "heartbeat", "live_nodes")
+
+
+def _freeze_next_read(backend, clock, seconds: float) -> None:
+    """The next store call blocks for ``seconds`` (the store is frozen), then answers."""
+    originals = {name: getattr(backend, name) for name in _STORE_CALLS if hasattr(backend, name)}
+
+    def frozen(original):
+        def call(*args, **kwargs):
+            for name, method in originals.items():
+                setattr(backend, name, method)
+            clock.advance(seconds)
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, method in originals.items():
+        setattr(backend, name, frozen(method))
+
+
+def _fail_reads_until(backend, clock, until: float) -> None:
+    """Every store call fails (store unreachable) until the manual clock reaches ``until``."""
+    from elastic_impl.rendezvous.api import RendezvousConnectionError
+
+    def unreachable(original):
+        def call(*args, **kwargs):
+            if clock.now < until:
+                raise RendezvousConnectionError("store unreachable")
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in _STORE_CALLS:
+        if hasattr(backend, name):
+            setattr(backend, name, unreachable(getattr(backend, name)))
+
+
+def _beat_both(a, b, clock, seconds: float, step: float = 0.5) -> None:
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.advance(step)
+        a.step("keep_alive")
+        b.step("keep_alive")
+
+
+def test_a_frozen_store_evicts_nobody(memory_backend, clock):
+    _frozen_store_evicts_nobody(memory_backend, clock)
+
+
+def test_a_frozen_store_lets_no_lease_lapse_count(leased_backend, clock):
+    _frozen_store_evicts_nobody(leased_backend, clock)
+
+
+def _frozen_store_evicts_nobody(backend, clock):
+    settings = make_settings(min_nodes=2, max_nodes=2, keep_alive=1.0, attempts=3)
+    a, b = make_steppers(backend, clock, settings, 2)
+    drive_join([a, b], clock)
+    _beat_both(a, b, clock, 2.0)
+    a.step("sync")  # a has seen b's last stamp before the store froze
+    _freeze_next_read(backend, clock, 10.0)  # > the 3 s expiry: every lease and stamp looks lapsed after it
+    a.step("keep_alive")
+    # b's own call went out during the freeze too and came back at the thaw (steps run one at a time here).
+    _freeze_next_read(backend, clock, 1.0)
+    b.step("keep_alive")
+    _beat_both(a, b, clock, 6.0)
+    assert sorted(state_of(backend).participants) == sorted([a.node.key, b.node.key])
+
+
+def test_an_unreachable_store_evicts_nobody_and_a_real_death_after_it_still_counts(memory_backend, clock):
+    _unreachable_store_evicts_nobody(memory_backend, clock)
+
+
+def test_an_unreachable_store_lets_no_lease_lapse_count(leased_backend, clock):
+    _unreachable_store_evicts_nobody(leased_backend, clock)
+
+
+def _unreachable_store_evicts_nobody(backend, clock):
+    settings = make_settings(min_nodes=1, max_nodes=2, keep_alive=1.0, attempts=3)
+    a, b = make_steppers(backend, clock, settings, 2)
+    drive_join([a, b], clock)
+    _beat_both(a, b, clock, 2.0)
+    back_at = clock.now + 10.0
+    _fail_reads_until(backend, clock, back_at)
+    while clock.now + 0.5 < back_at:  # a keeps trying; b (same store) cannot renew either
+        clock.advance(0.5)
+        assert a.step("keep_alive").error is not None
+    last_failure = clock.now
+    clock.advance(1.0)
+    assert a.step("keep_alive").error is None
+    assert b.node.key in state_of(backend).participants, "a peer was evicted for the store's silence"
+    # b really died at the outage: it is evicted once the store has answered for a whole expiry (3 s), not before.
+    while clock.now + 0.5 <= last_failure + 3.0:
+        clock.advance(0.5)
+        a.step("keep_alive")
+    assert b.node.key in state_of(backend).participants
+    # (by observation, b's silence counts from when a first saw its last stamp, up to one step later)
+    for _ in range(4):
+        clock.advance(0.5)
+        a.step("keep_alive")
+    assert b.node.key not in state_of(backend).participants

@@ -170,7 +170,8 @@ def test_store_restart_and_delay_and_clock_skew_are_survived():
         {"at": 3.0, "fault": "clock_skew", "node": 2, "seconds": 0.3, "duration": 2.0},
         {"at": 3.2, "fault": "kill_worker", "node": 2, "rank": 1},
     ]
-    result = run_checked(scenario(faults=faults))
+    # Long enough to outlast the last fault (the restart re-forms without a last call now: a 3 s job ends first).
+    result = run_checked(scenario(faults=faults, job={"steps": 12, "step_seconds": 0.5}))
     assert len(result.history.filter(h.FAULT_END)) == 3
     assert result.outcome == "succeeded"
 
