@@ -1,4 +1,4 @@
-"""Fixtures for rendezvous tests: a manual clock, an in-memory backend, real TCPStores and node processes."""
+"""Fixtures for rendezvous tests: a manual clock, an in-memory backend, node processes (tcp_store: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -48,18 +48,6 @@ def memory_backend(request):
     backend = InMemoryRendezvousBackend()
     backend.keyed = request.param == "keyed"
     return backend
-
-
-@pytest.fixture
-def tcp_store():
-    """A real TCPStore server on a free loopback port (short timeout), deleted at the end."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5), multi_tenant=False, use_libuv=True)
-    yield store
-    del store
 
 
 class NodeProcesses:
