@@ -34,6 +34,7 @@ from elastic_impl.agent.server.health_check_server import (  # noqa: F401 -- ups
 from elastic_impl.metrics.api import prof  # noqa: F401 -- upstream exposes it here
 from elastic_impl.multiprocessing import LogsSpecs, PContext, start_processes  # noqa: F401 -- upstream exposes them here
 from elastic_impl.multiprocessing.api import signals_to_handle_from_env
+from elastic_impl.multiprocessing.prewarm import WorkerPool, preload_from_env, prewarm_from_env, serving
 from elastic_impl.utils import macros  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.process_state import (  # noqa: F401 -- upstream exposes them here
@@ -108,6 +109,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         shutdown_timeout: int | float | None = None,
         health_check_server: Any = None,
         uninterruptible_state_timeout: float | None = None,
+        prewarm: bool | None = None,
     ) -> None:
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError(f"invalid start_method: {start_method!r} (allowed: spawn, fork, forkserver)")
@@ -125,6 +127,12 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._signal_event = threading.Event()
         self._timer_server = None
         self._timer_file: str | None = None
+        # Beyond upstream: pre-warmed worker interpreters (elastic_impl.multiprocessing.prewarm); None reads
+        # ELASTIC_IMPL_PREWARM. Checked here so a bad value or preload list fails before the rendezvous.
+        self._prewarm = prewarm_from_env() if prewarm is None else bool(prewarm)
+        if self._prewarm:
+            preload_from_env()
+        self._pool: WorkerPool | None = None
 
     # ------------------------------------------------------------------ signals
 
@@ -133,9 +141,17 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._signal_event.clear()
         watcher = threading.Thread(target=self._watch_signals, name="agent-signal-watcher", daemon=True)
         watcher.start()
+        if self._prewarm and self._pool is None:
+            # Started before the rendezvous, so the preload (import torch) overlaps it.
+            self._pool = WorkerPool.for_entrypoint(self._worker_group.spec.entrypoint, self._worker_group.spec.args)
+            if self._pool is not None:
+                self._pool.start()
         try:
             return super().run(role)
         finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.close()
             self._restore_signal_handlers()
             self._signal_event.set()  # ends the watcher
             # Never return (and let the interpreter exit) while the watcher is inside a store call: a daemon thread
@@ -281,7 +297,15 @@ class LocalElasticAgent(SimpleElasticAgent):
         envs = self._worker_envs(worker_group)
         self._setup_timer_server(envs)
         args = {w.local_rank: _substitute_local_rank(tuple(spec.args), w.local_rank) for w in worker_group.workers}
-        self._pcontext = start_processes(
+        with serving(self._pool):
+            self._pcontext = self._start_processes(spec, args, envs, worker_group)
+        # When one worker fails the context stops the others itself: with our grace, not a fixed 30 s.
+        self._pcontext.failure_close_timeout = self._shutdown_timeout
+        self._install_signal_handlers()
+        return self._pcontext.pids()
+
+    def _start_processes(self, spec: WorkerSpec, args: dict, envs: dict, worker_group: WorkerGroup) -> PContext:
+        return start_processes(
             name=spec.role,
             entrypoint=spec.entrypoint,
             args=args,
@@ -293,13 +317,11 @@ class LocalElasticAgent(SimpleElasticAgent):
             duplicate_stdout_filters=spec.duplicate_stdout_filters,
             duplicate_stderr_filters=spec.duplicate_stderr_filters,
         )
-        # When one worker fails the context stops the others itself: with our grace, not a fixed 30 s.
-        self._pcontext.failure_close_timeout = self._shutdown_timeout
-        self._install_signal_handlers()
-        return self._pcontext.pids()
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         self._close_pcontext(signal.SIGTERM, self._shutdown_timeout)
+        # Beyond upstream: marks the end of the stop phase (the benchmarks' recovery breakdown reads it).
+        self._emit("agent.workers_stopped", round=self._rdzv_round, restart_count=self._restart_count)
 
     def _close_pcontext(self, death_sig: signal.Signals, timeout: float) -> None:
         pcontext, self._pcontext = self._pcontext, None

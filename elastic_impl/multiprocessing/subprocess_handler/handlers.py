@@ -13,5 +13,11 @@ def get_subprocess_handler(
     local_rank_id: int,
     numa_options: object | None = None,
 ) -> SubprocessHandler:
-    return SubprocessHandler(entrypoint=entrypoint, args=args, env=env, stdout=stdout, stderr=stderr,
-                             local_rank_id=local_rank_id, numa_options=numa_options)
+    from elastic_impl.multiprocessing import prewarm
+
+    options = dict(entrypoint=entrypoint, args=args, env=env, stdout=stdout, stderr=stderr,
+                   local_rank_id=local_rank_id, numa_options=numa_options)
+    pool = prewarm.current_pool()
+    if pool is not None:  # an agent with pre-warmed interpreters is starting its workers (prewarm.serving)
+        return prewarm.PrewarmedSubprocessHandler(pool, **options)
+    return SubprocessHandler(**options)

@@ -1,0 +1,43 @@
+"""elastic-run --prewarm end to end: the same job, with and without pre-warmed worker interpreters, gives the workers
+the same view of how they were started, the same error file and the same exit code, restart included."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launcher.conftest import needs_runtime
+
+PROBE = Path(__file__).resolve().parents[1] / "multiprocessing" / "prewarm_scripts" / "probe_worker.py"
+pytestmark = [needs_runtime, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")]
+
+
+def _job(launcher, tmp_path: Path, prewarm: bool) -> tuple[int, str, list[dict]]:
+    logs = tmp_path / ("warm" if prewarm else "fresh")
+    argv = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1",
+            "--log-dir", str(logs), "--redirects", "3", *(["--prewarm"] if prewarm else []), str(PROBE), "slow-raise"]
+    proc = launcher.start(argv, name="warm" if prewarm else "fresh", ELASTIC_IMPL_PREWARM_PRELOAD="colorsys")
+    code = launcher.wait(proc, 180)
+    _, err = launcher.output(proc)
+    observed = []
+    for path in sorted(logs.glob("*/attempt_*/*/stdout.log")):
+        seen = json.loads(path.read_text().splitlines()[0])
+        seen["env"] = {k: "/".join(v.split("/")[-3:]) for k, v in seen["env"].items()}  # below the random run dir
+        seen.pop("ppid")  # each job's own agent
+        observed.append(seen)
+    return code, err, observed
+
+
+def test_prewarmed_job_is_indistinguishable_to_its_workers(launcher, tmp_path):
+    fresh_code, fresh_err, fresh = _job(launcher, tmp_path, prewarm=False)
+    warm_code, warm_err, warm = _job(launcher, tmp_path, prewarm=True)
+    assert len(fresh) == len(warm) == 4  # 2 workers x (first attempt + 1 restart)
+    assert [w.pop("colorsys_preloaded") for w in warm] == [True] * 4  # every start, restart too, was a fork
+    assert [f.pop("colorsys_preloaded") for f in fresh] == [False] * 4
+    assert warm == fresh
+    assert warm_code == fresh_code == 1
+    # The launcher's failure summary names the same root cause, read from the workers' error files.
+    assert "RuntimeError: probe failed on purpose" in warm_err and "RuntimeError: probe failed on purpose" in fresh_err

@@ -1,0 +1,150 @@
+"""Pre-warmed worker interpreters: a worker forked from the pool is indistinguishable to its script from a fresh
+``python -u script.py`` (real processes, real fork server); anything the pool cannot reproduce starts fresh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from elastic_impl.multiprocessing import DefaultLogsSpecs, Std, start_processes
+from elastic_impl.multiprocessing.api import SubprocessContext
+from elastic_impl.multiprocessing.prewarm import ForkedProcess, WorkerPool, prewarm_from_env, serving
+
+SCRIPTS = Path(__file__).resolve().parent / "prewarm_scripts"
+PROBE = SCRIPTS / "probe_worker.py"
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pre-warmed workers are Linux only")
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    # The probe imports elastic_impl; preloading json (not torch) keeps the test fast. PYTHONPATH is set before the
+    # pool starts, so the workers' environment differs from the pool's only in what the launcher sets per worker.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SCRIPTS.parents[2]), os.environ.get("PYTHONPATH")])))
+    # Started by each test (``_warm``), not here: pytest changes PYTEST_CURRENT_TEST between setup and call, and a
+    # worker environment that differs from the pool's in anything but per-worker variables starts fresh.
+    warm = WorkerPool(preload=["json"])
+    yield warm
+    warm.close()
+
+
+def _warm(pool: WorkerPool) -> WorkerPool:
+    pool.start()
+    assert pool.wait_ready(60) is None
+    return pool
+
+
+def _run(tmp_path: Path, args: tuple, pool: WorkerPool | None, name: str, how: str = "ok"):
+    args = (*args, how, "b c")
+    with serving(pool):
+        ctx = start_processes(name=name, entrypoint=sys.executable, args={0: args}, envs={0: {"RANK": "5", "LOCAL_RANK": "0"}},
+                              logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path / name), redirects=Std.ALL))
+    try:
+        result = ctx.wait(60, period=0.05)
+        assert result is not None, "worker did not finish"
+        assert isinstance(ctx, SubprocessContext)
+        proc_type = type(ctx.subprocess_handlers[0].proc)
+        out = Path(result.stdouts[0]).read_text()
+        err = Path(result.stderrs[0]).read_text()
+        failure = result.failures.get(0)
+        error_file = None
+        if failure is not None and failure.error_file and os.path.exists(failure.error_file):
+            error_file = json.loads(Path(failure.error_file).read_text())["message"]["message"]
+        return {
+            "observed": json.loads(out.splitlines()[0]),
+            "stderr": err,
+            "exitcode": failure.exitcode if failure else 0,
+            "error_file_message": error_file,
+        }, proc_type
+    finally:
+        ctx.close(timeout=5)
+
+
+def _comparable(run: dict, tmp_path: Path, name: str) -> dict:
+    # The error file is in the context's own (randomly named) log directory; compare where in it.
+    observed = dict(run["observed"])
+    observed["env"] = {k: "/".join(v.split("/")[-3:]) for k, v in observed["env"].items()}
+    return {**run, "observed": observed}
+
+
+@pytest.mark.parametrize("how", ["ok", "raise", "exit3", "interrupt", "sigterm"])
+@pytest.mark.parametrize("as_module", [False, True], ids=["script", "module"])
+def test_forked_worker_sees_what_a_fresh_one_sees(tmp_path, monkeypatch, pool, how, as_module):
+    monkeypatch.chdir(SCRIPTS if as_module else tmp_path)
+    _warm(pool)
+    args = ("-u", "-m", "probe_worker") if as_module else ("-u", str(PROBE))
+    fresh, fresh_type = _run(tmp_path, args, None, "fresh", how)
+    forked, forked_type = _run(tmp_path, args, pool, "forked", how)
+    assert (fresh_type.__name__, forked_type) == ("Popen", ForkedProcess)  # really one of each
+    assert pool.forked == 1
+    assert _comparable(forked, tmp_path, "forked") == _comparable(fresh, tmp_path, "fresh")
+    expected = {"ok": 0, "raise": 1, "exit3": 3, "interrupt": -signal.SIGINT, "sigterm": -signal.SIGTERM}[how]
+    assert forked["exitcode"] == expected
+    assert forked["observed"]["ppid"] == os.getpid() and forked["observed"]["own_session"]
+    if how == "raise":
+        assert forked["error_file_message"] == "RuntimeError: probe failed on purpose"
+        assert "_zygote" not in forked["stderr"]  # the traceback is the script's own, as in a fresh interpreter
+
+
+def test_forked_worker_has_the_preloaded_modules_and_is_stopped_like_a_fresh_one(tmp_path, pool):
+    script = tmp_path / "sleeper.py"
+    script.write_text("import sys, time\nprint('json' in sys.modules, flush=True)\ntime.sleep(60)\n")
+    _warm(pool)
+    with serving(pool):
+        ctx = start_processes(name="sleep", entrypoint=sys.executable, args={0: ("-u", str(script))},
+                              envs={0: {"RANK": "0"}}, logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path / "logs"),
+                                                                                 redirects=Std.ALL))
+    try:
+        assert ctx.wait(1, period=0.05) is None  # still running
+        pid = ctx.pids()[0]
+        assert os.getpgid(pid) == pid
+    finally:
+        ctx.close(timeout=5)
+    assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped by the context, as a Popen child
+    assert Path(ctx.stdouts[0]).read_text() == "True\n"
+
+
+def test_what_the_pool_cannot_reproduce_starts_fresh_and_is_logged_once(tmp_path, pool, caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, logger="elastic_impl.multiprocessing.prewarm")
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello')\n")
+    _warm(pool)
+    monkeypatch.setenv("PYTHONHASHSEED", "7")  # read at interpreter start: the pool's interpreter has another one
+    for _ in range(2):
+        assert pool.spawn(sys.executable, ["-u", str(script)], dict(os.environ), None, None) is None
+    assert pool.spawn("/bin/echo", ["hi"], dict(os.environ), None, None) is None
+    assert pool.spawn(sys.executable, ["-X", "dev", str(script)], dict(os.environ), None, None) is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "'PYTHONHASHSEED'" in m]) == 1  # once, however often it happens
+    assert any("'/bin/echo' is not the pool's interpreter" in m for m in messages)
+    assert any("interpreter options ['-X'] differ from the pool's ['-u']" in m for m in messages)
+    assert pool.forked == 0
+
+
+def test_agent_skips_the_pool_for_binaries_and_functions(caplog):
+    caplog.set_level(logging.WARNING, logger="elastic_impl.multiprocessing.prewarm")
+    assert WorkerPool.for_entrypoint("/bin/echo", ["hi"]) is None
+    assert WorkerPool.for_entrypoint(print, []) is None
+    assert WorkerPool.for_entrypoint(sys.executable, ["-u", str(PROBE)]) is not None
+    assert "fresh interpreter" in caplog.text
+
+
+def test_a_preload_that_fails_makes_workers_start_fresh(tmp_path):
+    with WorkerPool(preload=["no_such_module_anywhere"]) as broken:
+        reason = broken.wait_ready(60)
+        assert reason and "no_such_module_anywhere" in reason
+        assert broken.spawn(sys.executable, ["-u", str(PROBE)], dict(os.environ), None, None) is None
+
+
+def test_bad_prewarm_setting_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("ELASTIC_IMPL_PREWARM", "maybe")
+    with pytest.raises(ValueError, match=r"^invalid ELASTIC_IMPL_PREWARM: 'maybe' \(allowed: 1/true"):
+        prewarm_from_env()
+    monkeypatch.setenv("ELASTIC_IMPL_PREWARM_PRELOAD", "torch,no way")
+    with pytest.raises(ValueError, match="'no way' is not a module name"):
+        WorkerPool()
