@@ -84,6 +84,43 @@ def _node_worker(out_dir: str, late_group_rank: str, late_seconds: str, full_wor
     return 0
 
 
+def _tee_run(log_dir: str) -> int:
+    """start_processes with redirects=ALL, tee=ALL: the worker's lines must reach the log files and this console."""
+    mp = impl_module("multiprocessing")
+    logs = impl_module("multiprocessing.api").DefaultLogsSpecs(log_dir=log_dir, redirects=mp.Std.ALL,
+                                                                  tee=mp.Std.ALL)
+    pctx = mp.start_processes(name="tee", entrypoint=sys.executable,
+                              args={0: ("-m", "conformance.workers", "echo", "teed-line")},
+                              envs={0: {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}, logs_specs=logs)
+    try:
+        result = None
+        while result is None:
+            result = pctx.wait(timeout=1)
+    finally:
+        pctx.close()
+    return 1 if result.is_failed() else 0
+
+
+def _rdzv_node(port: str, run_id: str, keep_alive_interval: str, keep_alive_max_attempt: str) -> int:
+    """One node of a c10d rendezvous (min 2, max 2) in its own process, so the check can SIGKILL it mid-run."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    dr = impl_module("rendezvous.dynamic_rendezvous")
+    store = TCPStore("127.0.0.1", int(port), is_master=False, timeout=timedelta(seconds=30))
+    backend = impl_module("rendezvous.c10d_rendezvous_backend").C10dRendezvousBackend(store, run_id)
+    handler = dr.DynamicRendezvousHandler.from_backend(
+        run_id=run_id, store=store, backend=backend, min_nodes=2, max_nodes=2,
+        timeout=dr.RendezvousTimeout(join=timedelta(seconds=30)), keep_alive_interval=int(keep_alive_interval),
+        keep_alive_max_attempt=int(keep_alive_max_attempt))
+    print("joining", flush=True)
+    info = handler.next_rendezvous()
+    print(f"joined rank {info.rank} of {info.world_size}", flush=True)
+    time.sleep(60)  # heartbeating until killed
+    return 0
+
+
 def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
     import torch
     import torch.distributed as dist
@@ -207,6 +244,10 @@ def main(argv: list[str]) -> int:
         return _agent_worker(*args)
     if mode == "node_worker":
         return _node_worker(*args)
+    if mode == "tee_run":
+        return _tee_run(*args)
+    if mode == "rdzv_node":
+        return _rdzv_node(*args)
     if mode == "allreduce":
         return _allreduce(*args)
     if mode == "filetimer":

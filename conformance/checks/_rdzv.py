@@ -16,13 +16,18 @@ def timeout(ctx, join: float = 20, last_call: float = 0.3, close: float = 5, hea
     )
 
 
-def c10d_handler(ctx, run_id: str, min_nodes: int = 1, max_nodes: int = 1, **timeouts):
-    """A DynamicRendezvousHandler on a C10dRendezvousBackend, each on its own connection to the shared store."""
+def c10d_handler(ctx, run_id: str, min_nodes: int = 1, max_nodes: int = 1, keep_alive: tuple[int, int] = (5, 3),
+                 **timeouts):
+    """A DynamicRendezvousHandler on a C10dRendezvousBackend, each on its own connection to the shared store.
+
+    ``keep_alive``: (interval in whole seconds, attempts): a node silent for their product is dead (upstream's
+    defaults: 5 s x 3).
+    """
     store = ctx.resources.tcp_store_client()
     backend = ctx.get("rendezvous.c10d_rendezvous_backend.C10dRendezvousBackend")(store, run_id)
     handler = ctx.get(f"{DR}.DynamicRendezvousHandler").from_backend(
         run_id=run_id, store=store, backend=backend, min_nodes=min_nodes, max_nodes=max_nodes,
-        timeout=timeout(ctx, **timeouts),
+        timeout=timeout(ctx, **timeouts), keep_alive_interval=keep_alive[0], keep_alive_max_attempt=keep_alive[1],
     )
     ctx.add_cleanup(handler.shutdown)
     return handler

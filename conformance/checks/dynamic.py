@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
 import time
 from datetime import timedelta
 
@@ -9,6 +13,10 @@ from conformance.checks._rdzv import c10d_handler, in_threads, timeout
 from conformance.registry import check
 
 DR = "rendezvous.dynamic_rendezvous"
+# Keep-alive interval (whole seconds: upstream's type) and attempts: a node silent for 3 s is dead. Fewer attempts
+# make a node that heartbeats once per ~1 s poll look dead to itself under load.
+KEEP_ALIVE = (1, 3)
+LAST_CALL_S = 3.5  # longer than that expiry, so a node judging staleness by its own clock evicts in time
 
 
 def _memory_backend_class(ctx):
@@ -149,14 +157,67 @@ def timeout_close(ctx) -> None:
     _timeout_property(ctx, "close", 30)
 
 
-@check(f"{DR}.RendezvousTimeout.heartbeat")
+@check(f"{DR}.RendezvousTimeout.heartbeat", timeout=60)
 def timeout_heartbeat(ctx) -> None:
     _timeout_property(ctx, "heartbeat", 5)
+    # Behaviour (heartbeat expiry): a participant (a process waiting for a 2-node round) is SIGKILLed and stops
+    # heartbeating; once its last heartbeat is older than keep_alive_interval x keep_alive_max_attempt (here 1 s x 3)
+    # it is evicted, so a node joining later (min 1, max 3) completes the round at the end of its last call alone
+    # instead of counting the dead node in (world size 2).
+    run_id = ctx.run_id("evict")
+    port = str(ctx.resources.tcp_store().port)
+    entry, args = ctx.worker_command("rdzv_node", port, run_id, *map(str, KEEP_ALIVE))
+    peer = subprocess.Popen([entry, *args], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **ctx.worker_env()}, cwd=str(ctx.tmpdir))
+    ctx.add_cleanup(lambda: _kill_group(peer))
+    _expect_line(ctx, peer, "joining", 60)
+    time.sleep(1)  # it joins and heartbeats (a participant of the open round)
+    _kill_group(peer)
+    # Its last heartbeat (written at most one poll, ~1 s, before the kill) is stale after this; upstream counts a
+    # stale node it has not evicted yet into a join for good, so the survivor must not arrive earlier.
+    expiry = KEEP_ALIVE[0] * KEEP_ALIVE[1]
+    time.sleep(expiry + 1)
+    survivor = c10d_handler(ctx, run_id, 1, 3, keep_alive=KEEP_ALIVE, join=20, last_call=LAST_CALL_S)
+    started = time.monotonic()
+    info = survivor.next_rendezvous()
+    ctx.expect_equal((info.rank, info.world_size), (0, 1),
+                     f"(rank, world size) of a node joining {expiry + 1} s after the only other participant was "
+                     f"killed (keep-alive {KEEP_ALIVE[0]} s x {KEEP_ALIVE[1]}): the dead node was not evicted")
+    waited = time.monotonic() - started
+    ctx.expect(waited >= LAST_CALL_S * 0.9, f"the lone node completed after {waited:.2f} s, before its last call")
 
 
-@check(f"{DR}.RendezvousTimeout.join")
+def _kill_group(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _expect_line(ctx, proc, prefix: str, timeout_s: float) -> None:
+    """Wait for a line starting with ``prefix`` on ``proc``'s stdout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(prefix):
+            return
+    ctx.expect(False, f"the peer process did not print {prefix!r} within {timeout_s} s (exit {proc.poll()})")
+
+
+@check(f"{DR}.RendezvousTimeout.join", timeout=30)
 def timeout_join(ctx) -> None:
     _timeout_property(ctx, "join", 600)
+    # Behaviour: a lone node of a 2-node job gives up after the join timeout, not before and not much later.
+    handler = c10d_handler(ctx, ctx.run_id("join"), 2, 2, join=1.0)
+    started = time.monotonic()
+    ctx.expect_raises(ctx.get("rendezvous.api.RendezvousTimeoutError"), handler.next_rendezvous,
+                      what="next_rendezvous() of 1 of 2 nodes with join=1 s")
+    waited = time.monotonic() - started
+    ctx.expect(0.9 <= waited < 6, f"join timeout 1 s: next_rendezvous() gave up after {waited:.2f} s")
 
 
 @check(f"{DR}.RendezvousTimeout.last_call", timeout=60)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 import uuid
 
 from conformance.registry import check
 
 MT = "metrics"
+SLEEP_S = 0.25  # a profiled call's known duration
 
 
 def _collector(ctx):
@@ -73,6 +75,17 @@ def configure(ctx) -> None:
     ctx.get(f"{MT}.put_metric")("c", 3, _group())  # another group never reaches these handlers
     ctx.expect_equal([m.name for m in first.seen], ["a"], "metrics seen by the first handler")
     ctx.expect_equal([m.name for m in second.seen], ["b"], "metrics seen by the replacing handler")
+    # Without a group: the handler becomes the default of every group that has none of its own.
+    default = _collector(ctx)
+    configure(default)
+    try:
+        unconfigured = _group()
+        ctx.get(f"{MT}.put_metric")("d", 4, unconfigured)
+        ctx.get(f"{MT}.put_metric")("e", 5, group)
+    finally:
+        configure(ctx.get(f"{MT}.api.NullMetricHandler")())  # the documented default, for later rows
+    ctx.expect_equal([(m.name, m.group_name) for m in default.seen], [("d", unconfigured)],
+                     "metrics reaching configure(handler) without a group (the default handler)")
 
 
 @check(f"{MT}.prof")
@@ -96,6 +109,18 @@ def prof(ctx) -> None:
         ctx.expect(any(n.endswith(suffix) and fn in n for n in names), f"no '{fn}...{suffix}' metric in {names}")
     ok = next(m for m in collector.seen if m.name.endswith(".success"))
     ctx.expect_equal((ok.value, ok.group_name), (1, group), "success metric value and group")
+
+    @prof_(group=group)
+    def profiled_sleep():
+        time.sleep(SLEEP_S)
+
+    collector.seen.clear()
+    started = time.monotonic()
+    profiled_sleep()
+    elapsed_ms = (time.monotonic() - started) * 1000
+    (duration,) = [m.value for m in collector.seen if m.name.endswith(".duration.ms")] or [None]
+    ctx.expect(duration is not None and SLEEP_S * 1000 * 0.9 <= duration <= elapsed_ms + 50,
+               f"duration.ms of a call that slept {SLEEP_S} s (took {elapsed_ms:.0f} ms): {duration!r}")
 
 
 @check(f"{MT}.put_metric")

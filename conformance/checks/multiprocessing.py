@@ -75,7 +75,10 @@ def pcontext(ctx) -> None:
     pids = pctx.pids()
     ctx.expect_equal(sorted(pids), [0, 1], "pids() keys (local ranks)")
     ctx.expect(all(_alive(p) for p in pids.values()), "pids() names processes that are not running")
-    ctx.expect(pctx.wait(timeout=0.2) is None, "wait() on running workers should return None after the timeout")
+    started = time.monotonic()
+    ctx.expect(pctx.wait(timeout=0.5) is None, "wait() on running workers should return None after the timeout")
+    waited = time.monotonic() - started
+    ctx.expect(0.45 <= waited < 5, f"wait(timeout=0.5) on running workers returned after {waited:.2f} s")
     pctx.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
@@ -113,6 +116,15 @@ def subprocess_context(ctx) -> None:
     # completion its line is in the file.
     if 0 not in result.failures and os.path.getsize(stdout0):
         ctx.expect("hello-from-rank0" in open(stdout0).read(), "redirected stdout lacks the worker's output")
+    # redirects=ALL + tee=ALL: the lines go to the log files AND both reach the parent's console.
+    teed = ctx.run_python("tee_run", str(ctx.tmpdir / "tee-logs"), timeout=90)
+    tail = (teed.stderr.strip().splitlines() or [""])[-1]
+    ctx.expect_equal(teed.returncode, 0, f"exit status of a tee=ALL run ({tail})")
+    ctx.expect("teed-line" in teed.stdout, f"tee=ALL: the worker's stdout line is not on the console: {teed.stdout!r}")
+    ctx.expect("err:teed-line" in teed.stderr, "tee=ALL: the worker's stderr line is not on the console")
+    logged = {p.name: p.read_text() for p in (ctx.tmpdir / "tee-logs").rglob("std*.log")}
+    ctx.expect("teed-line" in logged.get("stdout.log", "") and "err:teed-line" in logged.get("stderr.log", ""),
+               f"tee=ALL with redirects=ALL: the log files lack the lines: {logged}")
 
 
 @check(f"{M}.api.RunProcsResult")
