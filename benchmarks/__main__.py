@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import conformance_bench, launchers, rendezvous, simulator_bench
+from benchmarks import conformance_bench, launchers, rendezvous, simulator_bench, workers_bench
 from benchmarks._harness import RESULTS_DIR, machine_info, write_json
 
 BENCHMARKS = {
     "recovery": launchers.run_recovery,
     "rendezvous": rendezvous.run,
     "cold_start": launchers.run_cold_start,
+    "workers_cold_start": workers_bench.run_cold_start,
+    "workers_recovery": workers_bench.run_recovery,
     "simulator": simulator_bench.run,
     "conformance": conformance_bench.run,
 }
@@ -39,6 +41,8 @@ def _extra(side: dict | None) -> str:
                 f" ({side['store_ops_per_node']:.1f} ops/node)")
     if side.get("events_per_s"):
         return f"{side['events_per_s']:.3g} events/s"
+    if side.get("breakdown"):
+        return ", ".join(f"{name} {seconds:.3g}" for name, seconds in side["breakdown"].items())
     if "verdicts" in side:
         return ", ".join(f"{k} {v}" for k, v in sorted(side["verdicts"].items()))
     return ""
