@@ -84,6 +84,21 @@ def _node_worker(out_dir: str, late_group_rank: str, late_seconds: str, full_wor
     return 0
 
 
+def _trap_sigterm(marker: str) -> int:
+    """Write ``marker`` when SIGTERM arrives (then exit); ``marker.ready`` says the handler is installed."""
+    import signal
+
+    def on_term(signum, frame):
+        with open(marker, "w") as fh:
+            fh.write("SIGTERM")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    open(marker + ".ready", "w").close()
+    time.sleep(60)
+    return 0
+
+
 def _tee_run(log_dir: str) -> int:
     """start_processes with redirects=ALL, tee=ALL: the worker's lines must reach the log files and this console."""
     mp = impl_module("multiprocessing")
@@ -244,6 +259,8 @@ def main(argv: list[str]) -> int:
         return _agent_worker(*args)
     if mode == "node_worker":
         return _node_worker(*args)
+    if mode == "trap_sigterm":
+        return _trap_sigterm(*args)
     if mode == "tee_run":
         return _tee_run(*args)
     if mode == "rdzv_node":

@@ -105,13 +105,14 @@ SHARE_OPT_OUT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 LATE_SECONDS = 1.5  # how much later than the other node's the late node's workers finish
 
 
-def _node_agent(ctx, handler, out_dir, full_world_size: int, late_group_rank: int = -1):
-    """An instrumented agent of one node of a multi-node job (``node_worker`` workers, exit barrier 30 s)."""
-    _, args = ctx.worker_command("node_worker", str(out_dir), str(late_group_rank), str(LATE_SECONDS),
+def _node_agent(ctx, handler, out_dir, full_world_size: int, late_group_rank: int = -1,
+                late_seconds: float = LATE_SECONDS, exit_barrier_timeout: float = 30):
+    """An instrumented agent of one node of a multi-node job (``node_worker`` workers)."""
+    _, args = ctx.worker_command("node_worker", str(out_dir), str(late_group_rank), str(late_seconds),
                                  str(full_world_size))
     spec = _spec(ctx, handler, out_dir, "never", 0, nproc=NPROC, args=args)
     logs = ctx.get("multiprocessing.api.DefaultLogsSpecs")(log_dir=str(out_dir / f"logs-{ctx.run_id('node')}"))
-    return _instrumented(ctx)(spec, logs, start_method="spawn", exit_barrier_timeout=30)
+    return _instrumented(ctx)(spec, logs, start_method="spawn", exit_barrier_timeout=exit_barrier_timeout)
 
 
 def _run_node(agent, handler):
@@ -136,13 +137,13 @@ def _node_records(out_dir, full_world_size: int | None = None):
     return records
 
 
-def _multinode_run(ctx):
-    """2 agents x 2 workers over one c10d rendezvous; group rank 1's workers finish LATE_SECONDS after group 0's."""
-    out_dir = ctx.resources.workdir / "agent-multinode"
+def _multinode_run(ctx, tag: str = "multinode", late_seconds: float = LATE_SECONDS, exit_barrier_timeout: float = 30):
+    """2 agents x 2 workers over one c10d rendezvous; group rank 1's workers finish late_seconds after group 0's."""
+    out_dir = ctx.resources.workdir / f"agent-{tag}"
     out_dir.mkdir(exist_ok=True)
-    run_id = ctx.run_id("multinode")
+    run_id = ctx.run_id(tag)
     handlers = [c10d_handler(ctx, run_id, 2, 2) for _ in range(2)]
-    agents = [_node_agent(ctx, h, out_dir, 2 * NPROC, late_group_rank=1) for h in handlers]
+    agents = [_node_agent(ctx, h, out_dir, 2 * NPROC, 1, late_seconds, exit_barrier_timeout) for h in handlers]
     outcomes = in_threads(ctx, [functools.partial(_run_node, a, h) for a, h in zip(agents, handlers, strict=True)], 60)
     workers = _node_records(out_dir)
     ctx.add_cleanup(lambda: kill_pids(list(workers)))
@@ -152,6 +153,15 @@ def _multinode_run(ctx):
 
 def multinode_run(ctx):
     return ctx.resources.shared("agent_multinode", lambda: _multinode_run(ctx))
+
+
+BARRIER_TIMEOUT_S = 1.0  # exit_barrier_timeout of the scenario where the other node is 3 s late
+
+
+def barrier_timeout_run(ctx):
+    """As multinode_run, but group rank 1's workers finish 3 s late and the exit barrier times out after 1 s."""
+    return ctx.resources.shared("agent_barrier_timeout", lambda: _multinode_run(
+        ctx, "barrier-timeout", late_seconds=3 * BARRIER_TIMEOUT_S, exit_barrier_timeout=BARRIER_TIMEOUT_S))
 
 
 def _membership_run(ctx):
@@ -468,6 +478,18 @@ def exit_barrier(ctx) -> None:
     ctx.expect(returned[0] >= late_done,
                f"the node of group rank 0 left run() {late_done - returned[0]:.2f} s before the other node's workers "
                "finished: the exit barrier did not wait for the other agent")
+    # ... but for no longer than exit_barrier_timeout (1 s here, the other node being 3 s late); the run still succeeds.
+    bounded = barrier_timeout_run(ctx)
+    done = {g: max(w["done"] for w in bounded["workers"].values() if w["GROUP_RANK"] == str(g)) for g in (0, 1)}
+    left = {a.get_worker_group().group_rank: t for a, t in zip(bounded["agents"], bounded["returned_at"], strict=True)}
+    waited = left[0] - done[0]
+    ctx.expect(waited < 2.5 * BARRIER_TIMEOUT_S and left[0] < done[1],
+               f"exit_barrier_timeout={BARRIER_TIMEOUT_S} s: the early node left run() {waited:.2f} s after its "
+               f"workers finished ({done[1] - left[0]:.2f} s before the late node's workers)")
+    ctx.expect(waited >= 0.9 * BARRIER_TIMEOUT_S, f"the early node left the exit barrier after {waited:.2f} s, "
+                                                   f"before exit_barrier_timeout={BARRIER_TIMEOUT_S} s")
+    ctx.expect(all(r.state == _state(ctx, "SUCCEEDED") for r in bounded["results"]),
+               f"run() states when the exit barrier timed out: {[r.state for r in bounded['results']]}")
 
 
 @check(f"{A}.SimpleElasticAgent._initialize_workers", timeout=90)

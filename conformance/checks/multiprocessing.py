@@ -84,6 +84,16 @@ def pcontext(ctx) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
         time.sleep(0.05)
     ctx.expect(not any(_alive(p) for p in pids.values()), "close() left worker processes alive")
+    # close() delivers death_sig (SIGTERM by default) first, so a worker can clean up before the SIGKILL.
+    marker = ctx.tmpdir / "sigterm-seen"
+    entry, args = ctx.worker_command("trap_sigterm", str(marker))
+    trapper = _start(ctx, "trapper", entry, {0: args}, {0: ctx.worker_env()})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (ctx.tmpdir / "sigterm-seen.ready").exists():
+        time.sleep(0.02)
+    ctx.expect((ctx.tmpdir / "sigterm-seen.ready").exists(), "the SIGTERM-trapping worker never got ready")
+    trapper.close()
+    ctx.expect(marker.exists(), "close() never delivered SIGTERM (the default death_sig) to a worker before killing it")
 
 
 @check(f"{M}.api.MultiprocessContext", timeout=150)  # spawned workers import torch: slow on a loaded machine
