@@ -174,13 +174,14 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 
     try:
         result = fuzz(args.seed, args.runs, broken_cas=args.broken_cas, out_dir=args.out, progress=report,
-                      vary_cluster=args.vary_cluster)
+                      vary_cluster=args.vary_cluster, twice=not args.once)
     finally:
         progress.done()
     rows = [
         ("seed", str(args.seed)),
         ("store", "BROKEN compare-and-set (test only)" if args.broken_cas else "correct compare-and-set"),
-        ("schedules run", f"{result.runs} (of up to {args.runs}, incl. shrinking)"),
+        ("schedules run", f"{result.runs} (of up to {args.runs}, incl. shrinking)"
+                          f"{'' if args.once else ', each twice: same history digest required'}"),
         ("outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(result.outcomes.items())) or "-"),
         ("wall time", f"{result.wall_seconds:.2f} s"),
         ("result", "no invariant violated" if result.ok else f"VIOLATION: {', '.join(result.check.violated)}"),
@@ -201,6 +202,34 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from .stateful import explore
+
+    if args.seed < 0:
+        raise CliError(f"--seed must be >= 0, got {args.seed}")
+    result = explore(args.seed, args.examples, out_dir=args.out, steps=args.steps)
+    rows = [
+        ("seed", str(args.seed)),
+        ("runs", f"up to {args.examples} of up to {args.steps} steps"),
+        ("wall time", f"{result.wall_seconds:.2f} s"),
+        ("result", "no invariant violated" if result.ok else f"VIOLATION: {', '.join(result.check.violated)}"),
+    ]
+    print("\nsummary\n" + _table(rows))
+    if result.ok:
+        return 0
+    print(f"\nminimal failing run ({len(result.failing.faults)} fault(s), sim seed {result.failing.seed}); its replay "
+          f"{'has the same' if result.replay_digest == result.digest else 'DIFFERS in its'} history digest:")
+    for f in result.failing.faults:
+        print(f"  {f.describe()}")
+    for v in result.check.violations[:5]:
+        print(f"  ! {v}")
+    if result.written:
+        print(f"  wrote {result.written} (replay: elastic-sim replay {result.written})")
+    else:
+        print(result.failing.to_yaml())
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastic-sim", description="Cluster simulator for elastic_impl: scripted and "
                                      "randomized failure scenarios with checked invariants.")
@@ -218,9 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--broken-cas", action="store_true", help="TEST ONLY: a store that skips compare-and-set")
     fz.add_argument("--vary-cluster", action="store_true",
                     help="also draw the cluster shape (nodes, min/max nodes, store latency and loss)")
+    fz.add_argument("--once", action="store_true",
+                    help="run each schedule once (default: twice, failing on any difference in the history digest)")
     fz.add_argument("--out", help="directory for the shrunk failing scenario")
     fz.add_argument("--progress", action="store_true", default=None)
     fz.set_defaults(func=cmd_fuzz)
+    ex = sub.add_parser("explore", help="stateful fuzzing: a hypothesis state machine acting on a running virtual "
+                        "simulation step by step, shrunk on failure")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--examples", type=int, default=100, help="runs of the state machine")
+    ex.add_argument("--steps", type=int, default=30, help="steps per run at most")
+    ex.add_argument("--out", help="directory for the shrunk failing scenario")
+    ex.set_defaults(func=cmd_explore)
     rp = sub.add_parser("replay", help="re-run a scenario (e.g. a shrunk fuzz finding) and check it")
     rp.add_argument("scenario", help="scenario file written by fuzz (or any scenario)")
     rp.add_argument("--out")

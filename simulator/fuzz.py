@@ -17,11 +17,13 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from .checker import CheckResult, check
+from . import history as h
+from .checker import CheckResult, Violation, check
 from .faults import draw_fault, number_new_nodes
 from .generator import fuzz_base, with_faults
 from .scenario import Fault, Scenario
 from .virtual import run_virtual
+from .virtual.sim import SimResult
 
 MAX_FAULTS = 6
 
@@ -60,6 +62,44 @@ class _HypothesisDraw:
         return self.draw(st.booleans())
 
 
+DETERMINISM = "deterministic_replay"
+
+
+def run_checked(scenario: Scenario, twice: bool = True) -> tuple[SimResult, CheckResult]:
+    """Run ``scenario`` in virtual time and check it; with ``twice``, run it again and add a ``deterministic_replay``
+    violation when the second history differs from the first (naming the first record that differs)."""
+    result = run_virtual(scenario)
+    checked = check(result.history, scenario)
+    if twice:
+        again = run_virtual(scenario).history
+        if again.digest() != result.history.digest():
+            first, second = result.history.events, again.events
+            at = next((i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b), min(len(first), len(second)))
+            checked.violations.append(Violation(
+                DETERMINISM, f"the same schedule and seed made two histories ({len(first)} and {len(second)} records; "
+                             f"record {at} differs)", first[at:at + 1] + second[at:at + 1]))
+    return result, checked
+
+
+def outcome_class(result: SimResult, checked: CheckResult) -> str:
+    """What became of one run, for the fuzz summary: a violated invariant, or how the job ended and why."""
+    if not checked.ok:
+        return f"violated {checked.violated[0]}"
+    if result.outcome == "succeeded":
+        return "succeeded"
+    if result.outcome is None:
+        return f"no outcome ({result.stopped_by})"
+    exits = result.history.filter(h.AGENT_EXIT)
+    if any(e.detail.get("restarts_exhausted") for e in exits):
+        return "failed: restarts exhausted"
+    reasons = " ".join(str(e.detail.get("reason", "")) for e in exits)
+    if "RendezvousConnectionError" in reasons:
+        return "failed: store lost"
+    if "RendezvousClosedError" in reasons or "closed" in reasons:
+        return "failed: run closed"
+    return "failed: every agent exited"
+
+
 def _fault_strategy(base: Scenario, horizon: float, kinds: tuple[str, ...] | None = None) -> st.SearchStrategy[Fault]:
     @st.composite
     def one(draw) -> Fault:
@@ -81,10 +121,13 @@ def fuzz(
     base: Scenario | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     vary_cluster: bool = False,
+    twice: bool = True,
 ) -> FuzzResult:
     """Run up to ``runs`` random schedules; on a violation shrink it and (with ``out_dir``) write it as YAML.
 
-    ``vary_cluster`` also draws the cluster's shape (1-5 nodes, min/max nodes, store latency and loss)."""
+    ``vary_cluster`` also draws the cluster's shape (1-5 nodes, min/max nodes, store latency and loss). ``twice``
+    (the default) runs every schedule twice and counts a difference in the history digest as a violation
+    (``deterministic_replay``): a seed must replay exactly."""
     if runs < 1:
         raise ValueError(f"--runs must be >= 1, got {runs}")
     base = base or fuzz_base(broken_cas=broken_cas)
@@ -130,11 +173,10 @@ def fuzz(
             faults = [f for f in faults if f.node is None or f.node < nodes]
         scenario = with_faults(cluster, _number_new_nodes(cluster, faults), name=base.name)
         state["count"] += 1
-        result = run_virtual(scenario)
-        outcome = result.outcome or "no outcome"
+        result, checked = run_checked(scenario, twice=twice)
         if not state["shrinking"]:
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        checked = check(result.history, scenario)
+            label = outcome_class(result, checked)
+            outcomes[label] = outcomes.get(label, 0) + 1
         if progress is not None:
             progress(state["count"], runs, "shrinking" if state["shrinking"] else "searching")
         if not checked.ok:
@@ -152,7 +194,7 @@ def fuzz(
         return result
     # Hypothesis runs the minimal failing example last; re-run it to be sure it is a faithful replay.
     scenario, _ = state["last_failing"]
-    replayed = check(run_virtual(scenario).history, scenario)
+    _, replayed = run_checked(scenario, twice=twice)
     violated = replayed.violated
     shrunk = replace(
         scenario,

@@ -16,6 +16,7 @@ One record per line in JSON-lines files. Field meanings (the checker relies on t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -147,6 +148,15 @@ class History:
     def sorted(self) -> History:
         """A copy ordered by time (stable: records at the same time keep their order)."""
         return History(sorted(self.events, key=lambda e: e.t))
+
+    def digest(self) -> str:
+        """SHA-256 of every record in recorded order: two runs with the same digest made the same history. The
+        determinism check (each virtual seed runs twice, simulator/fuzz.py) compares these."""
+        sha = hashlib.sha256()
+        for e in self.events:
+            sha.update(json.dumps(e.to_dict(), sort_keys=True, separators=(",", ":"), default=repr).encode())
+            sha.update(b"\n")
+        return sha.hexdigest()
 
     def to_jsonl(self, path: str | Path) -> Path:
         path = Path(path)

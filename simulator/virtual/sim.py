@@ -89,6 +89,9 @@ class Simulation:
         self.outcome: str | None = None
         self._next_index = scenario.nodes
         self._tearing_down = False
+        self._begun = False
+        self._wall0 = time.perf_counter()
+        self._next_report = 0.0
 
     # ------------------------------------------------------------------ job model
 
@@ -144,6 +147,11 @@ class Simulation:
 
     # ------------------------------------------------------------------ nemesis
 
+    @property
+    def next_node_index(self) -> int:
+        """The index the next added node gets (node indices 0 .. this - 1 have been used)."""
+        return self._next_index
+
     def add_node(self, index: int | None) -> bool:
         """Start one more agent (``index``: its node index; None: the next free one); False if it exists."""
         index = index if index is not None else self._next_index
@@ -188,46 +196,66 @@ class Simulation:
         agent.start()
         return agent
 
-    def run(self, stop_when: Callable[[Simulation], bool] | None = None) -> SimResult:
-        wall0 = time.perf_counter()
+    def begin(self) -> None:
+        """Schedule the initial agents and the scenario's faults (once; :meth:`run` calls it)."""
+        if self._begun:
+            return
+        self._begun = True
+        self._wall0 = time.perf_counter()
         for index in range(self.scenario.nodes):
             self.clock.schedule(self.rng.uniform(0.0, START_SPREAD), self._start_agent, index)
         for fault in self.scenario.faults:
             self.clock.schedule(fault.at, self._apply, fault)
+
+    def advance(self, until: float | None = None, stop_when: Callable[[Simulation], bool] | None = None) -> str | None:
+        """Run scheduled callbacks in time order. With ``until``: only those due before it, then the clock stands at
+        ``until`` and None is returned, so a fault injected now runs before anything else due at that time -- as a
+        scheduled fault does in :meth:`run` (the stateful fuzzer relies on this to write exact replays). Otherwise
+        (or earlier) the reason the run stopped: "done" | "time_limit" | "stop_when" | "idle"."""
+        self.begin()
         limit = self.scenario.time_limit
-        stopped_by = "idle"
-        next_report = 0.0
         while True:
             t = self.clock.next_time()
             if t is None:
-                break
+                return "idle"
             if t > limit:
-                stopped_by = "time_limit"
                 self.clock.now = limit
-                break
+                return "time_limit"
+            if until is not None and t >= until:
+                self.clock.now = max(self.clock.now, until)
+                return None
             self.clock.run_next()
             if stop_when is not None and stop_when(self):
-                stopped_by = "stop_when"
-                break
+                return "stop_when"
             if self.outcome is not None and not any(a.alive for a in self.agents.values()):
-                stopped_by = "done"
-                break
+                return "done"
             if self.progress is not None and self.clock.processed % 2048 == 0:
                 wall = time.perf_counter()
-                if wall >= next_report:
-                    next_report = wall + 0.2
+                if wall >= self._next_report:
+                    self._next_report = wall + 0.2
                     self.progress(self.clock.now, limit)
+
+    def inject(self, fault: Fault) -> None:
+        """Inject ``fault`` now (its ``at`` should be the clock's time: see :meth:`advance`)."""
+        self._apply(fault)
+
+    def result(self, stopped_by: str) -> SimResult:
+        """End the run (unless ``stopped_by`` is "stop_when": the agents are left as they are) and report it."""
         if stopped_by != "stop_when":
             self._finish()
         return SimResult(
             history=self.history,
             virtual_seconds=self.clock.now,
-            wall_seconds=time.perf_counter() - wall0,
+            wall_seconds=time.perf_counter() - self._wall0,
             events_processed=self.clock.processed,
             store=self.store.counters(),
             outcome=self.outcome,
             stopped_by=stopped_by,
         )
+
+    def run(self, stop_when: Callable[[Simulation], bool] | None = None) -> SimResult:
+        self.begin()
+        return self.result(self.advance(stop_when=stop_when))
 
     def _finish(self) -> None:
         self._tearing_down = True
