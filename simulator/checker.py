@@ -364,11 +364,18 @@ INVARIANTS: dict[str, Callable[[History, Scenario], list[Violation]]] = {
 def stats(history: History) -> dict[str, Any]:
     rounds = {e.round for e in history.filter(h.RDZV_COMPLETE) if e.round is not None}
     ends = history.filter(_JOB_END)
+    restarts = history.filter(h.RESTART)
+    failures = [e for e in restarts if e.detail.get("reason") != "membership"]
     return {
         "events": len(history),
         "rounds": len(rounds),
         "last_round": max(rounds) if rounds else None,
-        "restarts": len(history.filter(h.RESTART)),
+        "restarts": len(restarts),
+        # What max_restarts limits (failure restarts, once per round job-wide) apart from free membership re-forms.
+        "failure_restarts": len(failures),
+        "failure_rounds": len({e.round for e in failures}) if all(e.round is not None for e in failures) else None,
+        "membership_restarts": len(restarts) - len(failures),
+        "restart_count": max((e.detail.get("restart_count") or 0 for e in restarts), default=0),
         "worker_failures": len(history.filter(h.WORKER_FAILED)),
         "faults": len(history.filter(h.FAULT_START)),
         "outcome": ("succeeded" if ends[0].event == h.JOB_SUCCEEDED else "failed") if ends else None,

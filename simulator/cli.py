@@ -16,20 +16,32 @@ from .checker import CheckResult, check
 from .history import History
 from .scenario import Scenario, ScenarioError, load_scenario
 
+# Seconds between progress lines of a live run when stderr is not a terminal.
+LIVE_PROGRESS_EVERY = 5.0
+
 
 class CliError(Exception):
     """Bad input or an unavailable feature: printed as one line, exit code 2."""
 
 
 class Progress:
-    """One stderr line, rewritten in place (only on a terminal, or when forced), at most 5 times a second."""
+    """One stderr line, rewritten in place (only on a terminal, or when forced), at most 5 times a second. With
+    ``line_every`` (seconds), where it is not enabled (not a terminal: a log, CI) it writes a plain line that often."""
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | None = None, line_every: float | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.line_every = None if self.enabled else line_every
         self._last = 0.0
         self._shown = False
 
     def update(self, text: str, force: bool = False) -> None:
+        if self.line_every is not None:
+            now = time.monotonic()
+            if force or now - self._last >= self.line_every:
+                self._last = now
+                sys.stderr.write(text.rstrip() + "\n")
+                sys.stderr.flush()
+            return
         if not self.enabled:
             return
         now = time.monotonic()
@@ -66,7 +78,7 @@ def _summary(scenario: Scenario, history: History, result: CheckResult, wall: fl
         ("faults", str(len(scenario.faults))),
         ("outcome", f"{st['outcome'] or 'none'} (expected {scenario.expect.outcome or 'any'})"),
         ("rounds", str(st["rounds"])),
-        ("restarts", f"{st['restarts']} (worker failures {st['worker_failures']})"),
+        ("restarts", _restarts(scenario, st)),
         ("history", f"{st['events']} events over {st['end_t']:.3f} s of scenario time"),
         ("wall time", f"{wall:.3f} s"),
         *extra,
@@ -79,6 +91,15 @@ def _summary(scenario: Scenario, history: History, result: CheckResult, wall: fl
     if len(result.violations) > 20:
         lines.append(f"  ! ... {len(result.violations) - 20} more")
     return "\n".join(lines)
+
+
+def _restarts(scenario: Scenario, st: dict) -> str:
+    """Failure restarts (what max_restarts limits: once per failure round, job-wide) apart from membership
+    re-forms (free), so "restarts 5" never stands beside "max_restarts: 3" unexplained."""
+    spent = st["failure_rounds"] if st["failure_rounds"] is not None else st["restart_count"]
+    return (f"failures: {spent} of max_restarts {scenario.max_restarts} ({st['failure_restarts']} node restarts, "
+            f"{st['worker_failures']} worker failures); membership re-forms: {st['membership_restarts']} node "
+            f"restarts (not counted)")
 
 
 def _write_outputs(out: Path | None, history: History, result: CheckResult, scenario: Scenario, plot: bool) -> list[str]:
@@ -119,9 +140,9 @@ def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> t
         from .live import run_scenario as run_live
     except ImportError as e:
         raise CliError(f"live mode is not available ({e}); run a scenario with mode: virtual") from None
-    progress.update(f"live scenario {scenario.name!r} running...", force=True)
+    progress.update(f"live scenario {scenario.name!r} starting...", force=True)
     try:
-        history = run_live(scenario, out)
+        history = run_live(scenario, out, progress=lambda status: progress.update(status.line()))
     finally:
         progress.done()
     return history, []
@@ -140,7 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario = as_virtual(scenario)
     out = Path(args.out) if args.out else None
     wall0 = time.perf_counter()
-    history, extra = _run_scenario(scenario, out, Progress(args.progress))
+    # A live run takes minutes: off a terminal it still says where it is, a line every few seconds.
+    line_every = LIVE_PROGRESS_EVERY if scenario.mode == "live" else None
+    history, extra = _run_scenario(scenario, out, Progress(args.progress, line_every=line_every))
     wall = time.perf_counter() - wall0
     result = check(history, scenario)
     written = _write_outputs(out, history, result, scenario, args.plot)

@@ -525,6 +525,12 @@ class Cluster:
             raise LiveError(f"no node {index!r}; {have}")
         return found
 
+    def node_counts(self) -> tuple[int, int]:
+        """(agents running now, agents started so far); pre-started spares on hold are not counted."""
+        with self._lock:
+            nodes = [n for n in self.nodes if not n.spare]
+        return sum(1 for n in nodes if n.running()), len(nodes)
+
     def worker_pids(self, node: int) -> dict[int, int]:
         """``{local_rank: pid}`` of the workers the node's agent started last."""
         self.refresh()

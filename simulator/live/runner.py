@@ -18,7 +18,10 @@ import heapq
 import itertools
 import logging
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +71,111 @@ def _wait_running(cluster: Cluster, scenario, deadline: float) -> None:
     cluster.record("nemesis", h.OP, detail={"op": "job_not_running", "reason": "not every node started workers"})
 
 
-def run_scenario(scenario, out_dir: str | Path | None = None, *, cluster: Cluster | None = None) -> History:
+@dataclass
+class LiveProgress:
+    """Where a live run is, for progress output: handed to ``run_scenario(progress=...)`` about twice a second."""
+
+    phase: str  # starting | waiting for workers | faults | recovering | closing
+    elapsed: float  # seconds since run_scenario began
+    nodes_up: int  # agents running now (pre-started spares not counted)
+    nodes: int  # agents started so far
+    faults_fired: int
+    faults: int  # faults in the schedule
+
+    def line(self) -> str:
+        return (f"live {self.phase:<19} {self.elapsed:7.1f} s  nodes up {self.nodes_up}/{self.nodes}  "
+                f"faults fired {self.faults_fired}/{self.faults}")
+
+
+class _Reporter:
+    """Calls ``progress`` with a :class:`LiveProgress` every ``interval`` seconds from a thread, until closed."""
+
+    def __init__(self, progress: Callable[[LiveProgress], None] | None, cluster: Cluster, faults: int,
+                 interval: float = 0.5) -> None:
+        self.progress, self.cluster, self.faults, self.interval = progress, cluster, faults, interval
+        self.phase = "starting"
+        self.fired = 0
+        self._t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the thread and phase changes both report: one line at a time
+        self._thread = threading.Thread(target=self._loop, name="sim-progress", daemon=True)
+        if progress is not None:
+            self._thread.start()
+
+    def snapshot(self) -> LiveProgress:
+        up, started = self.cluster.node_counts()
+        return LiveProgress(self.phase, time.monotonic() - self._t0, up, started, self.fired, self.faults)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._report()
+
+    def _report(self) -> None:
+        try:
+            with self._lock:
+                self.progress(self.snapshot())
+        except Exception as e:  # progress output must never break the run
+            logger.warning("progress: %s", e)
+
+    def set(self, phase: str) -> None:
+        self.phase = phase
+        if self.progress is not None:
+            self._report()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def _run_schedule(cluster: Cluster, scenario, limit: float, reporter: _Reporter) -> None:
+    cluster.start(nodes=scenario.nodes, spares=sum(1 for f in scenario.faults if f.fault == "add_node"))
+    launched = time.monotonic()
+    reporter.set("waiting for workers")
+    if any((f.args or {}).get("from") != "launch" for f in scenario.faults):
+        _wait_running(cluster, scenario, deadline=launched + min(limit, scenario.timeouts.join + 30))
+    running = time.monotonic()
+    t0 = launched
+    seq = itertools.count()
+    queue: list[tuple[float, int, str, Any]] = [
+        (f.at + (0.0 if (f.args or {}).get("from") == "launch" else running - launched), next(seq), "inject", f)
+        for f in scenario.faults
+    ]
+    heapq.heapify(queue)
+    reporter.set("faults")
+    while queue:
+        at, _, action, item = heapq.heappop(queue)
+        delay = t0 + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if time.monotonic() - t0 > limit:
+            cluster.record("nemesis", h.OP, detail={"op": "schedule_abandoned", "reason": "time_limit"})
+            break
+        if action == "heal":
+            item.heal()
+            continue
+        budget = max(5.0, limit - (time.monotonic() - t0))
+        try:
+            healable = inject_live(cluster, item, budget)
+        except (LiveError, FaultError) as e:
+            logger.warning("fault %s not applied: %s", item.describe(), e)
+            cluster.record("nemesis", h.OP, detail={"op": "fault_not_applied", "fault": item.fault,
+                                                    "node": item.node, "error": str(e)})
+            continue
+        reporter.fired += 1
+        if healable is not None and item.duration:
+            heapq.heappush(queue, (max(at, time.monotonic() - t0) + item.duration, next(seq), "heal", healable))
+    cluster.heal()
+    reporter.set("recovering")
+    remaining = limit - (time.monotonic() - t0)
+    cluster.wait(timeout=max(_MIN_WAIT, remaining))
+
+
+def run_scenario(scenario, out_dir: str | Path | None = None, *, cluster: Cluster | None = None,
+                 progress: Callable[[LiveProgress], None] | None = None) -> History:
     """Run ``scenario`` (a Scenario or a path) live under ``out_dir`` (default: a new temp dir); return the history
-    (also written to ``out_dir/history.jsonl``). Always cleans up every process it started."""
+    (also written to ``out_dir/history.jsonl``). Always cleans up every process it started. ``progress`` is called
+    with a :class:`LiveProgress` at each phase change and about twice a second."""
     if isinstance(scenario, (str, Path)):
         from simulator.scenario import load_scenario
 
@@ -80,41 +185,11 @@ def run_scenario(scenario, out_dir: str | Path | None = None, *, cluster: Cluste
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="elastic-sim-live-"))
     cluster = cluster or cluster_for(scenario, out_dir)
     limit = float(scenario.time_limit)
-    with cluster:
-        cluster.start(nodes=scenario.nodes, spares=sum(1 for f in scenario.faults if f.fault == "add_node"))
-        launched = time.monotonic()
-        if any((f.args or {}).get("from") != "launch" for f in scenario.faults):
-            _wait_running(cluster, scenario, deadline=launched + min(limit, scenario.timeouts.join + 30))
-        running = time.monotonic()
-        t0 = launched
-        seq = itertools.count()
-        queue: list[tuple[float, int, str, Any]] = [
-            (f.at + (0.0 if (f.args or {}).get("from") == "launch" else running - launched), next(seq), "inject", f)
-            for f in scenario.faults
-        ]
-        heapq.heapify(queue)
-        while queue:
-            at, _, action, item = heapq.heappop(queue)
-            delay = t0 + at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            if time.monotonic() - t0 > limit:
-                cluster.record("nemesis", h.OP, detail={"op": "schedule_abandoned", "reason": "time_limit"})
-                break
-            if action == "heal":
-                item.heal()
-                continue
-            budget = max(5.0, limit - (time.monotonic() - t0))
-            try:
-                healable = inject_live(cluster, item, budget)
-            except (LiveError, FaultError) as e:
-                logger.warning("fault %s not applied: %s", item.describe(), e)
-                cluster.record("nemesis", h.OP, detail={"op": "fault_not_applied", "fault": item.fault,
-                                                        "node": item.node, "error": str(e)})
-                continue
-            if healable is not None and item.duration:
-                heapq.heappush(queue, (max(at, time.monotonic() - t0) + item.duration, next(seq), "heal", healable))
-        cluster.heal()
-        remaining = limit - (time.monotonic() - t0)
-        cluster.wait(timeout=max(_MIN_WAIT, remaining))
+    reporter = _Reporter(progress, cluster, len(scenario.faults))
+    try:
+        with cluster:
+            _run_schedule(cluster, scenario, limit, reporter)
+            reporter.set("closing")
+    finally:
+        reporter.close()
     return cluster.history

@@ -117,3 +117,28 @@ C10D_ONLY = {"store_restart.yaml"}
 @pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in C10D_ONLY], ids=lambda p: p.stem)
 def test_library_scenarios_hold_their_invariants_in_virtual_time(path, capsys):
     assert main(["run", str(path), "--virtual"]) == 0, capsys.readouterr().out
+
+
+def test_progress_off_a_terminal_writes_a_line_every_few_seconds(capsys, monkeypatch):
+    from simulator import cli
+
+    now = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    progress = cli.Progress(enabled=False, line_every=5.0)
+    progress.update("live faults 1.0 s")
+    now[0] += 1.0
+    progress.update("live faults 2.0 s")  # too soon
+    now[0] += 5.0
+    progress.update("live recovering 7.0 s")
+    progress.done()
+    assert capsys.readouterr().err == "live faults 1.0 s\nlive recovering 7.0 s\n"
+    cli.Progress(enabled=False).update("virtual", force=True)  # virtual runs and fuzz stay quiet off a terminal
+    assert capsys.readouterr().err == ""
+
+
+def test_summary_separates_failure_restarts_from_membership_reforms(capsys):
+    path = next(p for p in LIBRARY if p.name == "worker_crash_loop.yaml")
+    assert main(["run", str(path), "--virtual"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.strip().startswith("restarts"))
+    assert "failures: 2 of max_restarts 2 (2 node restarts, 3 worker failures)" in line, line
+    assert "membership re-forms: 2 node restarts (not counted)" in line, line
