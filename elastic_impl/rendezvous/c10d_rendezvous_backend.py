@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -96,6 +97,8 @@ class C10dRendezvousBackend(RendezvousBackend):
         self._stuck: threading.Event | None = None
         # FileStore polls its file about once a second inside wait(): slower than our own polling, so not used.
         self._can_wait = type(store).__name__ != "FileStore"
+        # Store-host failover (TCPStore only; see c10d_failover), set by create_backend; None: not available.
+        self.failover = None
 
     def _call(self, fn, *args):
         """``fn(*args)`` on the store, bounded by ``call_timeout``; store failures become RendezvousConnectionError."""
@@ -138,6 +141,11 @@ class C10dRendezvousBackend(RendezvousBackend):
     @property
     def name(self) -> str:
         return "c10d"
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a call is still stuck past ``call_timeout`` (the store host counts as gone)."""
+        return self._stuck is not None and not self._stuck.is_set()
 
     def connection_for_heartbeats(self) -> C10dRendezvousBackend:
         # A TCPStore client runs one call at a time: a clone is a second connection to the same server.
@@ -265,7 +273,7 @@ _QUIET_CONNECT_SECONDS = 2.0  # a store host that answers within this is joined 
 
 
 def _create_tcp_store(params: RendezvousParameters):
-    """The agent-facing TCPStore (hosted here or a client), plus its host and port."""
+    """The agent-facing TCPStore (hosted here or a client), its host and port, and whether this node hosts it."""
     from torch.distributed import TCPStore
 
     host, port = parse_rendezvous_endpoint(params.endpoint, DEFAULT_PORT)
@@ -277,7 +285,8 @@ def _create_tcp_store(params: RendezvousParameters):
     timeout = timedelta(seconds=read_timeout)
     if is_host:
         try:
-            return TCPStore(host, port, is_master=True, timeout=timeout, multi_tenant=True, use_libuv=True), host, port
+            store = TCPStore(host, port, is_master=True, timeout=timeout, multi_tenant=True, use_libuv=True)
+            return store, host, port, True
         except (RuntimeError, OSError) as e:
             if explicit_host:
                 raise RendezvousConnectionError(f"cannot host the rendezvous TCPStore at {host}:{port}: {_first_line(e)}") from None
@@ -285,7 +294,7 @@ def _create_tcp_store(params: RendezvousParameters):
             logger.info("rendezvous store %s:%s is hosted elsewhere on this machine (%s); connecting", host, port, e)
     store = _bounded_connect(lambda: _connect_client(host, port, connect_timeout), host, port, connect_timeout)
     store.set_timeout(timeout)
-    return store, host, port
+    return store, host, port, False
 
 
 # TCPStore's own connect retries overshoot its timeout (up to about twice it, seen under load), and a refused or
@@ -389,6 +398,19 @@ def _create_file_store(params: RendezvousParameters):
         raise RendezvousConnectionError(f"cannot open the rendezvous FileStore {path!r}: {e}") from None
 
 
+def _failover(params: RendezvousParameters, host: str, port: int, hosted: bool, liveness: float):
+    from .c10d_failover import StoreFailover
+
+    # Nodes that reach the store over loopback run on its machine: their standby stores are reached the same way.
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    standby_host = host if loopback else (params.local_addr or socket.getfqdn())
+    read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    return StoreFailover(params.run_id, (host, port), hosted, standby_host, liveness, read_timeout)
+
+
 def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend, Any]:
     """Create the backend and its store from ``params``.
 
@@ -398,22 +420,22 @@ def create_backend(params: RendezvousParameters) -> tuple[C10dRendezvousBackend,
     ``store_liveness_timeout`` (see :func:`store_liveness_timeout`), ``is_host`` (host the TCPStore; default: when
     the endpoint names this machine, falling back to client when the port is already taken).
 
-    Store host loss. The TCPStore lives in the memory of the agent that hosts it: when that agent dies the run's
-    rendezvous state and every round store go with it. The survivors are not re-elected onto a new host, because
-    (1) no survivor holds the lost state, so a "new" store would be a new run whose round numbers and restart count
-    restart from zero, silently breaking the job-wide restart budget; (2) every peer would have to agree on one new
-    host:port without a store to agree through (a second consensus system); (3) the workers' own process groups
-    died with the old store anyway. Instead every rendezvous call is bounded by the liveness timeout, so the
-    survivors fail within it with a ``RendezvousConnectionError`` saying the store host host:port is gone, and the
-    launcher's own restart policy (or the etcd backends, whose store outlives any agent) takes it from there.
+    Store host loss (``store_failover``, default true). The TCPStore lives in the memory of the agent that hosts
+    it. When that agent dies, the survivors move to a store hosted by a successor agreed on from the last completed
+    round, seeded with the state they last saw (round, members, job-wide restart count), and re-form without the
+    lost host (see :mod:`elastic_impl.rendezvous.c10d_failover` and docs/c10d_store_failover.md). When no successor
+    can take over (none known, all gone, or ``store_failover=false``), every rendezvous call stays bounded by the
+    liveness timeout and the survivors fail within it with a ``RendezvousConnectionError`` naming the lost host.
     """
     store_type = str(params.get("store_type", "tcp")).strip().lower()
     if store_type in ("tcp", "c10d"):
-        store, host, port = _create_tcp_store(params)
+        store, host, port, hosted = _create_tcp_store(params)
         liveness = store_liveness_timeout(params)
         protocol_store = _protocol_connection(host, port, liveness)
         where = f"host {host}:{port}"
         backend = C10dRendezvousBackend(protocol_store, params.run_id, where=where, call_timeout=liveness)
+        if params.get_as_bool("store_failover", True):
+            backend.failover = _failover(params, host, port, hosted, liveness)
     elif store_type == "file":
         store = _create_file_store(params)
         backend = C10dRendezvousBackend(store, params.run_id)

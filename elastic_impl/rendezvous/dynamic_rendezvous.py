@@ -91,6 +91,7 @@ from elastic_impl.utils.clock import REAL_CLOCK, Clock
 from ._backend import RendezvousBackend
 from .api import (
     RendezvousClosedError,
+    RendezvousConnectionError,
     RendezvousError,
     RendezvousGracefulExitError,
     RendezvousHandler,
@@ -554,6 +555,19 @@ class RendezvousStepper:
         self.seen_version = version
         self._cached = (mono, version, got) if version is not None else None
         return got
+
+    def switch_backend(self, backend: RendezvousBackend) -> None:
+        """Continue on another backend holding the same run (a store failover): nothing read from the old one is
+        reused (cached reads, a pending compare-and-set answer, an arrival slot, the live set)."""
+        self.backend = backend
+        self._pending = None
+        self._cached = None
+        self.seen_version = None
+        self._slot = None
+        self._live = None
+        self._last_seen = None
+        if self._versioned is not False:
+            self._versioned = None
 
     def begin_join(self) -> None:
         """Start a new ``join`` operation: arm its timeout."""
@@ -1159,6 +1173,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # that wait alone outlasted the heartbeat expiry. Compare-and-set keeps the two steppers' writes apart.
         self._keep_alive_stepper: RendezvousStepper | None = None
         self._left = False
+        # Store-host failover, where the backend offers it (c10d over TCP: see c10d_failover).
+        self._failover = getattr(backend, "failover", None)
+        self._standby_announced = False
 
     @classmethod
     def from_backend(
@@ -1197,7 +1214,85 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _step(self, op: str) -> StepResult:
         with self._lock:
-            return self._stepper.step(op)
+            result = self._stepper.step(op)
+            if isinstance(result.error, RendezvousConnectionError) and self._fail_over():
+                result = self._stepper.step(op)
+            return result
+
+    # ------------------------------------------------------------------ store-host failover (c10d)
+
+    def _fail_over(self) -> bool:
+        """If the store is gone and a successor can take over, move both steppers to its store. Call with the
+        lock held. Returns whether this node now talks to a new store."""
+        failover = self._failover
+        if failover is None or not failover.store_gone(self._backend):
+            return False
+        known = max(self._stepper.state.restart_count,
+                    self._keep_alive_stepper.state.restart_count if self._keep_alive_stepper else 0)
+        try:
+            backend, store = failover.take_over(self._node.key, self._last_seen_state())
+        except RendezvousError as e:
+            logger.error("rendezvous %s: %s", self._settings.run_id, e)
+            self._failover = None  # nothing more to try: calls fail with the store's own error from now on
+            return False
+        self._backend, self._store = backend, store
+        self._stepper.switch_backend(backend)
+        if self._keep_alive_stepper is not None:
+            try:
+                self._keep_alive_stepper.switch_backend(backend.connection_for_heartbeats())
+            except RendezvousError:
+                self._keep_alive_stepper.switch_backend(backend)
+        # Peers need a moment to reach the new store: nobody's silence counts until it answered for an expiry.
+        self._store_contact.lost(self._clock.monotonic(), self._settings, "the store host is gone; failing over")
+        try:
+            failover.announce(backend, self._node.key)
+            self._raise_restart_count_to(known)
+        except RendezvousError as e:
+            logger.warning("rendezvous %s: after the failover: %s", self._settings.run_id, e)
+        return True
+
+    def _last_seen_state(self) -> RendezvousState:
+        """The newest state this node's steppers saw (the successor seeds the new store with it)."""
+        states = [self._stepper.state]
+        if self._keep_alive_stepper is not None:
+            states.append(self._keep_alive_stepper.state)
+        return max(states, key=lambda s: (s.round, s.complete, len(s.participants)))
+
+    def _raise_restart_count_to(self, known: int) -> None:
+        """The job-wide restart count never goes down in a failover: a successor that saw an older state gets the
+        count the others knew."""
+        for _ in range(16):
+            got = self._backend.get_state()
+            if got is None:
+                return
+            s = RendezvousState.from_bytes(got[0])
+            if s.restart_count >= known:
+                return
+            s.restart_count = known
+            written = self._backend.set_state(s.to_bytes(), got[1])
+            if written is not None and written[2]:
+                return
+
+    def _announce_standby(self) -> None:
+        """Before the first join: publish where this node would host the store (once)."""
+        if self._failover is None or self._standby_announced:
+            return
+        try:
+            with self._lock:
+                self._failover.announce(self._backend, self._node.key)
+            self._standby_announced = True
+        except RendezvousError as e:
+            logger.warning("rendezvous %s: could not announce this node's standby store: %s", self._settings.run_id, e)
+
+    def _learn_succession(self) -> None:
+        """After a completed round: read who takes over the store if its host dies."""
+        failover = self._failover
+        if failover is None:
+            return
+        try:
+            failover.learn(self._backend, sorted(self._read().participants))
+        except RendezvousError as e:
+            logger.warning("rendezvous %s: could not read the store-host succession plan: %s", self._settings.run_id, e)
 
     def _raise_if_left(self) -> None:
         if self._left:
@@ -1240,6 +1335,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def next_rendezvous(self) -> RendezvousInfo:
         self._raise_if_left()
+        self._announce_standby()
         with self._lock:
             self._stepper.begin_join()
         result = self._run("join", float("inf"))
@@ -1248,6 +1344,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._settings.run_id, result.round, self._node, result.rank, result.world_size,
         )
         self._start_keep_alive()
+        self._learn_succession()
         store = self._round_store(result.round)
         return RendezvousInfo(store, result.rank, result.world_size, self._bootstrap_info(store, result.rank))
 
@@ -1303,6 +1400,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 result = stepper.step("keep_alive")
             if result.error is not None:
                 logger.warning("rendezvous keep-alive of %s failed: %s", self._node, result.error)
+                if isinstance(result.error, RendezvousConnectionError):
+                    with self._lock:
+                        self._fail_over()
 
     def _stop_keep_alive(self) -> None:
         self._keep_alive_stop.set()
