@@ -1469,6 +1469,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         interrupted this handler's own thread (the step lock is re-entrant).
         """
         self._stop_keep_alive()
+        self._failover = None  # a node on its way out needs no new store (nor should it host one)
         if self._left:
             return True
         self._left = True
@@ -1487,6 +1488,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         :meth:`leave`. Returns False (after logging why) when the store cannot be reached to close the run.
         """
         self._stop_keep_alive()
+        # The job is over: a store host that already left is not replaced (the run would be closed on a new store
+        # that nobody reads, after waiting out successors that left too).
+        self._failover = None
         try:
             self._run("close", self._settings.timeout.close.total_seconds())
             return True
