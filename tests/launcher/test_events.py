@@ -40,6 +40,7 @@ def test_restart_run_emits_lifecycle_events_in_order(launcher, tmp_path):
         "agent.workers_started",
         "agent.worker_failed",
         "agent.restart",
+        "agent.workers_stopped",  # the old group is down (the benchmarks' recovery breakdown reads when)
         "agent.rendezvous",
         "agent.workers_started",
         "agent.exit",
@@ -59,4 +60,5 @@ def test_restart_run_emits_lifecycle_events_in_order(launcher, tmp_path):
     failed = by_name["agent.worker_failed"][0]
     assert (failed["rank"], failed["exitcode"], failed["signal"]) == (1, 3, None)
     assert by_name["agent.restart"][0]["restart_count"] == 1
+    assert {"round", "restart_count"} <= set(by_name["agent.workers_stopped"][0])
     assert by_name["agent.exit"][0]["state"] == "SUCCEEDED"
