@@ -32,6 +32,7 @@ from typing import Any
 
 from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch
 from elastic_impl.multiprocessing.api import parse_signals_to_handle
+from elastic_impl.multiprocessing.prewarm import close_early, prewarm_from_env, start_early
 from elastic_impl.rendezvous.options import canonical_rdzv_configs
 
 # torchrun's entry point group for --logs-specs plugins (a plugin for us subclasses our LogsSpecs).
@@ -212,6 +213,7 @@ def determine_local_world_size(nproc_per_node: str) -> int:
     if value == "cpu":
         return os.cpu_count() or 1
     if value in ("gpu", "auto"):
+        _quiet_store_waits()
         import torch  # only here: importing torch costs ~1 s
 
         if torch.cuda.is_available():
@@ -442,7 +444,15 @@ def run(args: argparse.Namespace) -> None:
 
         for local_rank in range(config.nproc_per_node):
             worker_cpus(config.numa_options, local_rank)
-    elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    if config.prewarm if config.prewarm is not None else prewarm_from_env():
+        # The pool's interpreter imports torch while this one does (next line) and while the rendezvous handler is
+        # set up: the workers' environment is final by now (OMP_NUM_THREADS above).
+        start_early(cmd, cmd_args)
+    _quiet_store_waits()
+    try:
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    finally:
+        close_early()
 
 
 def _fail(message: str, code: int) -> None:
@@ -476,7 +486,6 @@ def main(args: list[str] | None = None) -> None:
         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
     )
     parsed = parse_args(args)
-    _quiet_store_waits()
     try:
         run(parsed)
     except LaunchConfigError as e:

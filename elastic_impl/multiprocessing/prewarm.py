@@ -45,7 +45,7 @@ from elastic_impl.multiprocessing.subprocess_handler.subprocess_handler import (
 )
 
 __all__ = ["PREWARM_ENV", "PRELOAD_ENV", "WorkerPool", "ForkedProcess", "prewarm_from_env", "serving",
-           "current_pool"]
+           "current_pool", "start_early", "pool_for", "close_early"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ PRELOAD_ENV = "ELASTIC_IMPL_PREWARM_PRELOAD"
 DEFAULT_PRELOAD = ("torch",)
 # Interpreter options the agent gives Python workers (run.py: ``python -u script``); the zygote is started with them.
 DEFAULT_FLAGS = ("-u",)
+# Options a pool's interpreter can be started with, so that workers forked from it run under the same ones: flags
+# without a value that only set ``sys.flags`` or stdio buffering. (Not -P/-I: the pool sets ``sys.path[0]`` itself.)
+POOL_FLAGS = frozenset({"-u", "-B", "-O", "-OO", "-s", "-E", "-b", "-bb", "-q"})
 # How long a worker start waits for a zygote still preloading before starting a fresh interpreter instead.
 READY_TIMEOUT_S = 120.0
 
@@ -65,6 +68,9 @@ PER_WORKER_ENV = frozenset({
     "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_TIMER_FILE",
     "ELASTIC_IMPL_WORKER_GROUP",
+    # Set in the agent's own environment by the launcher once the agent is configured (possibly after the pool
+    # started, see start_early), and read only when a worker starts processes of its own.
+    "TORCHELASTIC_SIGNALS_TO_HANDLE",
 })
 
 _PR_GET_CHILD_SUBREAPER = 37
@@ -172,8 +178,16 @@ class WorkerPool:
     @classmethod
     def for_entrypoint(cls, entrypoint: Any, args: Sequence[Any], preload: Sequence[str] | None = None
                        ) -> WorkerPool | None:
-        """A pool for an agent whose workers run ``entrypoint *args``; None (logged) when they cannot be forks."""
-        probe = cls(preload=preload)
+        """A pool for an agent whose workers run ``entrypoint *args``; None (logged) when they cannot be forks.
+
+        The pool's interpreter gets the workers' own leading interpreter options (``-u`` from elastic-run; none for
+        ``python -m module`` from the API)."""
+        options = []
+        for arg in (str(a) for a in args):
+            if arg not in POOL_FLAGS:
+                break
+            options.append(arg)
+        probe = cls(flags=options, preload=preload)
         reason = probe._command_doubt(entrypoint, [str(a) for a in args])
         if reason:
             probe._log_fallback(reason)
@@ -270,7 +284,10 @@ class WorkerPool:
         if tuple(args[:len(self.flags)]) != self.flags:
             return f"interpreter options {args[:len(self.flags)]} differ from the pool's {list(self.flags)}"
         rest = args[len(self.flags):]
-        if not rest or (rest[0].startswith("-") and rest[0] != "-m"):
+        if rest and rest[0].startswith("-") and rest[0] != "-m":
+            return (f"interpreter option {rest[0]!r} is not one a pool can start with "
+                    f"(allowed: {', '.join(sorted(POOL_FLAGS))})")
+        if not rest:
             return f"arguments {args} are not [options] script|-m module ..."
         if rest[0] == "-m":
             return None if len(rest) > 1 else "-m without a module name"
@@ -331,7 +348,8 @@ class WorkerPool:
             # Linux's parent-death signal follows the thread: only workers started from the main thread get it.
             "die_with_agent": threading.current_thread() is threading.main_thread(),
             "cpus": sorted(cpus) if cpus else None,
-            "unbuffered": "-u" in self.flags or bool(env.get("PYTHONUNBUFFERED")),
+            # (-E: a fresh interpreter ignores PYTHONUNBUFFERED)
+            "unbuffered": "-u" in self.flags or ("-E" not in self.flags and bool(env.get("PYTHONUNBUFFERED"))),
         }
         assert self._sock is not None
         _zygote.send_message(self._sock, request, fds)
@@ -342,6 +360,55 @@ class WorkerPool:
             raise OSError(reply.get("error", "no pid in the reply"))
         self.forked += 1
         return ForkedProcess(int(reply["pid"]), [entrypoint, *args])
+
+
+# ------------------------------------------------------------------------------- a pool started before the agent
+# The launcher knows the workers' command as soon as it has parsed its options, long before the agent runs: its own
+# ``import torch`` and the rendezvous handler's set-up come first. A pool started then preloads alongside all that.
+_early: dict[tuple, WorkerPool | None] = {}
+_early_lock = threading.Lock()
+
+
+def _early_key(entrypoint: Any, args: Sequence[Any]) -> tuple:
+    return (entrypoint, tuple(str(a) for a in args))
+
+
+def start_early(entrypoint: Any, args: Sequence[Any]) -> WorkerPool | None:
+    """Start the pool for an agent that this process will run with workers ``entrypoint *args``; the agent takes it
+    with :func:`pool_for`. Call it once the environment the workers inherit is set (the zygote imports under it)."""
+    if not isinstance(entrypoint, str):
+        return None  # a function is never forked from the pool: the agent says so when it runs
+    key = _early_key(entrypoint, args)
+    with _early_lock:
+        if key not in _early:
+            pool = WorkerPool.for_entrypoint(entrypoint, args)
+            if pool is not None:
+                pool.start()
+            _early[key] = pool
+        return _early[key]
+
+
+def pool_for(entrypoint: Any, args: Sequence[Any]) -> WorkerPool | None:
+    """A started pool for workers ``entrypoint *args`` (the one :func:`start_early` started, if any), or None when
+    they cannot be forks (logged). The caller closes it."""
+    if isinstance(entrypoint, str):
+        key = _early_key(entrypoint, args)
+        with _early_lock:
+            if key in _early:
+                return _early.pop(key)
+    pool = WorkerPool.for_entrypoint(entrypoint, args)
+    if pool is not None:
+        pool.start()
+    return pool
+
+
+def close_early() -> None:
+    """Close the pools started early that no agent took (e.g. the launch failed before the agent ran)."""
+    with _early_lock:
+        pools = [pool for pool in _early.values() if pool is not None]
+        _early.clear()
+    for pool in pools:
+        pool.close()
 
 
 # ---------------------------------------------------------------------------------------- who uses the pool now

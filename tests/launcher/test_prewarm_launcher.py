@@ -15,11 +15,11 @@ PROBE = Path(__file__).resolve().parents[1] / "multiprocessing" / "prewarm_scrip
 pytestmark = [needs_runtime, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")]
 
 
-def _job(launcher, tmp_path: Path, prewarm: bool) -> tuple[int, str, list[dict]]:
+def _job(launcher, tmp_path: Path, prewarm: bool, **env: str) -> tuple[int, str, list[dict]]:
     logs = tmp_path / ("warm" if prewarm else "fresh")
     argv = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1",
             "--log-dir", str(logs), "--redirects", "3", *(["--prewarm"] if prewarm else []), str(PROBE), "slow-raise"]
-    proc = launcher.start(argv, name="warm" if prewarm else "fresh", ELASTIC_IMPL_PREWARM_PRELOAD="colorsys")
+    proc = launcher.start(argv, name="warm" if prewarm else "fresh", ELASTIC_IMPL_PREWARM_PRELOAD="colorsys", **env)
     code = launcher.wait(proc, 180)
     _, err = launcher.output(proc)
     observed = []
@@ -41,3 +41,16 @@ def test_prewarmed_job_is_indistinguishable_to_its_workers(launcher, tmp_path):
     assert warm_code == fresh_code == 1
     # The launcher's failure summary names the same root cause, read from the workers' error files.
     assert "RuntimeError: probe failed on purpose" in warm_err and "RuntimeError: probe failed on purpose" in fresh_err
+
+
+def test_launcher_starts_the_pool_before_setting_up_the_rendezvous(launcher, tmp_path):
+    # elastic-run knows the workers' command once it has parsed its options: the pool preloads while the launcher
+    # imports torch and sets up the rendezvous handler, and the agent serves every start (restart too) from it.
+    code, err, observed = _job(launcher, tmp_path, prewarm=True, LOGLEVEL="INFO")
+    assert code == 1
+    lines = err.splitlines()
+    pools = [i for i, line in enumerate(lines) if "prewarm: interpreter pid" in line]
+    set_up = [i for i, line in enumerate(lines) if " elastic_impl.launcher.api: " in line or " elastic_impl.agent." in line]
+    assert len(pools) == 1, err[-3000:]
+    assert set_up and pools[0] < set_up[0], err[-3000:]
+    assert [w["colorsys_preloaded"] for w in observed] == [True] * 4

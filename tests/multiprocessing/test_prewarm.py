@@ -14,7 +14,15 @@ import pytest
 
 from elastic_impl.multiprocessing import DefaultLogsSpecs, Std, start_processes
 from elastic_impl.multiprocessing.api import SubprocessContext
-from elastic_impl.multiprocessing.prewarm import ForkedProcess, WorkerPool, prewarm_from_env, serving
+from elastic_impl.multiprocessing.prewarm import (
+    ForkedProcess,
+    WorkerPool,
+    close_early,
+    pool_for,
+    prewarm_from_env,
+    serving,
+    start_early,
+)
 
 SCRIPTS = Path(__file__).resolve().parent / "prewarm_scripts"
 PROBE = SCRIPTS / "probe_worker.py"
@@ -91,6 +99,24 @@ def test_forked_worker_sees_what_a_fresh_one_sees(tmp_path, monkeypatch, pool, h
         assert "_zygote" not in forked["stderr"]  # the traceback is the script's own, as in a fresh interpreter
 
 
+@pytest.mark.parametrize("options", [(), ("-B", "-E")], ids=["none", "-B-E"])
+def test_pool_takes_the_workers_own_interpreter_options(tmp_path, monkeypatch, options):
+    # Workers started through the API often run ``python -m module`` without elastic-run's -u: a pool for them starts
+    # its interpreter with their options (stdio buffering follows them), instead of never serving a fork.
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # ignored under -E, as by a fresh interpreter
+    monkeypatch.chdir(SCRIPTS.parents[2])  # the repository: -m puts it first on sys.path (-E ignores PYTHONPATH)
+    args = (*options, "-m", "tests.multiprocessing.prewarm_scripts.probe_worker")
+    pool = WorkerPool.for_entrypoint(sys.executable, args, preload=["json"])
+    assert pool is not None and pool.flags == options
+    with pool:
+        assert pool.wait_ready(60) is None
+        fresh, fresh_type = _run(tmp_path, args, None, "fresh")
+        forked, forked_type = _run(tmp_path, args, pool, "forked")
+    assert (fresh_type.__name__, forked_type, pool.forked) == ("Popen", ForkedProcess, 1)
+    assert _comparable(forked, tmp_path, "forked") == _comparable(fresh, tmp_path, "fresh")
+    assert forked["observed"]["stdio"][2] == ("-E" not in options)  # write_through: unbuffered or not
+
+
 def test_forked_worker_has_the_preloaded_modules_and_is_stopped_like_a_fresh_one(tmp_path, pool):
     script = tmp_path / "sleeper.py"
     script.write_text("import sys, time\nprint('json' in sys.modules, flush=True)\ntime.sleep(60)\n")
@@ -123,6 +149,8 @@ def test_what_the_pool_cannot_reproduce_starts_fresh_and_is_logged_once(tmp_path
     assert len([m for m in messages if "'PYTHONHASHSEED'" in m]) == 1  # once, however often it happens
     assert any("'/bin/echo' is not the pool's interpreter" in m for m in messages)
     assert any("interpreter options ['-X'] differ from the pool's ['-u']" in m for m in messages)
+    assert WorkerPool.for_entrypoint(sys.executable, ["-X", "dev", str(script)]) is None
+    assert "interpreter option '-X' is not one a pool can start with (allowed: -B, -E," in caplog.text
     assert pool.forked == 0
 
 
@@ -148,3 +176,35 @@ def test_bad_prewarm_setting_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("ELASTIC_IMPL_PREWARM_PRELOAD", "torch,no way")
     with pytest.raises(ValueError, match="'no way' is not a module name"):
         WorkerPool()
+
+
+def test_the_agent_takes_the_pool_the_launcher_started_early(monkeypatch):
+    monkeypatch.setenv("ELASTIC_IMPL_PREWARM_PRELOAD", "json")
+    args = ["-u", str(PROBE)]
+    start_early(sys.executable, args)
+    start_early(sys.executable, args)  # a second call for the same workers starts nothing more
+    early = pool_for(sys.executable, args)
+    later = pool_for(sys.executable, args)  # taken once: the next agent gets a pool of its own
+    try:
+        assert early is not None and later is not None and early is not later
+        assert early.pid is not None and early.pid != later.pid
+        assert early.wait_ready(60) is None
+    finally:
+        early.close()
+        later.close()
+    start_early(print, [])  # a function never runs in the pool: nothing to start
+    assert pool_for(print, []) is None
+
+
+def test_a_pool_started_early_that_no_agent_took_is_closed(monkeypatch):
+    monkeypatch.setenv("ELASTIC_IMPL_PREWARM_PRELOAD", "json")
+    early = start_early(sys.executable, ["-u", str(PROBE)])  # for an agent that never ran (its launch failed)
+    assert early is not None and early.wait_ready(60) is None
+    zygote = early.pid
+    close_early()
+    assert early.pid is None and not os.path.exists(f"/proc/{zygote}")  # its interpreter exited and was reaped
+    fresh = pool_for(sys.executable, ["-u", str(PROBE)])  # the next agent starts a new pool, not the closed one
+    try:
+        assert fresh is not None and fresh is not early and fresh.wait_ready(60) is None
+    finally:
+        fresh.close()

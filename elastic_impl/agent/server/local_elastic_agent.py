@@ -34,7 +34,13 @@ from elastic_impl.agent.server.health_check_server import (  # noqa: F401 -- ups
 from elastic_impl.metrics.api import prof  # noqa: F401 -- upstream exposes it here
 from elastic_impl.multiprocessing import LogsSpecs, PContext, start_processes  # noqa: F401 -- upstream exposes them here
 from elastic_impl.multiprocessing.api import signals_to_handle_from_env
-from elastic_impl.multiprocessing.prewarm import WorkerPool, preload_from_env, prewarm_from_env, serving
+from elastic_impl.multiprocessing.prewarm import (
+    WorkerPool,
+    pool_for,
+    preload_from_env,
+    prewarm_from_env,
+    serving,
+)
 from elastic_impl.utils import macros  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.process_state import (  # noqa: F401 -- upstream exposes them here
@@ -142,10 +148,9 @@ class LocalElasticAgent(SimpleElasticAgent):
         watcher = threading.Thread(target=self._watch_signals, name="agent-signal-watcher", daemon=True)
         watcher.start()
         if self._prewarm and self._pool is None:
-            # Started before the rendezvous, so the preload (import torch) overlaps it.
-            self._pool = WorkerPool.for_entrypoint(self._worker_group.spec.entrypoint, self._worker_group.spec.args)
-            if self._pool is not None:
-                self._pool.start()
+            # Started before the rendezvous (or taken over from the launcher, which starts it even earlier), so the
+            # preload (import torch) overlaps it.
+            self._pool = pool_for(self._worker_group.spec.entrypoint, self._worker_group.spec.args)
         try:
             return super().run(role)
         finally:
