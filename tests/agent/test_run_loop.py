@@ -37,16 +37,18 @@ class _Failure:
 
 
 class RoundStoreHandler:
-    """Rendezvous double: each call to next_rendezvous is a new round with its own prefix of one real store."""
+    """Rendezvous double: each call to next_rendezvous is a new round with its own prefix of one real store.
 
-    def __init__(self, store, world_size=1, rank=0, waiting=None, restart_counter=False):
+    It reports its round (``extensions.RoundReportingHandler``) but not what the join saw nor the participants.
+    """
+
+    def __init__(self, store, world_size=1, rank=0, waiting=None):
         self.store = store
         self.world_size = world_size
         self.rank = rank
         self.rounds = 0
         self.waiting = list(waiting or [])  # successive num_nodes_waiting() answers, then 0
         self.closed = False
-        self.job_restarts = 0 if restart_counter else None
 
     def next_rendezvous(self):
         self.rounds += 1
@@ -61,22 +63,32 @@ class RoundStoreHandler:
     def get_round(self):
         return self.rounds
 
+    def last_round(self):
+        return None  # not told by the join: the agent reads the round and the restart count instead
+
+    def get_participants(self):
+        return None  # unknown: the agent judges membership only by rounds and waiting nodes
+
     def set_closed(self):
         self.closed = True
 
     def shutdown(self):
         return True
 
-    # job-wide restart counter extension (only when enabled)
-    def __getattr__(self, name):
-        if self.__dict__.get("job_restarts") is not None:
-            if name == "get_restart_count":
-                return lambda: self.job_restarts
-            if name == "increment_restart_count":
-                def bump():
-                    self.job_restarts += 1
-                return bump
-        raise AttributeError(name)
+
+class CountingRoundStoreHandler(RoundStoreHandler):
+    """Adds the job-wide restart counter (``extensions.RestartCountingHandler``)."""
+
+    def __init__(self, store, **kwargs):
+        super().__init__(store, **kwargs)
+        self.job_restarts = 0
+
+    def get_restart_count(self):
+        return self.job_restarts
+
+    def increment_restart_count(self):
+        self.job_restarts += 1
+        return self.job_restarts
 
 
 class ScriptedAgent(SimpleElasticAgent):
@@ -154,7 +166,7 @@ def test_waiting_nodes_trigger_restart_without_consuming_restarts(tcp_store):
 
 
 def test_job_wide_restart_counter_is_used_and_bumped_once_per_round(tcp_store):
-    handler = RoundStoreHandler(tcp_store, restart_counter=True)
+    handler = CountingRoundStoreHandler(tcp_store)
     handler.job_restarts = 5  # e.g. restarts that happened before this node joined
     agent = ScriptedAgent(_spec(handler, max_restarts=10), [FAILED, SUCCEEDED])
     agent.run()
@@ -231,7 +243,7 @@ def test_lost_peer_triggers_reformation_without_consuming_restarts(tcp_store):
 def test_job_wide_budget_spent_elsewhere_means_no_restart_here(tcp_store):
     # The job already used its one restart (e.g. before this node rejoined): a fresh agent process must not get a
     # fresh budget. A per-process countdown (upstream) would restart here.
-    handler = RoundStoreHandler(tcp_store, restart_counter=True)
+    handler = CountingRoundStoreHandler(tcp_store)
     handler.job_restarts = 1
     agent = ScriptedAgent(_spec(handler, max_restarts=1), [FAILED, SUCCEEDED])
     result = agent.run()
@@ -241,7 +253,7 @@ def test_job_wide_budget_spent_elsewhere_means_no_restart_here(tcp_store):
 
 
 def test_job_wide_budget_allows_restarts_up_to_max(tcp_store):
-    handler = RoundStoreHandler(tcp_store, restart_counter=True)
+    handler = CountingRoundStoreHandler(tcp_store)
     agent = ScriptedAgent(_spec(handler, max_restarts=2), [FAILED, FAILED, FAILED])
     result = agent.run()
     assert result.is_failed()
@@ -397,17 +409,18 @@ class FlakyStoreHandler(RoundStoreHandler):
     class settings:  # noqa: N801 - mimics the handler's settings attribute
         heartbeat_expiry_seconds = 1.0
 
-    def __init__(self, store, failures):
-        super().__init__(store)
-        self.failures = failures
-
-    def num_nodes_waiting(self):
+    def __init__(self, store, failures, error_type=None):
         from elastic_impl.rendezvous import RendezvousConnectionError
 
+        super().__init__(store)
+        self.failures = failures
+        self.error_type = error_type or RendezvousConnectionError
+
+    def num_nodes_waiting(self):
         if self.failures is None or self.failures > 0:
             if self.failures:
                 self.failures -= 1
-            raise RendezvousConnectionError("etcd at 127.0.0.1:2379: Connection reset by peer")
+            raise self.error_type("etcd at 127.0.0.1:2379: Connection reset by peer")
         return 0
 
 
@@ -416,6 +429,21 @@ def test_a_short_store_outage_does_not_stop_healthy_workers(tcp_store):
     agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY] * 40 + [SUCCEEDED])
     result = agent.run()
     assert result.state == WorkerState.SUCCEEDED and handler.failures == 0 and handler.rounds == 1
+
+
+def test_upstreams_connection_error_is_an_outage_too(tcp_store):
+    # The agent also runs with upstream's handlers (conformance), which raise upstream's class, and a backend may
+    # raise a subclass: both are ridden out like ours, not taken for the agent's own failure.
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError as UpstreamConnectionError
+
+    class EtcdUnreachable(UpstreamConnectionError):
+        pass
+
+    for error_type in (UpstreamConnectionError, EtcdUnreachable):
+        handler = FlakyStoreHandler(tcp_store, failures=3, error_type=error_type)
+        agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY] * 40 + [SUCCEEDED])
+        result = agent.run()
+        assert result.state == WorkerState.SUCCEEDED and handler.failures == 0 and handler.rounds == 1
 
 
 def test_a_store_gone_for_good_ends_the_agent_after_the_heartbeat_window(tcp_store):
@@ -429,3 +457,26 @@ def test_a_store_gone_for_good_ends_the_agent_after_the_heartbeat_window(tcp_sto
     with pytest.raises(RendezvousConnectionError, match="Connection reset"):
         agent.run()
     assert 1.0 <= time.monotonic() - start < 10
+
+
+def test_upstreams_own_handler_drives_the_agent_without_our_extensions(tcp_store):
+    # The agent must run with torch's DynamicRendezvousHandler, which offers none of elastic_impl's extension
+    # protocols: restarts then count locally (upstream's countdown) and no membership or window is read.
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    from elastic_impl.rendezvous import extensions
+
+    params = RendezvousParameters("c10d", f"127.0.0.1:{tcp_store.port}", "upstream-handler", 1, 1, last_call_timeout=1)
+    handler = create_handler(tcp_store, C10dRendezvousBackend(tcp_store, "upstream-handler"), params)
+    offered = [p.__name__ for p in (extensions.LeavingHandler, extensions.RoundReportingHandler,
+                                    extensions.RestartCountingHandler) if isinstance(handler, p)]
+    assert offered == [] and extensions.detection_window(handler) is None
+    agent = ScriptedAgent(_spec(handler, max_restarts=1), [FAILED, SUCCEEDED])
+    try:
+        result = agent.run()
+    finally:
+        handler.shutdown()
+    assert result.state == WorkerState.SUCCEEDED
+    assert agent.started_restart_counts == [0, 1] and agent._remaining_restarts == 0

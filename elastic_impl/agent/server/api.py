@@ -62,6 +62,12 @@ from elastic_impl.rendezvous.api import (
     RendezvousConnectionError,
     RendezvousGracefulExitError,
 )
+from elastic_impl.rendezvous.extensions import (
+    LeavingHandler,
+    RestartCountingHandler,
+    RoundReportingHandler,
+    detection_window,
+)
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
@@ -259,11 +265,10 @@ def _get_free_port(host: str = "") -> int:
 
 def _last_round(rdzv_handler) -> tuple[int, int | None] | None:
     """The handler's (round, restart count) of the rendezvous that just completed, if it offers them (extension)."""
-    fn = getattr(rdzv_handler, "last_round", None)
-    if fn is None:
+    if not isinstance(rdzv_handler, RoundReportingHandler):
         return None
     try:
-        joined = fn()
+        joined = rdzv_handler.last_round()
     except Exception as e:  # an optional extension: fall back to reading
         logger.debug("rendezvous last_round() unavailable: %s", e)
         return None
@@ -301,7 +306,7 @@ class SimpleElasticAgent(ElasticAgent):
         # Every decision of the run loop (restart, re-form, exit barrier, fail) and the restart budget live in this
         # stepper; the agent does the I/O it asks for (see _answer).
         self._decisions = AgentStepper(
-            spec.max_restarts, spec.monitor_interval, store_outage_window=_detection_window(spec.rdzv_handler) or 0.0
+            spec.max_restarts, spec.monitor_interval, store_outage_window=detection_window(spec.rdzv_handler) or 0.0
         )
         self._store = None
         self._exit_barrier_timeout = exit_barrier_timeout
@@ -390,15 +395,15 @@ class SimpleElasticAgent(ElasticAgent):
     def _leave_rendezvous(self) -> None:
         """This node goes away but the job goes on: ``leave()`` where the rendezvous handler offers it (once; a
         second caller waits for the first to finish)."""
-        leave = getattr(self._worker_group.spec.rdzv_handler, "leave", None)
-        if not callable(leave):
+        rdzv_handler = self._worker_group.spec.rdzv_handler
+        if not isinstance(rdzv_handler, LeavingHandler):
             return  # the launcher decides what a handler without leave() gets
         with self._leave_lock:
             if self._left_rendezvous:
                 return
             self._left_rendezvous = True
             try:
-                leave()
+                rdzv_handler.leave()
             except Exception as e:  # the store may be gone; stopping the workers matters more
                 logger.warning("could not leave the rendezvous: %s", e)
 
@@ -466,7 +471,7 @@ class SimpleElasticAgent(ElasticAgent):
             group_rank=group_rank,
             group_world_size=group_world_size,
             restart_count=self._restart_count,
-            detection_window_s=_detection_window(spec.rdzv_handler),
+            detection_window_s=detection_window(spec.rdzv_handler),
         )
         logger.info(
             "[%s] rendezvous complete: group_rank=%s group_world_size=%s master=%s:%s",
@@ -694,9 +699,8 @@ class SimpleElasticAgent(ElasticAgent):
             try:
                 return rdzv_handler.num_nodes_waiting()
             except Exception as e:
-                # Any implementation's connection error (ours or upstream's class of that name) is an outage the
-                # healthy workers may ride out; anything else ends the agent.
-                if type(e).__name__ != "RendezvousConnectionError":
+                # A connection error is an outage the healthy workers may ride out; anything else ends the agent.
+                if not _is_rendezvous_connection_error(e):
                     raise
                 return StoreUnavailable(e)
         if ask == Ask.PARTICIPANTS:
@@ -720,11 +724,10 @@ class SimpleElasticAgent(ElasticAgent):
     @staticmethod
     def _read_members(rdzv_handler) -> tuple | None:
         # Optional rendezvous extension: the current participants, to notice a peer that left or died.
-        fn = getattr(rdzv_handler, "get_participants", None)
-        if fn is None:
+        if not isinstance(rdzv_handler, RoundReportingHandler):
             return None
         try:
-            members = fn()
+            members = rdzv_handler.get_participants()
         except Exception as e:  # a transient store error is not a membership change
             logger.debug("could not read participants: %s", e)
             return None
@@ -732,31 +735,27 @@ class SimpleElasticAgent(ElasticAgent):
 
     @staticmethod
     def _read_round(rdzv_handler) -> int | None:
-        fn = getattr(rdzv_handler, "get_round", None)
-        if fn is None:
+        if not isinstance(rdzv_handler, RoundReportingHandler):
             return None
         try:
-            return fn()
+            return rdzv_handler.get_round()
         except Exception:
             return None
 
     def _read_job_restart_count(self, rdzv_handler) -> int | None:
         # A rendezvous-wide counter keeps every node's TORCHELASTIC_RESTART_COUNT equal and survives nodes
         # leaving and rejoining; without one (None) the stepper counts our own restarts like upstream.
-        fn = getattr(rdzv_handler, "get_restart_count", None)
-        if fn is None:
+        if not isinstance(rdzv_handler, RestartCountingHandler):
             return None
         try:
-            return int(fn())
+            return int(rdzv_handler.get_restart_count())
         except Exception as e:
             logger.warning("rendezvous restart counter unavailable (%s); using the local count", e)
             return None
 
     def _claim_failure_round(self, rdzv_handler) -> bool | None:
         """Whether this node is the first of its round to count a failure (None: no job-wide counter to count in)."""
-        if getattr(rdzv_handler, "increment_restart_count", None) is None or (
-            getattr(rdzv_handler, "get_restart_count", None) is None
-        ):
+        if not isinstance(rdzv_handler, RestartCountingHandler):
             return None
         return self._job_restart_counter_call(lambda: self._store is None or self._store.add(_RESTART_BUMP_KEY, 1) == 1)
 
@@ -958,11 +957,13 @@ class SimpleElasticAgent(ElasticAgent):
         self._put_metric(f"workers.{role}.run_failed_no_retries", int(failed and not restarted))
 
 
-def _detection_window(rdzv_handler) -> float | None:
-    """Seconds after which a silent peer is dropped (heartbeat x missed beats), when the handler says."""
-    settings = getattr(rdzv_handler, "settings", None)
-    window = getattr(settings, "heartbeat_expiry_seconds", None)
-    return float(window) if isinstance(window, (int, float)) else None
+def _is_rendezvous_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` says the rendezvous store cannot be reached: our RendezvousConnectionError, or (matched by
+    class name, as this package must not import upstream's) upstream's, which its own handlers raise when the agent
+    runs with one of them, and subclasses of either."""
+    if isinstance(error, RendezvousConnectionError):
+        return True
+    return any(cls.__name__ == "RendezvousConnectionError" for cls in type(error).__mro__)
 
 
 def _advertised_address(worker_group_size: int | None) -> str:
