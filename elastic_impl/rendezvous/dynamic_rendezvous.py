@@ -101,7 +101,17 @@ from .api import (
     RendezvousStoreInfo,
     RendezvousTimeoutError,
 )
-from .options import DEFAULT_KEEP_ALIVE_INTERVAL, keep_alive_options, option_seconds, seconds_value
+from .options import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_JOIN_TIMEOUT,
+    DEFAULT_KEEP_ALIVE_INTERVAL,
+    DEFAULT_KEEP_ALIVE_MAX_ATTEMPT,
+    DEFAULT_LAST_CALL_TIMEOUT,
+    check_run_id,
+    keep_alive_options,
+    option_seconds,
+    timeout_seconds,
+)
 
 __all__ = [
     "DynamicRendezvousHandler",
@@ -130,24 +140,13 @@ def get_method_name(depth: int = 2) -> str:
         return "no_method_name"
 
 
-def _seconds(name: str, value: Any, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, str):  # the API takes a timedelta or a number, never text
-        raise ValueError(f"rendezvous {name} timeout must be a timedelta or seconds, got {value!r}")
-    return seconds_value(f"rendezvous {name} timeout", value)
-
-
 class RendezvousTimeout:
     """Timeouts of the dynamic rendezvous (defaults: join 600 s, last call 30 s, close 30 s, heartbeat 5 s).
 
-    Each accepts a ``timedelta`` (like upstream) or a number of seconds; non-positive values raise ValueError.
+    Each accepts a ``timedelta`` (like upstream) or a number of seconds, within the bounds of the ``--rdzv-conf``
+    option that sets it (``options.timeout_seconds``: positive, finite, at most 30 days; the heartbeat at least
+    10 ms); anything else raises a one-line ValueError naming the value.
     """
-
-    _DEFAULT_JOIN = 600.0
-    _DEFAULT_LAST_CALL = 30.0
-    _DEFAULT_CLOSE = 30.0
-    _DEFAULT_HEARTBEAT = DEFAULT_KEEP_ALIVE_INTERVAL
 
     def __init__(
         self,
@@ -156,10 +155,10 @@ class RendezvousTimeout:
         close: timedelta | None = None,
         heartbeat: timedelta | None = None,
     ) -> None:
-        self._join = timedelta(seconds=_seconds("join", join, self._DEFAULT_JOIN))
-        self._last_call = timedelta(seconds=_seconds("last_call", last_call, self._DEFAULT_LAST_CALL))
-        self._close = timedelta(seconds=_seconds("close", close, self._DEFAULT_CLOSE))
-        self._heartbeat = timedelta(seconds=_seconds("heartbeat", heartbeat, self._DEFAULT_HEARTBEAT))
+        self._join = timedelta(seconds=timeout_seconds("join", join, DEFAULT_JOIN_TIMEOUT))
+        self._last_call = timedelta(seconds=timeout_seconds("last_call", last_call, DEFAULT_LAST_CALL_TIMEOUT))
+        self._close = timedelta(seconds=timeout_seconds("close", close, DEFAULT_CLOSE_TIMEOUT))
+        self._heartbeat = timedelta(seconds=timeout_seconds("heartbeat", heartbeat, DEFAULT_KEEP_ALIVE_INTERVAL))
 
     @property
     def join(self) -> timedelta:
@@ -200,13 +199,12 @@ class RendezvousSettings:
     keep_alive_max_attempt: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.run_id, str) or not self.run_id:
-            raise ValueError(f"rendezvous run_id must be a non-empty string, got {self.run_id!r}")
+        check_run_id(self.run_id)
         if not isinstance(self.min_nodes, int) or self.min_nodes < 1:
             raise ValueError(f"rendezvous min_nodes must be an integer >= 1, got {self.min_nodes!r}")
         if not isinstance(self.max_nodes, int) or self.max_nodes < self.min_nodes:
             raise ValueError(f"rendezvous max_nodes must be an integer >= min_nodes ({self.min_nodes}), got {self.max_nodes!r}")
-        seconds = _seconds("keep_alive_interval", self.keep_alive_interval, DEFAULT_KEEP_ALIVE_INTERVAL)
+        seconds = timeout_seconds("keep_alive_interval", self.keep_alive_interval, DEFAULT_KEEP_ALIVE_INTERVAL)
         self.keep_alive_interval = timedelta(seconds=seconds)
         if not isinstance(self.keep_alive_max_attempt, int) or self.keep_alive_max_attempt < 1:
             raise ValueError(f"rendezvous keep_alive_max_attempt must be an integer >= 1, got {self.keep_alive_max_attempt!r}")
@@ -1188,7 +1186,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         local_addr: str | None = None,
         timeout: RendezvousTimeout | None = None,
         keep_alive_interval: float = 5,
-        keep_alive_max_attempt: int = 3,
+        keep_alive_max_attempt: int = DEFAULT_KEEP_ALIVE_MAX_ATTEMPT,
         clock: Clock = REAL_CLOCK,
     ) -> DynamicRendezvousHandler:
         """Build a handler for ``run_id`` over ``backend``; ``store`` is what ``next_rendezvous`` hands out."""

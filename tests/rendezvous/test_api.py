@@ -11,7 +11,7 @@ from elastic_impl.rendezvous import (
     RendezvousParameters,
     rendezvous_handler_registry,
 )
-from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousTimeout
+from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousSettings, RendezvousTimeout
 from elastic_impl.rendezvous.utils import parse_rendezvous_endpoint
 
 
@@ -64,6 +64,18 @@ def test_timeout_defaults_and_validation():
     for bad in (float("nan"), float("inf"), -1):
         with pytest.raises(ValueError, match="join timeout=.* is out of range"):
             RendezvousTimeout(join=bad)
+
+
+def test_api_timeouts_and_settings_share_the_options_bounds():
+    # RendezvousTimeout/RendezvousSettings parse seconds like --rdzv-conf does: heartbeat=0.001 passed here while
+    # --rdzv-conf heartbeat=0.001 was refused, and a blank run_id passed here while RendezvousParameters refused it.
+    with pytest.raises(ValueError, match=r"rendezvous heartbeat timeout=0.001 is out of range .*0.01 <= seconds"):
+        RendezvousTimeout(heartbeat=0.001)
+    with pytest.raises(ValueError, match=r"keep_alive_interval timeout=0.001 is out of range .*0.01 <= seconds"):
+        RendezvousSettings("job", 1, 1, RendezvousTimeout(), 0.001, 3)
+    with pytest.raises(ValueError, match="rendezvous run_id must be a non-empty string, got ' '"):
+        RendezvousSettings(" ", 1, 1, RendezvousTimeout(), 5, 3)
+    assert RendezvousSettings("job", 1, 2, RendezvousTimeout(), 0.01, 3).heartbeat_expiry_seconds == pytest.approx(0.03)
 
 
 def test_unknown_backend_is_named_in_upstreams_words():
