@@ -15,11 +15,15 @@ PROBE = Path(__file__).resolve().parents[1] / "multiprocessing" / "prewarm_scrip
 pytestmark = [needs_runtime, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")]
 
 
-def _job(launcher, tmp_path: Path, prewarm: bool, **env: str) -> tuple[int, str, list[dict]]:
-    logs = tmp_path / ("warm" if prewarm else "fresh")
+def _job(launcher, tmp_path: Path, prewarm: bool, name: str = "", **env: str) -> tuple[int, str, list[dict]]:
+    name = name or ("warm" if prewarm else "fresh")
+    logs = tmp_path / name
     argv = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1",
             "--log-dir", str(logs), "--redirects", "3", *(["--prewarm"] if prewarm else []), str(PROBE), "slow-raise"]
-    proc = launcher.start(argv, name="warm" if prewarm else "fresh", ELASTIC_IMPL_PREWARM_PRELOAD="colorsys", **env)
+    # Without --prewarm the pool is off unless a test turns it on: these tests also run with ELASTIC_IMPL_PREWARM=1
+    # in the environment (tox -e prewarm).
+    env = {"ELASTIC_IMPL_PREWARM": "0", "ELASTIC_IMPL_PREWARM_PRELOAD": "colorsys", **env}
+    proc = launcher.start(argv, name=name, **env)
     code = launcher.wait(proc, 180)
     _, err = launcher.output(proc)
     observed = []
@@ -53,4 +57,10 @@ def test_launcher_starts_the_pool_before_setting_up_the_rendezvous(launcher, tmp
     set_up = [i for i, line in enumerate(lines) if " elastic_impl.launcher.api: " in line or " elastic_impl.agent." in line]
     assert len(pools) == 1, err[-3000:]
     assert set_up and pools[0] < set_up[0], err[-3000:]
+    assert [w["colorsys_preloaded"] for w in observed] == [True] * 4
+
+
+def test_prewarm_environment_variable_turns_the_pool_on(launcher, tmp_path):
+    code, _, observed = _job(launcher, tmp_path, prewarm=False, name="env", ELASTIC_IMPL_PREWARM="1")
+    assert code == 1
     assert [w["colorsys_preloaded"] for w in observed] == [True] * 4
