@@ -42,6 +42,20 @@ def _defaults_pair(launcher, store, tool, markers, stop_file, run_id):
     return agents
 
 
+def _lose_a_peer(launcher, store, tool, markers, stop_file, how):
+    """Start the pair, lose one node (``how``: sigkill the whole node, or sigterm its agent) and return the survivor
+    and how long its workers took to come back at WORLD_SIZE=1 (None: not within 60 s)."""
+    launcher.marker_dirs.append(markers)
+    survivor, victim = _defaults_pair(launcher, store, tool, markers, stop_file, f"defaults-{tool}-{how}")
+    before = marker_pids(markers)
+    if how == "sigkill":
+        lost_at = kill_node(victim)
+    else:
+        lost_at = time.time()
+        victim.send_signal(signal.SIGTERM)
+    return survivor, _reformed_after(markers, before, lost_at, 60.0)
+
+
 def _reformed_after(markers, before, since: float, observe: float) -> float | None:
     deadline = since + observe
     while time.time() < deadline:
@@ -54,15 +68,7 @@ def _reformed_after(markers, before, since: float, observe: float) -> float | No
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_survivor_reforms_within_25s_with_defaults(launcher, tmp_path, rdzv_store, measured, how):
     markers, stop_file = tmp_path / "markers", tmp_path / "stop"
-    launcher.marker_dirs.append(markers)
-    survivor, victim = _defaults_pair(launcher, rdzv_store, "elastic-run", markers, stop_file, f"defaults-{how}")
-    before = marker_pids(markers)
-    if how == "sigkill":
-        lost_at = kill_node(victim)
-    else:
-        lost_at = time.time()
-        victim.send_signal(signal.SIGTERM)
-    took = _reformed_after(markers, before, lost_at, 60.0)
+    survivor, took = _lose_a_peer(launcher, rdzv_store, "elastic-run", markers, stop_file, how)
     measured(f"reform_defaults.{how}.ours", took if took is not None else "not within 60", "s")
     assert took is not None and took <= BOUND, f"survivor re-formed after {took} s (bound {BOUND} s)"
     stop_file.write_text("done")
@@ -72,16 +78,7 @@ def test_survivor_reforms_within_25s_with_defaults(launcher, tmp_path, rdzv_stor
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_torchrun_reference_reform_with_defaults(launcher, tmp_path, rdzv_store, measured, how):
     """Upstream, same scenario (side-by-side figure; its survivor never re-checks the participants)."""
-    markers, stop_file = tmp_path / "markers", tmp_path / "stop"
-    launcher.marker_dirs.append(markers)
-    survivor, victim = _defaults_pair(launcher, rdzv_store, "torchrun", markers, stop_file, f"defaults-tr-{how}")
-    before = marker_pids(markers)
-    if how == "sigkill":
-        lost_at = kill_node(victim)
-    else:
-        lost_at = time.time()
-        victim.send_signal(signal.SIGTERM)
     observe = 60.0
-    took = _reformed_after(markers, before, lost_at, observe)
+    _, took = _lose_a_peer(launcher, rdzv_store, "torchrun", tmp_path / "markers", tmp_path / "stop", how)
     measured(f"reform_defaults.{how}.torchrun", took if took is not None else f"not within {observe:g}",
              "s" if took is not None else "s (still WORLD_SIZE=2)")
