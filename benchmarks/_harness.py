@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 
+from elastic_impl.utils.proc_tree import descendants, is_alive
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,21 +115,6 @@ def spawn(cmd: list[str], env: dict, log_path: Path | None = None, **kwargs) -> 
             out.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM the process group, then SIGKILL it after `grace` seconds; reaps the leader."""
     if proc.poll() is None:
@@ -152,7 +139,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 def kill_pids(pids: Iterable[int]) -> list[int]:
     """SIGKILL leftover processes (e.g. workers started in their own session); returns those that were alive."""
-    alive = [p for p in set(pids) if p > 1 and _pid_alive(p)]
+    alive = [p for p in set(pids) if p > 1 and is_alive(p)]
     for pid in alive:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -209,22 +196,3 @@ def timed_command(cmd: list[str], timeout: float, workdir: Path) -> tuple[float,
         tree = descendants(proc.pid)
         stop_group(proc, grace=5.0)
         kill_pids(tree)
-
-
-def descendants(root: int) -> list[int]:
-    """Live descendants of ``root`` (by parent links in /proc), whatever session or group they moved to."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], list(children.get(root, []))
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found

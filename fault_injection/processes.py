@@ -1,8 +1,8 @@
 """Process faults: SIGKILL a worker, SIGKILL a whole node (agent + every descendant), SIGSTOP/SIGCONT an agent.
 
-Process trees are read from ``/proc`` (Linux). Workers of ``elastic_impl`` run in their own sessions, so a node is
-killed by walking the agent's descendants, not by ``killpg`` alone: every process of the tree is first stopped (so
-nothing can fork or reap in between), then all are killed.
+Process trees are read from ``/proc`` (Linux) by :mod:`elastic_impl.utils.proc_tree`. Workers of ``elastic_impl``
+run in their own sessions, so a node is killed by walking the agent's descendants, not by ``killpg`` alone: every
+process of the tree is first stopped (so nothing can fork or reap in between), then all are killed.
 
 :func:`processes_with_env` finds every live process whose environment holds a marker variable: processes inherit
 their environment, so a marker set on an agent also tags its workers and their children. The simulator uses it for
@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterable
 
+from elastic_impl.utils.proc_tree import descendants, is_alive, pids_with_env, process_table
 from fault_injection.base import Fault, FaultError
 
 __all__ = [
@@ -28,76 +29,13 @@ __all__ = [
     "kill_processes",
     "kill_session",
     "processes_with_env",
-    "proc_table",
 ]
 
 
-def _stat_fields(pid: int) -> tuple[str, int] | None:
-    """(state letter, ppid) of ``pid`` from /proc/<pid>/stat, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    # the command name is in parentheses and may itself contain spaces or parentheses
-    rest = data[data.rfind(")") + 2 :].split()
-    if len(rest) < 2:
-        return None
-    return rest[0], int(rest[1])
-
-
-def proc_table() -> dict[int, int]:
-    """pid -> ppid of every live (non-zombie) process visible in /proc."""
-    table: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        fields = _stat_fields(int(name))
-        if fields is not None and fields[0] not in ("Z", "X"):
-            table[int(name)] = fields[1]
-    return table
-
-
-def is_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def descendants(pid: int, table: dict[int, int] | None = None) -> list[int]:
-    """Live descendants of ``pid`` (children, grandchildren, ...), parents before children."""
-    table = proc_table() if table is None else table
-    children: dict[int, list[int]] = {}
-    for child, parent in table.items():
-        children.setdefault(parent, []).append(child)
-    out: list[int] = []
-    stack = list(children.get(pid, []))
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out
-
-
 def processes_with_env(key: str, value: str) -> list[int]:
-    """Live processes (of this user) whose initial environment has ``key=value``.
-
-    A process in the middle of exec has no environment to read yet (for a moment after its parent's Popen returned):
-    it is found by the next call."""
-    needle = f"{key}={value}".encode()
-    me = os.getpid()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read()
-        except OSError:  # gone, or another user's process
-            continue
-        if needle in env.split(b"\0") and is_alive(int(name)):
-            found.append(int(name))
-    return sorted(found)
+    """Live processes (of this user) whose initial environment has ``key=value``; see
+    :func:`elastic_impl.utils.proc_tree.pids_with_env`."""
+    return [pid for pid in pids_with_env(key, value) if is_alive(pid)]
 
 
 def _signal(pid: int, sig: int) -> bool:
@@ -132,10 +70,7 @@ def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
     # Freeze the whole tree first (repeat until no new descendant shows up) so nothing forks or re-parents
     # while we kill; SIGKILL works on stopped processes.
     for _ in range(20):
-        table = proc_table()
-        tree = set(roots)
-        for root in roots:
-            tree.update(descendants(root, table))
+        tree = set(roots) | set(descendants(roots, process_table()))
         new = tree - seen
         if not new:
             break

@@ -28,6 +28,7 @@ from elastic_impl.multiprocessing.redirects import redirect_stderr, redirect_std
 from elastic_impl.multiprocessing.subprocess_handler import SubprocessHandler, get_subprocess_handler
 from elastic_impl.multiprocessing.tail_log import TailLog
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
+from elastic_impl.utils.proc_tree import descendants, is_alive, pids_with_env, process_table, read_stat
 
 logger = logging.getLogger(__name__)
 
@@ -311,27 +312,6 @@ def _new_group_mark() -> str:
     return f"{os.getpid()}.{uuid.uuid4().hex[:16]}"
 
 
-def _marked_processes(mark: str) -> set[int]:
-    """Live processes whose environment carries ``mark`` (this user's processes; /proc only)."""
-    needle = f"{WORKER_GROUP_MARK_ENV}={mark}".encode()
-    found: set[int] = set()
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if any(entry == needle for entry in env.split(b"\0")):
-            found.add(int(name))
-    return found
-
-
 def _become_subreaper() -> None:
     """Orphaned grandchildren re-parent to us (not init), so we can still see and reap them (Linux only)."""
     if not IS_LINUX:
@@ -344,50 +324,17 @@ def _become_subreaper() -> None:
         logger.debug("PR_SET_CHILD_SUBREAPER unavailable: %s", e)
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session id), from /proc; empty where /proc does not exist."""
-    table: dict[int, tuple[int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return table
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = data[data.rfind(")") + 2:].split()
-        if len(fields) >= 4 and fields[0] != "Z":
-            table[int(name)] = (int(fields[1]), int(fields[3]))
-    return table
-
-
 def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 else None
+    stat = read_stat(pid)
+    return stat.start_time if stat is not None else None
 
 
 def _group_members(roots: set[int]) -> set[int]:
     """Live descendants of ``roots`` plus every process in their sessions (which catches re-parented orphans)."""
-    table = _proc_table()
-    members = {p for p, (_, sid) in table.items() if sid in roots}
+    table = process_table()
+    members = {p for p, stat in table.items() if stat.session in roots}
     members |= {r for r in roots if r in table}
-    changed = True
-    while changed:
-        changed = False
-        for p, (ppid, _) in table.items():
-            if ppid in members and p not in members:
-                members.add(p)
-                changed = True
-    return members
+    return members | set(descendants(members, table))
 
 
 def _signal_all(pgids: set[int], pids: set[int], sig: int) -> None:
@@ -430,20 +377,6 @@ def _wait_any_exit(pids: set[int], timeout: float, clock: Clock) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-        return data[data.rfind(")") + 2:].split()[0] != "Z"
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------- contexts
@@ -598,7 +531,7 @@ class PContext(abc.ABC):
     def _members_now(self, roots: set[int]) -> set[int]:
         """Every process of the group now: the workers' trees and sessions, and whatever carries the group's mark
         (a double-forked daemon re-parented to this agent, or to init) with its own descendants."""
-        return _group_members(roots | _marked_processes(self._group_mark))
+        return _group_members(roots | set(pids_with_env(WORKER_GROUP_MARK_ENV, self._group_mark)))
 
     def _kill_tree(self, roots: set[int], death_sig: int, timeout: float) -> None:
         self._remember_members()
@@ -608,7 +541,7 @@ class PContext(abc.ABC):
         while True:
             members |= self._members_now(roots)
             _reap(members)
-            live = {p for p in members if _alive(p)}
+            live = {p for p in members if is_alive(p)}
             if not live or self.clock.monotonic() >= deadline:
                 break
             _wait_any_exit(live, 0.05, self.clock)
@@ -620,7 +553,7 @@ class PContext(abc.ABC):
                 _reap(members)
                 self.clock.sleep(0.01)
                 members |= self._members_now(roots)
-                live = {p for p in members if _alive(p)}
+                live = {p for p in members if is_alive(p)}
                 _reap(live)
 
     def _failure(self, local_rank: int, pid: int, exitcode: int) -> ProcessFailure:

@@ -21,6 +21,7 @@ from elastic_impl.timer.api import RequestQueue, TimerClient, TimerRequest, Time
 from elastic_impl.timer.debug_info_logging import log_debug_info_for_expired_timers  # noqa: F401 -- upstream exposes it here
 from elastic_impl.utils.clock import Clock
 from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
+from elastic_impl.utils.proc_tree import pid_exists
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer"]
 
@@ -213,13 +214,7 @@ class FileTimerServer(TimerServer):
 
     @staticmethod
     def is_process_running(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_exists(pid)
 
     def register_timers(self, timer_requests: list[TimerRequest]) -> None:
         with self._lock:

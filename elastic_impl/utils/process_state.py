@@ -6,6 +6,8 @@ signal can interrupt.
 
 from __future__ import annotations
 
+from elastic_impl.utils.proc_tree import read_stat
+
 __all__ = ["read_proc_state", "is_uninterruptible_state"]
 
 
@@ -14,18 +16,8 @@ def read_proc_state(pid: int) -> str | None:
 
     None covers: not Linux, no such process, no permission, or a malformed stat line.
     """
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat_file:
-            stat = stat_file.read()
-    except OSError:
-        return None
-    # The second field is the command name in parentheses, and may itself hold spaces and ')': the state is the
-    # first field after the LAST ')'.
-    _, closing_paren, after_comm = stat.rpartition(")")
-    fields = after_comm.split()
-    if not closing_paren or not fields:
-        return None
-    return fields[0]
+    stat = read_stat(pid)
+    return stat.state if stat is not None else None
 
 
 def is_uninterruptible_state(state: str | None) -> bool:

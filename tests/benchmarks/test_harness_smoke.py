@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.__main__ import main, table
-from benchmarks._harness import Unavailable, _pid_alive, kill_pids, summarize, timed_command
+from benchmarks._harness import Unavailable, kill_pids, summarize, timed_command
+from elastic_impl.utils.proc_tree import is_alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +75,7 @@ def test_timed_command_kills_the_whole_group_on_timeout(tmp_path):
     child = int(pid_file.read_text())
     # SIGKILL to the group is asynchronous: on a loaded machine the child may need a moment to be scheduled and die.
     deadline = time.monotonic() + 10
-    while _pid_alive(child) and time.monotonic() < deadline:
+    while is_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kill_pids([child]) == []  # already gone: nothing left to kill
 

@@ -3,22 +3,13 @@ import signal
 
 import pytest
 
-from elastic_impl.multiprocessing.api import _group_members, _proc_table
+from elastic_impl.multiprocessing.api import _group_members
+from elastic_impl.utils.proc_tree import descendants
 
 
 def descendants_of_us() -> set[int]:
     """Live descendants of this test process (from /proc)."""
-    table = _proc_table()
-    me = os.getpid()
-    out: set[int] = set()
-    changed = True
-    while changed:
-        changed = False
-        for p, (ppid, _) in table.items():
-            if (ppid == me or ppid in out) and p not in out:
-                out.add(p)
-                changed = True
-    return out
+    return set(descendants(os.getpid()))
 
 
 @pytest.fixture
