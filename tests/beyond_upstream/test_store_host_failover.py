@@ -120,3 +120,27 @@ def test_when_the_first_successor_died_with_the_host_the_next_one_takes_over(lau
     assert launcher.wait(second, 120) == 0, launcher.output(second)[1][-3000:]
     err = launcher.output(second)[1]
     assert "this node now hosts the rendezvous store" in err, err[-3000:]
+
+
+def test_a_frozen_store_host_is_failed_over_within_the_detection_window(launcher, tmp_path, measured):
+    """The hosting agent is SIGSTOPped (a hung host, or one cut off the network): nothing refuses, calls just get no
+    answer; the survivor takes it for gone after the liveness timeout (default 15 s) and fails over."""
+    import os
+    import signal
+
+    markers, stop_file = tmp_path / "markers", tmp_path / "stop"
+    launcher.marker_dirs.append(markers)
+    host, survivor = _pair_with_a_hosting_agent(launcher, "elastic-run", markers, stop_file, "failover-frozen")
+    wait_for(lambda: len([m for m in read_markers(markers) if m["WORLD_SIZE"] == "2"]) == 2, 180, "group of 2")
+    before = marker_pids(markers)
+    frozen_at = time.time()
+    os.kill(host.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: new_markers(markers, before, 1), 90, "the survivor's workers at WORLD_SIZE=1")
+        took = time.time() - frozen_at
+        measured("store_host_frozen.ours.reformed_after", took)
+        assert took <= 15 + 15, f"re-formed {took:.1f} s after the store host froze (15 s detection window)"
+    finally:
+        kill_node(host)  # never thawed: a deposed host is not fenced (docs/c10d_store_failover.md)
+    stop_file.write_text("done")
+    assert launcher.wait(survivor, 120) == 0, launcher.output(survivor)[1][-3000:]
