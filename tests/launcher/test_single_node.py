@@ -87,8 +87,8 @@ def test_sigterm_stops_workers_within_shutdown_grace(launcher, tmp_path, ignore_
     if ignore_sigterm:
         env["TRAIN_IGNORE_SIGTERM"] = "1"
     proc = launcher.start([*COMMON, "--shutdown-grace", "2", TRAIN], **env)
+    # train.py sets its SIGTERM disposition before it writes its marker: a marker means the worker is ready
     started = wait_for(lambda: len(read_markers(markers)) == 2 and read_markers(markers), 120, "2 workers")
-    time.sleep(0.5)  # let the worker install its SIGTERM disposition
     sent = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     rc = launcher.wait(proc, 60)

@@ -207,6 +207,8 @@ calls = 0
 while time.monotonic() < end:
     backend.get_state()  # a RendezvousConnectionError here fails the test (traceback, exit 1)
     calls += 1
+    if calls == 1:
+        print("answered", flush=True)  # calls go through the proxy now, one after another
     time.sleep(0.01)
 print("calls", calls, flush=True)
 """
@@ -229,7 +231,8 @@ def test_a_frozen_process_does_not_blame_the_store(tcp_store):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.5)  # calls in flight
+        assert child.stdout.readline().strip() == "answered"
+        time.sleep(0.1)  # into the next call: 0.01 s later it is sent, and it waits ~0.4 s on the proxy's delay
         os.kill(child.pid, signal.SIGSTOP)
         time.sleep(2.5)  # 2.5 x call_timeout
         os.kill(child.pid, signal.SIGCONT)

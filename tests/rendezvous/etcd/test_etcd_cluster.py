@@ -60,12 +60,26 @@ def test_client_rides_out_the_loss_of_the_leader(etcd_cluster):
 
     worker = threading.Thread(target=work)
     worker.start()
-    time.sleep(1)
+    started = time.monotonic()
+    while not done and not errors and time.monotonic() - started < 5:  # the client works through the leader
+        time.sleep(0.01)
+    assert done and (client.host, client.port) == (leader.host, leader.port), errors
     leader.stop()  # SIGKILL
     worker.join(30)
     assert not errors, errors
     assert done > 0
     assert (client.host, client.port) != (leader.host, leader.port)  # it moved on to a live member
+
+
+def _run_keys(member: tuple[str, int], run_id: str):
+    """A reader of the etcd keys of ``run_id``'s rendezvous (its state, arrivals and liveness keys)."""
+    import base64
+
+    from elastic_impl.rendezvous.etcd_v3_rendezvous_backend import KEY_PREFIX, EtcdV3Client
+
+    client = EtcdV3Client(*member)
+    prefix = f"{KEY_PREFIX.rstrip('/')}/{run_id}".encode()
+    return lambda: sorted(base64.b64decode(kv["key"]) for kv in client.range_prefix(prefix))
 
 
 def test_rendezvous_over_a_cluster_completes_after_the_leader_dies(etcd_cluster, run_id):
@@ -86,7 +100,12 @@ def test_rendezvous_over_a_cluster_completes_after_the_leader_dies(etcd_cluster,
 
     first = threading.Thread(target=join, args=(0,))
     first.start()
-    time.sleep(1)  # node 0 is waiting for node 1 in the round
+    # Node 0 is in the round, waiting for node 1, once its liveness key is there (written as it joins).
+    run_keys = _run_keys((leader.host, leader.port), run_id)
+    deadline = time.monotonic() + 30
+    while not any(b"/alive/" in key for key in run_keys()):
+        assert time.monotonic() < deadline and first.is_alive(), (results, run_keys())
+        time.sleep(0.05)
     leader.stop()
     second = threading.Thread(target=join, args=(1,))
     second.start()
