@@ -35,6 +35,7 @@ class FuzzResult:
     failing: Scenario | None = None
     check: CheckResult | None = None
     written: Path | None = None
+    digest: str | None = None  # history digest of the failing schedule's replay (a replay of the file must match)
     outcomes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -194,7 +195,7 @@ def fuzz(
         return result
     # Hypothesis runs the minimal failing example last; re-run it to be sure it is a faithful replay.
     scenario, _ = state["last_failing"]
-    _, replayed = run_checked(scenario, twice=twice)
+    replay, replayed = run_checked(scenario, twice=twice)
     violated = replayed.violated
     shrunk = replace(
         scenario,
@@ -204,6 +205,7 @@ def fuzz(
     )
     result.failing = shrunk
     result.check = replayed
+    result.digest = replay.history.digest()
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

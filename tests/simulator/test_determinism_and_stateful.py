@@ -111,3 +111,11 @@ def test_cli_explore_and_fuzz_say_what_they_checked(capsys):
     assert "each twice: same history digest required" in capsys.readouterr().out
     assert main(["explore", "--examples", "0"]) == 2
     assert "examples must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_written_fuzz_finding_replays_to_the_same_history(tmp_path):
+    """The YAML round trip keeps every time and number exactly: the file's replay is the shrunk run itself."""
+    found = fuzz(seed=1, runs=200, broken_cas=True, out_dir=tmp_path)
+    assert not found.ok and found.digest
+    written = load_scenario(found.written)
+    assert run_virtual(written).history.digest() == found.digest
