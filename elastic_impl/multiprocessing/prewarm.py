@@ -14,8 +14,9 @@ entrypoint that is not the pool's interpreter (binaries, ``--no-python``), inter
 pool's, a script that is not a plain source file (directory, zip), an environment that differs from the pool's in a
 variable the launcher does not set per worker (it may matter at import time), or a pool that failed to start or to
 preload. Known, documented differences: the forked worker has the preloaded modules in ``sys.modules`` already, shares
-the zygote's string-hash secret, and ``/proc/<pid>/environ`` shows the zygote's initial environment (``os.environ``
-is the worker's own).
+the zygote's string-hash secret, and the objects the preload created are frozen for the garbage collector
+(``gc.freeze``: not in ``gc.get_objects()``, never collected). ``/proc/<pid>/environ`` shows the worker's own
+environment: it is written over the zygote's initial one, which has room for it.
 
 Enable with ``LocalElasticAgent(..., prewarm=True)``, ``elastic-run --prewarm`` or ``ELASTIC_IMPL_PREWARM=1``; the
 preload list is ``ELASTIC_IMPL_PREWARM_PRELOAD`` (comma-separated module names, default ``torch``).
@@ -169,6 +170,7 @@ class WorkerPool:
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._env: dict[str, str] = {}
+        self._env_room = 0  # bytes of the zygote's initial environment block, which a worker's must fit
         self._ready: bool | None = None
         self._broken: str | None = None
         self._lock = threading.Lock()
@@ -212,7 +214,8 @@ class WorkerPool:
         self._env = dict(os.environ)
         env = dict(self._env)
         env.update({_zygote.ZYGOTE_FD_ENV: str(theirs.fileno()), "ELASTIC_IMPL_ZYGOTE_PRELOAD": ",".join(self.preload),
-                    "ELASTIC_IMPL_ZYGOTE_PATH0": self._path0})
+                    "ELASTIC_IMPL_ZYGOTE_PATH0": self._path0, _zygote.ENV_ROOM_ENV: "x" * _zygote.ENV_ROOM_BYTES})
+        self._env_room = len(_zygote.env_block(env))
         parent = os.getpid() if threading.current_thread() is threading.main_thread() else None
         try:
             self._proc = subprocess.Popen(
@@ -231,14 +234,15 @@ class WorkerPool:
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            sock.close()  # the zygote exits when it reads end-of-file
+            sock.close()
         proc, self._proc = self._proc, None
         if proc is not None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            # Killed, not asked to exit: an interpreter that has imported torch takes about a second to finalise (one
+            # still importing finishes that first, then fails on the closed socket with a traceback on the agent's
+            # stderr), and the agent's run() would return that much later. The zygote owns nothing by now: its
+            # workers are the agent's children, in sessions of their own.
+            proc.kill()
+            proc.wait()
 
     def __enter__(self) -> WorkerPool:
         self.start()
@@ -302,6 +306,9 @@ class WorkerPool:
         for key in sorted(set(env) | set(self._env)):
             if key not in PER_WORKER_ENV and env.get(key) != self._env.get(key):
                 return f"the worker's environment differs from the pool's in {key!r} (it may be read at import)"
+        needed = len(_zygote.env_block(env))
+        if needed > self._env_room:
+            return f"the worker's environment ({needed} bytes) is larger than the pool's room for it ({self._env_room})"
         return None
 
     def _log_fallback(self, reason: str) -> None:

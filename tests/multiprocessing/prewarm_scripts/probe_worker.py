@@ -21,6 +21,9 @@ observed = {
     "fds": sorted(int(f) for f in os.listdir("/proc/self/fd") if int(f) > 2),
     "stdin": os.readlink("/proc/self/fd/0"),
     "colorsys_preloaded": "colorsys" in sys.modules,  # only a pool told to preload it has it before we run
+    # what tools (and the agent, looking for a worker's daemons by its group mark) read as this process's environment
+    "proc_environ_is_ours": sorted(filter(None, open("/proc/self/environ", "rb").read().split(b"\0")))
+    == sorted(os.fsencode(f"{k}={v}") for k, v in os.environ.items()),
 }
 print(json.dumps(observed), flush=True)
 print("to stderr", file=sys.stderr, flush=True)
