@@ -149,10 +149,20 @@ def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> t
 
 
 def as_virtual(scenario: Scenario) -> Scenario:
-    """The same cluster, job and faults in virtual time (on the simulated store)."""
+    """The same cluster, job and faults in virtual time (on the simulated store; the live-only store and job options
+    -- an agent-hosted store, an etcd cluster, worker daemons -- have no virtual counterpart and are dropped). A fault
+    kind with no virtual side is refused, naming it and why."""
     from dataclasses import replace
 
-    return replace(scenario, mode="virtual", backend="sim").validate()
+    from .faults import kind_of
+
+    for fault in scenario.faults:
+        kind = kind_of(fault.fault)
+        if kind.virtual is None:
+            raise CliError(f"scenario {scenario.name!r} cannot run in virtual time: fault {fault.fault} is live only "
+                           f"({kind.virtual_missing})")
+    store = replace(scenario.store, hosted_by_node=None, members=1)
+    return replace(scenario, mode="virtual", backend="sim", store=store, job=replace(scenario.job, daemon=False)).validate()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -211,18 +221,23 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     ]
     print("\nsummary\n" + _table(rows))
     if not result.ok:
-        failing = result.failing
-        print(f"\nminimal failing schedule ({len(failing.faults)} fault(s), sim seed {failing.seed}):")
-        for f in failing.faults:
-            print(f"  {f.describe()}")
-        for v in result.check.violations[:5]:
-            print(f"  ! {v}")
-        if result.written:
-            print(f"  wrote {result.written} (replay: elastic-sim replay {result.written})")
-        else:
-            print(failing.to_yaml())
+        _print_finding(f"minimal failing schedule ({len(result.failing.faults)} fault(s), sim seed "
+                       f"{result.failing.seed}):", result)
         return 1
     return 0
+
+
+def _print_finding(heading: str, result) -> None:
+    """A shrunk fuzz / explore finding: its faults, first violations, and where it was written (or its YAML)."""
+    print(f"\n{heading}")
+    for f in result.failing.faults:
+        print(f"  {f.describe()}")
+    for v in result.check.violations[:5]:
+        print(f"  ! {v}")
+    if result.written:
+        print(f"  wrote {result.written} (replay: elastic-sim replay {result.written})")
+    else:
+        print(result.failing.to_yaml())
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -240,16 +255,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
     print("\nsummary\n" + _table(rows))
     if result.ok:
         return 0
-    print(f"\nminimal failing run ({len(result.failing.faults)} fault(s), sim seed {result.failing.seed}); its replay "
-          f"{'has the same' if result.replay_digest == result.digest else 'DIFFERS in its'} history digest:")
-    for f in result.failing.faults:
-        print(f"  {f.describe()}")
-    for v in result.check.violations[:5]:
-        print(f"  ! {v}")
-    if result.written:
-        print(f"  wrote {result.written} (replay: elastic-sim replay {result.written})")
-    else:
-        print(result.failing.to_yaml())
+    _print_finding(f"minimal failing run ({len(result.failing.faults)} fault(s), sim seed {result.failing.seed}); its "
+                   f"replay {'has the same' if result.replay_digest == result.digest else 'DIFFERS in its'} history "
+                   "digest:", result)
     return 1
 
 

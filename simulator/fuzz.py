@@ -66,6 +66,13 @@ class _HypothesisDraw:
 DETERMINISM = "deterministic_replay"
 
 
+def search_settings(examples: int, **more) -> settings:
+    """Hypothesis settings for a bug search: no deadline or database, generate then shrink, quiet, one bug."""
+    return settings(max_examples=examples, deadline=None, database=None, derandomize=False,
+                    phases=(Phase.generate, Phase.shrink), suppress_health_check=list(HealthCheck),
+                    verbosity=Verbosity.quiet, report_multiple_bugs=False, **more)
+
+
 def run_checked(scenario: Scenario, twice: bool = True) -> tuple[SimResult, CheckResult]:
     """Run ``scenario`` in virtual time and check it; with ``twice``, run it again and add a ``deterministic_replay``
     violation when the second history differs from the first (naming the first record that differs)."""
@@ -152,16 +159,7 @@ def fuzz(
         )
     schedules = st.tuples(st.lists(_fault_strategy(base, horizon), max_size=MAX_FAULTS), st.integers(0, 2**16), shapes)
 
-    @settings(
-        max_examples=runs,
-        deadline=None,
-        database=None,
-        derandomize=False,
-        phases=(Phase.generate, Phase.shrink),
-        suppress_health_check=list(HealthCheck),
-        verbosity=Verbosity.quiet,
-        report_multiple_bugs=False,
-    )
+    @search_settings(runs)
     @hypothesis_seed(seed)
     @given(schedules)
     def property_holds(drawn) -> None:

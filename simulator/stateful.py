@@ -19,14 +19,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, initialize, invariant, rule
 
 from .checker import CheckResult, check
 from .faults import REGISTRY, draw_fault
-from .fuzz import _HypothesisDraw
+from .fuzz import _HypothesisDraw, search_settings
 from .generator import fuzz_base, with_faults
 from .scenario import Fault, Scenario
 from .virtual import run_virtual
@@ -147,16 +146,7 @@ def explore(seed: int, examples: int, base: Scenario | None = None, out_dir: str
     base = base or fuzz_base()
     record: dict = {}
     machine = machine_for(base, record)
-    test = get_state_machine_test(machine, settings=settings(
-        max_examples=examples,
-        stateful_step_count=steps,
-        deadline=None,
-        database=None,
-        phases=(Phase.generate, Phase.shrink),
-        suppress_health_check=list(HealthCheck),
-        verbosity=Verbosity.quiet,
-        report_multiple_bugs=False,
-    ))
+    test = get_state_machine_test(machine, settings=search_settings(examples, stateful_step_count=steps))
     hypothesis_seed(seed)(test)
     wall0 = time.perf_counter()
     try:

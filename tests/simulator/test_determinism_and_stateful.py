@@ -19,6 +19,7 @@ from simulator.scenario import load_scenario
 from simulator.stateful import explore
 from simulator.virtual import run_virtual
 from simulator.virtual.sim import Simulation
+from tests.simulator.test_agent_bugs_found import _per_node_budget
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,15 +76,6 @@ def test_fuzz_reports_every_outcome_class():
 def test_the_state_machine_over_the_real_steppers_finds_nothing_on_correct_code():
     result = explore(seed=0, examples=20, steps=20)
     assert result.ok, result.check and [str(v) for v in result.check.violations]
-
-
-def _per_node_budget(self):
-    """Planted bug: each agent counts only its own restarts (the job-wide count is ignored)."""
-    yield from ()
-    if self.remaining_restarts <= 0:
-        return None
-    self.remaining_restarts -= 1
-    return self.restart_count + 1
 
 
 @pytest.mark.slow  # shrinking a stateful run takes a few hundred runs
