@@ -23,7 +23,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, initialize, invariant, rule
 
-from .checker import CheckResult, check
+from .checker import INVARIANTS, CheckResult, check
 from .faults import REGISTRY, draw_fault
 from .fuzz import _HypothesisDraw, search_settings
 from .generator import fuzz_base, with_faults
@@ -31,8 +31,11 @@ from .scenario import Fault, Scenario
 from .virtual import run_virtual
 from .virtual.sim import Simulation
 
-# Invariants that hold of every prefix of a correct history (the others need the run's end or a time bound).
-STEP_INVARIANTS = ["ranks_unique", "membership_agreement", "world_size_bounds", "rounds_monotonic", "restart_budget"]
+# Invariants about how the run ends (an outcome, the final world size): checked once it has ended.
+END_INVARIANTS = ("liveness", "expectations")
+# The rest hold of every prefix of a correct history (failure_handled judges only failures whose bound has passed):
+# checked after every step.
+STEP_INVARIANTS = [name for name in INVARIANTS if name not in END_INVARIANTS]
 # Node indices a fault may name (those past the nodes started so far wrap onto them).
 _NODE_SLOTS = 6
 # Virtual time one ``wait`` rule may pass: 0.01 .. 3 s.
