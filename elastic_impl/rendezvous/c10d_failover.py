@@ -27,10 +27,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from .api import RendezvousConnectionError, RendezvousError
+from .api import RendezvousConnectionError, RendezvousError, RendezvousGracefulExitError
 from .utils import parse_rendezvous_endpoint
 
-__all__ = ["SUCCESSOR_CANDIDATES", "StoreFailover"]
+__all__ = ["SUCCESSOR_CANDIDATES", "StoreFailover", "StoreHostDeposed"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,19 @@ def _reserve_port() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("", 0))
     return sock
+
+
+class StoreHostDeposed(RendezvousGracefulExitError):
+    """This node hosted the store but was cut off (or frozen) long enough for the others to fail over: the job goes
+    on at a successor's store, and this node must stop instead of carrying on with a second group."""
+
+
+def _accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _refuses(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -113,6 +126,20 @@ class StoreFailover:
                 host, port = parse_rendezvous_endpoint(endpoint.decode(), 0)
                 plan.append((key, host, port))
         self.plan = (host_key, plan)
+
+    def deposed_by(self, node_key: str) -> str | None:
+        """On the store host: the successor that took over while this node was cut off, if any (None otherwise).
+
+        A candidate's reserved port only accepts connections once it hosts a store, so an accepted connection means
+        the others failed over. Probed with plain TCP connections (at most one per candidate, refused at once while
+        nothing happened); a candidate this node cannot reach tells nothing (a partition still splits the job, see
+        docs/c10d_store_failover.md)."""
+        if not self.hosted or self.plan is None:
+            return None
+        for key, host, port in self.plan[1]:
+            if key != node_key and _accepts(host, port):
+                return f"{key} at {host}:{port}"
+        return None
 
     # ------------------------------------------------------------------ after a loss
 

@@ -1174,6 +1174,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # Store-host failover, where the backend offers it (c10d over TCP: see c10d_failover).
         self._failover = getattr(backend, "failover", None)
         self._standby_announced = False
+        # Set when this node hosted the store and the others failed over without it (every later step raises it).
+        self._deposed: RendezvousError | None = None
 
     @classmethod
     def from_backend(
@@ -1212,6 +1214,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _step(self, op: str) -> StepResult:
         with self._lock:
+            if self._deposed is not None:
+                return StepResult(done=False, error=self._deposed)
             result = self._stepper.step(op)
             if isinstance(result.error, RendezvousConnectionError) and self._fail_over():
                 result = self._stepper.step(op)
@@ -1248,6 +1252,23 @@ class DynamicRendezvousHandler(RendezvousHandler):
         except RendezvousError as e:
             logger.warning("rendezvous %s: after the failover: %s", self._settings.run_id, e)
         return True
+
+    def _check_deposed(self) -> None:
+        """On the store host, once per keep-alive: did the others fail over while this node was cut off or frozen?
+        Then every later step raises, so the agent stops its workers instead of training on as a second group."""
+        failover = self._failover
+        if failover is None or self._deposed is not None:
+            return
+        successor = failover.deposed_by(self._node.key)
+        if successor is None:
+            return
+        from .c10d_failover import StoreHostDeposed
+
+        self._deposed = StoreHostDeposed(
+            f"rendezvous {self._settings.run_id}: this node hosted the store but was cut off or frozen long enough "
+            f"for the others to fail over; the job goes on at {successor}. Stopping this node."
+        )
+        logger.error("%s", self._deposed)
 
     def _last_seen_state(self) -> RendezvousState:
         """The newest state this node's steppers saw (the successor seeds the new store with it)."""
@@ -1401,6 +1422,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 if isinstance(result.error, RendezvousConnectionError):
                     with self._lock:
                         self._fail_over()
+            self._check_deposed()
 
     def _stop_keep_alive(self) -> None:
         self._keep_alive_stop.set()

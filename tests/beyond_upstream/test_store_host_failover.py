@@ -16,6 +16,7 @@ import pytest
 
 from tests.beyond_upstream.conftest import (
     TRAIN,
+    alive,
     kill_node,
     marker_pids,
     needs_runtime,
@@ -122,9 +123,10 @@ def test_when_the_first_successor_died_with_the_host_the_next_one_takes_over(lau
     assert "this node now hosts the rendezvous store" in err, err[-3000:]
 
 
-def test_a_frozen_store_host_is_failed_over_within_the_detection_window(launcher, tmp_path, measured):
+def test_a_frozen_store_host_is_failed_over_and_stops_when_it_thaws(launcher, tmp_path, measured):
     """The hosting agent is SIGSTOPped (a hung host, or one cut off the network): nothing refuses, calls just get no
-    answer; the survivor takes it for gone after the liveness timeout (default 15 s) and fails over."""
+    answer; the survivor takes it for gone after the liveness timeout (default 15 s) and fails over. When the old
+    host thaws it finds a successor serving on a reserved port (deposed) and stops, instead of training on alone."""
     import os
     import signal
 
@@ -141,6 +143,14 @@ def test_a_frozen_store_host_is_failed_over_within_the_detection_window(launcher
         measured("store_host_frozen.ours.reformed_after", took)
         assert took <= 15 + 15, f"re-formed {took:.1f} s after the store host froze (15 s detection window)"
     finally:
-        kill_node(host)  # never thawed: a deposed host is not fenced (docs/c10d_store_failover.md)
+        os.kill(host.pid, signal.SIGCONT)
+    thawed_at = time.time()
+    code = launcher.wait(host, 60)
+    measured("store_host_frozen.ours.deposed_host_stopped_after", time.time() - thawed_at)
+    assert code != 0
+    assert "Stopping this node" in launcher.output(host)[1], launcher.output(host)[1][-3000:]
+    assert survivor.poll() is None, "the deposed host took the survivor down with it"
+    assert len(new_markers(markers, before, 1)) == 1
+    assert not [pid for pid in before if alive(pid)], "a worker of the first group (the deposed host's) still runs"
     stop_file.write_text("done")
     assert launcher.wait(survivor, 120) == 0, launcher.output(survivor)[1][-3000:]
