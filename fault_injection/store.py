@@ -11,12 +11,17 @@ The store must outlive any node, so it runs in a process the simulator controls,
 :class:`RestartStore` stops the server (SIGKILL: a crash, not a clean shutdown) and starts it again, right away or
 when healed (``downtime``). ``on_restarted(host, port)`` tells the caller where the store is now (the simulator
 re-points its proxies).
+
+:class:`FreezeStore` SIGSTOPs every process of the store (a host that hangs: connections stay open, nothing is
+answered) until healed (SIGCONT). :class:`KillStoreLeader` SIGKILLs the member of an :class:`EtcdCluster` that leads
+now (the others elect a new leader); healing starts that member again on its data dir, so it rejoins.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +31,7 @@ from collections.abc import Callable
 from fault_injection.base import Fault, FaultError
 from fault_injection.processes import kill_session
 
-__all__ = ["TCPStoreServer", "EtcdStoreServer", "RestartStore"]
+__all__ = ["TCPStoreServer", "EtcdStoreServer", "EtcdCluster", "RestartStore", "FreezeStore", "KillStoreLeader"]
 
 
 class _ServerProcess:
@@ -290,3 +295,63 @@ class RestartStore(Fault):
 
     def _result_detail(self):
         return {"endpoint": self.server.endpoint}
+
+
+class FreezeStore(Fault):
+    """SIGSTOP the process group of every store server in ``servers`` (all members of an etcd cluster freeze
+    together, like one hung machine hosting them); heal: SIGCONT. The servers were started in sessions of their own,
+    so the group is exactly the server."""
+
+    kind = "freeze_store"
+
+    def __init__(self, servers, on_event=None, **labels) -> None:
+        self.servers = list(servers)
+        if not self.servers:
+            raise FaultError("freeze_store needs at least one store server, got none")
+        super().__init__(on_event, **labels)
+
+    def _inject(self) -> list[int]:
+        pids = [server.pid for server in self.servers if server.is_running()]
+        if not pids:
+            raise FaultError(f"freeze_store: no store server is running ({', '.join(s.endpoint for s in self.servers)})")
+        for pid in pids:
+            os.killpg(pid, signal.SIGSTOP)
+        return pids
+
+    def _heal(self) -> None:
+        for pid in self.result or []:
+            try:
+                os.killpg(pid, signal.SIGCONT)
+            except ProcessLookupError:  # crashed meanwhile: nothing left to thaw
+                pass
+
+    def _result_detail(self):
+        return {"pids": self.result}
+
+
+class KillStoreLeader(Fault):
+    """SIGKILL the etcd member that leads ``cluster`` now (the survivors elect another while a quorum is left);
+    heal: start the killed member again on its data dir (it rejoins as a follower)."""
+
+    kind = "kill_store_leader"
+
+    def __init__(self, cluster: EtcdCluster, on_event=None, **labels) -> None:
+        if len(cluster.members) < 3:
+            raise FaultError(f"kill_store_leader needs an etcd cluster of at least 3 members (a quorum survives), "
+                             f"got {len(cluster.members)}")
+        super().__init__(on_event, **labels)
+        self.cluster = cluster
+        self.member: EtcdStoreServer | None = None
+
+    def _inject(self) -> str:
+        self.member = self.cluster.leader()
+        self.member.stop()
+        return self.member.name
+
+    def _heal(self) -> None:
+        if self.member is not None and not self.member.is_running():
+            self.member.restarts += 1
+            self.member.start()
+
+    def _result_detail(self):
+        return {"member": self.result, "endpoint": self.member.endpoint if self.member else None}

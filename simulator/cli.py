@@ -149,10 +149,20 @@ def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> t
 
 
 def as_virtual(scenario: Scenario) -> Scenario:
-    """The same cluster, job and faults in virtual time (on the simulated store)."""
+    """The same cluster, job and faults in virtual time (on the simulated store; the live-only store and job options
+    -- an agent-hosted store, an etcd cluster, worker daemons -- have no virtual counterpart and are dropped). A fault
+    kind with no virtual side is refused, naming it and why."""
     from dataclasses import replace
 
-    return replace(scenario, mode="virtual", backend="sim").validate()
+    from .faults import kind_of
+
+    for fault in scenario.faults:
+        kind = kind_of(fault.fault)
+        if kind.virtual is None:
+            raise CliError(f"scenario {scenario.name!r} cannot run in virtual time: fault {fault.fault} is live only "
+                           f"({kind.virtual_missing})")
+    store = replace(scenario.store, hosted_by_node=None, members=1)
+    return replace(scenario, mode="virtual", backend="sim", store=store, job=replace(scenario.job, daemon=False)).validate()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -110,6 +110,14 @@ def _live_restart_store(cluster, fault: Fault, budget: float):
     return cluster.restart_store(downtime=fault.duration or 0.0)
 
 
+def _live_freeze_store(cluster, fault: Fault, budget: float):
+    return cluster.freeze_store()
+
+
+def _live_kill_store_leader(cluster, fault: Fault, budget: float):
+    return cluster.kill_store_leader()
+
+
 def _live_clock_skew(cluster, fault: Fault, budget: float):
     return cluster.clock_skew(fault.node, fault.seconds)
 
@@ -231,6 +239,17 @@ REGISTRY: dict[str, FaultKind] = {
                   live=_live_delay, virtual=_virtual_delay),
         FaultKind("restart_store", "crash the store and bring it back after the duration", node="cluster", timed=True,
                   live=_live_restart_store, virtual=_virtual_restart_store, virtual_default_duration=1.0),
+        FaultKind("freeze_store", "SIGSTOP the store (every etcd member) for the duration: calls hang, data kept",
+                  node="cluster", timed=True, live=_live_freeze_store,
+                  virtual_missing="the virtual store has no call in flight: a call either answers or fails. A frozen "
+                                  "store is neither down (failing calls end the job after the agents' store-outage "
+                                  "window; live calls hang and the job rides the freeze out) nor slow (heartbeats "
+                                  "would keep landing, so the eviction guard under test is never reached); it needs "
+                                  "hanging calls in the virtual store first"),
+        FaultKind("kill_store_leader", "SIGKILL the etcd cluster's leader (healed: it restarts and rejoins)",
+                  node="cluster", live=_live_kill_store_leader,
+                  virtual_missing="the virtual store is one linearizable server with no members, so there is no "
+                                  "leader to lose (a leader change is a short outage at most: restart_store)"),
         FaultKind("expire_timer", "expire a worker's watchdog timer (the timer server reaps it)", ranked=True,
                   live=_live_expire_timer, virtual=_virtual_worker_fault("timer expired (reaped with SIGKILL)")),
         FaultKind("clock_skew", "shift one agent's wall clock", timed=True,
@@ -247,8 +266,14 @@ FAULT_NAMES = tuple(REGISTRY)
 
 
 def fault_names() -> tuple[str, ...]:
-    """Every registered fault name now (the generators' default kinds, so a new entry is drawn at once)."""
+    """Every registered fault name now."""
     return tuple(REGISTRY)
+
+
+def drawn_fault_names() -> tuple[str, ...]:
+    """The generators' default kinds: every registered kind the virtual simulation can run (random schedules and
+    the stateful fuzzer run virtually), so a new entry with a virtual side is drawn at once."""
+    return tuple(name for name, kind in REGISTRY.items() if kind.virtual is not None)
 
 
 def kind_of(name: str) -> FaultKind:
@@ -346,12 +371,12 @@ AT_RESOLUTION = 100
 
 
 def draw_fault(draw: Draw, kinds: Sequence[str] | None, nodes: int, workers_per_node: int, horizon: float) -> Fault:
-    """One fault of ``kinds`` (default: every registered kind) at a time in ``[0, horizon]`` on one of ``nodes`` nodes, with every parameter its kind
+    """One fault of ``kinds`` (default: :func:`drawn_fault_names`) at a time in ``[0, horizon]`` on one of ``nodes`` nodes, with every parameter its kind
     needs (a rank, a duration for faults that stay until undone, seconds). ``add_node`` gets no index: number new
     nodes in time order (:func:`number_new_nodes`)."""
     from .scenario import Fault
 
-    name = draw.choice(tuple(kinds) if kinds is not None else fault_names())
+    name = draw.choice(tuple(kinds) if kinds is not None else drawn_fault_names())
     kind = kind_of(name)
     fault = Fault(at=draw.seconds(0.0, horizon, AT_RESOLUTION), fault=name, node=draw.index(nodes))
     if kind.ranked:

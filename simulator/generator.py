@@ -42,7 +42,7 @@ def fuzz_base(seed: int = 0, broken_cas: bool = False) -> Scenario:
 
 def random_fault(rng: random.Random, scenario: Scenario, horizon: float, kinds: tuple[str, ...] | None = None,
                  node_count: int | None = None) -> Fault:
-    """One random fault of ``kinds`` (default: every registered kind) at a time in ``[0, horizon)``, drawn by its registry entry's rule."""
+    """One random fault of ``kinds`` (default: every kind with a virtual side) at a time in ``[0, horizon)``, drawn by its registry entry's rule."""
     nodes = node_count if node_count is not None else scenario.nodes
     return draw_fault(RandomDraw(rng), kinds, nodes, scenario.workers_per_node, horizon)
 

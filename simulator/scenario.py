@@ -13,7 +13,7 @@ Example::
     timeouts: {join: 60, last_call: 1, heartbeat: 1, close: 10}
     job: {steps: 10, step_seconds: 0.5}
     seed: 0
-    store: {latency: 0.001, loss: 0.0}       # virtual only
+    store: {latency: 0.001, loss: 0.0}       # virtual only; live: {hosted_by_node: 0} (c10d), {members: 3} (etcd)
     faults:
       - {at: 2.0, fault: kill_worker, node: 1, rank: 0}
     expect: {outcome: succeeded}
@@ -116,9 +116,14 @@ class Timeouts:
 class Job:
     steps: int = 10
     step_seconds: float = 0.5
+    # Live only: each worker double-forks a setsid daemon that outlives the job unless the runtime stops it.
+    daemon: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "step_seconds": self.step_seconds}
+        out: dict[str, Any] = {"steps": self.steps, "step_seconds": self.step_seconds}
+        if self.daemon:
+            out["daemon"] = True
+        return out
 
     @property
     def seconds(self) -> float:
@@ -141,6 +146,10 @@ class StoreConfig:
     # Whether a restart_store keeps the data (etcd: yes) or comes back empty with every open connection gone for
     # good (a TCPStore server: its clients never reconnect), as in live mode.
     persistent: bool = True
+    # Live only. ``hosted_by_node``: that node's agent hosts the c10d TCPStore (is_host=true; the others connect to
+    # it directly) instead of a store process of the simulator's own. ``members``: size of the real etcd cluster.
+    hosted_by_node: int | None = None
+    members: int = 1
 
 
 @dataclass
@@ -269,6 +278,7 @@ class Scenario:
             raise _err(where, "store.persistent", self.store.persistent, "must be true or false")
         if self.store.broken_cas and self.mode != "virtual":
             raise _err(where, "store.broken_cas", True, "only the virtual store can break compare-and-set")
+        self._validate_live_store(where)
         _num(where, "time_limit", self.time_limit, 0.0, strict=True)
         for i, f in enumerate(self.faults):
             validate_fault(f, self, f"{where}: faults[{i}]", ScenarioError)
@@ -277,6 +287,22 @@ class Scenario:
         if not isinstance(self.expect.violations, list) or not all(isinstance(v, str) for v in self.expect.violations):
             raise _err(where, "expect.violations", self.expect.violations, "must be a list of invariant names")
         return self
+
+    def _validate_live_store(self, where: str) -> None:
+        if not isinstance(self.job.daemon, bool):
+            raise _err(where, "job.daemon", self.job.daemon, "must be true or false")
+        if self.job.daemon and self.mode != "live":
+            raise _err(where, "job.daemon", True, "only live workers can start a daemon")
+        host = self.store.hosted_by_node
+        if host is not None:
+            _int(where, "store.hosted_by_node", host, 0)
+            if self.mode != "live" or self.backend != "c10d":
+                raise _err(where, "store.hosted_by_node", host, "an agent hosts the store only in live mode with backend c10d")
+            if host >= self.nodes:
+                raise _err(where, "store.hosted_by_node", host, f"must be one of the initial nodes 0..{self.nodes - 1}")
+        _int(where, "store.members", self.store.members, 1)
+        if self.store.members > 1 and (self.mode != "live" or self.backend not in ("etcd-v2", "etcd-v3")):
+            raise _err(where, "store.members", self.store.members, "an etcd cluster needs live mode with backend etcd-v2 or etcd-v3")
 
     # ------------------------------------------------------------------ writing
 
@@ -305,6 +331,14 @@ class Scenario:
             if not self.store.persistent:
                 store["persistent"] = False
             out["store"] = store
+        else:
+            live_store: dict[str, Any] = {}
+            if self.store.hosted_by_node is not None:
+                live_store["hosted_by_node"] = self.store.hosted_by_node
+            if self.store.members != 1:
+                live_store["members"] = self.store.members
+            if live_store:
+                out["store"] = live_store
         out["time_limit"] = self.time_limit
         out["faults"] = [f.to_dict() for f in self.faults]
         expect = self.expect.to_dict()

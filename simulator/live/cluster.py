@@ -3,6 +3,10 @@
 Layout of one run (everything under ``out_dir``)::
 
     store process (TCPStore server, or etcd)      <- owned by the simulator: killing an agent never kills it
+                                                     (or: ``store_host=i``, node i's agent hosts the TCPStore and
+                                                     the others connect to it directly; ``store_members=3``, a
+                                                     3-member etcd cluster the nodes reach directly by its
+                                                     endpoint list -- no proxies, so no partition/delay faults)
       ^        ^
     proxy0   proxy1  ...                          <- one loopback TCP proxy per node (partition / delay it alone)
       ^        ^
@@ -47,8 +51,10 @@ from fault_injection import (
     ExpireTimer,
     Fault,
     FaultError,
+    FreezeStore,
     HeartbeatDelay,
     KillAgent,
+    KillStoreLeader,
     KillWorker,
     Partition,
     PauseAgent,
@@ -57,9 +63,11 @@ from fault_injection import (
 )
 from fault_injection.clock import CLOCK_FILE_ENV, write_skew
 from fault_injection.processes import is_alive, kill_processes, processes_with_env
+from fault_injection.store import _free_port
 from fault_injection.timers import TIMER_FILE_ENV
 from simulator import history as h
 from simulator.history import Event, History
+from simulator.live.worker import DAEMON_ENV, DAEMON_MODES
 
 __all__ = ["Cluster", "LiveError", "RUN_MARKER_ENV", "default_train_script"]
 
@@ -92,7 +100,8 @@ class _Node:
         self.clock_file = directory / "clock"
         self.timer_file = directory / "timer.fifo"
         self.proc: subprocess.Popen | None = None
-        self.proxy: TcpProxy | None = None
+        self.proxy: TcpProxy | None = None  # None when the node reaches the store directly
+        self.endpoint = ""  # the --rdzv-endpoint its agent was given
         self.timer_server = None
         self.offset = 0  # bytes of events_file consumed
         self.partial = b""
@@ -135,7 +144,10 @@ class Cluster:
 
     Timeouts are seconds: ``join``, ``last_call``, ``heartbeat`` (keep-alive interval), ``close``,
     ``keep_alive_max_attempt``, ``monitor`` (the agent's monitor interval), ``read`` (store client timeout).
-    ``job``: ``steps``, ``step_seconds`` and any extra ``TRAIN_*`` environment for ``examples/train.py``.
+    ``job``: ``steps``, ``step_seconds``, ``daemon`` (each worker double-forks a setsid daemon that outlives it
+    unless the runtime stops it) and any extra ``TRAIN_*`` environment for ``examples/train.py``.
+    ``store_host``: the index of the node whose agent hosts the c10d TCPStore (``is_host=true``) instead of a store
+    process of the simulator's own. ``store_members``: members of the etcd cluster (etcd backends; 1 = one server).
     """
 
     def __init__(
@@ -154,9 +166,15 @@ class Cluster:
         train_script: str | None = None,
         env: dict[str, str] | None = None,
         run_id: str | None = None,
+        store_host: int | None = None,
+        store_members: int = 1,
     ) -> None:
         if backend not in BACKENDS:
             raise LiveError(f"invalid live backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
+        self._check_store(store_host, store_members)
+        self.store_host = store_host
+        self.store_members = store_members
         if not isinstance(workers_per_node, int) or workers_per_node < 1:
             raise LiveError(f"invalid workers_per_node {workers_per_node!r}; expected an integer >= 1")
         self.out_dir = Path(out_dir)
@@ -165,7 +183,6 @@ class Cluster:
         self.min_nodes = min_nodes
         self.max_nodes = max_nodes
         self.max_restarts = max_restarts
-        self.backend = backend
         self.timeouts = {"join": 60.0, "last_call": 1.0, "heartbeat": 1.0, "close": 10.0,
                          "keep_alive_max_attempt": 3, "monitor": 0.1, "read": 30.0}
         self.timeouts.update(timeouts or {})
@@ -235,7 +252,19 @@ class Cluster:
         return lo, hi
 
     _OPTIONS = ("workers_per_node", "min_nodes", "max_nodes", "max_restarts", "backend", "timeouts", "job",
-                "shutdown_grace", "timers", "env")
+                "shutdown_grace", "timers", "env", "store_host", "store_members")
+
+    def _check_store(self, store_host: Any, store_members: Any) -> None:
+        if store_host is not None:
+            if isinstance(store_host, bool) or not isinstance(store_host, int) or store_host < 0:
+                raise LiveError(f"invalid store_host {store_host!r}; expected a node index >= 0 or None")
+            if self.backend != "c10d":
+                raise LiveError(f"store_host={store_host} needs backend c10d (an agent hosts a TCPStore), "
+                                f"not {self.backend}")
+        if isinstance(store_members, bool) or not isinstance(store_members, int) or store_members < 1:
+            raise LiveError(f"invalid store_members {store_members!r}; expected an integer >= 1")
+        if store_members > 1 and self.backend == "c10d":
+            raise LiveError(f"store_members={store_members} needs an etcd backend (etcd-v2, etcd-v3), not c10d")
 
     def configure(self, **options: Any) -> Cluster:
         """Change settings before :meth:`start` (same names as the constructor's; ``timeouts``/``job``/``env`` are
@@ -253,6 +282,7 @@ class Cluster:
                 self.extra_env.update(value or {})
             else:
                 setattr(self, key, value)
+        self._check_store(self.store_host, self.store_members)
         return self
 
     def start(self, nodes: int = 2, workers: int | None = None, spares: int = 0, **options: Any) -> Cluster:
@@ -269,6 +299,9 @@ class Cluster:
                 raise LiveError(f"invalid workers {workers!r}; expected an integer >= 1")
             self.workers_per_node = workers
         self.min_nodes, self.max_nodes = self._resolved_bounds(nodes)
+        if self.store_host is not None and self.store_host >= nodes:
+            raise LiveError(f"invalid store_host {self.store_host}; the hosting node must be one of the first "
+                            f"{nodes} nodes (0..{nodes - 1})")
         try:
             self._start_store()
             self._t0 = time.time()  # scenario time 0: the agents are launched (the store is already up)
@@ -295,16 +328,22 @@ class Cluster:
         return env
 
     def _start_store(self) -> None:
-        if self.backend == "c10d":
+        if self.store_host is not None:
+            self.store = _AgentHostedStore(self.store_host, _free_port())
+        elif self.backend == "c10d":
             from fault_injection.store import TCPStoreServer
 
             self.store = TCPStoreServer(env=self._base_env()).start()
+        elif self.store_members > 1:
+            from fault_injection.store import EtcdCluster
+
+            self.store = EtcdCluster(self.store_members).start()
         else:
             from fault_injection.store import EtcdStoreServer
 
             self.store = EtcdStoreServer(data_dir=str(self.out_dir / "etcd-data")).start()
 
-    def _rdzv_conf(self) -> str:
+    def _rdzv_conf(self, index: int) -> str:
         t = self.timeouts
         conf = {
             "join_timeout": t["join"],
@@ -314,7 +353,7 @@ class Cluster:
             "keep_alive_max_attempt": int(t["keep_alive_max_attempt"]),
         }
         if self.backend == "c10d":
-            conf["is_host"] = "false"  # the store is ours: no agent may host it
+            conf["is_host"] = "true" if index == self.store_host else "false"  # otherwise the store is ours
             conf["read_timeout"] = t["read"]
         return ",".join(f"{k}={v}" for k, v in conf.items())
 
@@ -326,7 +365,13 @@ class Cluster:
         node.dir.mkdir(parents=True)
         node.marker_dir.mkdir(exist_ok=True)
         write_skew(str(node.clock_file), 0.0)
-        node.proxy = TcpProxy((self.store.host, self.store.port), name=node.name)
+        if self.store_host is None and self.store_members == 1:
+            node.proxy = TcpProxy((self.store.host, self.store.port), name=node.name)
+            node.endpoint = node.proxy.endpoint
+        else:
+            # A store host's survivors must see its port refuse connections to take over (a proxy would accept
+            # them), and an etcd client fails over between the members it was given: both reach the store directly.
+            node.endpoint = self.store.endpoint
         if self.timers:
             from fault_injection.timers import WorkerTimerServer
 
@@ -347,6 +392,8 @@ class Cluster:
         )
         if self.timers:
             env[TIMER_FILE_ENV] = str(node.timer_file)
+        if self.job.get("daemon"):
+            env[DAEMON_ENV] = DAEMON_MODES[0]  # the daemon keeps the worker's environment (see worker.py)
         if spare:
             env["ELASTIC_SIM_HOLD_FILE"] = str(node.hold_file)
             node.spare = True
@@ -360,9 +407,9 @@ class Cluster:
             "--nnodes", f"{self.min_nodes}:{self.max_nodes}",
             "--nproc-per-node", str(self.workers_per_node),
             "--rdzv-backend", self.backend,
-            "--rdzv-endpoint", node.proxy.endpoint,
+            "--rdzv-endpoint", node.endpoint,
             "--rdzv-id", self.run_id,
-            "--rdzv-conf", self._rdzv_conf(),
+            "--rdzv-conf", self._rdzv_conf(index),
             "--max-restarts", str(self.max_restarts),
             "--monitor-interval", str(t["monitor"]),
             "--local-addr", "127.0.0.1",
@@ -375,13 +422,13 @@ class Cluster:
         with self._lock:
             self.nodes.append(node)
         if not spare:
-            self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.proxy.endpoint})
+            self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.endpoint})
         return node
 
     def _release(self, node: _Node) -> None:
         node.hold_file.write_text("go")
         node.spare = False
-        self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.proxy.endpoint,
+        self.record(node.name, h.AGENT_START, detail={"pid": node.pid, "endpoint": node.endpoint,
                                                       "prestarted": True})
 
     def _drop_spares(self) -> None:
@@ -613,13 +660,20 @@ class Cluster:
     def partition(self, node: int, mode: str = "blackhole") -> Fault:
         """Cut ``node`` off the store: ``blackhole`` (nothing delivered until healed) or ``drop`` (connections
         closed)."""
-        n = self.node(node)
+        n = self._proxied(node, "partition")
         return self._apply(Partition(n.proxy, mode=mode, on_event=self._on_fault(n)), n)
 
     def delay(self, node: int, seconds: float) -> Fault:
         """Add ``seconds`` of latency to ``node``'s store traffic."""
-        n = self.node(node)
+        n = self._proxied(node, "delay")
         return self._apply(Delay(n.proxy, seconds, on_event=self._on_fault(n)), n)
+
+    def _proxied(self, node: int, fault: str) -> _Node:
+        n = self.node(node)
+        if n.proxy is None:
+            raise LiveError(f"{fault} acts on a node's store proxy, but {n.name} reaches the store {self.store.endpoint} "
+                            "directly (store_host or store_members > 1)")
+        return n
 
     def heartbeat_delay(self, node: int, stop_seconds: float, period: float) -> Fault:
         """Stop ``node``'s agent ``stop_seconds`` out of every ``period`` (late heartbeats, slow monitoring)."""
@@ -659,6 +713,9 @@ class Cluster:
 
     def restart_store(self, downtime: float = 0.0) -> Fault:
         """Crash the store and start it again: at once (``downtime`` 0) or when healed."""
+        if self.store_host is not None or self.store_members > 1:
+            raise LiveError(f"restart_store needs one store server of the simulator's own; this run's store is "
+                            f"{self._store_kind()} (kill_agent the host, or kill_store_leader)")
 
         def retarget(host: str, port: int) -> None:
             for node in self.nodes:
@@ -670,6 +727,28 @@ class Cluster:
         if not downtime:
             fault.heal()
         return fault
+
+    def freeze_store(self) -> Fault:
+        """SIGSTOP the store (every member of an etcd cluster) until healed: calls hang, connections stay open."""
+        if self.store_host is not None:
+            raise LiveError(f"freeze_store needs a store process of the simulator's own; this run's store is "
+                            f"{self._store_kind()} (pause_agent node{self.store_host} freezes it)")
+        servers = self.store.members if self.store_members > 1 else [self.store]
+        return self._apply(FreezeStore(servers, on_event=self._on_fault(None)))
+
+    def kill_store_leader(self) -> Fault:
+        """SIGKILL the etcd member that leads now (healing starts it again: it rejoins as a follower)."""
+        if self.store_members < 3:
+            raise LiveError(f"kill_store_leader needs an etcd cluster of >= 3 members (store_members); this run's "
+                            f"store is {self._store_kind()}")
+        return self._apply(KillStoreLeader(self.store, on_event=self._on_fault(None)))
+
+    def _store_kind(self) -> str:
+        if self.store_host is not None:
+            return f"hosted by node{self.store_host}'s agent"
+        if self.store_members > 1:
+            return f"an etcd cluster of {self.store_members} members"
+        return f"one {self.backend} store server"
 
     def heal(self, node: int | None = None) -> int:
         """Heal every active fault (of ``node`` only, if given); return how many were healed."""
@@ -827,9 +906,9 @@ class Cluster:
             if node.timer_server is not None:
                 node.timer_server.stop()
         if self.store is not None:
-            self.store.stop()
-            if hasattr(self.store, "close"):
-                self.store.close()
+            # close(): stop and remove what the store owns (etcd data dirs); a TCPStore server only stops
+            close = getattr(self.store, "close", None)
+            (close or self.store.stop)()
         self.refresh()
         with self._lock:
             self._history.sorted().to_jsonl(self.out_dir / "history.jsonl")
@@ -839,6 +918,24 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _AgentHostedStore:
+    """The c10d TCPStore a node's agent hosts (``store_host``): the simulator only chooses its port; it lives and
+    dies with that agent."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, node: int, port: int) -> None:
+        self.node = node
+        self.port = port
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Nothing of the simulator's own to stop: the hosting agent is stopped with the nodes."""
 
 
 def _round_in(message: str) -> int | None:

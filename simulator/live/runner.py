@@ -51,6 +51,8 @@ def cluster_for(scenario, out_dir: str | Path) -> Cluster:
         timeouts=scenario.timeouts.to_dict(),
         job=scenario.job.to_dict(),
         run_id=f"sim-{_slug(scenario.name)}",
+        store_host=scenario.store.hosted_by_node,
+        store_members=scenario.store.members,
     )
 
 

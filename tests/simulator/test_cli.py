@@ -112,11 +112,21 @@ LIBRARY = sorted((Path(__file__).resolve().parents[2] / "simulator" / "scenarios
 # The simulated store is durable (like etcd); a restarted TCPStore comes back empty and its clients never reconnect,
 # so that scenario's expected failure is specific to the c10d backend of live mode.
 C10D_ONLY = {"store_restart.yaml"}
+# A fault kind with no virtual side (a frozen store, an etcd leader) makes its scenario live only.
+LIVE_ONLY = {"etcd_freeze.yaml", "etcd_leader_loss.yaml"}
 
 
-@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in C10D_ONLY], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in C10D_ONLY | LIVE_ONLY], ids=lambda p: p.stem)
 def test_library_scenarios_hold_their_invariants_in_virtual_time(path, capsys):
     assert main(["run", str(path), "--virtual"]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(LIVE_ONLY))
+def test_a_live_only_scenario_is_refused_in_virtual_time_naming_the_fault(name, capsys):
+    assert main(["run", str(LIBRARY[0].parent / name), "--virtual"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot run in virtual time: fault " in err and "is live only (the virtual store" in err
+    assert len(err.splitlines()) == 1, err
 
 
 def test_progress_off_a_terminal_writes_a_line_every_few_seconds(capsys, monkeypatch):

@@ -103,3 +103,56 @@ def test_a_new_fault_kind_is_one_entry(monkeypatch):
     assert len([e for e in history.filter(h.WORKER_FAILED) if e.node == "node1"]) == 2
     with pytest.raises(LiveError, match="no live implementation: demonstration kind"):
         registry.inject_live(object(), scenario.faults[0], 1.0)
+
+
+def test_live_only_kinds_are_never_drawn_and_say_why_not_virtually():
+    """freeze_store and kill_store_leader have no virtual side: the generators (which run virtually) never draw them,
+    and a virtual run of one is refused with the entry's reason."""
+    assert {"freeze_store", "kill_store_leader"} <= set(registry.fault_names())
+    assert not {"freeze_store", "kill_store_leader"} & set(registry.drawn_fault_names())
+    drawn = {random_fault(random.Random(i), fuzz_base(), 4.0).fault for i in range(300)}
+    assert drawn == set(registry.drawn_fault_names())
+    for name, reason in (("freeze_store", "no call in flight"), ("kill_store_leader", "no members")):
+        with pytest.raises(ValueError, match=reason):
+            registry.inject_virtual(object(), Fault(at=1.0, fault=name, duration=2.0))
+
+
+_LIVE = {"name": "x", "mode": "live", "nodes": 2}
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"backend": "etcd-v3", "store": {"hosted_by_node": 0}},
+     "store.hosted_by_node=0 is invalid (an agent hosts the store only in live mode with backend c10d)"),
+    ({"store": {"hosted_by_node": 2}}, "store.hosted_by_node=2 is invalid (must be one of the initial nodes 0..1)"),
+    ({"store": {"hosted_by_node": -1}}, "store.hosted_by_node=-1 is invalid (must be an integer >= 0)"),
+    ({"store": {"members": 3}},
+     "store.members=3 is invalid (an etcd cluster needs live mode with backend etcd-v2 or etcd-v3)"),
+    ({"backend": "etcd-v3", "store": {"members": 0}}, "store.members=0 is invalid (must be an integer >= 1)"),
+    ({"job": {"daemon": "yes"}}, "job.daemon='yes' is invalid (must be true or false)"),
+    ({"mode": "virtual", "job": {"daemon": True}}, "job.daemon=True is invalid (only live workers can start a daemon)"),
+])
+def test_live_store_and_daemon_options_are_checked(fields, needle):
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict({**_LIVE, **fields})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_live_store_and_daemon_options_survive_a_round_trip():
+    for fields in ({"store": {"hosted_by_node": 1}, "job": {"steps": 3, "step_seconds": 0.5, "daemon": True}},
+                   {"backend": "etcd-v3", "store": {"members": 3}}):
+        scenario = scenario_from_dict({**_LIVE, **fields})
+        again = scenario_from_dict(scenario.to_dict())
+        assert again.store == scenario.store and again.job == scenario.job
+        assert {k: v for k, v in again.to_dict().items() if k in fields} == fields
+
+
+def test_a_cluster_refuses_faults_its_store_cannot_take(tmp_path):
+    """Checked before anything starts: the store options' backends, and the host among the started nodes."""
+    from simulator.live.cluster import Cluster
+
+    with pytest.raises(LiveError, match="store_host=0 needs backend c10d"):
+        Cluster(tmp_path, backend="etcd-v3", store_host=0)
+    with pytest.raises(LiveError, match="store_members=3 needs an etcd backend"):
+        Cluster(tmp_path, store_members=3)
+    with pytest.raises(LiveError, match="invalid store_host 2; the hosting node must be one of the first 2 nodes"):
+        Cluster(tmp_path, store_host=2).start(nodes=2)
