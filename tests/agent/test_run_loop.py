@@ -480,3 +480,18 @@ def test_upstreams_own_handler_drives_the_agent_without_our_extensions(tcp_store
         handler.shutdown()
     assert result.state == WorkerState.SUCCEEDED
     assert agent.started_restart_counts == [0, 1] and agent._remaining_restarts == 0
+
+
+def test_upstreams_closed_run_is_not_published_as_the_agents_own_failure(tcp_store):
+    # With upstream's handlers the run ends with upstream's RendezvousClosedError (a peer ended the job): that is
+    # not an error of this agent, so it must not be published as the job's root cause (ours is recognised by type).
+    import pytest
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError as UpstreamClosed
+
+    handler = FlakyStoreHandler(tcp_store, failures=None, error_type=UpstreamClosed)
+    agent = ScriptedAgent(_spec(handler, max_restarts=0), [HEALTHY] * 100)
+    published = []
+    agent._publish_agent_error = published.append
+    with pytest.raises(UpstreamClosed):
+        agent.run()
+    assert published == []

@@ -362,7 +362,8 @@ class SimpleElasticAgent(ElasticAgent):
                 sigval = self._pending_signal
             if sigval is None:
                 self._emit("agent.exit", state="ERROR", error=f"{type(e).__name__}: {e}")
-                if not isinstance(e, (RendezvousGracefulExitError, RendezvousConnectionError, RendezvousClosedError)):
+                if not _is_rendezvous_error_of(e, RendezvousGracefulExitError, RendezvousConnectionError,
+                                               RendezvousClosedError):
                     # The job ends here (the launcher closes the run): without a published root cause a peer
                     # waiting at its exit barrier would take the closed run for a finished job and exit 0.
                     logger.error("the elastic agent failed: %s: %s", type(e).__name__, e, exc_info=True)
@@ -957,13 +958,19 @@ class SimpleElasticAgent(ElasticAgent):
         self._put_metric(f"workers.{role}.run_failed_no_retries", int(failed and not restarted))
 
 
-def _is_rendezvous_connection_error(error: BaseException) -> bool:
-    """Whether ``error`` says the rendezvous store cannot be reached: our RendezvousConnectionError, or (matched by
-    class name, as this package must not import upstream's) upstream's, which its own handlers raise when the agent
-    runs with one of them, and subclasses of either."""
-    if isinstance(error, RendezvousConnectionError):
+def _is_rendezvous_error_of(error: BaseException, *classes: type) -> bool:
+    """``isinstance(error, classes)``, also for upstream's rendezvous errors of the same names (matched by class name,
+    as this package must not import upstream's), which its own handlers raise when the agent runs with one of them,
+    and for subclasses of either."""
+    if isinstance(error, classes):
         return True
-    return any(cls.__name__ == "RendezvousConnectionError" for cls in type(error).__mro__)
+    names = {c.__name__ for c in classes}
+    return any(cls.__name__ in names for cls in type(error).__mro__)
+
+
+def _is_rendezvous_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` says the rendezvous store cannot be reached (ours or upstream's class)."""
+    return _is_rendezvous_error_of(error, RendezvousConnectionError)
 
 
 def _advertised_address(worker_group_size: int | None) -> str:
