@@ -67,18 +67,20 @@ class ClockSkew(Fault):
         super().__init__(on_event, seconds=float(seconds), **labels)
         self.clock_file = clock_file
         self.seconds = float(seconds)
-        self._before = 0.0
+        # The offset in force before the injection (what heal restores); the simulator reads it to undo the skew
+        # on this node's event stamps.
+        self.previous = 0.0
 
     def _inject(self) -> None:
         try:
             with open(self.clock_file) as f:
-                self._before = float(f.read().strip() or 0.0)
+                self.previous = float(f.read().strip() or 0.0)
         except (OSError, ValueError):
-            self._before = 0.0
+            self.previous = 0.0
         write_skew(self.clock_file, self.seconds)
 
     def _heal(self) -> None:
-        write_skew(self.clock_file, self._before)
+        write_skew(self.clock_file, self.previous)
 
 
 class HeartbeatDelay(Fault):

@@ -688,7 +688,7 @@ class Cluster:
 
         def on_event(name: str, detail: dict) -> None:
             # the node stamps its events with its skewed clock: remember when which offset applied to undo it
-            n.skews.append((time.time(), fault.seconds if name == "fault_start" else fault._before))
+            n.skews.append((time.time(), fault.seconds if name == "fault_start" else fault.previous))
             record(name, detail)
 
         fault = ClockSkew(str(n.clock_file), seconds, on_event=on_event)

@@ -77,6 +77,10 @@ def test_clock_skew_shifts_the_wall_clock_of_the_process_and_heals(spawn, tmp_pa
     assert abs(offset()) < 1.0
     fault = ClockSkew(clock_file, 100.0).inject()
     assert 99.0 < offset() < 101.0
+    stacked = ClockSkew(clock_file, 5.0).inject()
+    assert stacked.previous == 100.0 and 4.0 < offset() < 6.0  # what its heal restores, public for the simulator
+    stacked.heal()
+    assert 99.0 < offset() < 101.0
     fault.heal()
     assert abs(offset()) < 1.0
     assert [r[1] for r in fault.records] == ["fault_start", "fault_end"]
