@@ -6,10 +6,11 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from datetime import timedelta
 
-from conformance.checks._rdzv import c10d_handler, in_threads, timeout
+from conformance.checks._rdzv import Concurrent, c10d_handler, in_threads, timeout
 from conformance.registry import check
 
 DR = "rendezvous.dynamic_rendezvous"
@@ -152,9 +153,104 @@ def _timeout_property(ctx, field: str, default_s: float) -> None:
     ctx.expect(isinstance(vars(rt).get(field) or getattr(rt, field), property), f"{field} is not a property")
 
 
-@check(f"{DR}.RendezvousTimeout.close")
+def _contended_backend(ctx, run_id: str):
+    """The real C10dRendezvousBackend on the shared TCPStore, behind a user-written RendezvousBackend that, while
+    ``contended``, lets a rival node write first on every ``set_state``: the rival stores one of ``rival_states``
+    (three real states of this run) that is neither the current state nor the one the caller's token stands for, so
+    the caller's compare-and-set really fails in the store, every time (a rendezvous whose state somebody else
+    always changes first). The third state rules out ABA: with two, a rival write could restore the very state an
+    older token of the caller stands for, and that write would win; the lock keeps the handler's heartbeat thread
+    from slipping a write between the rival's and the caller's. ``gone``: every call raises
+    RendezvousConnectionError (it stops a handler that would otherwise retry longer than the check can wait)."""
+    c10d = ctx.get("rendezvous.c10d_rendezvous_backend.C10dRendezvousBackend")
+    connection_error = ctx.get("rendezvous.api.RendezvousConnectionError")
+
+    class ContendedBackend(ctx.get(f"{DR}.RendezvousBackend")):
+        def __init__(self) -> None:
+            self.real = c10d(ctx.resources.tcp_store_client(), run_id)
+            self.rival = c10d(ctx.resources.tcp_store_client(), run_id)
+            self.contended = False
+            self.rival_states: tuple[bytes, ...] = ()
+            self.gone = False
+            self.lost_writes = 0
+            self.lock = threading.Lock()
+
+        @property
+        def name(self) -> str:
+            return self.real.name
+
+        def _reachable(self) -> None:
+            if self.gone:
+                raise connection_error("the conformance check cut this node off the store")
+
+        def get_state(self):
+            self._reachable()
+            return self.real.get_state()
+
+        def set_state(self, state, token=None):
+            self._reachable()
+            with self.lock:
+                if self.contended:
+                    self._rival_writes_first(token)
+                result = self.real.set_state(state, token)
+            if result is not None and not result[2]:
+                self.lost_writes += 1
+            return result
+
+        def _rival_writes_first(self, token) -> None:
+            for candidate in self.rival_states:
+                current, rival_token = self.rival.get_state()
+                if candidate == current:
+                    continue
+                ctx.expect(self.rival.set_state(candidate, rival_token)[2], "the rival's compare-and-set failed")
+                if self.rival.get_state()[1] != token:
+                    return
+            ctx.expect(False, "the rival found no state that would make the caller's compare-and-set fail")
+
+    return ContendedBackend()
+
+
+@check(f"{DR}.RendezvousTimeout.close", timeout=60)
 def timeout_close(ctx) -> None:
     _timeout_property(ctx, "close", 30)
+    # Behaviour: set_closed() gives up after the close timeout when it cannot get its write in -- here every
+    # compare-and-set it makes loses to a rival writer in the real store -- instead of retrying indefinitely.
+    # (A store behind a blackholing proxy does not test this: both upstream and ours then block in TCPStore's
+    # compare_set, which has no receive timeout, for minutes whatever the close timeout says.)
+    close_s = 2.0
+    run_id = ctx.run_id("close")
+    store = ctx.resources.tcp_store_client()
+    backend = _contended_backend(ctx, run_id)
+    handler = ctx.get(f"{DR}.DynamicRendezvousHandler").from_backend(
+        run_id=run_id, store=store, backend=backend, min_nodes=1, max_nodes=1, timeout=timeout(ctx, close=close_s))
+    ctx.add_cleanup(handler.shutdown)
+    states = []
+    for _ in range(3):  # three real, different states of this run for the rival to write (rounds 1 to 3)
+        handler.next_rendezvous()
+        states.append(backend.real.get_state()[0])
+    ctx.expect(len(set(states)) == 3, "the run's state did not change from round to round")
+    backend.rival_states = tuple(states)
+    backend.contended = True
+    started = time.monotonic()
+    closing = Concurrent([handler.set_closed])
+    bound_s = close_s + 8  # the close timeout plus slack for a loaded machine
+    for t in closing.threads:
+        t.join(bound_s)
+    waited = time.monotonic() - started
+    still_running = any(t.is_alive() for t in closing.threads)
+    backend.gone = True  # ends a set_closed() still retrying (its next store call fails)
+    ctx.expect(not still_running, f"set_closed() with close timeout {close_s} s was still retrying a contended store "
+                                  f"after {waited:.1f} s ({backend.lost_writes} lost compare-and-sets)")
+    timeout_error = ctx.get("rendezvous.api.RendezvousTimeoutError")
+    ctx.expect_raises(timeout_error, closing.results_within, ctx, 5,
+                      what=f"set_closed() whose every compare-and-set loses (close timeout {close_s} s)")
+    ctx.expect(waited >= close_s * 0.9, f"set_closed() gave up after {waited:.2f} s, before the close timeout "
+                                        f"({close_s} s)")
+    ctx.expect(backend.lost_writes >= 1, "set_closed() never tried to write the closed state")
+    # Without the rival the same node closes the run (the contention alone kept it from closing).
+    backend.contended, backend.gone = False, False
+    handler.set_closed()
+    ctx.expect(handler.is_closed(), "is_closed() after set_closed() once the contention ended")
 
 
 @check(f"{DR}.RendezvousTimeout.heartbeat", timeout=60)

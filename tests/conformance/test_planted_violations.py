@@ -78,3 +78,35 @@ def test_claimed_unsupported_rows_do_not_fail_the_certification(planted_impl, tm
     (row,) = json.loads((out / "report.json").read_text())["results"]
     assert (row["claimed"], row["observed"], row["verdict"]) == ("no", "fail", "CLAIMED-UNSUPPORTED")
     assert "planted_impl" in row["error"]  # what actually happened is recorded
+
+
+CLOSE_TIMEOUT = "torch.distributed.elastic.rendezvous.dynamic_rendezvous.RendezvousTimeout.close"
+HANDLER = "torch.distributed.elastic.rendezvous.dynamic_rendezvous.DynamicRendezvousHandler"
+
+
+class CloseTimeoutIgnoredAdapter(Adapter):
+    """Ours, except that set_closed() keeps retrying for an hour instead of giving up after timeout.close."""
+
+    def __init__(self) -> None:
+        super().__init__("close-timeout-ignored", "elastic_impl", "elastic_impl.run")
+
+    def resolve(self, api):
+        obj = super().resolve(api)
+        if api != HANDLER:
+            return obj
+
+        class DynamicRendezvousHandler(obj):
+            def set_closed(self):
+                self._run("close", 3600.0)
+
+        return DynamicRendezvousHandler
+
+
+def test_set_closed_ignoring_the_close_timeout_is_a_violation(tmp_path):
+    rows = [r for r in load_table(TABLE) if r.api == CLOSE_TIMEOUT]
+    (broken,) = runner.certify(rows, CloseTimeoutIgnoredAdapter(), detect("cpu"), workdir=tmp_path)
+    assert broken.verdict == "VIOLATION"
+    assert "still retrying a contended store" in broken.error
+    honest = runner.certify(rows, Adapter("elastic_impl", "elastic_impl", "elastic_impl.run"), detect("cpu"),
+                            workdir=tmp_path)
+    assert [r.verdict for r in honest] == ["CONFORMS"]
