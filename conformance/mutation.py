@@ -161,7 +161,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("close-timeout-ignored", "rendezvous/dynamic_rendezvous.py",
            '    def set_closed(self) -> None:\n        self._run("close", self._settings.timeout.close.total_seconds())',
            '    def set_closed(self) -> None:\n        self._run("close", 3600.0)', RDZV_ROWS,
-           "set_closed() retries an unreachable store for an hour instead of timeout.close"),
+           "set_closed() retries lost compare-and-sets for an hour instead of giving up after timeout.close"),
     Mutant("event-record-dropped", "events/__init__.py",
            "        _get_or_create_logger(destination).info(event.serialize())", "        pass", EVENT_ROWS,
            "events.record never reaches the destination's logger"),
