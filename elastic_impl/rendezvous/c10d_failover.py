@@ -40,6 +40,7 @@ _STANDBY = "standby."
 _STORE_HOST = "storehost"
 _SEEDED = "seeded"
 _GENERATION = "generation"
+_KNOWN_MAX = 16  # standby endpoints the store host keeps watching (see StoreFailover.deposed_by)
 
 
 def _reserve_port() -> socket.socket:
@@ -95,6 +96,9 @@ class StoreFailover:
         self._hosting: list[socket.socket] = []  # sockets handed to stores this node hosts (kept open for them)
         # (store host's node key, [(candidate node key, host, port), ...]) of the last completed round
         self.plan: tuple[str, list[tuple[str, str, int]]] | None = None
+        # Every standby endpoint this node ever saw in a plan (node key -> host, port): the store host watches them
+        # all, because a node cut off from it may have taken over after the host re-formed without it.
+        self.known: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -125,18 +129,23 @@ class StoreFailover:
             if endpoint is not None:
                 host, port = parse_rendezvous_endpoint(endpoint.decode(), 0)
                 plan.append((key, host, port))
+                self.known.pop(key, None)
+                self.known[key] = (host, port)
+        while len(self.known) > _KNOWN_MAX:  # the oldest first
+            del self.known[next(iter(self.known))]
         self.plan = (host_key, plan)
 
     def deposed_by(self, node_key: str) -> str | None:
         """On the store host: the successor that took over while this node was cut off, if any (None otherwise).
 
         A candidate's reserved port only accepts connections once it hosts a store, so an accepted connection means
-        the others failed over. Probed with plain TCP connections (at most one per candidate, refused at once while
-        nothing happened); a candidate this node cannot reach tells nothing (a partition still splits the job, see
+        others failed over. Every candidate of every plan this node saw is probed (a node cut off may have taken
+        over after this host re-formed without it), with plain TCP connections refused at once while nothing
+        happened; a candidate this node cannot reach tells nothing (during a partition the job is split, see
         docs/c10d_store_failover.md)."""
-        if not self.hosted or self.plan is None:
+        if not self.hosted:
             return None
-        for key, host, port in self.plan[1]:
+        for key, (host, port) in list(self.known.items()):
             if key != node_key and _accepts(host, port):
                 return f"{key} at {host}:{port}"
         return None

@@ -254,8 +254,9 @@ def test_isolating_a_node_mid_training_ends_the_hung_allreduce_and_the_store_sid
     """Whole-node cut during training: node b's gloo traffic and its store connection go together.
 
     Node a's all-reduce times out (5 s), its agent restarts the workers, evicts b once b's heartbeat is 15 s stale
-    and trains on at WORLD_SIZE=1. (b, cut from the store host, fails over and trains alone too: the split brain
-    docs/c10d_store_failover.md describes; not asserted here.)
+    and trains on at WORLD_SIZE=1. b, cut from the store host a, fails over to its own standby store and trains
+    alone too (the split brain docs/c10d_store_failover.md describes). Once the network heals, a (the old store host)
+    finds b serving on b's reserved port, takes itself for deposed and stops: one group is left, b's.
     """
     worker = tmp_path / "train.py"
     worker.write_text(TRAINING_WORKER)
@@ -279,9 +280,21 @@ def test_isolating_a_node_mid_training_ends_the_hung_allreduce_and_the_store_sid
             time.sleep(0.2)
         cut = time.time()
         with IsolateNode(cluster, "b"):
-            while not any(t > cut and w == 1 for t, w in steps("a")):
+            while not all(any(t > cut and w == 1 for t, w in steps(n)) for n in logs):
                 assert time.time() < cut + 60, (tmp_path / "agent_a.out").read_text()[-3000:]
                 time.sleep(0.2)
+        healed = time.time()
+        # After the heal only one group may go on: the old store host a stops within a keep-alive or two.
+        while agents[0].poll() is None:
+            assert time.time() < healed + 45, "both groups still run after the heal (split brain)"
+            time.sleep(0.2)
+        assert "Stopping this node" in (tmp_path / "agent_a.out").read_text()
+        assert agents[1].poll() is None
+        resumed = time.time()
+        while not any(t > resumed for t, _ in steps("b")):
+            assert time.time() < resumed + 30, "b stopped training after a left"
+            time.sleep(0.2)
+        print(f"after the heal the deposed store host a stopped in {resumed - healed:.1f} s; b trains on")
         reformed = min(t for t, w in steps("a") if t > cut and w == 1) - cut
         last_pair = max(t for t, w in steps("a") if w == 2)
         assert last_pair < cut + 1, "a summed with b after b was cut off"
