@@ -13,7 +13,9 @@ Anything the pool cannot reproduce exactly starts a fresh interpreter instead, l
 entrypoint that is not the pool's interpreter (binaries, ``--no-python``), interpreter options other than the
 pool's, a script that is not a plain source file (directory, zip), an environment that differs from the pool's in a
 variable the launcher does not set per worker (it may matter at import time), or a pool that failed to start or to
-preload. Known, documented differences: the forked worker has the preloaded modules in ``sys.modules`` already, shares
+preload. Known, documented differences: the forked worker has the preloaded modules in ``sys.modules`` already (so a
+script that sets a variable torch reads while it loads -- e.g. ``TORCH_CPP_LOG_LEVEL`` -- in ``os.environ`` before its
+``import torch`` gets torch as the pool loaded it; set such variables in the launcher's environment instead), shares
 the zygote's string-hash secret, and the objects the preload created are frozen for the garbage collector
 (``gc.freeze``: not in ``gc.get_objects()``, never collected). ``/proc/<pid>/environ`` shows the worker's own
 environment: it is written over the zygote's initial one, which has room for it.
