@@ -62,7 +62,10 @@ def test_auto_host_then_client_on_same_port():
 
 def test_threads_rendezvous_over_tcp_store_and_share_restart_count(tcp_store):
     params = RendezvousParameters(
-        "c10d", f"127.0.0.1:{tcp_store.port}", "run", 3, 3, is_host=False, read_timeout=5, keep_alive_interval=0.5
+        "c10d", f"127.0.0.1:{tcp_store.port}", "run", 3, 3, is_host=False, read_timeout=5, keep_alive_interval=0.5,
+        # short heartbeats, but a store call may take longer than their 1.5 s expiry on a loaded machine (CI: one
+        # join was taken for a dead store host and failed): bound calls separately
+        store_liveness_timeout=10,
     )
     handlers = [rendezvous_handler_registry.create_handler(params) for _ in range(3)]
     results = {}
