@@ -5,6 +5,9 @@
 Environment knobs (all optional):
   MARKER_DIR              write one JSON marker per rank per attempt: the launcher env this worker saw
   TRAIN_ALLREDUCE=1       join a gloo process group and all-reduce a tensor (checks sum == WORLD_SIZE)
+  TRAIN_ALLREDUCE=every_step  join a gloo group once and all-reduce (checking sum == WORLD_SIZE) at every step, so a
+                          peer cut off mid-training hangs the collective until TRAIN_COLLECTIVE_TIMEOUT seconds
+                          (the group's timeout; default gloo's 30 min) make it fail
   TRAIN_STEPS / TRAIN_STEP_SECONDS   "train" this many steps of this many seconds (default 1 step, 0 s)
   TRAIN_MIN_WORLD_SIZE    keep running (idle) until the launcher gives a WORLD_SIZE at least this big
   TRAIN_STOP_FILE         after the steps, keep "training" until this file exists, then finish successfully
@@ -89,6 +92,26 @@ def _allreduce(world_size: int) -> float:
         if int(t.item()) != world_size:
             raise RuntimeError(f"all_reduce gave {t.item()}, expected {world_size}")
         return float(t.item())
+    finally:
+        dist.destroy_process_group()
+
+
+def _allreduce_every_step(world_size: int, steps: int, step_seconds: float) -> int:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    timeout = float(os.environ.get("TRAIN_COLLECTIVE_TIMEOUT", "1800"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    try:
+        for _ in range(steps):
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            if int(t.item()) != world_size:
+                raise RuntimeError(f"all_reduce gave {t.item()}, expected {world_size}")
+            time.sleep(step_seconds)
+        return steps
     finally:
         dist.destroy_process_group()
 
@@ -190,8 +213,11 @@ def main() -> None:
 
     steps = int(os.environ.get("TRAIN_STEPS", "1"))
     step_seconds = float(os.environ.get("TRAIN_STEP_SECONDS", "0"))
-    for _ in range(steps):
-        time.sleep(step_seconds)
+    if os.environ.get("TRAIN_ALLREDUCE") == "every_step":
+        extra["allreduce_steps"] = _allreduce_every_step(world_size, steps, step_seconds)
+    else:
+        for _ in range(steps):
+            time.sleep(step_seconds)
     stop_file = os.environ.get("TRAIN_STOP_FILE")
     while stop_file and not os.path.exists(stop_file):
         time.sleep(0.1)

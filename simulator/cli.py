@@ -145,7 +145,8 @@ def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> t
         history = run_live(scenario, out, progress=lambda status: progress.update(status.line()))
     finally:
         progress.done()
-    return history, []
+    network = next((e.detail for e in history if e.event == "op" and e.detail.get("op") == "network"), None)
+    return history, [("network", f"{network['mode']} ({network['why']})")] if network else []
 
 
 def as_virtual(scenario: Scenario) -> Scenario:
@@ -162,7 +163,8 @@ def as_virtual(scenario: Scenario) -> Scenario:
             raise CliError(f"scenario {scenario.name!r} cannot run in virtual time: fault {fault.fault} is live only "
                            f"({kind.virtual_missing})")
     store = replace(scenario.store, hosted_by_node=None, members=1)
-    return replace(scenario, mode="virtual", backend="sim", store=store, job=replace(scenario.job, daemon=False)).validate()
+    return replace(scenario, mode="virtual", backend="sim", store=store, job=replace(scenario.job, daemon=False, collective=False),
+                   network="auto").validate()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

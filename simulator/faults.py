@@ -59,6 +59,9 @@ class FaultKind:
     virtual_default_duration: float | None = None
     live_missing: str = ""
     virtual_missing: str = ""
+    # Checks the values of ``args`` (their keys are checked against ``args``): (args, node, total nodes) -> None, or
+    # the one-line reason the first bad one is refused, starting with its key.
+    check_args: Callable[[dict, int | None, int], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.node not in NODE_TARGETS:
@@ -122,6 +125,52 @@ def _live_clock_skew(cluster, fault: Fault, budget: float):
     return cluster.clock_skew(fault.node, fault.seconds)
 
 
+def _live_isolate_node(cluster, fault: Fault, budget: float):
+    return cluster.isolate_node(fault.node)
+
+
+def _live_split_cluster(cluster, fault: Fault, budget: float):
+    return cluster.split_cluster(fault.args.get("groups") or default_split(cluster.node_counts()[1]))
+
+
+def _live_one_way_drop(cluster, fault: Fault, budget: float):
+    return cluster.drop_one_way(fault.node, fault.args["to"])
+
+
+def default_split(nodes: int) -> list[list[int]]:
+    """``split_cluster`` without ``groups``: the lower half of the node indices (with the store), the upper half."""
+    keep = (nodes + 1) // 2
+    return [list(range(keep)), list(range(keep, nodes))]
+
+
+def _check_split_groups(args: dict, node: int | None, total: int) -> str | None:
+    groups = args.get("groups")
+    if groups is None:
+        return None
+    if not isinstance(groups, list) or len(groups) < 2 or not all(isinstance(g, list) for g in groups):
+        return f"groups={groups!r}: must be a list of at least two lists of node indices"
+    seen: set[int] = set()
+    for i, group in enumerate(groups):
+        if i > 0 and not group:
+            return f"groups={groups!r}: only the first group (the store's side) may be empty"
+        for index in group:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < total:
+                return f"groups={groups!r}: {index!r} is not a node index 0..{total - 1}"
+            if index in seen:
+                return f"groups={groups!r}: node {index} is in two groups"
+            seen.add(index)
+    return None
+
+
+def _check_drop_target(args: dict, node: int | None, total: int) -> str | None:
+    to = args.get("to")
+    if to == "store":
+        return None
+    if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < total or to == node:
+        return f"to={to!r}: must be 'store' or a node index 0..{total - 1} other than the fault's node"
+    return None
+
+
 def _live_add_node(cluster, fault: Fault, budget: float) -> None:
     index = cluster.add_node()
     if fault.node is not None and index != fault.node:
@@ -173,6 +222,20 @@ def _virtual_partition(sim, fault: Fault):
     name = f"node{fault.node}"
     sim.store.partition(name)
     return True, lambda: sim.store.heal(name)
+
+
+def _virtual_split_cluster(sim, fault: Fault):
+    # The virtual nodes share nothing but the store, so a split is the nodes away from the store's side cut off it.
+    groups = fault.args.get("groups") or default_split(len(sim.agents))
+    cut = [f"node{index}" for group in groups[1:] for index in group]
+    for name in cut:
+        sim.store.partition(name)
+
+    def undo() -> None:
+        for name in cut:
+            sim.store.heal(name)
+
+    return True, undo
 
 
 def _virtual_delay(sim, fault: Fault):
@@ -255,6 +318,22 @@ REGISTRY: dict[str, FaultKind] = {
         FaultKind("clock_skew", "shift one agent's wall clock", timed=True,
                   seconds=Seconds(-2.0, 2.0, resolution=10, minimum=None),
                   live=_live_clock_skew, virtual=_virtual_clock_skew),
+        FaultKind("isolate_node", "cut one node off the store AND its peers (its own network namespace)", timed=True,
+                  live=_live_isolate_node,
+                  # a virtual node talks to nothing but the store (no collectives): cut off everything = off the store
+                  virtual=_virtual_partition),
+        FaultKind("split_cluster", "cut the nodes into groups; the first keeps the store (network namespaces)",
+                  node="cluster", timed=True,
+                  args={"groups": "lists of node indices, the first with the store; nodes in none join it "
+                                  "(default: the lower half with the store, the upper half cut off)"},
+                  check_args=_check_split_groups, live=_live_split_cluster, virtual=_virtual_split_cluster),
+        FaultKind("one_way_drop", "lose every packet from one node to another node or to the store, the other "
+                  "direction still flows (network namespaces)", timed=True,
+                  args={"to": "the node index the packets are for, or 'store' (required)"},
+                  check_args=_check_drop_target, live=_live_one_way_drop,
+                  virtual_missing="a virtual store call is one atomic request and answer; losing one direction (a "
+                                  "write applied whose answer never comes, or the reverse) needs calls that can "
+                                  "land without answering, and peer-to-peer traffic, which virtual nodes do not have"),
         FaultKind("add_node", "start one more agent", node="new",
                   live=_live_add_node, virtual=_virtual_add_node),
         FaultKind("remove_node", "ask a node to leave (SIGTERM)",
@@ -326,6 +405,9 @@ def validate_fault(fault: Fault, scenario: Scenario, where: str, error: Callable
     unknown = [key for key in fault.args if key not in allowed]
     if unknown:
         raise bad(f"args.{unknown[0]}", fault.args[unknown[0]], f"fault {fault.fault} takes args: {', '.join(allowed)}")
+    problem = kind.check_args(fault.args, fault.node, total) if kind.check_args is not None else None
+    if problem is not None:
+        raise error(f"{where}.args.{problem}")
 
 
 def _is_number(value: Any) -> bool:

@@ -14,6 +14,8 @@ Example::
     job: {steps: 10, step_seconds: 0.5}
     seed: 0
     store: {latency: 0.001, loss: 0.0}       # virtual only; live: {hosted_by_node: 0} (c10d), {members: 3} (etcd)
+    network: auto              # live only: netns (a network namespace per node) | proxy (a TCP proxy per node in
+                               # front of the store) | auto (netns where namespaces can be made, else proxy)
     faults:
       - {at: 2.0, fault: kill_worker, node: 1, rank: 0}
     expect: {outcome: succeeded}
@@ -37,6 +39,7 @@ MODES = ("live", "virtual")
 LIVE_BACKENDS = ("c10d", "etcd-v2", "etcd-v3")
 VIRTUAL_BACKENDS = ("sim",)
 OUTCOMES = ("succeeded", "failed")
+NETWORKS = ("auto", "netns", "proxy")  # how live nodes are connected (simulator/live/cluster.py)
 _FAULT_KEYS = ("at", "fault", "node", "rank", "duration", "seconds", "signal", "args")
 _TOP_KEYS = (
     "name",
@@ -52,6 +55,7 @@ _TOP_KEYS = (
     "job",
     "seed",
     "store",
+    "network",
     "faults",
     "expect",
     "time_limit",
@@ -118,11 +122,17 @@ class Job:
     step_seconds: float = 0.5
     # Live only: each worker double-forks a setsid daemon that outlives the job unless the runtime stops it.
     daemon: bool = False
+    # Live only: the workers join a gloo group and all-reduce at every step (a peer cut off hangs the collective
+    # until ``collective_timeout`` seconds, the group's timeout, make it fail: the worker fails).
+    collective: bool = False
+    collective_timeout: float = 30.0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": self.steps, "step_seconds": self.step_seconds}
         if self.daemon:
             out["daemon"] = True
+        if self.collective:
+            out.update(collective=True, collective_timeout=self.collective_timeout)
         return out
 
     @property
@@ -218,6 +228,7 @@ class Scenario:
     job: Job = field(default_factory=Job)
     seed: int = 0
     store: StoreConfig = field(default_factory=StoreConfig)
+    network: str = "auto"
     faults: list[Fault] = field(default_factory=list)
     expect: Expect = field(default_factory=Expect)
     # Give up (the run fails with a liveness violation) after this many seconds of scenario time.
@@ -279,6 +290,10 @@ class Scenario:
         if self.store.broken_cas and self.mode != "virtual":
             raise _err(where, "store.broken_cas", True, "only the virtual store can break compare-and-set")
         self._validate_live_store(where)
+        if self.network not in NETWORKS:
+            raise _err(where, "network", self.network, f"allowed: {', '.join(NETWORKS)}")
+        if self.network != "auto" and self.mode != "live":
+            raise _err(where, "network", self.network, "only live nodes have a network (virtual: leave it auto)")
         _num(where, "time_limit", self.time_limit, 0.0, strict=True)
         for i, f in enumerate(self.faults):
             validate_fault(f, self, f"{where}: faults[{i}]", ScenarioError)
@@ -293,6 +308,11 @@ class Scenario:
             raise _err(where, "job.daemon", self.job.daemon, "must be true or false")
         if self.job.daemon and self.mode != "live":
             raise _err(where, "job.daemon", True, "only live workers can start a daemon")
+        if not isinstance(self.job.collective, bool):
+            raise _err(where, "job.collective", self.job.collective, "must be true or false")
+        if self.job.collective and self.mode != "live":
+            raise _err(where, "job.collective", True, "only live workers run collectives")
+        _num(where, "job.collective_timeout", self.job.collective_timeout, 0.0, strict=True)
         host = self.store.hosted_by_node
         if host is not None:
             _int(where, "store.hosted_by_node", host, 0)
@@ -339,6 +359,8 @@ class Scenario:
                 live_store["members"] = self.store.members
             if live_store:
                 out["store"] = live_store
+            if self.network != "auto":
+                out["network"] = self.network
         out["time_limit"] = self.time_limit
         out["faults"] = [f.to_dict() for f in self.faults]
         expect = self.expect.to_dict()
@@ -396,6 +418,7 @@ def scenario_from_dict(data: Any, source: str = "") -> Scenario:
             job=Job(**jdata),
             seed=data.get("seed", 0),
             store=StoreConfig(**sdata),
+            network=data.get("network", "auto"),
             faults=faults,
             expect=Expect(
                 outcome=edata.get("outcome"),

@@ -14,6 +14,15 @@ Layout of one run (everything under ``out_dir``)::
       |        |                                     own session, ELASTIC_IMPL_EVENTS_FILE=out_dir/nodeI/events.jsonl
     workers  workers                              <- simulator/live/worker.py -> examples/train.py (markers, timers)
 
+The network (``network=``): ``proxy`` is the picture above, all on loopback; only the store path can be cut or
+delayed (``partition``, ``delay``), the workers' collectives never cross a proxy. ``netns``: every node (its agent
+and workers) runs in a network namespace of its own (:class:`fault_injection.netns.NetnsCluster`: ``eth0`` on a
+veth to a bridge), so whole-node faults (``isolate_node``, ``split_cluster``, ``one_way_drop``) cut the store AND
+the peers' gloo traffic; the simulator's store and the per-node proxies stay in the root namespace, the proxies
+listening on the bridge's gateway address (so ``partition``/``delay`` work there too); an agent-hosted store
+(``store_host``) is reached at the hosting node's own address. ``auto`` (the default) takes ``netns`` where
+namespaces can be made (root, iproute2) and ``proxy`` elsewhere; the ``network`` op at t=0 says which ran and why.
+
 The history is built from structured records only: the agents' events (``elastic_impl.events`` JSON lines), the
 workers' marker files (``examples/train.py``), what the simulator itself did (process starts, exits, faults) and an
 orphan check at the end. Every process of the run carries ``ELASTIC_SIM_RUN=<token>`` in its environment; the orphan
@@ -60,6 +69,7 @@ from fault_injection import (
     PauseAgent,
     RestartStore,
     TcpProxy,
+    netns,
 )
 from fault_injection.clock import CLOCK_FILE_ENV, write_skew
 from fault_injection.processes import is_alive, kill_processes, processes_with_env
@@ -75,6 +85,7 @@ logger = logging.getLogger(__name__)
 
 RUN_MARKER_ENV = "ELASTIC_SIM_RUN"
 BACKENDS = ("c10d", "etcd-v2", "etcd-v3")
+NETWORKS = ("auto", "netns", "proxy")
 _WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
 _POLL = 0.1
 
@@ -145,7 +156,7 @@ class Cluster:
     Timeouts are seconds: ``join``, ``last_call``, ``heartbeat`` (keep-alive interval), ``close``,
     ``keep_alive_max_attempt``, ``monitor`` (the agent's monitor interval), ``read`` (store client timeout).
     ``job``: ``steps``, ``step_seconds``, ``daemon`` (each worker double-forks a setsid daemon that outlives it
-    unless the runtime stops it) and any extra ``TRAIN_*`` environment for ``examples/train.py``.
+    unless the runtime stops it), ``collective``/``collective_timeout`` (a gloo all-reduce at every step) and any extra ``TRAIN_*`` environment for ``examples/train.py``.
     ``store_host``: the index of the node whose agent hosts the c10d TCPStore (``is_host=true``) instead of a store
     process of the simulator's own. ``store_members``: members of the etcd cluster (etcd backends; 1 = one server).
     """
@@ -168,6 +179,7 @@ class Cluster:
         run_id: str | None = None,
         store_host: int | None = None,
         store_members: int = 1,
+        network: str = "auto",
     ) -> None:
         if backend not in BACKENDS:
             raise LiveError(f"invalid live backend {backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -175,6 +187,10 @@ class Cluster:
         self._check_store(store_host, store_members)
         self.store_host = store_host
         self.store_members = store_members
+        self._check_network(network)
+        self.network = network
+        self.network_mode: str | None = None  # what ran: netns | proxy (resolved by start())
+        self.netns: netns.NetnsCluster | None = None
         if not isinstance(workers_per_node, int) or workers_per_node < 1:
             raise LiveError(f"invalid workers_per_node {workers_per_node!r}; expected an integer >= 1")
         self.out_dir = Path(out_dir)
@@ -252,7 +268,26 @@ class Cluster:
         return lo, hi
 
     _OPTIONS = ("workers_per_node", "min_nodes", "max_nodes", "max_restarts", "backend", "timeouts", "job",
-                "shutdown_grace", "timers", "env", "store_host", "store_members")
+                "shutdown_grace", "timers", "env", "store_host", "store_members", "network")
+
+    @staticmethod
+    def _check_network(network: Any) -> None:
+        if network not in NETWORKS:
+            raise LiveError(f"invalid network {network!r}; allowed: {', '.join(NETWORKS)}")
+
+    def _resolve_network(self) -> tuple[str, str]:
+        """(netns | proxy, why) for this run; a forced netns that cannot be had is an error naming the reason."""
+        why_not = netns.unavailable_reason() if self.network != "proxy" else None
+        if self.store_members > 1 and self.network != "proxy":
+            # the etcd members listen on loopback and the clients fail over between them: no proxy to carry them
+            why_not = f"an etcd cluster of {self.store_members} members is reached on loopback, by no proxy"
+        if self.network == "proxy":
+            return "proxy", "asked for (network: proxy)"
+        if why_not is None:
+            return "netns", "asked for (network: netns)" if self.network == "netns" else "namespaces available"
+        if self.network == "netns":
+            raise LiveError(f"network netns is not possible here: {why_not} (use network auto or proxy)")
+        return "proxy", f"network namespaces unavailable: {why_not}"
 
     def _check_store(self, store_host: Any, store_members: Any) -> None:
         if store_host is not None:
@@ -276,6 +311,8 @@ class Cluster:
                 raise LiveError(f"unknown cluster option {key!r}; allowed: {', '.join(self._OPTIONS)}")
             if key == "backend" and value not in BACKENDS:
                 raise LiveError(f"invalid live backend {value!r}; allowed: {', '.join(BACKENDS)}")
+            if key == "network":
+                self._check_network(value)
             if key in ("timeouts", "job"):
                 getattr(self, key).update(value or {})
             elif key == "env":
@@ -303,10 +340,18 @@ class Cluster:
             raise LiveError(f"invalid store_host {self.store_host}; the hosting node must be one of the first "
                             f"{nodes} nodes (0..{nodes - 1})")
         try:
+            self.network_mode, why = self._resolve_network()
+            if self.network_mode == "netns":
+                # every node the run may have (spares included) gets its namespace now: one cluster, one subnet
+                self.netns = netns.NetnsCluster([f"node{i}" for i in range(nodes + spares)]).create()
             self._start_store()
             self._t0 = time.time()  # scenario time 0: the agents are launched (the store is already up)
+            network = {"op": "network", "mode": self.network_mode, "requested": self.network, "why": why}
+            if self.netns is not None:
+                network.update(subnet=str(self.netns.subnet), gateway=self.netns.gateway)
+            self.record("nemesis", h.OP, t=0.0, detail=network)
             self.record("store", h.OP, t=0.0, detail={"op": "store_start", "backend": self.backend,
-                                                      "endpoint": self.store.endpoint})
+                                                      "endpoint": self.store.endpoint, "network": self.network_mode})
             for _ in range(nodes):
                 self._start_node()
             for _ in range(spares):
@@ -329,7 +374,9 @@ class Cluster:
 
     def _start_store(self) -> None:
         if self.store_host is not None:
-            self.store = _AgentHostedStore(self.store_host, _free_port())
+            # in a namespace the hosting node listens on its own address (its port is its namespace's: any will do)
+            host = self.netns.node(f"node{self.store_host}").ip if self.netns is not None else "127.0.0.1"
+            self.store = _AgentHostedStore(self.store_host, _free_port(), host)
         elif self.backend == "c10d":
             from fault_injection.store import TCPStoreServer
 
@@ -365,8 +412,13 @@ class Cluster:
         node.dir.mkdir(parents=True)
         node.marker_dir.mkdir(exist_ok=True)
         write_skew(str(node.clock_file), 0.0)
+        if self.netns is not None and node.name not in self.netns.nodes:
+            raise LiveError(f"{node.name} has no network namespace: the netns network is made at start() for "
+                            f"{len(self.netns.nodes)} nodes (pass spares= for nodes added later)")
         if self.store_host is None and self.store_members == 1:
-            node.proxy = TcpProxy((self.store.host, self.store.port), name=node.name)
+            # netns: the proxy listens on the bridge's gateway, the one root-namespace address every node reaches
+            listen = self.netns.gateway if self.netns is not None else "127.0.0.1"
+            node.proxy = TcpProxy((self.store.host, self.store.port), name=node.name, listen_host=listen)
             node.endpoint = node.proxy.endpoint
         else:
             # A store host's survivors must see its port refuse connections to take over (a proxy would accept
@@ -394,6 +446,9 @@ class Cluster:
             env[TIMER_FILE_ENV] = str(node.timer_file)
         if self.job.get("daemon"):
             env[DAEMON_ENV] = DAEMON_MODES[0]  # the daemon keeps the worker's environment (see worker.py)
+        if self.job.get("collective"):
+            env["TRAIN_ALLREDUCE"] = "every_step"  # examples/train.py: a gloo all-reduce at every step
+            env["TRAIN_COLLECTIVE_TIMEOUT"] = str(self.job.get("collective_timeout", 30.0))
         if spare:
             env["ELASTIC_SIM_HOLD_FILE"] = str(node.hold_file)
             node.spare = True
@@ -412,10 +467,13 @@ class Cluster:
             "--rdzv-conf", self._rdzv_conf(index),
             "--max-restarts", str(self.max_restarts),
             "--monitor-interval", str(t["monitor"]),
-            "--local-addr", "127.0.0.1",
+            "--local-addr", self.netns.node(node.name).ip if self.netns is not None else "127.0.0.1",
             "--shutdown-grace", str(self.shutdown_grace),
             _WORKER_SCRIPT,
         ]
+        if self.netns is not None:
+            env = self.netns.env(node.name, env)  # gloo binds eth0, not the hostname's (loopback) address
+            cmd = self.netns.argv(node.name, cmd)  # `ip netns exec` execs: the pid is still the agent's
         with open(node.dir / "agent.out", "ab") as out, open(node.dir / "agent.err", "ab") as err:
             node.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
@@ -668,6 +726,32 @@ class Cluster:
         n = self._proxied(node, "delay")
         return self._apply(Delay(n.proxy, seconds, on_event=self._on_fault(n)), n)
 
+    def isolate_node(self, node: int) -> Fault:
+        """Cut ``node`` off everything -- the store and every peer (netns network only)."""
+        n = self.node(node)
+        return self._apply(netns.IsolateNode(self._namespaces("isolate_node"), n.name, on_event=self._on_fault(n)), n)
+
+    def split_cluster(self, groups: list[list[int]]) -> Fault:
+        """Cut the nodes into ``groups`` (lists of node indices); the first keeps the gateway -- the simulator's store
+        and the proxies -- and nodes named in no group join it (netns network only)."""
+        cluster = self._namespaces("split_cluster")
+        names = [[self.node(i).name for i in group] for group in groups]
+        return self._apply(netns.SplitCluster(cluster, names, on_event=self._on_fault(None)))
+
+    def drop_one_way(self, node: int, to: int | str) -> Fault:
+        """Lose every packet from ``node`` to node ``to`` (or to ``"store"``: the gateway, where the simulator's store
+        and proxies are); the other direction still flows (netns network only)."""
+        n = self.node(node)
+        dst = to if to == netns.STORE else self.node(to).name
+        return self._apply(netns.OneWayDrop(self._namespaces("one_way_drop"), n.name, dst,
+                                            on_event=self._on_fault(n, {"to": dst})), n)
+
+    def _namespaces(self, fault: str) -> netns.NetnsCluster:
+        if self.netns is None:
+            why = "the cluster is not started" if self.network_mode is None else f"this run's network is {self.network_mode}"
+            raise LiveError(f"{fault} cuts a node's own network and needs network netns; {why}")
+        return self.netns
+
     def _proxied(self, node: int, fault: str) -> _Node:
         n = self.node(node)
         if n.proxy is None:
@@ -815,12 +899,18 @@ class Cluster:
         # A node that arrived after the job had ended (it never completed a round and found the run closed) did
         # not take part: the job's outcome is its participants'.
         late = [n.name for n in members if n.proc.returncode != 0 and self._arrived_after_close(n)]
-        deciding = {name: code for name, code in codes.items() if name not in late}
+        # A store host deposed after a partition stopped so that one group goes on (docs/c10d_store_failover.md):
+        # it left the job, like a node the nemesis removed; the job's outcome is the group that went on.
+        deposed = [n.name for n in members if n.proc.returncode != 0
+                   and ((n.agent_exit_event or {}).get("error") or "").startswith("StoreHostDeposed")]
+        deciding = {name: code for name, code in codes.items() if name not in late and name not in deposed}
         if deciding and all(code == 0 for code in deciding.values()):
             self.outcome = "succeeded"
             detail: dict[str, Any] = {"exitcodes": codes}
             if late:
                 detail["late_nodes"] = late
+            if deposed:
+                detail["deposed_nodes"] = deposed
             self.record("job", h.JOB_SUCCEEDED, detail=detail)
         else:
             self.outcome = "failed"
@@ -909,6 +999,12 @@ class Cluster:
             # close(): stop and remove what the store owns (etcd data dirs); a TCPStore server only stops
             close = getattr(self.store, "close", None)
             (close or self.store.stop)()
+        if self.netns is not None:
+            try:
+                self.netns.close()  # kills anything still inside, removes namespaces, veths and bridges
+            except FaultError as e:
+                logger.error("cleanup: %s", e)
+                self.record("job", h.OP, detail={"op": "netns_leftovers", "error": str(e)})
         self.refresh()
         with self._lock:
             self._history.sorted().to_jsonl(self.out_dir / "history.jsonl")
@@ -924,11 +1020,10 @@ class _AgentHostedStore:
     """The c10d TCPStore a node's agent hosts (``store_host``): the simulator only chooses its port; it lives and
     dies with that agent."""
 
-    host = "127.0.0.1"
-
-    def __init__(self, node: int, port: int) -> None:
+    def __init__(self, node: int, port: int, host: str = "127.0.0.1") -> None:
         self.node = node
         self.port = port
+        self.host = host
 
     @property
     def endpoint(self) -> str:

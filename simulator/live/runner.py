@@ -53,6 +53,7 @@ def cluster_for(scenario, out_dir: str | Path) -> Cluster:
         run_id=f"sim-{_slug(scenario.name)}",
         store_host=scenario.store.hosted_by_node,
         store_members=scenario.store.members,
+        network=scenario.network,
     )
 
 
@@ -83,10 +84,11 @@ class LiveProgress:
     nodes: int  # agents started so far
     faults_fired: int
     faults: int  # faults in the schedule
+    network: str | None = None  # netns | proxy once the cluster started (None before)
 
     def line(self) -> str:
         return (f"live {self.phase:<19} {self.elapsed:7.1f} s  nodes up {self.nodes_up}/{self.nodes}  "
-                f"faults fired {self.faults_fired}/{self.faults}")
+                f"faults fired {self.faults_fired}/{self.faults}  network {self.network or '?'}")
 
 
 class _Reporter:
@@ -106,7 +108,8 @@ class _Reporter:
 
     def snapshot(self) -> LiveProgress:
         up, started = self.cluster.node_counts()
-        return LiveProgress(self.phase, time.monotonic() - self._t0, up, started, self.fired, self.faults)
+        return LiveProgress(self.phase, time.monotonic() - self._t0, up, started, self.fired, self.faults,
+                            self.cluster.network_mode)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -156,3 +156,66 @@ def test_a_cluster_refuses_faults_its_store_cannot_take(tmp_path):
         Cluster(tmp_path, store_members=3)
     with pytest.raises(LiveError, match="invalid store_host 2; the hosting node must be one of the first 2 nodes"):
         Cluster(tmp_path, store_host=2).start(nodes=2)
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"network": "vlan"}, "network='vlan' is invalid (allowed: auto, netns, proxy)"),
+    ({"mode": "virtual", "network": "netns"}, "network='netns' is invalid (only live nodes have a network"),
+    ({"faults": [{"at": 1, "fault": "split_cluster", "args": {"groups": [[0], [0, 1]]}}]},
+     "faults[0].args.groups=[[0], [0, 1]]: node 0 is in two groups"),
+    ({"faults": [{"at": 1, "fault": "split_cluster", "args": {"groups": [[0, 1]]}}]},
+     "faults[0].args.groups=[[0, 1]]: must be a list of at least two lists of node indices"),
+    ({"faults": [{"at": 1, "fault": "split_cluster", "args": {"groups": [[0], [5]]}}]},
+     "faults[0].args.groups=[[0], [5]]: 5 is not a node index 0..1"),
+    ({"faults": [{"at": 1, "fault": "one_way_drop", "node": 0, "args": {"to": 0}}]},
+     "faults[0].args.to=0: must be 'store' or a node index 0..1 other than the fault's node"),
+    ({"faults": [{"at": 1, "fault": "one_way_drop", "node": 0}]},
+     "faults[0].args.to=None: must be 'store' or a node index"),
+    ({"job": {"collective": "yes"}}, "job.collective='yes' is invalid (must be true or false)"),
+    ({"mode": "virtual", "job": {"collective": True}}, "job.collective=True is invalid (only live workers run"),
+])
+def test_network_options_and_whole_node_faults_are_checked(fields, needle):
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict({**_LIVE, **fields})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_network_option_survives_a_round_trip_and_auto_is_the_default():
+    scenario = scenario_from_dict({**_LIVE, "network": "netns", "job": {"collective": True, "collective_timeout": 2}})
+    again = scenario_from_dict(scenario.to_dict())
+    assert again.network == "netns" and again.job == scenario.job
+    assert scenario_from_dict(_LIVE).network == "auto" and "network" not in scenario_from_dict(_LIVE).to_dict()
+
+
+def test_whole_node_faults_need_the_netns_network(tmp_path):
+    """Refused, naming the fault and the network, before anything runs; a forced netns where it cannot be had, too."""
+    from simulator.live.cluster import Cluster
+
+    with pytest.raises(LiveError, match="invalid network 'vlan'; allowed: auto, netns, proxy"):
+        Cluster(tmp_path, network="vlan")
+    with pytest.raises(LiveError, match="split_cluster cuts a node's own network and needs network netns; the "
+                                        "cluster is not started"):
+        Cluster(tmp_path).split_cluster([[0], [1]])
+    with pytest.raises(LiveError, match="network netns is not possible here: an etcd cluster of 3 members"):
+        Cluster(tmp_path, backend="etcd-v3", store_members=3, network="netns").start(nodes=2)
+    assert Cluster(tmp_path, network="proxy")._resolve_network() == ("proxy", "asked for (network: proxy)")
+
+
+def test_a_virtual_split_cuts_the_far_side_off_the_store():
+    """The virtual side of split_cluster (and isolate_node): the nodes away from the store's group are partitioned
+    from it -- a 2+2 split of 4 nodes past the heartbeat window: the store's pair re-forms at 2, the far pair
+    completes no round after the cut (its store calls fail)."""
+    base = fuzz_base()
+    scenario = with_faults(replace_nodes(base, 4), [Fault(at=2.0, fault="split_cluster", duration=4.0,
+                                                          args={"groups": [[0, 1], [2, 3]]})])
+    history = run_virtual(scenario).history
+    start = history.filter(h.FAULT_START)[0].t
+    after = [e for e in history.filter(h.RDZV_COMPLETE) if e.t > start]
+    assert {e.node for e in after} == {"node0", "node1"} and {e.world_size for e in after} == {2}, after
+    assert registry.default_split(5) == [[0, 1, 2], [3, 4]]
+
+
+def replace_nodes(scenario, nodes: int):
+    from dataclasses import replace
+
+    return replace(scenario, nodes=nodes, min_nodes=1, max_nodes=nodes)
