@@ -1,7 +1,7 @@
 """Issue 13: with DEFAULT settings, survivors of a lost peer re-form within 25 s (detection + restart), not after
 detection + the whole 30 s last call; a SIGTERMed peer's survivors re-form in seconds.
 
-Why it holds (see "Re-formation" in elastic_impl/rendezvous/dynamic_rendezvous.py): the round the survivors open
+Why it holds (see "Re-formation" in elastic_impl/rendezvous/dynamic_rendezvous/__init__.py): the round the survivors open
 expects back exactly the members of the round that ended, so it completes once they are all in, without a last call
 for nodes nobody expects. A real scale-up keeps the last call (tests/rendezvous/test_stepper.py). Before that rule
 the figures were ~45 s (SIGKILL: 15 s detection + 30 s last call) and ~30 s (SIGTERM).

@@ -4,7 +4,7 @@ etcd SIGSTOPped for 20 s mid-job (longer than the default 15 s heartbeat expiry)
 it was frozen, so nobody may be evicted for that silence. Before the fix both nodes evicted each other ("liveness
 lease lapsed") and restarted their workers at the same world size, losing the work, silently at the default log
 level. Each node now only counts a peer's silence while it itself was in contact with the store (see "Store
-outages" in elastic_impl/rendezvous/dynamic_rendezvous.py).
+outages" in elastic_impl/rendezvous/dynamic_rendezvous/__init__.py).
 """
 
 from __future__ import annotations

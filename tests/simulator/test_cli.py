@@ -114,9 +114,14 @@ LIBRARY = sorted((Path(__file__).resolve().parents[2] / "simulator" / "scenarios
 C10D_ONLY = {"store_restart.yaml"}
 # A fault kind with no virtual side (a frozen store, an etcd leader) makes its scenario live only.
 LIVE_ONLY = {"etcd_freeze.yaml", "etcd_leader_loss.yaml"}
+# Whole-node isolation is modelled in virtual time as a store partition only; there the cut-off nodes do not rejoin
+# after the heal (final world size 1 / 2 instead of the 2 / 4 seen live): virtual and live disagree, an open finding
+# of issue 14, so their expectations are asserted live only (tests/simulator/live/test_scenarios.py).
+VIRTUAL_DISAGREES = {"netns_isolate_during_training.yaml", "netns_split_during_rendezvous.yaml"}
 
 
-@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in C10D_ONLY | LIVE_ONLY], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in C10D_ONLY | LIVE_ONLY | VIRTUAL_DISAGREES],
+                         ids=lambda p: p.stem)
 def test_library_scenarios_hold_their_invariants_in_virtual_time(path, capsys):
     assert main(["run", str(path), "--virtual"]) == 0, capsys.readouterr().out
 
