@@ -232,6 +232,9 @@ class CheckContext:
         self.device = resources.device
         self.tmpdir = Path(tempfile.mkdtemp(prefix="check-", dir=resources.workdir))
         self._cleanups: list[Callable[[], None]] = []
+        # Every expectation this check evaluated, in order: {"name", "status": PASS|FAIL, "message"} (the
+        # per-assertion results, written as the subtests of wpt.json).
+        self.assertions: list[dict[str, str]] = []
 
     # -- names -------------------------------------------------------------------------------------------------
     def get(self, path: str) -> Any:
@@ -247,15 +250,21 @@ class CheckContext:
         return f"conf-{tag}-{uuid.uuid4().hex[:8]}"
 
     # -- assertions --------------------------------------------------------------------------------------------
-    @staticmethod
-    def expect(condition: Any, message: str) -> None:
+    def record(self, name: str, passed: bool, message: str = "") -> None:
+        """Note one evaluated expectation (the expect* helpers do; a check may for one it evaluates itself)."""
+        self.assertions.append({"name": name, "status": "PASS" if passed else "FAIL", "message": message})
+
+    def expect(self, condition: Any, message: str) -> None:
+        self.record(message, bool(condition), "" if condition else message)
         if not condition:
             raise CheckFailed(message)
 
-    @staticmethod
-    def expect_equal(actual: Any, expected: Any, what: str) -> None:
-        if actual != expected:
-            raise CheckFailed(f"{what}: got {actual!r}, documented {expected!r}")
+    def expect_equal(self, actual: Any, expected: Any, what: str) -> None:
+        failed = actual != expected
+        message = f"{what}: got {actual!r}, documented {expected!r}" if failed else ""
+        self.record(what, not failed, message)
+        if failed:
+            raise CheckFailed(message)
 
     def expect_failed_ranks(self, failures: dict, rank: int, exitcode: int, what: str) -> None:
         """``rank`` failed with ``exitcode``; any other rank reported is one the group stop killed by a signal.
@@ -269,17 +278,20 @@ class CheckContext:
         self.expect(all(code is not None and code < 0 for code in others.values()),
                     f"{what}: ranks other than {rank} reported with an exit code of their own: {others}")
 
-    @staticmethod
-    def expect_raises(exc_types: type | tuple, fn: Callable, *args: Any, what: str, **kwargs: Any) -> BaseException:
+    def expect_raises(self, exc_types: type | tuple, fn: Callable, *args: Any, what: str, **kwargs: Any) -> BaseException:
+        names = exc_types.__name__ if isinstance(exc_types, type) else "/".join(t.__name__ for t in exc_types)
         try:
             fn(*args, **kwargs)
         except exc_types as exc:
+            self.record(f"{what} raises {names}", True)
             return exc
         except Exception as exc:
-            names = exc_types.__name__ if isinstance(exc_types, type) else "/".join(t.__name__ for t in exc_types)
-            raise CheckFailed(f"{what}: raised {type(exc).__name__}: {exc}, documented {names}") from exc
-        names = exc_types.__name__ if isinstance(exc_types, type) else "/".join(t.__name__ for t in exc_types)
-        raise CheckFailed(f"{what}: returned normally, documented to raise {names}")
+            message = f"{what}: raised {type(exc).__name__}: {exc}, documented {names}"
+            self.record(f"{what} raises {names}", False, message)
+            raise CheckFailed(message) from exc
+        message = f"{what}: returned normally, documented to raise {names}"
+        self.record(f"{what} raises {names}", False, message)
+        raise CheckFailed(message)
 
     @staticmethod
     def skip(reason: str) -> None:

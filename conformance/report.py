@@ -87,12 +87,43 @@ def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: st
     md_path.write_text(_markdown(results, meta))
     xml_path = out_dir / "junit.xml"
     _junit(results, meta).write(xml_path, encoding="utf-8", xml_declaration=True)
-    paths = [json_path, md_path, xml_path]
+    wpt_path = out_dir / "wpt.json"
+    wpt_path.write_text(json.dumps(wpt_report(results, meta), indent=1) + "\n")
+    paths = [json_path, md_path, xml_path, wpt_path]
     if claims is not None and claims.layout is not None and not_certified is None:
         observed_path = out_dir / "observed_table.md"
         observed_path.write_text(observed_table(results, claims, meta))
         paths.append(observed_path)
     return paths
+
+
+def wpt_report(results: list[Result], meta: dict[str, Any]) -> dict[str, Any]:
+    """The per-assertion results in web-platform-tests' report layout: one test per row (status OK when the check
+    ran to its end or stopped at a failed expectation, ERROR when something else broke it, TIMEOUT, SKIP), with one
+    subtest per expectation it evaluated (PASS/FAIL and the failure's message). Our verdict and the claim ride along
+    as extra fields."""
+    tests = []
+    for r in results:
+        failed_expectation = any(a["status"] == "FAIL" for a in r.assertions)
+        if r.observed == "skip":
+            status = "SKIP"
+        elif r.observed == "pass" or failed_expectation:
+            status = "OK"
+        elif r.error.startswith("timed out after"):
+            status = "TIMEOUT"
+        else:
+            status = "ERROR"
+        tests.append({
+            "test": r.api,
+            "status": status,
+            "message": r.error or None,
+            "duration": int(r.duration_s * 1000),
+            "subtests": [{"name": a["name"], "status": a["status"], "message": a["message"] or None}
+                         for a in r.assertions],
+            "verdict": r.verdict,
+            "claimed": r.claimed,
+        })
+    return {"run_info": meta, "results": tests}
 
 
 def observed_table(results: list[Result], claims: Claims, meta: dict[str, Any]) -> str:

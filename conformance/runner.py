@@ -10,7 +10,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class Result:
     error: str = ""  # one line
     detail: str = ""  # traceback or extra lines, for report.json
     notes: str = ""
+    # The expectations the check evaluated, in order ({"name", "status": PASS|FAIL, "message"}): see wpt.json.
+    assertions: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +85,9 @@ def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any], waived: 
         if problems and reason:
             waived.append(f"signature difference waived ({'; '.join(problems)}): {reason}")
         elif problems:
+            ctx.record("signature as documented", False, "signature: " + "; ".join(problems))
             raise CheckFailed("signature: " + "; ".join(problems))
+        ctx.record("signature as documented", True)
     check.fn(ctx)
 
 
@@ -117,6 +121,7 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
     else:
         outcome = dict(recorded)
     waived = list(recorded_waivers)
+    assertions = list(ctx.assertions)
     duration = time.monotonic() - started
     ctx.close()
     observed = outcome["observed"]
@@ -130,7 +135,7 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
         elif observed == "pass":
             notes = f"listed as known difference but passes (stale entry?): {reason}"
     return Result(row.api, check.group, row.claimed, observed, round(duration, 3), verdict,
-                  outcome.get("error", ""), outcome.get("detail", ""), notes)
+                  outcome.get("error", ""), outcome.get("detail", ""), notes, assertions)
 
 
 def certify(

@@ -24,6 +24,13 @@ def test_planted_get_as_int_is_a_violation_with_nonzero_exit(planted_impl, tmp_p
     (row,) = json.loads((out / "report.json").read_text())["results"]
     assert (row["api"], row["claimed"], row["observed"], row["verdict"]) == (GET_AS_INT, "yes", "fail", "VIOLATION")
     assert "get_as_int('42')" in row["error"] and "43" in row["error"]
+    # The per-assertion results (web-platform-tests layout): the check ran (OK), the signature expectation passed,
+    # and the failed expectation is a FAIL subtest with its message.
+    (test,) = json.loads((out / "wpt.json").read_text())["results"]
+    assert (test["test"], test["status"], test["verdict"]) == (GET_AS_INT, "OK", "VIOLATION")
+    statuses = [(sub["name"], sub["status"]) for sub in test["subtests"]]
+    assert statuses[0] == ("signature as documented", "PASS")
+    assert statuses[-1][1] == "FAIL" and "43" in test["subtests"][-1]["message"]
 
 
 def test_the_reference_passes_the_same_row(tmp_path):

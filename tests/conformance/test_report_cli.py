@@ -31,7 +31,7 @@ def _results():
 def test_reports_are_written_and_consistent(tmp_path):
     results = _results()
     paths = write_reports(results, tmp_path, impl="torch", device="cpu", table="t.md")
-    assert [p.name for p in paths] == ["report.json", "report.md", "junit.xml"]
+    assert [p.name for p in paths] == ["report.json", "report.md", "junit.xml", "wpt.json"]
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["meta"]["summary"] == {"VIOLATION": 1, "UNDOCUMENTED-SUPPORT": 1, "SKIPPED": 1, "CONFORMS": 1}
     by_api = {r["api"]: r for r in data["results"]}

@@ -123,7 +123,9 @@ def test_failed_ranks_allow_peers_killed_by_the_group_stop_but_not_peers_with_ex
 
     from conformance.context import CheckContext, CheckFailed
 
-    expect = CheckContext.__new__(CheckContext).expect_failed_ranks  # needs no suite resources
+    ctx = CheckContext.__new__(CheckContext)  # needs no suite resources
+    ctx.assertions = []
+    expect = ctx.expect_failed_ranks
     expect({1: Failure(exitcode=3)}, 1, 3, "ranks")
     expect({0: Failure(exitcode=-15), 1: Failure(exitcode=3)}, 1, 3, "ranks")  # torch books the SIGTERMed peer
     for failures, message in (
