@@ -247,3 +247,24 @@ def test_a_frozen_process_does_not_blame_the_store(tcp_store):
         proxy.close()
     assert child.returncode == 0, err[-2000:]
     assert out.startswith("calls ")
+
+
+def test_a_deposed_store_host_raises_on_every_later_step(monkeypatch):
+    """The fence of the c10d failover (see c10d_failover.StoreFailover.deposed_by), in-process: once the host finds a
+    successor serving, every later rendezvous step raises StoreHostDeposed (a graceful exit, not a job failure)."""
+    from elastic_impl.rendezvous.c10d_failover import StoreHostDeposed
+    from elastic_impl.utils.distributed import get_free_port
+
+    params = RendezvousParameters("c10d", f"127.0.0.1:{get_free_port()}", "fence", 1, 1, read_timeout=5)
+    handler = rendezvous_handler_registry.create_handler(params)
+    try:
+        handler.next_rendezvous()
+        failover = handler._failover
+        assert failover is not None and failover.hosted
+        monkeypatch.setattr(failover, "deposed_by", lambda node_key: "node-b at 127.0.0.1:1")
+        handler._check_deposed()
+        with pytest.raises(StoreHostDeposed, match="the job goes on at node-b"):
+            handler.num_nodes_waiting()
+        assert isinstance(StoreHostDeposed("x"), RendezvousGracefulExitError)
+    finally:
+        handler._stop_keep_alive()

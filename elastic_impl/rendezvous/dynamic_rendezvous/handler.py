@@ -138,7 +138,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     self._keep_alive_stepper.state.restart_count if self._keep_alive_stepper else 0)
         try:
             backend, store = failover.take_over(self._node.key, self._last_seen_state())
-        except RendezvousError as e:
+        except (RendezvousError, OSError, RuntimeError) as e:  # (a socket or TCPStore error outside a candidate)
             logger.error("rendezvous %s: %s", self._settings.run_id, e)
             self._failover = None  # nothing more to try: calls fail with the store's own error from now on
             return False
@@ -167,7 +167,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         successor = failover.deposed_by(self._node.key)
         if successor is None:
             return
-        from .c10d_failover import StoreHostDeposed
+        from ..c10d_failover import StoreHostDeposed
 
         self._deposed = StoreHostDeposed(
             f"rendezvous {self._settings.run_id}: this node hosted the store but was cut off or frozen long enough "
@@ -327,7 +327,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 if isinstance(result.error, RendezvousConnectionError):
                     with self._lock:
                         self._fail_over()
-            self._check_deposed()
+            try:
+                self._check_deposed()
+            except Exception as e:  # noqa: BLE001 - the fence is best effort; the heartbeats must go on
+                logger.error("rendezvous %s: the deposed-store-host check failed: %s: %s", self._settings.run_id,
+                             type(e).__name__, e, exc_info=True)
 
     def _stop_keep_alive(self) -> None:
         self._keep_alive_stop.set()
