@@ -218,7 +218,12 @@ class StoreFailover:
         backend = self._backend(host, port)
         seed = state.copy()
         for key in gone:
-            seed.drop_member(key)
+            seed.participants.pop(key, None)
+            seed.heartbeats.pop(key, None)
+            if key in seed.wait_list:
+                seed.wait_list.remove(key)
+            if seed.expected is not None and key in seed.expected:
+                seed.expected.remove(key)
         backend.set_state(seed.to_bytes(), None)
         backend.key_add(_GENERATION, self.generation + 1)
         backend.key_set(_SEEDED, b"1")

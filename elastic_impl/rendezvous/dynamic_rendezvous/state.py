@@ -228,21 +228,6 @@ class RendezvousState:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RendezvousStateError(f"rendezvous state is corrupt ({type(e).__name__}: {e}): {blob[:80]!r}") from None
 
-    def drop_member(self, key: str) -> bool:
-        """Take ``key`` out of every membership record (participants, wait list, heartbeats, expected members);
-        whether it was in any. Round bookkeeping (reopening, the last-call deadline) is the stepper's."""
-        present = key in self.participants or key in self.wait_list or key in self.heartbeats
-        self.participants.pop(key, None)
-        if key in self.wait_list:
-            self.wait_list.remove(key)
-        self.heartbeats.pop(key, None)
-        if self.expected is not None and key in self.expected:
-            self.expected.remove(key)
-            present = True
-            if not self.expected:
-                self.expected = None
-        return present
-
     def copy(self) -> RendezvousState:
         return RendezvousState(
             self.round,

@@ -259,9 +259,11 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
         if op not in STEP_OPS:
             raise ValueError(f"unknown rendezvous step op {op!r}; allowed: {', '.join(STEP_OPS)}")
         op = StepOp(op)
-        self._step_began = self.clock.monotonic()
+        self._step_began = began = self.clock.monotonic()
         result = self._step(op)
-        self._note_stall()
+        ended = self.clock.monotonic()
+        if ended - began > self.store_contact.stall_seconds(self.settings):
+            self.store_contact.lost(ended, self.settings, f"the store took {ended - began:.1f} s to answer")
         return result
 
     def _step(self, op: str) -> StepResult:
@@ -347,16 +349,11 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
     def _may_evict(self) -> bool:
         """Whether silence may count as death now: this node has been in contact with the store for a whole
         heartbeat expiry (this step's store calls included), so every peer has had that long to show a sign of life."""
-        mono = self._note_stall()
-        return self.store_contact.in_contact_for(mono) > self.settings.heartbeat_expiry_seconds
-
-    def _note_stall(self) -> float:
-        """Record an outage if this step has waited on the store longer than a stall; the time now (monotonic)."""
         mono = self.clock.monotonic()
         waited = mono - self._step_began
         if waited > self.store_contact.stall_seconds(self.settings):
             self.store_contact.lost(mono, self.settings, f"the store took {waited:.1f} s to answer")
-        return mono
+        return self.store_contact.in_contact_for(mono) > self.settings.heartbeat_expiry_seconds
 
     # ------------------------------------------------------------------ decisions (pure: state in, state out)
 
@@ -509,7 +506,7 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
         s.world_size = 0
         # Expected members keep their heartbeat entry: one that died before coming back is evicted (and no longer
         # waited for) like any silent node.
-        keep = set(s.wait_list) | set(s.expected or ())
+        keep = set(s.wait_list) | set(members if s.expected is not None else ())
         s.participants = {}
         if not self._keyed():
             while s.wait_list and len(s.participants) < self.settings.max_nodes:
@@ -517,7 +514,16 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
         s.heartbeats = {k: v for k, v in s.heartbeats.items() if k in keep}
 
     def _remove(self, s: RendezvousState, key: str) -> bool:
-        present = s.drop_member(key)
+        present = key in s.participants or key in s.wait_list or key in s.heartbeats
+        s.participants.pop(key, None)
+        if key in s.wait_list:
+            s.wait_list.remove(key)
+        s.heartbeats.pop(key, None)
+        if s.expected is not None and key in s.expected:
+            s.expected.remove(key)
+            present = True
+            if not s.expected:
+                s.expected = None
         if s.complete and not s.participants and not s.closed:
             # Nobody is left in the completed round: the next one opens for whoever comes (waiters first).
             self._open_next_round(s, 0.0)
