@@ -7,7 +7,9 @@ one node can be cut off while the others keep going. The proxy forwards bytes un
 - ``delay``: every chunk is delivered ``seconds`` later (order preserved, both directions).
 - ``blackhole``: connections stay open and new ones are accepted, but nothing is delivered; bytes are held, like
   packets TCP keeps retransmitting. Healing delivers the held bytes (a partition that heals before the peers' own
-  timeouts is invisible to them, as with real TCP).
+  timeouts is invisible to them, as with real TCP). With ``resume_lag`` the connections that were open during the
+  cut stay silent that many seconds longer, while new ones work at once: TCP's retransmission backoff after a long
+  cut (seen with network namespaces: a connection idle for tens of seconds after the heal).
 - ``drop``: every open connection is closed (both sides) and new connections are closed as soon as they are
   accepted, like a peer whose connections get reset.
 
@@ -77,6 +79,10 @@ class _Pipe:
                         if self.conn.closed:
                             return
                         if self.proxy.mode == "forward":
+                            lag = self.conn.resume_at - time.monotonic()
+                            if lag > 0:
+                                cond.wait(lag)
+                                continue
                             if self.queue:
                                 wait = self.queue[0][0] - time.monotonic()
                                 if wait <= 0:
@@ -109,6 +115,7 @@ class _Connection:
         self.client = client
         self.upstream = upstream
         self.closed = False
+        self.resume_at = 0.0  # monotonic time before which nothing is delivered (see resume_lag)
         name = f"{proxy.name}-c{index}"
         self.pipes = (
             _Pipe(proxy, self, client, upstream, f"{name}-up"),
@@ -201,10 +208,18 @@ class TcpProxy:
                 self._connections.append(conn)
             conn.start()
 
-    def set_mode(self, mode: str) -> None:
+    def set_mode(self, mode: str, resume_lag: float = 0.0) -> None:
+        """Switch to ``mode``; ``resume_lag`` (seconds, going back to ``forward``): connections open now stay silent
+        that much longer (see the module notes)."""
         if mode not in MODES:
             raise FaultError(f"invalid proxy mode {mode!r}; allowed: {', '.join(MODES)}")
+        if not isinstance(resume_lag, (int, float)) or not resume_lag >= 0:
+            raise FaultError(f"invalid proxy resume_lag {resume_lag!r}; expected seconds >= 0")
         with self._cond:
+            if mode == "forward" and resume_lag:
+                resume_at = time.monotonic() + resume_lag
+                for conn in self._connections:
+                    conn.resume_at = resume_at
             self.mode = mode
             doomed = list(self._connections) if mode == "drop" else []
             self._cond.notify_all()
@@ -259,18 +274,22 @@ class Partition(Fault):
 
     kind = "partition"
 
-    def __init__(self, proxy: TcpProxy, mode: str = "blackhole", on_event=None, **labels) -> None:
+    def __init__(self, proxy: TcpProxy, mode: str = "blackhole", on_event=None, resume_lag: float = 0.0,
+                 **labels) -> None:
         if mode not in ("blackhole", "drop"):
             raise FaultError(f"invalid partition mode {mode!r}; allowed: blackhole, drop")
+        if not isinstance(resume_lag, (int, float)) or not resume_lag >= 0:
+            raise FaultError(f"invalid partition resume_lag {resume_lag!r}; expected seconds >= 0")
         super().__init__(on_event, mode=mode, **labels)
         self.proxy = proxy
         self.mode = mode
+        self.resume_lag = float(resume_lag)
 
     def _inject(self) -> None:
         self.proxy.set_mode(self.mode)
 
     def _heal(self) -> None:
-        self.proxy.set_mode("forward")
+        self.proxy.set_mode("forward", resume_lag=self.resume_lag)
 
 
 class Delay(Fault):

@@ -21,7 +21,7 @@ from .api import (  # RendezvousError: upstream exposes it here
     RendezvousParameters,
     RendezvousStateError,
 )
-from .options import check_run_id, keep_alive_options, option_seconds
+from .options import DEFAULT_READ_TIMEOUT, check_run_id, option_seconds, store_liveness_timeout
 from .utils import matches_this_machine, parse_rendezvous_endpoint
 
 __all__ = ["C10dRendezvousBackend", "create_backend"]
@@ -29,7 +29,6 @@ __all__ = ["C10dRendezvousBackend", "create_backend"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29400
-DEFAULT_READ_TIMEOUT = 60.0
 # Never a valid state (states are JSON objects): reading with compare_set(key, sentinel, sentinel) returns the
 # current value without writing, or the sentinel when the key does not exist — one round trip, never blocking.
 _ABSENT = b"<no-state>"
@@ -75,8 +74,12 @@ class C10dRendezvousBackend(RendezvousBackend):
     ``where`` names the store in errors (default: ``TCPStore at host:port`` when the store exposes them).
     ``call_timeout`` (seconds) bounds every store call: a TCPStore client blocks forever on a host that is connected
     but silent (hung, stopped, partitioned without a reset), whatever the store's own timeout says, so each call
-    runs on a helper thread and is abandoned after ``call_timeout`` with a ``RendezvousConnectionError``. While an
-    abandoned call is still stuck, further calls fail at once with the same error.
+    runs on a helper thread and is abandoned after ``call_timeout`` with a ``RendezvousConnectionError``.
+
+    A TCPStore client never reconnects: after a reset its every call fails ("Broken pipe"), and a call abandoned on a
+    silent connection stays stuck long after the network heals (TCP's retransmission backoff). So after either, the
+    next call first opens a fresh connection to the same host and port (itself bounded by ``call_timeout``) and
+    fails at once, as before, only while that cannot be done.
     """
 
     def __init__(self, store, run_id: str, where: str | None = None, call_timeout: float | None = None) -> None:
@@ -95,22 +98,28 @@ class C10dRendezvousBackend(RendezvousBackend):
         self._where = where or _describe(store)
         self.call_timeout = call_timeout
         self._stuck: threading.Event | None = None
+        # Why the connection is unusable (a reset, or a call stuck on it), until a fresh one replaces it.
+        self._broken: str | None = None
+        # A fresh connection being opened: (done, outcome) of its helper thread.
+        self._reconnecting: tuple[threading.Event, dict[str, Any]] | None = None
         # FileStore polls its file about once a second inside wait(): slower than our own polling, so not used.
         self._can_wait = type(store).__name__ != "FileStore"
         # Store-host failover (TCPStore only; see c10d_failover), set by create_backend; None: not available.
         self.failover = None
 
-    def _call(self, fn, *args):
-        """``fn(*args)`` on the store, bounded by ``call_timeout``; store failures become RendezvousConnectionError."""
+    def _call(self, op, *args):
+        """``store.<op>(*args)`` (``op`` a store method's name, or a callable run as is), bounded by ``call_timeout``;
+        store failures become RendezvousConnectionError. The method is looked up on the connection current after
+        any reconnect (see :meth:`_reconnect`)."""
+        if self._broken is not None:
+            self._reconnect()
+        fn = getattr(self._store, op) if isinstance(op, str) else op
         if self.call_timeout is None:
             try:
                 return fn(*args)
             except (RuntimeError, ValueError, OSError, TimeoutError) as e:
+                self._note_broken(e)
                 raise RendezvousConnectionError(f"rendezvous store {self._where} is gone or unreachable: {_first_line(e)}") from None
-        if self._stuck is not None and not self._stuck.is_set():
-            raise RendezvousConnectionError(
-                f"rendezvous store {self._where} is gone: an earlier call got no answer within {self.call_timeout} s"
-            )
         done = threading.Event()
         outcome: dict[str, Any] = {}
 
@@ -125,6 +134,7 @@ class C10dRendezvousBackend(RendezvousBackend):
         threading.Thread(target=target, name="rdzv-store-call", daemon=True).start()
         if not _wait_running(done, self.call_timeout):
             self._stuck = done
+            self._broken = f"an earlier call got no answer within {self.call_timeout} s"
             raise RendezvousConnectionError(
                 f"rendezvous store {self._where} is gone: no answer within {self.call_timeout} s "
                 f"(the store host died, hangs, or the network to it is cut)"
@@ -132,11 +142,66 @@ class C10dRendezvousBackend(RendezvousBackend):
         error = outcome.get("error")
         if error is not None:
             if isinstance(error, (RuntimeError, ValueError, OSError, TimeoutError)):
+                self._note_broken(error)
                 raise RendezvousConnectionError(
                     f"rendezvous store {self._where} is gone or unreachable: {_first_line(error)}"
                 ) from None
             raise error
         return outcome["value"]
+
+    def _note_broken(self, error: BaseException) -> None:
+        """A network error (reset, refused, dead host) leaves a TCPStore connection unusable for good."""
+        if type(error).__name__ == "DistNetworkError" or isinstance(error, OSError):
+            self._broken = _first_line(error)
+
+    def _reconnect(self) -> None:
+        """Replace a broken connection by a fresh one to the same host and port; raise while that cannot be done.
+
+        A new TCPStore client, not ``clone()``: clone waits for the stuck call's lock. The attempt runs on a helper
+        thread, waited for up to ``call_timeout`` (connecting to a cut-off host can block, and a TCPStore client
+        retries refused connections for its whole timeout). One that finished after its caller gave up is used by
+        the next call; one still pending then is abandoned for a new attempt, since a connection opened during a
+        cut can stay silent long after the heal, like the old one (each abandoned attempt ends within the store's
+        own timeout)."""
+        store = self._store
+        host, port = getattr(store, "host", None), getattr(store, "port", None)
+        if type(store).__name__ != "TCPStore" or host is None or port is None:
+            return  # nothing to reconnect (FileStore, a test double): calls go on and report their own errors
+        if self._reconnecting is None or not self._reconnecting[0].is_set():
+            done = threading.Event()
+            outcome: dict[str, Any] = {}
+            timeout = getattr(store, "timeout", None) or timedelta(seconds=self.call_timeout or DEFAULT_READ_TIMEOUT)
+
+            def connect() -> None:
+                from torch.distributed import TCPStore
+
+                try:
+                    outcome["store"] = TCPStore(host, port, is_master=False, timeout=timeout, use_libuv=True)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    outcome["error"] = e
+                finally:
+                    done.set()
+
+            self._reconnecting = (done, outcome)
+            threading.Thread(target=connect, name="rdzv-store-reconnect", daemon=True).start()
+        done, outcome = self._reconnecting
+        # A fresh connection to a store that answers takes milliseconds: waiting a whole call bound for one that
+        # is stuck would only delay the next attempt (and a late one is still adopted by the next call).
+        bound = min(self.call_timeout if self.call_timeout is not None else DEFAULT_READ_TIMEOUT, 1.0)
+        why = self._broken
+        if not _wait_running(done, bound):
+            raise RendezvousConnectionError(
+                f"rendezvous store {self._where} is gone: {why}; reconnecting: no connection within {bound} s"
+            )
+        self._reconnecting = None
+        if "store" not in outcome:
+            raise RendezvousConnectionError(
+                f"rendezvous store {self._where} is gone: {why}; reconnecting: {_first_line(outcome['error'])}"
+            )
+        logger.info("rendezvous store %s: reconnected (%s)", self._where, why)
+        self._store = outcome["store"]
+        self._broken = None
+        self._stuck = None
 
     @property
     def name(self) -> str:
@@ -160,7 +225,7 @@ class C10dRendezvousBackend(RendezvousBackend):
         return C10dRendezvousBackend(store, self._run_id, self._where, self.call_timeout)
 
     def _compare_set(self, expected: bytes, desired: bytes) -> bytes:
-        return self._call(self._store.compare_set, self._key, expected, desired)
+        return self._call("compare_set", self._key, expected, desired)
 
     def get_state(self) -> tuple[bytes, Any] | None:
         current = self._compare_set(_ABSENT, _ABSENT)
@@ -189,10 +254,10 @@ class C10dRendezvousBackend(RendezvousBackend):
         return f"{self._key_prefix}{key}"
 
     def key_add(self, key: str, amount: int) -> int:
-        return int(self._call(self._store.add, self._k(key), int(amount)))
+        return int(self._call("add", self._k(key), int(amount)))
 
     def key_set(self, key: str, value: bytes) -> None:
-        self._call(self._store.set, self._k(key), bytes(value))
+        self._call("set", self._k(key), bytes(value))
 
     def key_get_many(self, keys: list[str]) -> list[bytes | None]:
         full = [self._k(k) for k in keys]
@@ -201,27 +266,27 @@ class C10dRendezvousBackend(RendezvousBackend):
         # multi_get waits for missing keys, so it is used only when check() says all exist; otherwise (and for a
         # few keys, where the check would cost as much as it saves) each key is read with the never-blocking
         # compare_set probe.
-        if len(full) > 2 and self._call(self._store.check, full):
-            return [bytes(v) for v in self._call(self._store.multi_get, full)]
-        values = [self._call(self._store.compare_set, k, _ABSENT, _ABSENT) for k in full]
+        if len(full) > 2 and self._call("check", full):
+            return [bytes(v) for v in self._call("multi_get", full)]
+        values = [self._call("compare_set", k, _ABSENT, _ABSENT) for k in full]
         return [None if v == _ABSENT else bytes(v) for v in values]
 
     def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
         # TCPStore: an empty expected value means "only if the key is missing".
-        return bytes(self._call(self._store.compare_set, self._k(key), expected or b"", bytes(desired)))
+        return bytes(self._call("compare_set", self._k(key), expected or b"", bytes(desired)))
 
     def key_delete_many(self, keys: list[str]) -> None:
         for key in keys:
-            self._call(self._store.delete_key, self._k(key))
+            self._call("delete_key", self._k(key))
 
     def _announce_change(self) -> None:
-        version = int(self._call(self._store.add, self._version_key, 1))
-        self._call(self._store.set, f"{self._change_prefix}{version}", b"1")
+        version = int(self._call("add", self._version_key, 1))
+        self._call("set", f"{self._change_prefix}{version}", b"1")
         if version > _CHANGE_KEYS_KEPT:
-            self._call(self._store.delete_key, f"{self._change_prefix}{version - _CHANGE_KEYS_KEPT}")
+            self._call("delete_key", f"{self._change_prefix}{version - _CHANGE_KEYS_KEPT}")
 
     def state_version(self) -> int | None:
-        return int(self._call(self._store.add, self._version_key, 0))
+        return int(self._call("add", self._version_key, 0))
 
     def wait_for_change(self, version: int, timeout: float) -> bool | None:
         if not self._can_wait:
@@ -244,21 +309,6 @@ class C10dRendezvousBackend(RendezvousBackend):
             if type(e).__name__ != "DistNetworkError" and "timeout" in str(e).lower():
                 return False
             raise
-
-
-def store_liveness_timeout(params: RendezvousParameters) -> float:
-    """How long a rendezvous store call may go unanswered before the store host counts as gone.
-
-    Option ``store_liveness_timeout`` (seconds); default: the heartbeat expiry, ``keep_alive_interval`` (5 s) x
-    ``keep_alive_max_attempt`` (3) = 15 s, never more than ``read_timeout``. A peer silent that long is evicted;
-    the store host gets the same bound instead of the 60 s read timeout.
-    """
-    read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
-    interval, max_attempt = keep_alive_options(params)
-    expiry = interval * max_attempt
-    if params.get("store_liveness_timeout") is not None:
-        return option_seconds(params, "store_liveness_timeout", expiry)
-    return min(expiry, read_timeout)
 
 
 def _resolve(host: str, port: int) -> None:

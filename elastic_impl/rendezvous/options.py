@@ -46,6 +46,7 @@ DEFAULT_LAST_CALL_TIMEOUT = 30.0  # seconds a round with min_nodes waits for mor
 DEFAULT_CLOSE_TIMEOUT = 30.0  # seconds closing or leaving may take
 DEFAULT_KEEP_ALIVE_INTERVAL = 5.0  # seconds between heartbeats
 DEFAULT_KEEP_ALIVE_MAX_ATTEMPT = 3  # heartbeats missed before a node counts as dead
+DEFAULT_READ_TIMEOUT = 60.0  # seconds a store call may block (upstream's default)
 
 MAX_SECONDS = 30 * 24 * 3600.0  # 30 days: longer than any rendezvous wait anyone meant, far from any overflow
 _MIN_SECONDS = {"keep_alive_interval": 0.01}  # options with a floor above "positive"
@@ -254,3 +255,19 @@ class RendezvousOptions:
             local_addr=self.local_addr,
             **self.config,
         )
+
+
+def store_liveness_timeout(params) -> float:
+    """How long a rendezvous store call may go unanswered before the store host counts as gone.
+
+    Option ``store_liveness_timeout`` (seconds); default: the heartbeat expiry, ``keep_alive_interval`` (5 s) x
+    ``keep_alive_max_attempt`` (3) = 15 s, never more than ``read_timeout``. A peer silent that long is evicted;
+    the store host gets the same bound instead of the 60 s read timeout. A joining node rides out a store that
+    does not answer for as long (see DynamicRendezvousHandler).
+    """
+    read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
+    interval, max_attempt = keep_alive_options(params)
+    expiry = interval * max_attempt
+    if params.get("store_liveness_timeout") is not None:
+        return option_seconds(params, "store_liveness_timeout", expiry)
+    return min(expiry, read_timeout)

@@ -99,6 +99,20 @@ def test_blackhole_holds_bytes_until_healed(proxy):
         assert s.recv(10) == b"held"  # delivered after the heal, like a TCP retransmission
 
 
+def test_resume_lag_keeps_old_connections_silent_after_the_heal_while_new_ones_work(proxy):
+    with _connect(proxy, timeout=1.0) as old:
+        _roundtrip(old)
+        fault = Partition(proxy, mode="blackhole", resume_lag=1.5).inject()
+        old.sendall(b"held")
+        fault.heal()
+        healed = time.monotonic()
+        with _connect(proxy) as new:
+            assert _roundtrip(new) == b"ping"  # a connection opened after the heal is not held back
+        old.settimeout(5.0)
+        assert old.recv(10) == b"held"
+        assert time.monotonic() - healed >= 1.4  # like TCP's retransmission backoff after a long cut
+
+
 def test_drop_closes_connections_and_refuses_new_ones_until_healed(proxy):
     with _connect(proxy) as s:
         _roundtrip(s)
@@ -129,6 +143,10 @@ def test_bad_settings_fail_with_one_line(proxy):
         proxy.set_mode("sideways")
     with pytest.raises(FaultError, match=r"^invalid partition mode 'forward'; allowed: blackhole, drop$"):
         Partition(proxy, mode="forward")
+    with pytest.raises(FaultError, match=r"^invalid partition resume_lag -1; expected seconds >= 0$"):
+        Partition(proxy, resume_lag=-1)
+    with pytest.raises(FaultError, match=r"^invalid proxy resume_lag 'x'; expected seconds >= 0$"):
+        proxy.set_mode("forward", resume_lag="x")
     with pytest.raises(FaultError, match=r"^invalid delay seconds -1; expected a number > 0$"):
         Delay(proxy, -1)
 

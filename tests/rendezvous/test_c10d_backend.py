@@ -268,3 +268,53 @@ def test_a_deposed_store_host_raises_on_every_later_step(monkeypatch):
         assert isinstance(StoreHostDeposed("x"), RendezvousGracefulExitError)
     finally:
         handler._stop_keep_alive()
+
+
+def _client_through(proxy, seconds: float = 5.0):
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    return TCPStore(proxy.host, proxy.port, is_master=False, timeout=timedelta(seconds=seconds), use_libuv=True)
+
+
+def test_a_reset_connection_is_replaced_on_the_next_call(tcp_store):
+    """A TCPStore client never reconnects: after a reset every call on it fails ("Broken pipe"). The backend opens a
+    fresh connection on its next call, so a node whose connection was reset once is not cut off for good."""
+    from elastic_impl.rendezvous import RendezvousConnectionError
+    from fault_injection.network import Partition, TcpProxy
+
+    with TcpProxy(("127.0.0.1", tcp_store.port)) as proxy:
+        backend = C10dRendezvousBackend(_client_through(proxy), "reset", call_timeout=2.0)
+        backend.set_state(b'{"a":1}')
+        cut = Partition(proxy, mode="drop").inject()
+        with pytest.raises(RendezvousConnectionError, match=r"rendezvous store TCPStore at 127\.0\.0\.1:\d+ is gone"):
+            backend.get_state()
+        with pytest.raises(RendezvousConnectionError, match=r"reconnecting"):
+            backend.get_state()  # still cut: the fresh connection is closed at once too
+        cut.heal()
+        assert backend.get_state()[0] == b'{"a":1}'
+        assert backend.key_add("n", 1) == 1
+
+
+def test_a_call_stuck_past_the_heal_does_not_cut_the_node_off(tcp_store):
+    """A call abandoned on a silent connection stays stuck after the network heals (TCP's retransmission backoff:
+    seen for tens of seconds with network namespaces). The next call goes over a fresh connection at once, instead
+    of failing with "an earlier call got no answer" until the old one wakes up."""
+    import time
+
+    from elastic_impl.rendezvous import RendezvousConnectionError
+    from fault_injection.network import Partition, TcpProxy
+
+    with TcpProxy(("127.0.0.1", tcp_store.port)) as proxy:
+        backend = C10dRendezvousBackend(_client_through(proxy), "stuck", call_timeout=0.5)
+        backend.set_state(b'{"a":1}')
+        cut = Partition(proxy, mode="blackhole", resume_lag=60).inject()
+        with pytest.raises(RendezvousConnectionError, match=r"no answer within 0\.5 s"):
+            backend.get_state()
+        assert backend.stuck
+        cut.heal()
+        started = time.monotonic()
+        assert backend.get_state()[0] == b'{"a":1}'
+        assert time.monotonic() - started < 2.0
+        assert not backend.stuck

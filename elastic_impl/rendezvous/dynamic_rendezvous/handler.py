@@ -24,6 +24,7 @@ from ..options import (
     DEFAULT_KEEP_ALIVE_MAX_ATTEMPT,
     keep_alive_options,
     option_seconds,
+    store_liveness_timeout,
 )
 from .state import (
     NodeDesc,
@@ -56,8 +57,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
         backend: RendezvousBackend,
         clock: Clock = REAL_CLOCK,
         local_addr: str | None = None,
+        store_outage_timeout: float | None = None,
     ) -> None:
         self._node = node
+        # How long a join rides out a store that does not answer (see _run); default: the heartbeat expiry.
+        self._store_outage_timeout = float(store_outage_timeout if store_outage_timeout is not None
+                                           else settings.heartbeat_expiry_seconds)
         self._settings = settings
         self._backend_name = backend_name
         self._store = store
@@ -95,11 +100,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
         keep_alive_interval: float = 5,
         keep_alive_max_attempt: int = DEFAULT_KEEP_ALIVE_MAX_ATTEMPT,
         clock: Clock = REAL_CLOCK,
+        store_outage_timeout: float | None = None,
     ) -> DynamicRendezvousHandler:
-        """Build a handler for ``run_id`` over ``backend``; ``store`` is what ``next_rendezvous`` hands out."""
+        """Build a handler for ``run_id`` over ``backend``; ``store`` is what ``next_rendezvous`` hands out.
+
+        ``store_outage_timeout``: how long a join keeps retrying a store that does not answer before it fails
+        (default: the heartbeat expiry)."""
         timeout = timeout or RendezvousTimeout()
         settings = RendezvousSettings(run_id, min_nodes, max_nodes, timeout, keep_alive_interval, keep_alive_max_attempt)
-        return cls(new_node_desc(local_addr), settings, backend.name, store, backend, clock, local_addr)
+        return cls(new_node_desc(local_addr), settings, backend.name, store, backend, clock, local_addr,
+                   store_outage_timeout)
 
     @property
     def settings(self) -> RendezvousSettings:
@@ -223,8 +233,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
             raise RendezvousGracefulExitError(f"rendezvous node {self._node} left run {self._settings.run_id!r}")
 
     def _run(self, op: str, timeout: float) -> StepResult:
-        """Step ``op`` until done; errors raise; bounded by ``timeout`` seconds for non-join ops."""
+        """Step ``op`` until done; errors raise; bounded by ``timeout`` seconds for non-join ops.
+
+        A join rides out a store that does not answer (a cut network, a restarting store, a host failing over) for
+        up to ``store_outage_timeout`` (the store liveness bound: as long as a running agent's monitoring rides out
+        an outage) instead of failing the agent on the first error: a node that gave up at once was the only one
+        to lose the job (seen in the netns scenarios)."""
         deadline = self._clock.monotonic() + timeout
+        outage_since: float | None = None
         while True:
             if op == "join":
                 self._raise_if_left()
@@ -235,7 +251,26 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._step("leave")
                 self._raise_if_left()
             if result.error is not None:
-                raise result.error
+                if op != "join" or not isinstance(result.error, RendezvousConnectionError):
+                    raise result.error
+                now = self._clock.monotonic()
+                if outage_since is None:
+                    outage_since = now
+                    logger.warning("rendezvous %s: node %s cannot reach the store while joining (%s); retrying for "
+                                   "up to %g s", self._settings.run_id, self._node, result.error,
+                                   self._store_outage_timeout)
+                if now - outage_since >= self._store_outage_timeout:
+                    raise RendezvousConnectionError(
+                        f"{result.error} (the store did not answer for {now - outage_since:.1f} s while node "
+                        f"{self._node} was joining)"
+                    ) from None
+                self._clock.sleep(min(1.0, self._store_outage_timeout - (now - outage_since),
+                                      max(0.1, self._settings.keep_alive_seconds / 2)))
+                continue
+            if outage_since is not None:
+                logger.warning("rendezvous %s: node %s reaches the store again after %.1f s", self._settings.run_id,
+                               self._node, self._clock.monotonic() - outage_since)
+                outage_since = None
             if result.done:
                 return result
             if self._clock.monotonic() > deadline:
@@ -430,7 +465,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
 def create_handler(store, backend: RendezvousBackend, params: RendezvousParameters) -> DynamicRendezvousHandler:
     """Create a handler from ``params`` (options: join_timeout, last_call_timeout, close_timeout,
-    keep_alive_interval, keep_alive_max_attempt)."""
+    keep_alive_interval, keep_alive_max_attempt; a join rides out a store that does not answer for
+    ``store_liveness_timeout``, see options.store_liveness_timeout)."""
     keep_alive, max_attempt = keep_alive_options(params)
     timeout = RendezvousTimeout(
         join=option_seconds(params, "join_timeout", None),
@@ -448,4 +484,5 @@ def create_handler(store, backend: RendezvousBackend, params: RendezvousParamete
         timeout,
         timeout.heartbeat.total_seconds(),
         max_attempt,
+        store_outage_timeout=store_liveness_timeout(params),
     )
