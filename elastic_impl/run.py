@@ -19,16 +19,18 @@ Extensions:
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import runpy
 import signal
 import socket
 import sys
+import traceback
 import uuid
 from argparse import REMAINDER, ArgumentParser
 from contextlib import closing
-from typing import Any
+from typing import Any, NoReturn
 
 from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch
 from elastic_impl.multiprocessing.api import parse_signals_to_handle
@@ -505,5 +507,47 @@ def main(args: list[str] | None = None) -> None:
         _fail(f"{type(e).__name__}: {detail[0]}" if detail else type(e).__name__, 1)
 
 
+def console_main(args: list[str] | None = None) -> NoReturn:
+    """``main``, then end the process at once with its exit code (the ``elastic-run`` command, ``python -m``).
+
+    Store calls abandoned on a dead or cut-off store run on daemon threads blocked in TCPStore's C++ code. One that
+    returns while the interpreter tears itself down is unwound through C++ frames that forbid it, and the process
+    aborts ("terminate called without an active exception"): the agent exited with SIGABRT (-6) instead of its
+    own code, seen in a live scenario. So the exit handlers run (log files, temporary directories, logging), the
+    output is flushed, and the process ends without the teardown, where nothing is left to do."""
+    code: int | str | None = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Run the exit handlers, flush, and end the process with ``code`` (as ``sys.exit`` reads it), skipping the
+    interpreter's teardown (see ``console_main``)."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status & 0xFF)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

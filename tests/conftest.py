@@ -24,3 +24,20 @@ def tcp_store():
     store.set_timeout(STORE_OP_TIMEOUT)
     yield store
     del store
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Let store calls that tests abandoned finish before this process exits.
+
+    A rendezvous store call abandoned on a cut-off store (a daemon thread blocked in TCPStore's C++ code) that
+    returns while the interpreter tears down aborts the process (SIGABRT): pytest, or an xdist worker, would exit
+    134 after every test passed. Tests close their proxies and stores, which ends such calls within the stores'
+    own timeouts; this waits (bounded) for them.
+    """
+    import threading
+    import time
+
+    deadline = time.monotonic() + 20.0
+    for thread in threading.enumerate():
+        if thread.name.startswith(("rdzv-store-call", "rdzv-store-reconnect")):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,6 +1,6 @@
 """The agent process of a live simulated node: ``python -m simulator.live.agent_main <elastic-run options>``.
 
-Exactly ``elastic-run`` (``elastic_impl.run.main``), plus two hooks:
+Exactly ``elastic-run`` (``elastic_impl.run.console_main``), plus two hooks:
 
 - ``$ELASTIC_SIM_CLOCK_FILE``: the process's wall clock is shifted by the offset in that file
   (:func:`fault_injection.clock.install_skew`), so the nemesis can skew this node's clock while it runs.
@@ -35,9 +35,9 @@ def main() -> None:
     if hold:
         _hold(hold)
     install_skew()
-    from elastic_impl.run import main as run_main
+    from elastic_impl.run import console_main
 
-    run_main(sys.argv[1:])
+    console_main(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -143,6 +143,42 @@ def test_real_process_bad_input_has_no_traceback():
     ]
 
 
+_STORE_CALL_RETURNS_DURING_TEARDOWN = """
+import builtins, sys, threading, time
+from datetime import timedelta
+from torch.distributed import TCPStore
+from elastic_impl.run import console_main, main
+server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+client = TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=1), use_libuv=True)
+
+def abandoned_store_call():  # like a rendezvous store call abandoned on a cut-off store
+    try:
+        client.wait(["never"], timedelta(seconds=1))
+    except Exception:
+        pass
+
+class SlowTeardown:  # keeps the interpreter's teardown going past the moment the call returns
+    def __del__(self):
+        time.sleep(2)
+
+threading.Thread(target=abandoned_store_call, daemon=True).start()
+builtins._slow_teardown = SlowTeardown()
+(console_main if sys.argv[1] == "console_main" else main)(["--nnodes", "5:2", "examples/train.py"])
+"""
+
+
+def test_the_exit_code_survives_a_store_call_returning_during_teardown():
+    """A daemon thread blocked in a TCPStore call that returns while the interpreter tears down aborts the process
+    (SIGABRT, "terminate called without an active exception"): seen as an agent exit code of -6 instead of its own
+    in a live scenario. ``console_main`` (the command's entry point) ends the process before the teardown; plain
+    ``main`` (the in-process API, which raises SystemExit) aborts in the same script."""
+    proc = subprocess.run([sys.executable, "-c", _STORE_CALL_RETURNS_DURING_TEARDOWN, "console_main"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    assert "elastic-run: error: invalid --nnodes value '5:2'" in proc.stderr
+
+
 @pytest.mark.parametrize("value, expected", [("1", (1, 1)), ("3", (3, 3)), ("1:2", (1, 2)), ("2:2", (2, 2))])
 def test_parse_min_max_nnodes(value, expected):
     assert parse_min_max_nnodes(value) == expected

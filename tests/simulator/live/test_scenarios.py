@@ -114,13 +114,7 @@ def _daemon_pids(out_dir) -> set[int]:
 
 
 # Scenarios whose outcome depends on a race the runtime does not settle yet: run them by hand (elastic-sim run).
-NOT_SETTLED = {
-    "netns_split_during_rendezvous": (
-        "1 of 3 runs failed here (job failed, final world size 3): the split lands while the far pair re-rendezvous "
-        "or while it monitors its workers, and a join fails on its first store error while monitoring rides out "
-        "the outage window -- an open finding (a join should ride out a store outage like monitoring does)"
-    ),
-}
+NOT_SETTLED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", NAMES)
