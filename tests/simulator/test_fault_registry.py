@@ -195,7 +195,7 @@ def test_whole_node_faults_need_the_netns_network(tmp_path):
         Cluster(tmp_path).split_cluster([[0], [1]])
     with pytest.raises(LiveError, match="network netns is not possible here: an etcd cluster of 3 members"):
         Cluster(tmp_path, backend="etcd-v3", store_members=3, network="netns").start(nodes=2)
-    assert Cluster(tmp_path, network="proxy")._resolve_network() == ("proxy", "asked for (network: proxy)")
+    assert Cluster(tmp_path, network="proxy").network_side.resolve() == ("proxy", "asked for (network: proxy)")
 
 
 def test_a_virtual_split_cuts_the_far_side_off_the_store():

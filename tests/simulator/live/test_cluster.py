@@ -40,15 +40,15 @@ def test_bad_settings_fail_with_one_line(tmp_path):
 def test_agent_events_become_history_records(tmp_path):
     # Feed the collector the JSON lines elastic_impl.events really writes (same serializer), as an agent would.
     from elastic_impl.events import Event, EventSource, NodeState, RdzvEvent
-    from simulator.live.cluster import _Node
+    from simulator.live.agents import Node
 
     c = Cluster(tmp_path, workers_per_node=2)
-    c._t0 = t0 = time.time() - 0.5  # the rendezvous event (no timestamp) is stamped when read: ~0.5
+    c.recorder.t0 = t0 = time.time() - 0.5  # the rendezvous event (no timestamp) is stamped when read: ~0.5
 
     def ms(t: float) -> int:
         return int((t0 + t) * 1000)
 
-    node = _Node(0, tmp_path / "node0")
+    node = Node(0, tmp_path / "node0")
     node.dir.mkdir()
     c.nodes.append(node)
     lines = [
@@ -88,9 +88,9 @@ def test_agent_events_become_history_records(tmp_path):
 
 
 def test_events_of_a_skewed_node_are_put_back_on_real_time(tmp_path):
-    from simulator.live.cluster import _Node
+    from simulator.live.agents import Node
 
-    node = _Node(0, tmp_path)
+    node = Node(0, tmp_path)
     node.skews += [(1000.0, -8.0), (1020.0, 0.0)]  # 8 s behind between real times 1000 and 1020
     assert node.skew_at(999.0, now=999.1) == 0.0
     assert node.skew_at(1001.0 - 8.0, now=1001.1) == -8.0  # its clock read 993 at real time 1001
