@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "ChangeNotification",
+    "KeyedStorage",
+    "NodeLiveness",
+    "RendezvousBackend",
+    "SeparateHeartbeatConnection",
+    "StateVersions",
+    "StoreHostFailover",
+]
 
 
 class RendezvousBackend(ABC):
@@ -19,85 +29,13 @@ class RendezvousBackend(ABC):
     - Any failure to reach the storage raises :class:`~elastic_impl.rendezvous.api.RendezvousConnectionError`
       (naming where the storage is); unreadable stored data raises ``RendezvousStateError``.
 
-    Optional change notification (defaults: unsupported; backends that only implement the three members above keep
-    working unchanged, the state machine then simply re-reads the state on every poll):
-
-    - ``state_version()``: a small number that differs whenever the state was rewritten since it was last returned
-      (equal numbers: the state and its token are unchanged). Lets a waiting node poll a few bytes instead of the
-      whole state.
-    - ``wait_for_change(version, timeout)``: block (real time) up to ``timeout`` seconds until the version differs
-      from ``version``; lets a waiting node wake on a change instead of sleeping out its poll interval.
-
-    Optional keyed storage (default: unsupported, ``supports_keys()`` is False). With it, nodes arriving in an open
-    round announce themselves with O(1)-sized key operations instead of rewriting the whole state, and one node
-    completes the round for all, so a round moves O(N) bytes instead of O(N^2) (see ``dynamic_rendezvous``). Keys
-    are names relative to this backend's run (the backend namespaces them); values are bytes:
-
-    - ``key_add(key, amount) -> int``: atomic add (a missing key counts as 0); ``amount=0`` reads.
-    - ``key_set(key, value)``.
-    - ``key_get_many(keys) -> list[bytes | None]``: current values, ``None`` for missing keys; never blocks.
-    - ``key_compare_set(key, expected, desired) -> bytes``: write ``desired`` if the value is ``expected``
-      (``None``: the key is missing); return the value after the call.
-    - ``key_delete_many(keys)``: remove keys (missing ones are fine); old rounds' keys are removed with it.
-
-    Optional per-node liveness (default: unsupported, ``supports_liveness()`` is False). With it, a node's
-    keep-alive renews something the storage itself expires (etcd v3: a lease) instead of rewriting its heartbeat
-    timestamp in the shared state, and dead nodes are those the storage no longer lists as live:
-
-    - ``heartbeat(node_key, ttl)``: mark ``node_key`` live for ``ttl`` more seconds (creating its entry if needed).
-    - ``live_nodes() -> set[str]``: node keys whose liveness has not lapsed.
-    - ``forget(node_key)``: drop ``node_key``'s liveness now (a node leaving).
+    What a backend may offer beyond these three members is declared below, one protocol per capability
+    (:class:`StateVersions`, :class:`ChangeNotification`, :class:`KeyedStorage`, :class:`NodeLiveness`,
+    :class:`SeparateHeartbeatConnection`, :class:`StoreHostFailover`). The state machine checks
+    ``isinstance(backend, <protocol>)`` and uses a capability only where it is offered, so a backend with only the
+    three members above (one written against upstream's ``RendezvousBackend`` included) works unchanged: it is then
+    read in full on every poll, every arrival rewrites the state, and heartbeats are timestamps in the state.
     """
-
-    def supports_liveness(self) -> bool:
-        """Whether the liveness operations below are implemented (the default: no)."""
-        return False
-
-    def heartbeat(self, node_key: str, ttl: float) -> None:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no per-node liveness")
-
-    def live_nodes(self) -> set[str]:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no per-node liveness")
-
-    def forget(self, node_key: str) -> None:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no per-node liveness")
-
-    def supports_keys(self) -> bool:
-        """Whether the keyed operations below are implemented (the default: no)."""
-        return False
-
-    def key_add(self, key: str, amount: int) -> int:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
-
-    def key_set(self, key: str, value: bytes) -> None:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
-
-    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
-
-    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
-
-    def key_delete_many(self, keys: list[str]) -> None:
-        raise NotImplementedError(f"rendezvous backend {self.name!r} has no keyed storage")
-
-    def connection_for_heartbeats(self) -> RendezvousBackend:
-        """This backend over its own connection, for the keep-alive thread (the default: this same object).
-
-        Heartbeats must not queue behind the agent's membership polls on one connection: on a slow store that
-        queue alone can outlast the heartbeat expiry. Backends whose client serializes calls (a TCPStore client
-        does) return a copy on a new connection; the copy must be safe to use from another thread.
-        """
-        return self
-
-    def state_version(self) -> int | None:
-        """The state's current version, or ``None`` when this backend cannot tell (the default)."""
-        return None
-
-    def wait_for_change(self, version: int, timeout: float) -> bool | None:
-        """Wait until the version differs from ``version``: True on a change, False on timeout, ``None`` when this
-        backend cannot wait (the default; the caller sleeps instead)."""
-        return None
 
     @property
     @abstractmethod
@@ -111,3 +49,137 @@ class RendezvousBackend(ABC):
     @abstractmethod
     def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
         """Compare-and-set; see the class docstring."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional capabilities. ``runtime_checkable``: ``isinstance`` checks that the members exist, not their signatures;
+# our backends also name the protocols they offer among their bases (tests/rendezvous/test_backend_protocols.py
+# checks each one against this list). A protocol whose ``supports_*()`` member is part of it is one a backend may
+# switch off per instance (a run-wide setting every node must share): offering it means having the members, using
+# it needs ``supports_*()`` too.
+
+
+@runtime_checkable
+class StateVersions(Protocol):
+    """The backend can tell cheaply whether the state changed, so a waiting node polls a few bytes, not the state.
+
+    Promise: ``state_version()`` returns a small number that differs whenever the state was rewritten since it was
+    last returned (equal numbers: the state and its token are unchanged), or ``None`` when this instance cannot tell
+    (etcd without ``watch_state``); the state machine then reads the whole state on every poll.
+    """
+
+    def state_version(self) -> int | None:
+        """The state's current version, or ``None`` when this backend cannot tell."""
+        ...
+
+
+@runtime_checkable
+class ChangeNotification(StateVersions, Protocol):
+    """The backend can block until the state changes, so a waiting node wakes on a change instead of sleeping out
+    its poll interval.
+
+    Promise: ``wait_for_change(version, timeout)`` blocks (real time) up to ``timeout`` seconds until
+    ``state_version()`` differs from ``version``; it returns True on a change, False on timeout, ``None`` when this
+    instance cannot wait (the caller then sleeps instead).
+    """
+
+    def wait_for_change(self, version: int, timeout: float) -> bool | None:
+        """Wait for the version to differ from ``version``: True on a change, False on timeout, None: cannot."""
+        ...
+
+
+@runtime_checkable
+class KeyedStorage(Protocol):
+    """Small named values next to the state, so an arrival is a few O(1)-sized operations, not a state rewrite.
+
+    With it, nodes arriving in an open round announce themselves by key and one node completes the round for all,
+    so a round moves O(N) bytes instead of O(N^2) (see ``dynamic_rendezvous``). Promise, while ``supports_keys()``
+    is True (an instance may switch keyed storage off; then none of the other members is called): keys are names
+    relative to this backend's run (the backend namespaces them), values are bytes, every operation is atomic and
+    fails like ``get_state`` when the storage cannot be reached.
+    """
+
+    def supports_keys(self) -> bool:
+        """Whether this instance uses keyed storage (every node of a run must answer the same)."""
+        ...
+
+    def key_add(self, key: str, amount: int) -> int:
+        """Add ``amount`` atomically (a missing key counts as 0) and return the new value; ``amount=0`` reads."""
+        ...
+
+    def key_set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``."""
+        ...
+
+    def key_get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The current values, ``None`` for missing keys; never blocks."""
+        ...
+
+    def key_compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bytes:
+        """Write ``desired`` if the value is ``expected`` (``None``: the key is missing); return the value after."""
+        ...
+
+    def key_delete_many(self, keys: list[str]) -> None:
+        """Remove ``keys`` (missing ones are fine)."""
+        ...
+
+
+@runtime_checkable
+class NodeLiveness(Protocol):
+    """The storage itself expires a node that stops renewing (etcd-v3: a lease per node), so a heartbeat is one O(1)
+    renewal instead of a timestamp rewritten into the shared state, and dead nodes are those no longer listed.
+
+    Promise, while ``supports_liveness()`` is True (an instance may switch it off; then the heartbeats are
+    timestamps in the state and none of the other members is called): ``heartbeat(node_key, ttl)`` keeps
+    ``node_key`` listed by ``live_nodes()`` for ``ttl`` more seconds; ``forget(node_key)`` unlists it now.
+    """
+
+    def supports_liveness(self) -> bool:
+        """Whether this instance keeps per-node liveness (every node of a run must answer the same)."""
+        ...
+
+    def heartbeat(self, node_key: str, ttl: float) -> None:
+        """Mark ``node_key`` live for ``ttl`` more seconds (creating its entry if needed)."""
+        ...
+
+    def live_nodes(self) -> set[str]:
+        """Node keys whose liveness has not lapsed."""
+        ...
+
+    def forget(self, node_key: str) -> None:
+        """Drop ``node_key``'s liveness now (a node leaving)."""
+        ...
+
+
+@runtime_checkable
+class SeparateHeartbeatConnection(Protocol):
+    """The backend can give the keep-alive thread its own connection to the storage.
+
+    Heartbeats must not queue behind the agent's membership polls on one connection: on a slow store that queue
+    alone can outlast the heartbeat expiry. Promise: ``connection_for_heartbeats()`` returns a backend for the same
+    run, safe to use from another thread alongside this one (a TCPStore client serializes its calls, so c10d
+    returns a copy on a new connection); it returns this same object where one connection serves both or no second
+    one can be had.
+    """
+
+    def connection_for_heartbeats(self) -> RendezvousBackend:
+        """This backend over a connection of the keep-alive thread's own."""
+        ...
+
+
+@runtime_checkable
+class StoreHostFailover(Protocol):
+    """The storage is hosted by one of the nodes, and the others can move to a successor when it is lost (c10d over
+    TCP: see ``c10d_failover``).
+
+    Promise: ``failover`` is the succession plan's keeper (a ``c10d_failover.StoreFailover``), or ``None`` when this
+    instance has none (failover switched off, or a store nobody can take over); ``stuck`` is True while a call got
+    no answer within the backend's call timeout, which counts as the store host being gone.
+    """
+
+    failover: Any
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a call is still unanswered past the call timeout."""
+        ...

@@ -27,6 +27,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from ._backend import KeyedStorage, StoreHostFailover
 from .api import RendezvousConnectionError, RendezvousError, RendezvousGracefulExitError
 from .utils import parse_rendezvous_endpoint
 
@@ -107,14 +108,14 @@ class StoreFailover:
 
     # ------------------------------------------------------------------ before any loss
 
-    def announce(self, backend, node_key: str) -> None:
+    def announce(self, backend: KeyedStorage, node_key: str) -> None:
         """Publish this node's standby endpoint (and, on the host, that it hosts the store)."""
         host, port = self.standby
         backend.key_set(f"{_STANDBY}{node_key}", f"{host}:{port}".encode())
         if self.hosted:
             backend.key_set(_STORE_HOST, node_key.encode())
 
-    def learn(self, backend, participants: list[str]) -> None:
+    def learn(self, backend: KeyedStorage, participants: list[str]) -> None:
         """Read the succession plan of a completed round (``participants`` in rank order)."""
         (host_key,) = backend.key_get_many([_STORE_HOST])
         if host_key is None or host_key.decode() not in participants:
@@ -157,7 +158,7 @@ class StoreFailover:
         liveness timeout (a dead machine, a hung host, a partition: the same to everyone who cannot reach it)."""
         if self.plan is None:
             return False
-        if getattr(backend, "stuck", False):
+        if isinstance(backend, StoreHostFailover) and backend.stuck:
             return True
         return _refuses(*self.endpoint)
 

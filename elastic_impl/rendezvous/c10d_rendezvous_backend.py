@@ -14,7 +14,13 @@ from typing import Any
 from elastic_impl.events import construct_and_record_rdzv_event  # noqa: F401 -- upstream exposes it here
 from elastic_impl.events.api import NodeState  # noqa: F401 -- upstream exposes it here
 
-from ._backend import RendezvousBackend
+from ._backend import (
+    ChangeNotification,
+    KeyedStorage,
+    RendezvousBackend,
+    SeparateHeartbeatConnection,
+    StoreHostFailover,
+)
 from .api import (  # RendezvousError: upstream exposes it here
     RendezvousConnectionError,
     RendezvousError,  # noqa: F401
@@ -65,7 +71,8 @@ def _wait_running(done: threading.Event, timeout: float) -> bool:
     return done.is_set()
 
 
-class C10dRendezvousBackend(RendezvousBackend):
+class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification, SeparateHeartbeatConnection,
+                            StoreHostFailover):
     """Keeps the run's state under key ``elastic.rdzv.<run_id>.state``; the token is the stored bytes.
 
     Keys are namespaced by run id, so runs sharing one store never see each other's state; the round stores handed
@@ -245,7 +252,7 @@ class C10dRendezvousBackend(RendezvousBackend):
             self._announce_change()
         return current, current, has_set
 
-    # ------------------------------------------------------------------ keyed storage (see RendezvousBackend)
+    # ------------------------------------------------------------------ keyed storage (see KeyedStorage)
 
     def supports_keys(self) -> bool:
         return True

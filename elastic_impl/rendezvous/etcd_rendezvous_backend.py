@@ -17,7 +17,7 @@ from typing import Any
 
 import etcd
 
-from ._backend import RendezvousBackend
+from ._backend import ChangeNotification, RendezvousBackend
 from ._etcd_client import client_endpoint, connection_options, is_unreachable, one_line
 from .api import (
     RendezvousConnectionError,
@@ -36,7 +36,7 @@ KEY_PREFIX = "/torch/elastic/rendezvous"
 STORE_PREFIX = "/torch/elastic/store"
 
 
-class EtcdRendezvousBackend(RendezvousBackend):
+class EtcdRendezvousBackend(RendezvousBackend, ChangeNotification):
     """Rendezvous state of run ``run_id`` in etcd (v2 API) through ``client`` (a python-etcd ``etcd.Client``).
 
     ``key_prefix``: etcd directory holding the state key (default: the root); ``ttl``: seconds the state survives

@@ -47,7 +47,7 @@ from typing import Any
 
 from torch.distributed import DistNetworkError, Store
 
-from ._backend import RendezvousBackend
+from ._backend import ChangeNotification, KeyedStorage, NodeLiveness, RendezvousBackend
 from ._etcd_client import EtcdConnectionOptions, as_bytes, connection_options, one_line
 from .api import (
     RendezvousConnectionError,
@@ -362,7 +362,7 @@ class _Lease:
             return self._id
 
 
-class EtcdV3RendezvousBackend(RendezvousBackend):
+class EtcdV3RendezvousBackend(RendezvousBackend, KeyedStorage, NodeLiveness, ChangeNotification):
     """Rendezvous state of run ``run_id`` in etcd through the v3 JSON gateway (see the module docstring).
 
     ``client``: an :class:`EtcdV3Client`; ``key_prefix``: prefix of the state key (default

@@ -13,11 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._backend import RendezvousBackend
+from ._backend import ChangeNotification, KeyedStorage, RendezvousBackend
 from .api import RendezvousConnectionError
 
 
-class InMemoryRendezvousBackend(RendezvousBackend):
+class InMemoryRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification):
     def __init__(self, name: str = "in-memory") -> None:
         self._name = name
         self._lock = threading.Lock()

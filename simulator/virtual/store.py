@@ -24,7 +24,7 @@ import random
 from bisect import bisect_right
 from typing import Any
 
-from elastic_impl.rendezvous._backend import RendezvousBackend
+from elastic_impl.rendezvous._backend import KeyedStorage, RendezvousBackend, StateVersions
 from elastic_impl.rendezvous.api import RendezvousConnectionError
 
 from .clock import VirtualClock
@@ -229,7 +229,8 @@ class SimStore:
             self._base += keep_from
 
     def client(self, node: str) -> SimStoreClient:
-        return SimStoreClient(self, node)
+        # Without keyed storage the client has no key operations at all, as a get/set-only backend (etcd-v2).
+        return KeyedSimStoreClient(self, node) if self.keyed else SimStoreClient(self, node)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -244,7 +245,7 @@ class SimStore:
         }
 
 
-class SimStoreClient(RendezvousBackend):
+class SimStoreClient(RendezvousBackend, StateVersions):
     """One node's connection to the :class:`SimStore` (partitions and delays are per node)."""
 
     def __init__(self, store: SimStore, node: str) -> None:
@@ -271,8 +272,17 @@ class SimStoreClient(RendezvousBackend):
             self.floor = max(self.floor, written[1])
         return written
 
+    def state_version(self) -> int | None:
+        version = self.store.state_version(self.node, self.floor, self.floor_time)
+        self.floor = max(self.floor, version)
+        return version
+
+
+class KeyedSimStoreClient(SimStoreClient, KeyedStorage):
+    """A client of a store with keyed storage (``keyed=True``)."""
+
     def supports_keys(self) -> bool:
-        return self.store.keyed
+        return True
 
     # Keyed operations are served "now": later reads of this client see at least what was written by then.
 
@@ -295,8 +305,3 @@ class SimStoreClient(RendezvousBackend):
     def key_delete_many(self, keys: list[str]) -> None:
         self.floor_time = self.store.clock.now
         self.store.key_delete_many(self.node, keys)
-
-    def state_version(self) -> int | None:
-        version = self.store.state_version(self.node, self.floor, self.floor_time)
-        self.floor = max(self.floor, version)
-        return version

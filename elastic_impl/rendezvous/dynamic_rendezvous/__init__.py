@@ -24,7 +24,7 @@ Semantics (one "run" = one run id; it goes through numbered rounds):
   another node's wall-clock stamp with its own: a node whose wall clock is off (a bad NTP step) is not taken for
   dead (upstream compares wall clocks and evicts it). The price: a node that has just started observing gives a
   silent peer the full expiry before evicting it. With a
-  backend that has per-node liveness (``supports_liveness()``, etcd-v3: leases as heartbeats) a heartbeat renews
+  backend that has per-node liveness (``NodeLiveness`` switched on, etcd-v3: leases as heartbeats) a heartbeat renews
   the node's lease instead of rewriting the state, and the nodes the backend no longer lists as live are evicted
   (the state's timestamp is then only the node's join time: a node is given the expiry after joining before an
   absent liveness entry counts against it).
@@ -52,9 +52,10 @@ the backend offers one a store connection, of its own: heartbeats never queue be
 Polling and waking. A waiting node polls after 0.05 s, backing off by half each quiet poll up to
 ``min(1 s, keep_alive/2)``; any change by another node resets the backoff. After a lost compare-and-set the step
 is retried (with a little per-node jitter) on the state the failed write returned, without re-reading. Backends
-that implement the optional ``state_version()`` let a poll move one integer instead of the whole state (a full
-read still happens at least every ``max_poll_interval``), and ``wait_for_change()`` lets the handler wake as soon
-as another node writes instead of sleeping out the poll interval (c10d: ``TCPStore.wait`` on a per-version key).
+offering ``StateVersions`` (``state_version()``) let a poll move one integer instead of the whole state (a full
+read still happens at least every ``max_poll_interval``), and ``ChangeNotification`` (``wait_for_change()``) lets
+the handler wake as soon as another node writes instead of sleeping out the poll interval (c10d: ``TCPStore.wait``
+on a per-version key).
 Backends with only get_state/set_state (etcd-v2) run the same state machine and simply re-read on every poll.
 
 Store traffic. The state is one compact JSON blob (~40 B per node: key, rank, millisecond heartbeat; upstream's

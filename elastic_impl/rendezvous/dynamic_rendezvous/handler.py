@@ -9,7 +9,7 @@ import threading
 
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 
-from .._backend import RendezvousBackend
+from .._backend import ChangeNotification, RendezvousBackend, SeparateHeartbeatConnection, StoreHostFailover
 from ..api import (
     RendezvousConnectionError,
     RendezvousError,
@@ -38,6 +38,11 @@ from .state import (
 from .stepper import RendezvousStepper, StoreContact
 
 logger = logging.getLogger("elastic_impl.rendezvous.dynamic_rendezvous")  # one name for the whole package
+
+
+def _heartbeat_connection(backend: RendezvousBackend) -> RendezvousBackend:
+    """The backend the keep-alive thread uses: its own connection where the backend offers one, else the same."""
+    return backend.connection_for_heartbeats() if isinstance(backend, SeparateHeartbeatConnection) else backend
 
 
 class DynamicRendezvousHandler(RendezvousHandler):
@@ -82,7 +87,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._keep_alive_stepper: RendezvousStepper | None = None
         self._left = False
         # Store-host failover, where the backend offers it (c10d over TCP: see c10d_failover).
-        self._failover = getattr(backend, "failover", None)
+        self._failover = backend.failover if isinstance(backend, StoreHostFailover) else None
         self._standby_announced = False
         # Set when this node hosted the store and the others failed over without it (every later step raises it).
         self._deposed: RendezvousError | None = None
@@ -156,7 +161,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._stepper.switch_backend(backend)
         if self._keep_alive_stepper is not None:
             try:
-                self._keep_alive_stepper.switch_backend(backend.connection_for_heartbeats())
+                self._keep_alive_stepper.switch_backend(_heartbeat_connection(backend))
             except RendezvousError:
                 self._keep_alive_stepper.switch_backend(backend)
         # Peers need a moment to reach the new store: nobody's silence counts until it answered for an expiry.
@@ -286,7 +291,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         version = self._stepper.seen_version
         if seconds > 0.005 and version is not None and self._clock is REAL_CLOCK:
             try:
-                if self._backend.wait_for_change(version, seconds) is not None:
+                backend = self._backend
+                if isinstance(backend, ChangeNotification) and backend.wait_for_change(version, seconds) is not None:
                     return
             except RendezvousError:
                 return  # the next step reads the store again and reports the failure
@@ -329,7 +335,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return
         if self._keep_alive_stepper is None:
             try:
-                backend = self._backend.connection_for_heartbeats()
+                backend = _heartbeat_connection(self._backend)
             except RendezvousError as e:
                 logger.debug("rendezvous %s: heartbeats share the agent's connection (%s)", self._settings.run_id, e)
                 backend = self._backend

@@ -39,7 +39,8 @@ class KeyedArrivals:
     # reading it stays cheap; a claim older than the heartbeat expiry (a completer that died) can be taken over.
 
     def _keyed(self) -> bool:
-        return bool(self.backend.supports_keys())
+        """Whether arrivals go by key: the backend offers keyed storage (``KeyedStorage``) and has it switched on."""
+        return self._offers_keys and bool(self.backend.supports_keys())
 
     @staticmethod
     def _k(round_: int, name: str) -> str:

@@ -1,4 +1,4 @@
-"""Per-node liveness (backends with supports_liveness(): etcd-v3 leases) for the stepper."""
+"""Per-node liveness (backends offering ``NodeLiveness`` with it switched on: etcd-v3 leases) for the stepper."""
 
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ class PerNodeLiveness:
     # ------------------------------------------------------------------ per-node liveness (optional in the seam)
 
     def _liveness(self) -> bool:
-        probe = getattr(self.backend, "supports_liveness", None)
-        return bool(probe()) if probe is not None else False
+        """Whether heartbeats renew the storage's own liveness entries (``NodeLiveness``, switched on)."""
+        return self._offers_liveness and bool(self.backend.supports_liveness())
 
     def _beat(self) -> None:
         """Renew this node's liveness once half a keep-alive interval has passed (TTL: the heartbeat expiry)."""

@@ -12,7 +12,7 @@ from elastic_impl.events import construct_and_record_rdzv_event
 from elastic_impl.events.api import NodeState
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 
-from .._backend import RendezvousBackend
+from .._backend import KeyedStorage, NodeLiveness, RendezvousBackend, StateVersions
 from ..api import (
     RendezvousClosedError,
     RendezvousError,
@@ -92,7 +92,7 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
         versioned_reads: bool = True,
         store_contact: StoreContact | None = None,
     ) -> None:
-        self.backend = backend
+        self.backend = backend  # (a property: also notes which optional capabilities it offers)
         self.settings = settings
         self.node = node
         self.clock = clock
@@ -137,7 +137,7 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
         self.completed_restart_count: int | None = None
         # Events of the decision in progress; recorded only once its write landed (a lost CAS discards them).
         self._events: list[tuple[str, str, NodeState, int | None]] = []
-        # Per-node liveness (backends with supports_liveness()): when this node last renewed its own liveness
+        # Per-node liveness (backends offering NodeLiveness): when this node last renewed its own liveness
         # (clock.monotonic()), and the live set last read from the backend with when it was read.
         self._beat_at = float("-inf")
         self._live: set[str] | None = None
@@ -220,12 +220,12 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
             return pending[1]
         cached = self._cached
         if self._versioned is not False and cached is not None and mono - cached[0] <= self.max_poll_interval:
-            version = self.backend.state_version()
+            version = self._state_version()
             if version is not None and version == cached[1]:
                 self.seen_version = version
                 return cached[2]
         else:
-            version = self.backend.state_version() if self._versioned is not False else None
+            version = self._state_version() if self._versioned is not False else None
         if version is None:
             self._versioned = False
         else:
@@ -236,6 +236,21 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
         self.seen_version = version
         self._cached = (mono, version, got) if version is not None else None
         return got
+
+    @property
+    def backend(self) -> RendezvousBackend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: RendezvousBackend) -> None:
+        # Checked once per backend, not per call: an isinstance against a protocol costs tens of microseconds.
+        self._backend = backend
+        self._offers_versions = isinstance(backend, StateVersions)
+        self._offers_keys = isinstance(backend, KeyedStorage)
+        self._offers_liveness = isinstance(backend, NodeLiveness)
+
+    def _state_version(self) -> int | None:
+        return self._backend.state_version() if self._offers_versions else None
 
     def switch_backend(self, backend: RendezvousBackend) -> None:
         """Continue on another backend holding the same run (a store failover): nothing read from the old one is

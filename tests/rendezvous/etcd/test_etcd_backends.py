@@ -235,3 +235,17 @@ def test_v3_keyed_arrivals_can_be_turned_off(etcd_server, run_id):
     on, _ = _create("etcd-v3", etcd_server.get_endpoint(), run_id)
     off, _ = _create("etcd-v3", etcd_server.get_endpoint(), run_id, keyed_arrivals="false")
     assert on.supports_keys() and not off.supports_keys()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_offers_its_capability_protocols(backend, etcd_server, run_id):
+    """etcd-v2: versions and change notification (watches); etcd-v3 adds keyed storage and per-node leases. Neither
+    offers a separate heartbeat connection (the keep-alive thread uses the same backend) or store-host failover."""
+    from elastic_impl.rendezvous._backend import ChangeNotification, KeyedStorage, NodeLiveness, StateVersions
+    from tests.rendezvous.test_backend_protocols import offered_protocols
+
+    created, _ = _create(backend, etcd_server.get_endpoint(), run_id)
+    expected = {StateVersions, ChangeNotification}
+    if backend == "etcd-v3":
+        expected |= {KeyedStorage, NodeLiveness}
+    assert offered_protocols(created) == expected

@@ -72,9 +72,11 @@ def _observer(backend, server, run_id):
 def joined_count(observer) -> int:
     """Nodes in the run's current round: its participants, or with keyed arrivals (etcd-v3), where an open round's
     state lists none, the round's arrival counter."""
+    from elastic_impl.rendezvous._backend import KeyedStorage
+
     participants = len(observer.get_participants())
     backend = observer._backend
-    if participants or not backend.supports_keys():
+    if participants or not (isinstance(backend, KeyedStorage) and backend.supports_keys()):
         return participants
     return backend.key_add(f"g{observer.get_round()}.n", 0)
 
