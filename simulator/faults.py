@@ -162,6 +162,11 @@ def _check_split_groups(args: dict, node: int | None, total: int) -> str | None:
     return None
 
 
+def _check_partition_mode(args: dict, node: int | None, total: int) -> str | None:
+    mode = args.get("mode", "blackhole")
+    return None if mode in ("blackhole", "drop") else f"mode={mode!r}: must be 'blackhole' or 'drop'"
+
+
 def _check_drop_target(args: dict, node: int | None, total: int) -> str | None:
     to = args.get("to")
     if to == "store":
@@ -220,7 +225,8 @@ def _virtual_pause_agent(sim, fault: Fault):
 
 def _virtual_partition(sim, fault: Fault):
     name = f"node{fault.node}"
-    sim.store.partition(name)
+    # blackhole (and a cut-off namespace) is silent: calls hang; drop closes connections: calls fail at once
+    sim.store.partition(name, silent=fault.args.get("mode", "blackhole") != "drop")
     return True, lambda: sim.store.heal(name)
 
 
@@ -293,8 +299,9 @@ REGISTRY: dict[str, FaultKind] = {
                   args={"period": "seconds per stop/run cycle (a straggler)", "stop": "seconds stopped per cycle"},
                   live=_live_pause_agent, virtual=_virtual_pause_agent),
         FaultKind("partition", "cut one node off the store", timed=True,
-                  args={"mode": "live only: blackhole (nothing delivered) | drop (connections closed)"},
-                  live=_live_partition, virtual=_virtual_partition),
+                  args={"mode": "blackhole (nothing delivered: calls hang; the default) | drop (connections closed: "
+                                "calls fail at once)"},
+                  check_args=_check_partition_mode, live=_live_partition, virtual=_virtual_partition),
         FaultKind("heal", "undo the active faults of one node (or of all)", node="one_or_all",
                   live=_live_heal, virtual=_virtual_heal),
         FaultKind("delay", "add latency to one node's store traffic", timed=True,

@@ -267,7 +267,13 @@ def store_liveness_timeout(params) -> float:
     """
     read_timeout = option_seconds(params, "read_timeout", DEFAULT_READ_TIMEOUT)
     interval, max_attempt = keep_alive_options(params)
-    expiry = interval * max_attempt
     if params.get("store_liveness_timeout") is not None:
-        return option_seconds(params, "store_liveness_timeout", expiry)
-    return min(expiry, read_timeout)
+        return option_seconds(params, "store_liveness_timeout", interval * max_attempt)
+    return default_store_liveness_timeout(interval, max_attempt, read_timeout)
+
+
+def default_store_liveness_timeout(keep_alive_interval: float, keep_alive_max_attempt: int,
+                                   read_timeout: float = DEFAULT_READ_TIMEOUT) -> float:
+    """``store_liveness_timeout`` when the option is not given: the heartbeat expiry, at most ``read_timeout``
+    (the virtual-time simulator, which has no options, takes its bound from here too)."""
+    return min(keep_alive_interval * keep_alive_max_attempt, read_timeout)

@@ -8,6 +8,11 @@ worker processes (they "train" as timed events and fail when the nemesis says), 
 stepper's asks (from the simulated store, including the round's agent keys), the rendezvous handler's blocking
 loops (join retries, the keep-alive thread) as scheduled callbacks, and the launcher's closing of the run when
 the agent's run ends. The exit barrier does not wait: the simulated job ends on every member of a round at once.
+
+The join's ride-out of a store outage is the handler's own policy (:class:`JoinOutageRideOut`, with the live
+default budget: the store liveness bound). A store call that would hang (a silently cut node, see
+simulator/virtual/store.py) suspends what made it -- a join step, a heartbeat, or the agent's decision in the middle
+of its asks -- until the call returns, as the blocked thread is in a live agent.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from elastic_impl.agent.server.decisions import Action, AgentStepper, Ask, StoreUnavailable
+from elastic_impl.agent.server.decisions import Action, AgentStepper, Ask, Decision, StoreUnavailable
 from elastic_impl.rendezvous.api import RendezvousClosedError, RendezvousConnectionError
 from elastic_impl.rendezvous.dynamic_rendezvous import (
     NodeDesc,
@@ -23,11 +28,14 @@ from elastic_impl.rendezvous.dynamic_rendezvous import (
     StepResult,
     num_nodes_waiting_in,
 )
+from elastic_impl.rendezvous.dynamic_rendezvous.outage import JoinOutageRideOut
 
 from .. import history as h
 from .clock import NodeClock
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
+
     from .sim import Simulation
 
 # Worker states.
@@ -38,6 +46,11 @@ _IMMEDIATE_RETRIES = 8
 _PID_BASE = 10_000
 # Wake-up lateness of the keep-alive thread, as a fraction of its interval (uniform, seeded).
 KEEP_ALIVE_JITTER = 0.05
+# Which store each decision ask calls, as the live agent answers it: the round's own store (a TCPStore call no bound
+# covers: it blocks until a silent cut heals), the rendezvous backend (bounded by the store liveness bound), or none
+# (the answer reuses the read just made).
+_ROUND_STORE_ASKS = frozenset({Ask.PEER_FAILED, Ask.EXIT_BARRIER, Ask.CLAIM_FAILURE_ROUND})
+_NO_CALL_ASKS = frozenset({Ask.PARTICIPANTS, Ask.RUN_CLOSED})
 
 
 def node_name_of(key: str) -> str:
@@ -70,7 +83,8 @@ class SimAgent:
         self.world_size: int | None = None
         self.succeeded = False
         self.keep_alive_on = False
-        self._store_error_since: float | None = None
+        # The running join's ride-out of store outages (the handler's policy and budget).
+        self._join_outage = JoinOutageRideOut(sim.settings, self.node, sim.store_liveness_timeout)
         # Bumped to cancel the callbacks of the previous phase (main loop) or of the heartbeat loop.
         self._epoch = 0
         self._ka_epoch = 0
@@ -106,6 +120,8 @@ class SimAgent:
     def _fire_keep_alive(self, epoch: int, give_up: float | None = None) -> None:
         if self.status == "exited" or epoch != self._ka_epoch or self.paused:
             return
+        if self.sim.store.hold(self.name, lambda: self._fire_keep_alive(epoch, give_up)):
+            return  # the beat's store call hangs: the keep-alive thread is stuck in it until it returns
         now = self.sim.clock.now
         if give_up is None:
             give_up = now + self.sim.settings.keep_alive_seconds
@@ -136,15 +152,23 @@ class SimAgent:
         self._epoch += 1
         self._record(h.RDZV_JOIN, round=self.stepper.state.round if self.round is not None else None)
         self.stepper.begin_join()
-        self._store_error_since = None
+        self._join_outage = JoinOutageRideOut(self.sim.settings, self.node, self.sim.store_liveness_timeout)
         self._arm(0.0, self._join_step)
 
+    def _when_store_answers(self, call: Callable[[], None], bounded: bool = True) -> bool:
+        """Whether ``call`` (about to make a store call) must wait for a blocked call to return; if so it runs
+        then, unless this phase was cancelled (``bounded``: a rendezvous store call; see SimStore.hold)."""
+        epoch = self._epoch
+        return self.sim.store.hold(self.name, lambda: self._fire(epoch, call), bounded)
+
     def _join_step(self) -> None:
+        if self._when_store_answers(self._join_step):
+            return
         result = self.stepper.step("join")
         if result.error is not None:
             self._on_store_step_error(result.error, self._join_step)
             return
-        self._store_error_since = None
+        self._join_outage.answered(self.clock.monotonic())
         if result.done:
             self._on_round(result)
             return
@@ -157,10 +181,12 @@ class SimAgent:
             self._exit("CLOSED", reason="rendezvous closed")
             return
         if isinstance(error, RendezvousConnectionError):
-            if self._store_error_since is None:
-                self._store_error_since = self.now
-            if self.now - self._store_error_since <= self.sim.settings.timeout.close.total_seconds():
-                self._arm(max(0.1, self.sim.store.round_trip(self.name)), retry)
+            try:
+                wait = self._join_outage.failed(error, self.clock.monotonic())
+            except RendezvousConnectionError as gave_up:  # the store did not answer for the whole budget
+                error = gave_up
+            else:
+                self._arm(max(wait, self.sim.store.round_trip(self.name)), retry)
                 return
         self._stop_workers(-15)  # the agent's shutdown stops its workers whatever ended it
         self._exit("FAILED", reason=f"{type(error).__name__}: {error}")
@@ -233,7 +259,23 @@ class SimAgent:
         if failed:
             self.sim.break_round(self.round)
         workers = "FAILED" if failed else "SUCCEEDED" if self.succeeded else "HEALTHY"
-        decision = self.decisions.step(workers, self.clock, self._answer)
+        self._decide(self.decisions.decide(workers, self.clock))
+
+    def _decide(self, decision: Generator[Ask, object, Decision], reply: object = None) -> None:
+        """Answer the decision's asks until it is made; an ask whose store call hangs suspends it until the call
+        returns (the live agent's thread is blocked in that call meanwhile: no monitor ticks)."""
+        try:
+            while True:
+                ask = decision.send(reply)
+                if ask not in _NO_CALL_ASKS and self._when_store_answers(
+                        lambda ask=ask: self._decide(decision, self._answer(ask)), bounded=ask not in _ROUND_STORE_ASKS):
+                    return
+                reply = self._answer(ask)
+        except StopIteration as made:
+            self._act(made.value)
+
+    def _act(self, decision: Decision) -> None:
+        """Carry out one monitor decision of the agent stepper."""
         action = decision.action
         if action == Action.KEEP_RUNNING:
             self._arm(self.sim.scenario.timeouts.monitor, self._monitor)
@@ -241,6 +283,7 @@ class SimAgent:
             self._arm(decision.retry_in, self._monitor)
         elif action in (Action.RESTART, Action.REFORM):
             kind = "worker_failed" if action == Action.RESTART else "membership"
+            failed = [lr for lr, st in self.workers.items() if st == FAILED]
             why = f"local rank(s) {failed} failed" if action == Action.RESTART else decision.reason
             self._restart(kind, why, decision.restart_count)
         elif action == Action.SUCCEED:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elastic_impl.rendezvous.dynamic_rendezvous import RendezvousSettings, RendezvousTimeout
+from elastic_impl.rendezvous.options import default_store_liveness_timeout
 
 from .. import history as h
 from ..faults import inject_virtual
@@ -69,9 +70,12 @@ class Simulation:
         self.rng = random.Random(scenario.seed)
         self.clock = VirtualClock()
         cfg = scenario.store
-        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas, cfg.keyed,
-                              cfg.persistent)
         t = scenario.timeouts
+        # As live with default options: a store call gets no answer for this long before the node gives it up, and a
+        # join rides out a store that does not answer for as long.
+        self.store_liveness_timeout = default_store_liveness_timeout(t.heartbeat, t.keep_alive_max_attempt)
+        self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas, cfg.keyed,
+                              cfg.persistent, call_timeout=self.store_liveness_timeout)
         self.settings = RendezvousSettings(
             run_id=f"sim-{scenario.seed}",
             min_nodes=scenario.min_nodes,

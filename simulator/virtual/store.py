@@ -13,6 +13,24 @@ Faults: ``partition(node)``/``heal(node)`` make every call of that node raise ``
 ``down`` is cleared, and with ``persistent=False`` empties it and breaks every open connection for good; ``loss`` is
 the probability that any call fails. ``broken_cas=True`` is TEST-ONLY: writes succeed whatever their token.
 
+Silent and refused partitions (what a live node sees, measured with network namespaces and the blackhole proxy). A
+refused partition (``partition(node, silent=False)``: the proxy's ``drop`` mode, connections closed) and a crashed
+store fail every call at once. A silent one (``partition(node)``: ``isolate_node``, ``split_cluster`` and
+``partition`` in ``blackhole`` mode; nothing is delivered and nothing is refused) makes calls hang, and a hung call
+holds up the agent thread that made it. Callers that can block ask :meth:`SimStore.hold` before a call and, when it
+says so, make the call only when the blocked one returns:
+
+- rendezvous store calls (joins, heartbeats, the agent's membership checks and restart counter: the real backend
+  bounds each by ``call_timeout``, the store liveness bound): the node's first call after the cut blocks for
+  ``call_timeout`` seconds of virtual time and then fails; later calls fail at once, until the heal. A call still
+  blocked when the node heals returns then and succeeds (live: the held bytes are delivered; the backend's abandoned
+  connection and its reconnect, about a second, are not modelled). One window per node, shared by its agent and
+  keep-alive (live each has its own connection and its own first call: they start within a heartbeat of each other).
+- round-store calls (``bounded=False``: the agent's peer-failure check, exit barrier and failure claim go over the
+  round's TCPStore, whose calls no bound covers) block until the node heals, however long that takes.
+
+The model is deterministic (nothing in it is drawn) and costs nothing while no node is silently cut.
+
 Keyed storage (the seam's optional per-key operations: add, set, get-many, compare-set) is offered when
 ``keyed=True`` (scenario ``store.keyed``; off by default), so the state machine takes its O(N)-bytes arrival path where it has one; those calls
 are single atomic operations without a staleness window. ``broken_cas`` breaks ``key_compare_set`` too.
@@ -22,10 +40,12 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
+from collections.abc import Callable
 from typing import Any
 
 from elastic_impl.rendezvous._backend import KeyedStorage, RendezvousBackend, StateVersions
 from elastic_impl.rendezvous.api import RendezvousConnectionError
+from elastic_impl.rendezvous.options import DEFAULT_READ_TIMEOUT
 
 from .clock import VirtualClock
 
@@ -42,6 +62,7 @@ class SimStore:
         broken_cas: bool = False,
         keyed: bool = False,
         persistent: bool = True,
+        call_timeout: float = DEFAULT_READ_TIMEOUT,
     ) -> None:
         self.clock = clock
         self.persistent = persistent
@@ -54,6 +75,12 @@ class SimStore:
         self.broken_cas = broken_cas
         self.down = False
         self.partitioned: set[str] = set()
+        # Silent partitions (a subset of ``partitioned``); per silent node, when its first call times out; callbacks
+        # of calls blocked until the node heals (see the module docstring).
+        self.silent: set[str] = set()
+        self.call_timeout = float(call_timeout)
+        self._first_call_fails_at: dict[str, float] = {}
+        self._blocked: dict[str, list[Callable[[], None]]] = {}
         self.delays: dict[str, float] = {}
         # Versions base+1 .. base+len(times): write times and blobs.
         self._times: list[float] = []
@@ -72,17 +99,56 @@ class SimStore:
 
     # ------------------------------------------------------------------ faults
 
-    def partition(self, node: str) -> None:
+    def partition(self, node: str, silent: bool = True) -> None:
+        """Cut ``node`` off the store: its calls hang (``silent``) or are refused (see the module docstring)."""
         self.partitioned.add(node)
+        if silent:
+            self.silent.add(node)
 
     def heal(self, node: str | None = None) -> None:
-        """Undo partitions and delays of ``node`` (all nodes when None)."""
+        """Undo partitions and delays of ``node`` (all nodes when None); calls blocked on them return now."""
+        names = sorted(self.partitioned) if node is None else [node]
         if node is None:
-            self.partitioned.clear()
             self.delays.clear()
         else:
-            self.partitioned.discard(node)
             self.delays.pop(node, None)
+        for name in names:
+            self.partitioned.discard(name)
+            self.silent.discard(name)
+            self._first_call_fails_at.pop(name, None)
+            for resume in self._blocked.pop(name, ()):
+                self.clock.after(0.0, resume)
+
+    def hold(self, node: str, resume: Callable[[], None], bounded: bool = True) -> bool:
+        """Whether a store call ``node`` is about to make blocks (its connection is silently cut). If it does,
+        ``resume`` runs when the blocked call returns -- after ``call_timeout`` for the node's first bounded call,
+        at the heal for an unbounded one or whichever comes first -- and the caller makes the call then (it fails
+        at once, or succeeds after a heal); if not, the caller makes it now."""
+        if node not in self.silent:
+            return False
+        if bounded:
+            fails_at = self._first_silent_call(node)
+            if self.clock.now >= fails_at:
+                return False  # the first call already timed out: this one fails at once
+            returned = [False]
+            on_return = resume
+
+            def once() -> None:  # the timeout or the heal, whichever comes first
+                if not returned[0]:
+                    returned[0] = True
+                    on_return()
+
+            self.clock.after(fails_at - self.clock.now, once)
+            resume = once
+        self._blocked.setdefault(node, []).append(resume)
+        return True
+
+    def _first_silent_call(self, node: str) -> float:
+        """When the first call of silently cut ``node`` times out (that call is being made now if it is the first)."""
+        fails_at = self._first_call_fails_at.get(node)
+        if fails_at is None:
+            fails_at = self._first_call_fails_at[node] = self.clock.now + self.call_timeout
+        return fails_at
 
     def delay(self, node: str, seconds: float) -> None:
         self.delays[node] = seconds
@@ -108,8 +174,11 @@ class SimStore:
             reason = "its connection died with the restarted store (TCPStore clients do not reconnect)"
         elif self.down:
             reason = "store is down (restarting)"
+        elif node in self.silent:
+            self._first_silent_call(node)
+            reason = f"{node} is partitioned from the store (silent: no answer within {self.call_timeout:g} s)"
         elif node in self.partitioned:
-            reason = f"{node} is partitioned from the store"
+            reason = f"{node} is partitioned from the store (connection refused)"
         elif self.loss and self.rng.random() < self.loss:
             reason = "message lost"
         if reason:

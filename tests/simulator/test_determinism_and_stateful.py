@@ -67,7 +67,8 @@ def test_virtual_histories_do_not_depend_on_the_interpreter_hash_seed():
 
 
 def test_fuzz_reports_every_outcome_class():
-    found = fuzz(seed=0, runs=60)
+    # A seed whose 60 schedules include failures (drawn partitions are silent and short: most are ridden out).
+    found = fuzz(seed=1, runs=60)
     assert found.ok and sum(found.outcomes.values()) == 60
     assert "succeeded" in found.outcomes
     assert any(k.startswith("failed: ") for k in found.outcomes), found.outcomes

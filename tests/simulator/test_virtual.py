@@ -63,6 +63,48 @@ def test_store_reads_are_stale_by_up_to_the_latency_and_partitions_raise():
     assert store.get_state("b")[0] == b"new"
 
 
+def test_a_silent_partition_blocks_the_first_call_for_the_call_timeout_and_fails_later_ones_at_once():
+    from elastic_impl.rendezvous.api import RendezvousConnectionError
+
+    clock = VirtualClock()
+    store = SimStore(clock, random.Random(0), call_timeout=8.0)
+    returned: list[tuple[str, float]] = []
+    store.partition("b")
+    clock.now = 2.0
+    assert store.hold("b", lambda: returned.append(("first", clock.now)))
+    clock.now = 3.0
+    assert store.hold("b", lambda: returned.append(("second", clock.now)))  # queued behind the blocked call
+    assert not store.hold("a", lambda: returned.append(("a", clock.now)))  # not cut: answers at once
+    while clock.next_time() is not None:
+        clock.run_next()
+    assert returned == [("first", 10.0), ("second", 10.0)]  # both give up when the first call times out
+    assert not store.hold("b", lambda: None)  # past the timeout: the next call fails at once...
+    with pytest.raises(RendezvousConnectionError, match="no answer within 8 s"):
+        store.get_state("b")
+    # ... and a call no bound covers (the agent's round store) waits for the heal, however long
+    assert store.hold("b", lambda: returned.append(("round store", clock.now)), bounded=False)
+    clock.now = 30.0
+    store.heal("b")
+    while clock.next_time() is not None:
+        clock.run_next()
+    assert returned[2:] == [("round store", 30.0)] and store.get_state("b") is None
+
+
+def test_a_call_blocked_on_a_silent_partition_returns_at_the_heal_and_a_refused_one_never_blocks():
+    clock = VirtualClock()
+    store = SimStore(clock, random.Random(0), call_timeout=8.0)
+    returned: list[float] = []
+    store.partition("b")
+    assert store.hold("b", lambda: returned.append(clock.now))
+    clock.now = 1.5
+    store.heal("b")
+    while clock.next_time() is not None:
+        clock.run_next()
+    assert returned == [1.5]  # once, at the heal, not again at the timeout
+    store.partition("b", silent=False)  # connections closed: calls fail at once, nothing blocks
+    assert not store.hold("b", lambda: None) and not store.hold("b", lambda: None, bounded=False)
+
+
 def test_node_clock_is_skewed_wall_time_and_refuses_to_block():
     clock = VirtualClock()
     node = NodeClock(clock, skew=2.0)
@@ -146,10 +188,42 @@ def test_scale_up_and_graceful_leave():
 
 def test_partition_longer_than_the_store_timeout_fails_only_that_node():
     faults = [{"at": 1.0, "fault": "kill_worker", "node": 0, "rank": 0},
-              {"at": 1.0, "fault": "partition", "node": 0, "duration": 20}]
+              {"at": 1.0, "fault": "partition", "node": 0, "duration": 20, "args": {"mode": "drop"}}]
     result = run_checked(scenario(faults=faults))
     exits = {e.node: e for e in result.history.filter(h.AGENT_EXIT)}
     assert exits["node0"].state == "FAILED" and "partitioned" in exits["node0"].detail["reason"]
+    assert exits["node0"].t < 21.0
+    assert result.outcome == "succeeded"
+
+
+def test_a_partition_mode_other_than_blackhole_or_drop_is_refused_naming_it():
+    from simulator.scenario import ScenarioError
+
+    bad = [{"at": 1.0, "fault": "partition", "node": 0, "duration": 1, "args": {"mode": "blackhol"}}]
+    with pytest.raises(ScenarioError, match=r"faults\[0\]\.args\.mode='blackhol': must be 'blackhole' or 'drop'$"):
+        scenario(faults=bad)
+
+
+def test_a_silently_partitioned_node_is_stuck_in_its_store_call_until_the_heal():
+    # As live: the failed node's agent asks the round's store whether a peer failed the job, and that call (no
+    # bound covers it) hangs until the network heals; by then the others have finished without it.
+    faults = [{"at": 1.0, "fault": "kill_worker", "node": 0, "rank": 0},
+              {"at": 1.0, "fault": "partition", "node": 0, "duration": 20}]
+    result = run_checked(scenario(faults=faults))
+    node0 = result.history.filter(h.AGENT_EXIT, node="node0")
+    assert [(e.t, e.state) for e in node0] == [(21.0, "CLOSED")]
+    assert result.outcome == "succeeded" and result.history.filter(h.JOB_SUCCEEDED)[0].t < 21.0
+
+
+def test_a_join_rides_out_a_refused_store_for_the_store_liveness_bound_not_the_close_timeout():
+    # node2 starts cut off (connections refused): its join retries for the heartbeat expiry (0.5 s x 3), the live
+    # handler's default bound, then fails; the close timeout (5 s) plays no part.
+    faults = [{"at": 0.0, "fault": "partition", "node": 2, "duration": 30, "args": {"mode": "drop"}}]
+    result = run_virtual(scenario(faults=faults))
+    start = result.history.filter(h.AGENT_START, node="node2")[0].t
+    exit2 = result.history.filter(h.AGENT_EXIT, node="node2")[0]
+    assert exit2.state == "FAILED" and "while node node2" in exit2.detail["reason"], exit2.detail
+    assert 1.5 <= exit2.t - start < 1.5 + 0.5
     assert result.outcome == "succeeded"
 
 

@@ -26,6 +26,7 @@ from ..options import (
     option_seconds,
     store_liveness_timeout,
 )
+from .outage import JoinOutageRideOut
 from .state import (
     NodeDesc,
     RendezvousSettings,
@@ -245,7 +246,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         an outage) instead of failing the agent on the first error: a node that gave up at once was the only one
         to lose the job (seen in the netns scenarios)."""
         deadline = self._clock.monotonic() + timeout
-        outage_since: float | None = None
+        outage = JoinOutageRideOut(self._settings, self._node, self._store_outage_timeout) if op == "join" else None
         while True:
             if op == "join":
                 self._raise_if_left()
@@ -256,26 +257,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 self._step("leave")
                 self._raise_if_left()
             if result.error is not None:
-                if op != "join" or not isinstance(result.error, RendezvousConnectionError):
+                if outage is None or not isinstance(result.error, RendezvousConnectionError):
                     raise result.error
-                now = self._clock.monotonic()
-                if outage_since is None:
-                    outage_since = now
-                    logger.warning("rendezvous %s: node %s cannot reach the store while joining (%s); retrying for "
-                                   "up to %g s", self._settings.run_id, self._node, result.error,
-                                   self._store_outage_timeout)
-                if now - outage_since >= self._store_outage_timeout:
-                    raise RendezvousConnectionError(
-                        f"{result.error} (the store did not answer for {now - outage_since:.1f} s while node "
-                        f"{self._node} was joining)"
-                    ) from None
-                self._clock.sleep(min(1.0, self._store_outage_timeout - (now - outage_since),
-                                      max(0.1, self._settings.keep_alive_seconds / 2)))
+                self._clock.sleep(outage.failed(result.error, self._clock.monotonic()))
                 continue
-            if outage_since is not None:
-                logger.warning("rendezvous %s: node %s reaches the store again after %.1f s", self._settings.run_id,
-                               self._node, self._clock.monotonic() - outage_since)
-                outage_since = None
+            if outage is not None:
+                outage.answered(self._clock.monotonic())
             if result.done:
                 return result
             if self._clock.monotonic() > deadline:
