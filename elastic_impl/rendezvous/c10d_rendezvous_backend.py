@@ -105,6 +105,7 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         self._where = where or _describe(store)
         self.call_timeout = call_timeout
         self._stuck: threading.Event | None = None
+        self._had_state = False  # whether this connection ever saw the run's state (see get_state)
         # Why the connection is unusable (a reset, or a call stuck on it), until a fresh one replaces it.
         self._broken: str | None = None
         # A fresh connection being opened: (done, outcome) of its helper thread.
@@ -229,15 +230,28 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         except (RuntimeError, ValueError, OSError) as e:
             logger.debug("rendezvous store %s: no second connection for heartbeats (%s)", self._where, e)
             return self
-        return C10dRendezvousBackend(store, self._run_id, self._where, self.call_timeout)
+        heartbeats = C10dRendezvousBackend(store, self._run_id, self._where, self.call_timeout)
+        heartbeats._had_state = self._had_state
+        return heartbeats
 
     def _compare_set(self, expected: bytes, desired: bytes) -> bytes:
         return self._call("compare_set", self._key, expected, desired)
 
+    def _state_lost(self) -> RendezvousConnectionError:
+        return RendezvousConnectionError(
+            f"rendezvous store {self._where} no longer holds run {self._run_id!r}'s state (the store restarted "
+            f"empty); the run cannot go on without it"
+        )
+
     def get_state(self) -> tuple[bytes, Any] | None:
         current = self._compare_set(_ABSENT, _ABSENT)
         if current == _ABSENT:
+            # The state is never deleted once written: gone means a store that restarted empty (a reconnect reaches
+            # it). Going on would form a new round 0 with the restart count back at 0.
+            if self._had_state:
+                raise self._state_lost()
             return None
+        self._had_state = True
         return current, current
 
     def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
@@ -246,7 +260,10 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         state = bytes(state)
         current = self._compare_set(token if token is not None else b"", state)
         if current == _ABSENT or current == b"":
+            if self._had_state:
+                raise self._state_lost()
             return None
+        self._had_state = True
         has_set = current == state
         if has_set:
             self._announce_change()

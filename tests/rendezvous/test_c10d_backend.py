@@ -318,3 +318,36 @@ def test_a_call_stuck_past_the_heal_does_not_cut_the_node_off(tcp_store):
         assert backend.get_state()[0] == b'{"a":1}'
         assert time.monotonic() - started < 2.0
         assert not backend.stuck
+
+
+def test_a_store_that_restarted_empty_is_named_not_rejoined():
+    """The backend reconnects after a reset, but a TCPStore that restarted comes back empty: the run's state is gone.
+    Going on would form a fresh round 0 with the job-wide restart count back at 0 (the live store_restart scenario
+    re-formed, then died on the agent's broken store with a bare "DistNetworkError: Broken pipe"). The backend says
+    what happened instead, naming the store."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from elastic_impl.rendezvous import RendezvousConnectionError
+    from fault_injection.store import TCPStoreServer
+
+    with TCPStoreServer() as server:
+        client = TCPStore(server.host, server.port, is_master=False, timeout=timedelta(seconds=5), use_libuv=True)
+        backend = C10dRendezvousBackend(client, "restarted", call_timeout=5.0)
+        assert backend.set_state(b'{"round":3}')[2]
+        heartbeats = backend.connection_for_heartbeats()
+        server.restart()
+        for b in (backend, heartbeats):
+            with pytest.raises(RendezvousConnectionError) as info:
+                for _ in range(3):  # the first call may only see the reset; the next reconnects
+                    try:
+                        b.get_state()
+                    except RendezvousConnectionError as e:
+                        if "restarted empty" in str(e):
+                            raise
+            assert f"rendezvous store TCPStore at 127.0.0.1:{server.port} no longer holds run 'restarted'" \
+                in str(info.value)
+        # A backend that never saw the state (a node arriving now) just finds none.
+        fresh = TCPStore(server.host, server.port, is_master=False, timeout=timedelta(seconds=5), use_libuv=True)
+        assert C10dRendezvousBackend(fresh, "restarted", call_timeout=5.0).get_state() is None
