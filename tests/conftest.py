@@ -39,5 +39,5 @@ def pytest_sessionfinish(session, exitstatus):
 
     deadline = time.monotonic() + 20.0
     for thread in threading.enumerate():
-        if thread.name.startswith(("rdzv-store-call", "rdzv-store-reconnect")):
+        if thread.name.startswith(("rdzv-store-call", "rdzv-store-reconnect", "agent-store-call")):
             thread.join(timeout=max(0.0, deadline - time.monotonic()))

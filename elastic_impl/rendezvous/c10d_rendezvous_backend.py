@@ -7,12 +7,12 @@ import logging
 import os
 import socket
 import threading
-import time
 from datetime import timedelta
 from typing import Any
 
 from elastic_impl.events import construct_and_record_rdzv_event  # noqa: F401 -- upstream exposes it here
 from elastic_impl.events.api import NodeState  # noqa: F401 -- upstream exposes it here
+from elastic_impl.utils.bounded_call import wait_running as _wait_running
 
 from ._backend import (
     ChangeNotification,
@@ -53,22 +53,6 @@ def _describe(store) -> str:
         return f"TCPStore at {host}:{port}"
     return type(store).__name__
 
-
-def _wait_running(done: threading.Event, timeout: float) -> bool:
-    """``done.wait(timeout)``, where only time this process was running counts against ``timeout``.
-
-    A process that was frozen (SIGSTOP, a debugger, swapping) wakes up past any deadline; blaming the store for that
-    would fail a healthy node (and the reply is usually already in the socket). So the wait goes in short slices,
-    and a slice that took much longer than asked is counted at its asked length.
-    """
-    slice_ = min(0.25, timeout)
-    waited = 0.0
-    while waited < timeout:
-        started = time.monotonic()
-        if done.wait(slice_):
-            return True
-        waited += min(time.monotonic() - started, 2 * slice_)
-    return done.is_set()
 
 
 class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification, SeparateHeartbeatConnection,

@@ -68,6 +68,7 @@ from elastic_impl.rendezvous.extensions import (
     RoundReportingHandler,
     detection_window,
 )
+from elastic_impl.utils.bounded_call import BoundedStore
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 from elastic_impl.utils.logging import get_logger  # noqa: F401 -- upstream exposes it here
 
@@ -446,7 +447,12 @@ class SimpleElasticAgent(ElasticAgent):
         else:
             store, group_rank, group_world_size = info.store, info.rank, info.world_size
             bootstrap = getattr(info, "bootstrap_store_info", None)
-        self._store = store
+        # The agent's own calls on the round's store (peer failures, the restart claim, the exit barrier) are bounded
+        # by the handler's detection window: on a store host gone silent an unbounded call hung the monitor loop, so
+        # it never reached the rendezvous calls that fail over to a successor (seen: live netns_store_host_isolated
+        # ended at world size 3 when the cut landed on that call), and a store gone for good would hang it forever.
+        window = detection_window(spec.rdzv_handler)
+        self._store = BoundedStore(store, window, "the round's store") if store is not None and window else store
         # Round and job-wide restart count as the join saw them (our handler's extension: no store read, which
         # would move the whole O(N) state to every node once per round); otherwise read them.
         joined = _last_round(spec.rdzv_handler)
