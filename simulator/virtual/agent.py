@@ -46,8 +46,8 @@ _IMMEDIATE_RETRIES = 8
 _PID_BASE = 10_000
 # Wake-up lateness of the keep-alive thread, as a fraction of its interval (uniform, seeded).
 KEEP_ALIVE_JITTER = 0.05
-# Which store each decision ask calls, as the live agent answers it: the round's own store (a TCPStore call no bound
-# covers: it blocks until a silent cut heals), the rendezvous backend (bounded by the store liveness bound), or none
+# Which store each decision ask calls, as the live agent answers it: the round's own store (the agent's own connection,
+# each call bounded by the detection window), the rendezvous backend (bounded by the store liveness bound), or none
 # (the answer reuses the read just made).
 _ROUND_STORE_ASKS = frozenset({Ask.PEER_FAILED, Ask.EXIT_BARRIER, Ask.CLAIM_FAILURE_ROUND})
 _NO_CALL_ASKS = frozenset({Ask.PARTICIPANTS, Ask.RUN_CLOSED})
@@ -155,11 +155,11 @@ class SimAgent:
         self._join_outage = JoinOutageRideOut(self.sim.settings, self.node, self.sim.store_liveness_timeout)
         self._arm(0.0, self._join_step)
 
-    def _when_store_answers(self, call: Callable[[], None], bounded: bool = True) -> bool:
-        """Whether ``call`` (about to make a store call) must wait for a blocked call to return; if so it runs
-        then, unless this phase was cancelled (``bounded``: a rendezvous store call; see SimStore.hold)."""
+    def _when_store_answers(self, call: Callable[[], None], connection: str = "rendezvous") -> bool:
+        """Whether ``call`` (about to make a store call on ``connection``: ``rendezvous`` or ``round``) must wait for a
+        blocked call to return; if so it runs then, unless this phase was cancelled (see SimStore.hold)."""
         epoch = self._epoch
-        return self.sim.store.hold(self.name, lambda: self._fire(epoch, call), bounded)
+        return self.sim.store.hold(self.name, lambda: self._fire(epoch, call), connection)
 
     def _join_step(self) -> None:
         if self._when_store_answers(self._join_step):
@@ -268,7 +268,8 @@ class SimAgent:
             while True:
                 ask = decision.send(reply)
                 if ask not in _NO_CALL_ASKS and self._when_store_answers(
-                        lambda ask=ask: self._decide(decision, self._answer(ask)), bounded=ask not in _ROUND_STORE_ASKS):
+                        lambda ask=ask: self._decide(decision, self._answer(ask)),
+                        connection="round" if ask in _ROUND_STORE_ASKS else "rendezvous"):
                     return
                 reply = self._answer(ask)
         except StopIteration as made:

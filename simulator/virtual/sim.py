@@ -75,7 +75,8 @@ class Simulation:
         # join rides out a store that does not answer for as long.
         self.store_liveness_timeout = default_store_liveness_timeout(t.heartbeat, t.keep_alive_max_attempt)
         self.store = SimStore(self.clock, random.Random(scenario.seed + 1), cfg.latency, cfg.loss, cfg.broken_cas, cfg.keyed,
-                              cfg.persistent, call_timeout=self.store_liveness_timeout)
+                              cfg.persistent, call_timeout=self.store_liveness_timeout,
+                              round_call_timeout=t.heartbeat * t.keep_alive_max_attempt)
         self.settings = RendezvousSettings(
             run_id=f"sim-{scenario.seed}",
             min_nodes=scenario.min_nodes,

@@ -26,8 +26,10 @@ says so, make the call only when the blocked one returns:
   blocked when the node heals returns then and succeeds (live: the held bytes are delivered; the backend's abandoned
   connection and its reconnect, about a second, are not modelled). One window per node, shared by its agent and
   keep-alive (live each has its own connection and its own first call: they start within a heartbeat of each other).
-- round-store calls (``bounded=False``: the agent's peer-failure check, exit barrier and failure claim go over the
-  round's TCPStore, whose calls no bound covers) block until the node heals, however long that takes.
+- round-store calls (``connection="round"``: the agent's peer-failure check, exit barrier and failure claim, which
+  the live agent makes on its own connection to the round's store, each bounded by its detection window, the
+  heartbeat expiry): the same rule on a window of their own, ``round_call_timeout`` seconds (live: a reconnect
+  after the heal; not modelled, calls succeed at once then).
 
 The model is deterministic (nothing in it is drawn) and costs nothing while no node is silently cut.
 
@@ -63,6 +65,7 @@ class SimStore:
         keyed: bool = False,
         persistent: bool = True,
         call_timeout: float = DEFAULT_READ_TIMEOUT,
+        round_call_timeout: float | None = None,
     ) -> None:
         self.clock = clock
         self.persistent = persistent
@@ -79,7 +82,9 @@ class SimStore:
         # of calls blocked until the node heals (see the module docstring).
         self.silent: set[str] = set()
         self.call_timeout = float(call_timeout)
-        self._first_call_fails_at: dict[str, float] = {}
+        self.round_call_timeout = float(round_call_timeout if round_call_timeout is not None else call_timeout)
+        # (node, connection) -> when that connection's first call after the cut times out
+        self._first_call_fails_at: dict[tuple[str, str], float] = {}
         self._blocked: dict[str, list[Callable[[], None]]] = {}
         self.delays: dict[str, float] = {}
         # Versions base+1 .. base+len(times): write times and blobs.
@@ -115,39 +120,40 @@ class SimStore:
         for name in names:
             self.partitioned.discard(name)
             self.silent.discard(name)
-            self._first_call_fails_at.pop(name, None)
+            self._first_call_fails_at.pop((name, "rendezvous"), None)
+            self._first_call_fails_at.pop((name, "round"), None)
             for resume in self._blocked.pop(name, ()):
                 self.clock.after(0.0, resume)
 
-    def hold(self, node: str, resume: Callable[[], None], bounded: bool = True) -> bool:
-        """Whether a store call ``node`` is about to make blocks (its connection is silently cut). If it does,
-        ``resume`` runs when the blocked call returns -- after ``call_timeout`` for the node's first bounded call,
-        at the heal for an unbounded one or whichever comes first -- and the caller makes the call then (it fails
-        at once, or succeeds after a heal); if not, the caller makes it now."""
+    def hold(self, node: str, resume: Callable[[], None], connection: str = "rendezvous") -> bool:
+        """Whether a store call ``node`` is about to make on ``connection`` (``rendezvous`` or ``round``) blocks (the
+        node is silently cut). If it does, ``resume`` runs when the blocked call returns -- when the connection's
+        first call after the cut times out, or at the heal, whichever comes first -- and the caller makes the call
+        then (it fails at once, or succeeds after a heal); if not, the caller makes it now."""
         if node not in self.silent:
             return False
-        if bounded:
-            fails_at = self._first_silent_call(node)
-            if self.clock.now >= fails_at:
-                return False  # the first call already timed out: this one fails at once
-            returned = [False]
-            on_return = resume
+        fails_at = self._first_silent_call(node, connection)
+        if self.clock.now >= fails_at:
+            return False  # the first call already timed out: this one fails at once
+        returned = [False]
 
-            def once() -> None:  # the timeout or the heal, whichever comes first
-                if not returned[0]:
-                    returned[0] = True
-                    on_return()
+        def once() -> None:  # the timeout or the heal, whichever comes first
+            if not returned[0]:
+                returned[0] = True
+                resume()
 
-            self.clock.after(fails_at - self.clock.now, once)
-            resume = once
-        self._blocked.setdefault(node, []).append(resume)
+        self.clock.after(fails_at - self.clock.now, once)
+        self._blocked.setdefault(node, []).append(once)
         return True
 
-    def _first_silent_call(self, node: str) -> float:
-        """When the first call of silently cut ``node`` times out (that call is being made now if it is the first)."""
-        fails_at = self._first_call_fails_at.get(node)
+    def _first_silent_call(self, node: str, connection: str = "rendezvous") -> float:
+        """When the first call of silently cut ``node`` on ``connection`` times out (that call is being made now if
+        it is the first)."""
+        key = (node, connection)
+        fails_at = self._first_call_fails_at.get(key)
         if fails_at is None:
-            fails_at = self._first_call_fails_at[node] = self.clock.now + self.call_timeout
+            bound = self.round_call_timeout if connection == "round" else self.call_timeout
+            fails_at = self._first_call_fails_at[key] = self.clock.now + bound
         return fails_at
 
     def delay(self, node: str, seconds: float) -> None:

@@ -67,7 +67,7 @@ def test_a_silent_partition_blocks_the_first_call_for_the_call_timeout_and_fails
     from elastic_impl.rendezvous.api import RendezvousConnectionError
 
     clock = VirtualClock()
-    store = SimStore(clock, random.Random(0), call_timeout=8.0)
+    store = SimStore(clock, random.Random(0), call_timeout=8.0, round_call_timeout=5.0)
     returned: list[tuple[str, float]] = []
     store.partition("b")
     clock.now = 2.0
@@ -81,13 +81,14 @@ def test_a_silent_partition_blocks_the_first_call_for_the_call_timeout_and_fails
     assert not store.hold("b", lambda: None)  # past the timeout: the next call fails at once...
     with pytest.raises(RendezvousConnectionError, match="no answer within 8 s"):
         store.get_state("b")
-    # ... and a call no bound covers (the agent's round store) waits for the heal, however long
-    assert store.hold("b", lambda: returned.append(("round store", clock.now)), bounded=False)
-    clock.now = 30.0
-    store.heal("b")
+    # ... and the agent's own connection to the round's store has a window of its own (its detection window)
+    assert store.hold("b", lambda: returned.append(("round store", clock.now)), connection="round")
     while clock.next_time() is not None:
         clock.run_next()
-    assert returned[2:] == [("round store", 30.0)] and store.get_state("b") is None
+    assert returned[2:] == [("round store", 15.0)]  # its first call, made at 10 s, gives up after 5 s
+    assert not store.hold("b", lambda: None, connection="round")
+    store.heal("b")
+    assert store.get_state("b") is None
 
 
 def test_a_call_blocked_on_a_silent_partition_returns_at_the_heal_and_a_refused_one_never_blocks():
@@ -102,7 +103,7 @@ def test_a_call_blocked_on_a_silent_partition_returns_at_the_heal_and_a_refused_
         clock.run_next()
     assert returned == [1.5]  # once, at the heal, not again at the timeout
     store.partition("b", silent=False)  # connections closed: calls fail at once, nothing blocks
-    assert not store.hold("b", lambda: None) and not store.hold("b", lambda: None, bounded=False)
+    assert not store.hold("b", lambda: None) and not store.hold("b", lambda: None, connection="round")
 
 
 def test_node_clock_is_skewed_wall_time_and_refuses_to_block():
@@ -204,15 +205,17 @@ def test_a_partition_mode_other_than_blackhole_or_drop_is_refused_naming_it():
         scenario(faults=bad)
 
 
-def test_a_silently_partitioned_node_is_stuck_in_its_store_call_until_the_heal():
-    # As live: the failed node's agent asks the round's store whether a peer failed the job, and that call (no
-    # bound covers it) hangs until the network heals; by then the others have finished without it.
+def test_a_silently_partitioned_node_gives_up_within_its_bounds_not_at_the_heal():
+    # As live: the failed node's agent asks the round's store whether a peer failed the job; that call (on the agent's
+    # own connection) and the rendezvous calls are each bounded, so the node gives up on the store after the outage
+    # window instead of hanging until the network heals (20 s later); the others finish without it.
     faults = [{"at": 1.0, "fault": "kill_worker", "node": 0, "rank": 0},
               {"at": 1.0, "fault": "partition", "node": 0, "duration": 20}]
     result = run_checked(scenario(faults=faults))
-    node0 = result.history.filter(h.AGENT_EXIT, node="node0")
-    assert [(e.t, e.state) for e in node0] == [(21.0, "CLOSED")]
-    assert result.outcome == "succeeded" and result.history.filter(h.JOB_SUCCEEDED)[0].t < 21.0
+    (node0,) = result.history.filter(h.AGENT_EXIT, node="node0")
+    assert node0.state == "FAILED" and "partitioned" in node0.detail["reason"], node0.detail
+    assert 1.0 + 1.5 < node0.t < 10.0  # past a bounded call (1.5 s), far before the heal at 21 s
+    assert result.outcome == "succeeded"
 
 
 def test_a_join_rides_out_a_refused_store_for_the_store_liveness_bound_not_the_close_timeout():
