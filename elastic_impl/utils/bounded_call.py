@@ -78,6 +78,17 @@ class BoundedCalls:
         return outcome["value"]
 
 
+def _over_tcp_store(store: Any) -> bool:
+    """Whether ``store`` is a TCPStore, or prefixes one: the stores whose ``clone()`` opens a new connection (other
+    stores -- an etcd store, a FileStore -- may not implement it: torch raises "pure virtual function")."""
+    for _ in range(8):
+        inner = getattr(store, "underlying_store", None)
+        if inner is None:
+            break
+        store = inner
+    return type(store).__name__ == "TCPStore"
+
+
 # Seconds before a reconnect attempt still pending is given up for a new one (see BoundedStore._open).
 _REOPEN_AFTER = 5.0
 
@@ -109,7 +120,8 @@ class BoundedStore:
     client never reconnects, and a call abandoned on a silent connection can stay stuck long after the network
     heals (TCP's retransmission backoff), so after one the next call opens a fresh clone (bounded too) instead of
     failing until the old call wakes up. ``store`` itself is never called here, so cloning it never waits behind a
-    stuck call. A store that cannot clone is used as it is. What workers and users see stays ``store``."""
+    stuck call. Other stores (not over a TCPStore) are used as they are, calls still bounded. What workers and users
+    see stays ``store``."""
 
     def __init__(self, store: Any, timeout: float, what: str) -> None:
         self._template = store
@@ -128,9 +140,9 @@ class BoundedStore:
         waited for again by the next call, and only replaced once it is older than _REOPEN_AFTER: a connection
         attempt on a cut network succeeds soon after the heal (TCPStore retries it), so one per few seconds is
         enough, and each abandoned one lives as long as the store's timeout."""
-        clone = getattr(self._template, "clone", None)
-        if clone is None:
+        if not _over_tcp_store(self._template):
             return self._template
+        clone = self._template.clone
         pending = self._opening
         if pending is None or (not pending.done.is_set() and time.monotonic() - pending.started > _REOPEN_AFTER):
             pending = _Attempt(clone)
@@ -141,8 +153,6 @@ class BoundedStore:
                                    f"within {bound:g} s")
         self._opening = None
         if pending.error is not None:
-            if isinstance(pending.error, (NotImplementedError, AttributeError, TypeError)):
-                return self._template  # a store that cannot clone: used as it is
             raise StoreCallTimeout(f"{self._what}: reconnecting failed: {type(pending.error).__name__}: "
                                    f"{str(pending.error).strip().splitlines()[0] if str(pending.error).strip() else ''}")
         return pending.store
