@@ -14,7 +14,8 @@ Invariants (names are what ``Violation.invariant`` and ``expect.violations`` use
 - ``rounds_monotonic``: each node completes strictly increasing rounds.
 - ``failure_handled``: every ``worker_failed`` is followed on that node, within the failure bound, by a ``restart``,
   a new ``rdzv_join``, the agent's exit, or the job's end; every killed agent's surviving peers react (``restart``,
-  ``rdzv_join`` or the job's end) within the detection bound.
+  ``rdzv_join`` or the job's end) within the detection bound, counted again from the end of any store outage that
+  peer could not see through (store down, frozen or split off; the peer cut off or paused).
 - ``restart_budget``: the job restarts its workers for failures (``restart`` without ``detail.reason ==
   "membership"``) in at most ``max_restarts`` distinct rounds (where records carry the round; a failure round costs
   one restart however many nodes restart in it), no node does so more than ``max_restarts`` times, and no agent
@@ -231,17 +232,56 @@ def failure_handled(history: History, scenario: Scenario) -> list[Violation]:
         victim = e.detail.get("target") or (f"node{e.detail['node']}" if isinstance(e.detail.get("node"), int) else None)
         peers = _running_peers(events[:i], victim)
         for peer in peers:
+            deadline = _detection_deadline(e.t, dbound, _blind_periods(events, peer))
             reacted = any(
-                later.t - e.t <= dbound
+                later.t <= deadline
                 and (later.event in _JOB_END or (later.node == peer and later.event in (h.RESTART, h.RDZV_JOIN, h.AGENT_EXIT)))
                 for later in events[i + 1:]
             )
-            if not reacted and _ended_before(events, e.t + dbound):
+            if not reacted and _ended_before(events, deadline):
+                waited = f"{dbound:g} s" if deadline == e.t + dbound else \
+                    f"{deadline - e.t:.3g} s (the detection bound after the store outages it could not see through)"
                 out.append(Violation(
                     "failure_handled",
-                    f"{peer} did not react within {dbound:g} s to the loss of {victim} at t={e.t:.3f}",
+                    f"{peer} did not react within {waited} to the loss of {victim} at t={e.t:.3f}",
                     [e]))
     return out
+
+
+# Faults during which no node can learn anything from the store, and faults that blind only their target node.
+_STORE_WIDE_BLINDING = frozenset({"restart_store", "freeze_store", "kill_store_leader", "split_cluster"})
+_NODE_BLINDING = frozenset({"partition", "isolate_node", "pause_agent"})
+
+
+def _blind_periods(events: list[Event], node: str) -> list[tuple[float, float]]:
+    """When ``node`` could not see a dead peer's silence: the store down, frozen or split off (a split's groups are
+    not in every history, so it counts for every node), or the node itself cut off or paused. Nobody is evicted for
+    silence while it could not reach the store (issue 13.3), so the detection clock starts again when that ends."""
+    open_at: dict[tuple[str, str | None], float] = {}
+    periods: list[tuple[float, float]] = []
+    for e in events:
+        if e.event not in (h.FAULT_START, h.FAULT_END) or e.detail.get("noop"):
+            continue
+        fault = e.detail.get("fault")
+        target = e.detail.get("target") or (f"node{e.detail['node']}" if isinstance(e.detail.get("node"), int) else None)
+        if not (fault in _STORE_WIDE_BLINDING or (fault in _NODE_BLINDING and target == node)):
+            continue
+        key = (fault, target)
+        if e.event == h.FAULT_START:
+            open_at.setdefault(key, e.t)
+        elif key in open_at:
+            periods.append((open_at.pop(key), e.t))
+    periods += [(t0, float("inf")) for t0 in open_at.values()]
+    return sorted(periods)
+
+
+def _detection_deadline(killed_at: float, bound: float, blind: list[tuple[float, float]]) -> float:
+    """``killed_at + bound``, restarted at the end of every blind period that overlaps the wait."""
+    deadline = killed_at + bound
+    for start, end in blind:
+        if start <= deadline and end > killed_at:
+            deadline = max(deadline, end + bound)
+    return deadline
 
 
 def _ended_before(events: list[Event], t: float) -> bool:

@@ -102,6 +102,29 @@ def test_killed_peer_must_be_noticed_within_detection_window():
     assert "failure_handled" not in check(hist, SCENARIO).violated
 
 
+def test_detection_counts_again_after_a_store_outage_the_peer_could_not_see_through():
+    """A peer cannot learn of a dead node while the store is down or it is cut off: nobody is evicted for silence then
+    (issue 13.3). The fuzzer's 1,000 schedules flagged such a run (seed 435: store restart, then a split) once cut
+    nodes' calls block as live; the bound now restarts when the outage ends -- and still catches a late reaction."""
+    def history(react_at: float, outage: tuple[str, str | None]) -> History:
+        hist = History()
+        _round(hist, 1.0, 0, ["node0", "node1"])
+        hist.record(2.0, "nemesis", h.FAULT_START, detail={"fault": "kill_agent", "node": 1, "target": "node1"})
+        fault, target = outage
+        hist.record(3.0, "nemesis", h.FAULT_START, detail={"fault": fault, "target": target})
+        hist.record(10.0, "nemesis", h.FAULT_END, detail={"fault": fault, "target": target})
+        hist.record(react_at, "node0", h.RESTART, detail={"reason": "membership"})
+        hist.record(40.0, "job", h.JOB_FAILED)
+        return hist
+
+    assert "failure_handled" in check(history(12.0, ("delay", "node0")), SCENARIO).violated  # latency: no excuse
+    assert "failure_handled" not in check(history(12.0, ("restart_store", None)), SCENARIO).violated
+    assert "failure_handled" not in check(history(12.0, ("partition", "node0")), SCENARIO).violated
+    assert "failure_handled" in check(history(12.0, ("partition", "node1")), SCENARIO).violated  # the dead one's
+    late = check(history(25.0, ("restart_store", None)), SCENARIO)
+    assert any("node0 did not react within" in v.message and "store outages" in v.message for v in late.violations)
+
+
 def test_unknown_invariant_name():
     with pytest.raises(ValueError, match="unknown invariant 'nope'"):
         check(clean(), SCENARIO, only=["nope"])
