@@ -140,6 +140,9 @@ class NetnsCluster:
         self._bridges: list[str] = []  # [0]: the cluster bridge with the gateway; others: segments made by faults
         self._segment: dict[str, int] = {}  # node -> index into _bridges
         self._false_neighbours: set[tuple[str, str]] = set()  # (src, dst) with a OneWayDrop in place
+        # What popen started: killed at close even if `ip netns exec` had not entered the namespace yet (then `ip
+        # netns pids` misses it, and it ran on in a deleted namespace: seen in CI, a `sleep 600` left behind).
+        self._started: list[subprocess.Popen] = []
 
     # -- building and removing -----------------------------------------------------------------------------------
     def create(self) -> NetnsCluster:
@@ -224,6 +227,14 @@ class NetnsCluster:
     def close(self) -> None:
         """Kill what still runs in the namespaces, delete them (their veths go with them) and the bridges."""
         errors = []
+        for proc in self._started:
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    errors.append(f"process {proc.pid} ({' '.join(map(str, proc.args))[:80]}) survived SIGKILL")
+        self._started.clear()
         for node in self.nodes.values():
             pids = [int(p) for p in _ip("netns", "pids", node.netns, check=False).stdout.split()]
             try:
@@ -272,8 +283,12 @@ class NetnsCluster:
         return env
 
     def popen(self, name: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside node ``name``'s namespace; :meth:`close` kills it if it still runs."""
         kwargs.setdefault("env", self.env(name))
-        return subprocess.Popen(self.argv(name, argv), **kwargs)
+        proc = subprocess.Popen(self.argv(name, argv), **kwargs)
+        self._started = [p for p in self._started if p.poll() is None]
+        self._started.append(proc)
+        return proc
 
     def store_proxy(self, upstream: tuple[str, int], name: str = "store-proxy") -> TcpProxy:
         """A :class:`TcpProxy` every node reaches (it listens on the gateway): the way to delay the store path."""

@@ -305,3 +305,13 @@ def test_isolating_a_node_mid_training_ends_the_hung_allreduce_and_the_store_sid
             agent.kill()
             agent.wait()
             output.close()
+
+
+def test_close_kills_what_popen_started_even_before_it_entered_the_namespace(monkeypatch):
+    """`ip netns exec` enters the namespace only once it runs: a process started just before close() was not yet in
+    `ip netns pids`, survived, and ran on in a deleted namespace (CI left a `sleep 600` behind). Modelled here by a
+    process that never enters the namespace."""
+    with NetnsCluster(["a"]) as c:
+        monkeypatch.setattr(c, "argv", lambda name, argv: list(argv))  # started, not (yet) inside the namespace
+        outside = c.popen("a", ["sleep", "600"])
+    assert outside.wait(timeout=10) == -9
