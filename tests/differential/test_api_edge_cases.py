@@ -9,7 +9,6 @@ stale entry fails.
 
 from __future__ import annotations
 
-import importlib
 import json
 import multiprocessing
 import os
@@ -21,31 +20,7 @@ from typing import Any
 
 import pytest
 
-from conformance.known_differences import API_BEHAVIOUR_DIFFERENCES
-
-OURS = "elastic_impl"
-UPSTREAM = "torch.distributed.elastic"
-IMPLEMENTATIONS = (UPSTREAM, OURS)
-
-CASES: dict[str, Callable[[str, Path], Any]] = {}
-
-
-def case(fn: Callable[[str, Path], Any]) -> Callable[[str, Path], Any]:
-    CASES[fn.__name__.removeprefix("case_")] = fn
-    return fn
-
-
-def module(root: str, path: str):
-    return importlib.import_module(f"{root}.{path}")
-
-
-def outcome(call: Callable[[], Any], *, compare_message: bool = True) -> tuple:
-    """("ok", value) or ("raised", exception type name[, message]): what the caller of ``call`` observes."""
-    try:
-        return ("ok", call())
-    except BaseException as e:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are observations here too
-        return ("raised", type(e).__name__, str(e)) if compare_message else ("raised", type(e).__name__)
-
+from tests.differential.harness import OURS, case, module, outcome, same_behaviour_test
 
 # ---------------------------------------------------------------------------------------------- ProcessFailure
 
@@ -57,32 +32,32 @@ def _failure_from_file(root: str, tmp: Path, content: str, exitcode: int = 1):
     return errors.ProcessFailure(local_rank=0, pid=123, exitcode=exitcode, error_file=str(path)), str(path)
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_string_message_int_timestamp(root, tmp):
     failure, path = _failure_from_file(root, tmp, json.dumps({"message": "m", "timestamp": 10}))
     return failure.message, failure.timestamp, failure.error_file == path, failure.error_file_data
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_string_message_str_timestamp(root, tmp):
     failure, path = _failure_from_file(root, tmp, json.dumps({"message": "m", "timestamp": "10"}))
     return failure.message, failure.timestamp, failure.error_file == path
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_string_message_no_timestamp(root, tmp):
     failure, _ = _failure_from_file(root, tmp, json.dumps({"message": "m"}))
     return failure.message, failure.timestamp
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_record_timestamp(root, tmp):
     record = {"message": {"message": "ValueError: x", "extraInfo": {"py_callstack": "tb", "timestamp": "7"}}}
     failure, _ = _failure_from_file(root, tmp, json.dumps(record))
     return failure.timestamp, failure.error_file_data, failure.timestamp_isoformat()
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_record_message_attribute(root, tmp):
     record = {"message": {"message": "ValueError: x", "extraInfo": {"py_callstack": "tb", "timestamp": "7"}}}
     failure, _ = _failure_from_file(root, tmp, json.dumps(record))
@@ -94,25 +69,25 @@ def _failure_without_file(root: str, tmp: Path, exitcode: int):
     return errors.ProcessFailure(local_rank=1, pid=4242, exitcode=exitcode, error_file=str(tmp / "never-written.json"))
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_no_error_file_exit_code(root, tmp):
     failure = _failure_without_file(root, tmp, 3)
     return failure.error_file, failure.signal_name(), failure.message, failure.error_file_data
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_no_error_file_signal(root, tmp):
     failure = _failure_without_file(root, tmp, -signal.SIGKILL)
     # error_file_data is left out: upstream shares one dict between failures and mutates it
     return failure.error_file, failure.signal_name(), failure.message
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_unknown_signal_number(root, tmp):
     return _failure_without_file(root, tmp, -200).signal_name()
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_no_error_file_timestamp_is_now(root, tmp):
     before = int(time.time())
     failure = _failure_without_file(root, tmp, 1)
@@ -130,17 +105,17 @@ def test_error_file_that_is_not_a_record_is_reported_by_name(tmp_path, content):
     assert "exitcode  : 1" in report and path in report, report
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_error_file_not_an_object(root, tmp):
     return outcome(lambda: _failure_from_file(root, tmp, "[1]")[0].exitcode, compare_message=False)
 
 
-@case
+@case("multiprocessing.errors.ProcessFailure")
 def case_process_failure_error_file_not_json(root, tmp):
     return outcome(lambda: _failure_from_file(root, tmp, "{not json")[0].exitcode, compare_message=False)
 
 
-@case
+@case("multiprocessing.errors.ChildFailedError")
 def case_child_failed_error_root_cause_is_earliest(root, tmp):
     errors = module(root, "multiprocessing.errors")
     failures = {}
@@ -153,7 +128,7 @@ def case_child_failed_error_root_cause_is_earliest(root, tmp):
     return rank, failure.timestamp, error.name, isinstance(error, Exception)
 
 
-@case
+@case("multiprocessing.errors.ChildFailedError")
 def case_child_failed_error_without_failures(root, tmp):
     errors = module(root, "multiprocessing.errors")
     return outcome(lambda: errors.ChildFailedError("trainer", {}), compare_message=False)
@@ -185,39 +160,39 @@ def _raise(exc: BaseException) -> Callable[[], Any]:
     return main
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_system_exit_0(root, tmp):
     return _run_recorded(root, tmp, _raise(SystemExit(0)))
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_system_exit_none(root, tmp):
     return _run_recorded(root, tmp, _raise(SystemExit(None)))
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_system_exit_nonzero(root, tmp):
     return _run_recorded(root, tmp, _raise(SystemExit(3)))
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_keyboard_interrupt(root, tmp):
     return _run_recorded(root, tmp, _raise(KeyboardInterrupt()))
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_exception(root, tmp):
     result, written = _run_recorded(root, tmp, _raise(ValueError("boom")))
     message = written["message"]
     return result, message["message"], sorted(message["extraInfo"]), "ValueError: boom" in message["extraInfo"]["py_callstack"]
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_return_value(root, tmp):
     return _run_recorded(root, tmp, lambda: 42)
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_child_failed_error_copies_child_file(root, tmp):
     errors = module(root, "multiprocessing.errors")
     child_file = tmp / "child.json"
@@ -227,7 +202,7 @@ def case_record_child_failed_error_copies_child_file(root, tmp):
     return _run_recorded(root, tmp, _raise(errors.ChildFailedError("trainer", {0: failure})))
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_child_failed_error_child_has_error_code(root, tmp):
     errors = module(root, "multiprocessing.errors")
     child_file = tmp / "child.json"
@@ -237,7 +212,7 @@ def case_record_child_failed_error_child_has_error_code(root, tmp):
     return _run_recorded(root, tmp, _raise(errors.ChildFailedError("trainer", {0: failure})))
 
 
-@case
+@case("multiprocessing.errors.record", "multiprocessing.errors.ErrorHandler")
 def case_record_child_failed_error_without_child_file(root, tmp):
     errors = module(root, "multiprocessing.errors")
     failure = errors.ProcessFailure(local_rank=0, pid=1, exitcode=7, error_file=str(tmp / "absent.json"))
@@ -267,7 +242,7 @@ class _RecordingClient:
         return Client()
 
 
-@case
+@case("timer.expires", "timer.configure", "timer.TimerClient.acquire", "timer.TimerClient.release")
 def case_timer_expires_without_client(root, tmp):
     timer = module(root, "timer")
     timer.configure(None)
@@ -279,7 +254,7 @@ def case_timer_expires_without_client(root, tmp):
     return outcome(use)
 
 
-@case
+@case("timer.expires", "timer.configure", "timer.TimerClient.acquire", "timer.TimerClient.release")
 def case_timer_expires_with_client(root, tmp):
     timer = module(root, "timer")
     client = _RecordingClient.make(root)
@@ -288,7 +263,7 @@ def case_timer_expires_with_client(root, tmp):
     return client.calls
 
 
-@case
+@case("timer.expires", "timer.configure", "timer.TimerClient.acquire", "timer.TimerClient.release")
 def case_timer_expires_negative_after(root, tmp):
     timer = module(root, "timer")
     client = _RecordingClient.make(root)
@@ -301,7 +276,7 @@ def case_timer_expires_negative_after(root, tmp):
     return outcome(use, compare_message=False)
 
 
-@case
+@case("timer.LocalTimerServer", "timer.TimerServer")
 def case_timer_server_started_twice(root, tmp):
     local_timer = module(root, "timer.local_timer")
     server = local_timer.LocalTimerServer(multiprocessing.get_context("spawn").Queue(), max_interval=0.01)
@@ -311,7 +286,7 @@ def case_timer_server_started_twice(root, tmp):
         server.stop()
 
 
-@case
+@case("timer.FileTimerServer")
 def case_file_timer_server_started_twice(root, tmp):
     timer = module(root, "timer")
     server = timer.FileTimerServer(str(tmp / "watchdog.fifo"), "run", max_interval=0.01)
@@ -321,21 +296,21 @@ def case_file_timer_server_started_twice(root, tmp):
         server.stop()
 
 
-@case
+@case("timer.LocalTimerServer", "timer.TimerServer")
 def case_timer_server_stop_before_start(root, tmp):
     local_timer = module(root, "timer.local_timer")
     server = local_timer.LocalTimerServer(multiprocessing.get_context("spawn").Queue(), max_interval=0.01)
     return outcome(server.stop)
 
 
-@case
+@case("timer.LocalTimerServer", "timer.TimerServer")
 def case_timer_server_zero_interval(root, tmp):
     local_timer = module(root, "timer.local_timer")
     return outcome(lambda: type(local_timer.LocalTimerServer(multiprocessing.get_context("spawn").Queue(), 0)).__name__,
                    compare_message=False)
 
 
-@case
+@case("timer.LocalTimerServer", "timer.TimerServer.register_timers", "timer.TimerServer.get_expired_timers", "timer.TimerServer.clear_timers")
 def case_timer_watchdog_reap_raises_for_one_worker(root, tmp):
     local_timer = module(root, "timer.local_timer")
     api = module(root, "timer.api")
@@ -357,21 +332,21 @@ def case_timer_watchdog_reap_raises_for_one_worker(root, tmp):
 # ---------------------------------------------------------------------------------------------- etcd server, c10d store
 
 
-@case
+@case("rendezvous.etcd_server.EtcdServer")
 def case_etcd_server_address_before_start(root, tmp):
     etcd_server = module(root, "rendezvous.etcd_server")
     server = etcd_server.EtcdServer(data_dir=str(tmp))
     return server.get_host(), server.get_port(), server.get_endpoint()
 
 
-@case
+@case("utils.distributed.create_c10d_store")
 def case_create_c10d_store_server_without_port_for_two(root, tmp):
     distributed = module(root, "utils.distributed")
     return outcome(lambda: distributed.create_c10d_store(
         is_server=True, server_addr="127.0.0.1", world_size=2, timeout=1))
 
 
-@case
+@case("utils.distributed.create_c10d_store")
 def case_create_c10d_store_client_nobody_listening(root, tmp):
     distributed = module(root, "utils.distributed")
     port = distributed.get_free_port()
@@ -379,7 +354,7 @@ def case_create_c10d_store_client_nobody_listening(root, tmp):
         is_server=False, server_addr="127.0.0.1", server_port=port, world_size=1, timeout=1), compare_message=False)
 
 
-@case
+@case("utils.distributed.create_c10d_store")
 def case_create_c10d_store_port_in_use(root, tmp):
     distributed = module(root, "utils.distributed")
     sock = distributed.get_socket_with_port()
@@ -391,7 +366,7 @@ def case_create_c10d_store_port_in_use(root, tmp):
         sock.close()
 
 
-@case
+@case("utils.distributed.create_c10d_store")
 def case_create_c10d_store_single_server(root, tmp):
     distributed = module(root, "utils.distributed")
     store = distributed.create_c10d_store(is_server=True, server_addr="127.0.0.1", timeout=5)
@@ -413,7 +388,7 @@ def _parameter_case(name: str, **overrides) -> None:
         return outcome(lambda: _params(root, **overrides).config)
 
     run.__name__ = f"case_{name}"
-    case(run)
+    case("rendezvous.RendezvousParameters")(run)
 
 
 _parameter_case("rendezvous_parameters_empty_backend", backend="")
@@ -422,12 +397,12 @@ _parameter_case("rendezvous_parameters_max_below_min", min_nodes=3, max_nodes=2)
 _parameter_case("rendezvous_parameters_empty_run_id", run_id="")
 
 
-@case
+@case("rendezvous.RendezvousParameters")
 def case_rendezvous_parameters_endpoint_none(root, tmp):
     return _params(root, endpoint=None).endpoint
 
 
-@case
+@case("rendezvous.RendezvousParameters", "rendezvous.RendezvousParameters.get")
 def case_rendezvous_parameters_local_addr_and_config(root, tmp):
     params = _params(root, local_addr="10.0.0.1", a=1, b="x")
     return params.local_addr, params.config, params.get("a"), params.get("missing", 5)
@@ -439,7 +414,7 @@ def _accessor_case(name: str, accessor: str, value: Any, default: Any = None) ->
         return outcome(lambda: getattr(params, accessor)("key", default))
 
     run.__name__ = f"case_{name}"
-    case(run)
+    case(f"rendezvous.RendezvousParameters.{accessor}")(run)
 
 
 _accessor_case("get_as_bool_bad_value", "get_as_bool", "maybe")
@@ -463,20 +438,20 @@ def _other_creator(params):
     raise AssertionError("never called")
 
 
-@case
+@case("rendezvous.RendezvousHandlerRegistry")
 def case_registry_unknown_backend(root, tmp):
     api = module(root, "rendezvous.api")
     registry = api.RendezvousHandlerRegistry()
     return outcome(lambda: registry.create_handler(_params(root, backend="no-such-backend")))
 
 
-@case
+@case("rendezvous.RendezvousHandlerRegistry")
 def case_registry_empty_backend_name(root, tmp):
     api = module(root, "rendezvous.api")
     return outcome(lambda: api.RendezvousHandlerRegistry().register("", _static_handler))
 
 
-@case
+@case("rendezvous.RendezvousHandlerRegistry")
 def case_registry_register_twice(root, tmp):
     api = module(root, "rendezvous.api")
     registry = api.RendezvousHandlerRegistry()
@@ -486,7 +461,7 @@ def case_registry_register_twice(root, tmp):
     return same, other
 
 
-@case
+@case("rendezvous.RendezvousHandlerRegistry")
 def case_registry_backend_name_mismatch(root, tmp):
     api = module(root, "rendezvous.api")
     registry = api.RendezvousHandlerRegistry()
@@ -499,22 +474,4 @@ def case_registry_backend_name_mismatch(root, tmp):
     return outcome(lambda: registry.create_handler(_params(root, backend="mine")))
 
 
-# ---------------------------------------------------------------------------------------------- the test
-
-
-def test_known_differences_name_existing_cases():
-    assert sorted(set(API_BEHAVIOUR_DIFFERENCES) - set(CASES)) == []
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_same_observable_behaviour(name, tmp_path):
-    observed = {}
-    for root in IMPLEMENTATIONS:
-        workdir = tmp_path / root
-        workdir.mkdir()
-        observed[root] = CASES[name](root, workdir)
-    reason = API_BEHAVIOUR_DIFFERENCES.get(name)
-    if reason is None:
-        assert observed[OURS] == observed[UPSTREAM]
-    else:
-        assert observed[OURS] != observed[UPSTREAM], f"stale known difference {name!r}: both now give {observed[OURS]!r}"
+test_same_observable_behaviour = same_behaviour_test(__name__)
