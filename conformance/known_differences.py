@@ -56,6 +56,67 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "upstream accepts max_interval=0 (a watchdog that spins without waiting); ours raises a one-line ValueError "
         "naming the value"
     ),
+    # --- agent (issue 17.10)
+    "agent_worker_spec_rejects_nonpositive_sizes": (
+        "WorkerSpec with local_world_size <= 0, monitor_interval <= 0, no entrypoint or an empty command string: "
+        "upstream raises a bare AssertionError with no message; ours raises a one-line ValueError naming the field, "
+        "the value and what is allowed"
+    ),
+    "agent_worker_spec_negative_max_restarts": (
+        "upstream accepts WorkerSpec(max_restarts=-1) and behaves as 0 (its run loop restarts only while the count "
+        "is > 0); ours refuses it with a one-line ValueError naming max_restarts (a negative budget is an error in "
+        "the caller's arithmetic)"
+    ),
+    "agent_worker_spec_entrypoint_neither_callable_nor_str": (
+        "upstream accepts entrypoint=42 and fails later (AttributeError '__qualname__' from get_entrypoint_name at "
+        "the start of run()); ours refuses it when the spec is built, with a one-line ValueError naming the value"
+    ),
+    "agent_worker_spec_master_port_out_of_range": (
+        "upstream accepts master_port=-1 or 70000 and the workers fail to bind/connect later; ours refuses it when "
+        "the spec is built, with a one-line ValueError naming the value and the allowed range 0..65535"
+    ),
+    "agent_worker_spec_entrypoint_name_without_qualname": (
+        "get_entrypoint_name() of a functools.partial or of a callable object raises AttributeError upstream (and "
+        "so does run(), which logs the name first: such an entrypoint cannot run there); ours names the wrapped "
+        "function, or the object's class"
+    ),
+    "agent_run_succeeded_without_return_values": (
+        "a SimpleElasticAgent subclass whose _monitor_workers reports SUCCEEDED without a return value for every "
+        "worker: upstream's run() then raises ValueError('Unknown worker: 0') from its worker-event recording "
+        "after the workers succeeded; ours returns the RunResult as reported (binary workers have no return value)"
+    ),
+    "agent_run_rendezvous_graceful_exit": (
+        "when the rendezvous raises RendezvousGracefulExitError, upstream's run() returns None although it is "
+        "annotated to return a RunResult (its own launch_agent then fails with AttributeError on None.is_failed()); "
+        "ours re-raises the RendezvousGracefulExitError after the same _shutdown, and our launcher treats it as "
+        "this node leaving"
+    ),
+    "agent_rendezvous_master_from_bootstrap_store_info": (
+        "without a fixed master_addr/master_port upstream gives the workers the rendezvous's bootstrap store "
+        "address; ours has group rank 0 publish a fresh address and port every round (a membership restart keeps "
+        "upstream's worker store prefix, so re-formed workers read the previous round's stale addresses); "
+        "a fixed master_addr+master_port is used as given by both (case agent_rendezvous_fixed_master)"
+    ),
+    "agent_local_agent_unknown_start_method": (
+        "LocalElasticAgent(start_method='bogus'): upstream accepts it and a function entrypoint fails only when the "
+        "workers start, after the rendezvous; ours refuses it in the constructor with a one-line ValueError naming "
+        "the value and the allowed spawn, fork, forkserver"
+    ),
+    "agent_local_agent_monitor_before_start": (
+        "LocalElasticAgent._monitor_workers before any worker started: a bare AssertionError upstream; ours reports "
+        "WorkerState.UNKNOWN ('agent lost track of worker group state'), which the run loop turns into the same "
+        "'Worker group in UNKNOWN state' exception as for any other UNKNOWN result"
+    ),
+    "agent_healthcheck_server_invalid_arguments": (
+        "upstream's HealthCheckServer is a no-op placeholder and accepts any port, timeout and callback; ours "
+        "really serves GET /health, so a port outside 0..65535 or not an int, a timeout <= 0 (ValueError) or a "
+        "callback that is not callable (TypeError) is refused when it is built, with a one-line message"
+    ),
+    "agent_healthcheck_server_started_twice": (
+        "upstream's no-op start() can be called any number of times; ours binds a port, and a second start() while "
+        "serving raises RuntimeError naming the port instead of leaking a second server (stop() then start() "
+        "again works on both: case agent_healthcheck_server_start_stop_twice)"
+    ),
 }
 
 

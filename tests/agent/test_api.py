@@ -63,6 +63,11 @@ def test_worker_spec_defaults_match_upstream():
         ({"monitor_interval": 0}, "monitor_interval: 0"),
         ({"entrypoint": None}, "entrypoint"),
         ({"entrypoint": 42}, "entrypoint: 42"),
+        ({"entrypoint": ""}, "entrypoint: ''"),
+        ({"entrypoint": "  "}, "entrypoint: '  '"),
+        ({"master_port": "abc"}, "master_port: 'abc'"),
+        ({"master_port": 70000}, "master_port: 70000"),
+        ({"master_port": True}, "master_port: True"),
     ],
 )
 def test_worker_spec_rejects_bad_values_with_one_line(overrides, fragment):
@@ -75,7 +80,40 @@ def test_entrypoint_name_for_command_and_function():
     assert _spec(entrypoint="/usr/bin/python3").get_entrypoint_name() == "python3"
     assert _spec(entrypoint=train_fn).get_entrypoint_name() == "train_fn"
     # ``fn`` is the deprecated alias of ``entrypoint``
-    assert _spec(entrypoint=None, fn=train_fn).entrypoint is train_fn
+    with pytest.warns(DeprecationWarning, match="WorkerSpec.fn"):
+        assert _spec(entrypoint=None, fn=train_fn).entrypoint is train_fn
+
+
+def test_entrypoint_name_of_partial_and_callable_object():
+    """Beyond upstream (AttributeError there): named after the wrapped function, or the object's class."""
+    import functools
+
+    class Trainer:
+        def __call__(self):
+            return None
+
+    assert _spec(entrypoint=functools.partial(functools.partial(train_fn, 1))).get_entrypoint_name() == "train_fn"
+    assert _spec(entrypoint=Trainer()).get_entrypoint_name().endswith("Trainer")
+
+
+def test_master_port_as_a_numeric_string_is_accepted():
+    assert _spec(master_port="29500").master_port == "29500"
+
+
+def test_remaining_restarts_set_to_zero_disables_restarts_under_a_job_wide_counter():
+    """Upstream's LocalElasticAgent sets ``_remaining_restarts = 0`` to disable restarts; ours honours it even when
+    the rendezvous keeps a job-wide restart count (which otherwise decides the budget)."""
+    from elastic_impl.agent.server.decisions import Action, Ask
+    from elastic_impl.utils.clock import REAL_CLOCK
+
+    # the job-wide counter: this node claims the failure round and the count goes to 1 (of max_restarts=3)
+    answers = {Ask.PEER_FAILED: False, Ask.CLAIM_FAILURE_ROUND: True, Ask.INCREMENT_RESTART_COUNT: 1}
+    agent = _RanksOnlyAgent(_spec(max_restarts=3))
+    assert agent._decisions.step("FAILED", REAL_CLOCK, answers.__getitem__).action == Action.RESTART
+    agent = _RanksOnlyAgent(_spec(max_restarts=3))
+    agent._remaining_restarts = 0
+    assert agent._remaining_restarts == 0
+    assert agent._decisions.step("FAILED", REAL_CLOCK, answers.__getitem__).action == Action.FAIL
 
 
 def test_worker_state_is_running():

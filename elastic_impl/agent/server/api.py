@@ -38,6 +38,7 @@ stop at once and report its root cause instead of waiting out the exit barrier o
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -95,6 +97,8 @@ _JOB_FAILED_KEY = "torchelastic/agent/job_failed"
 _FAILURE_KEY = "torchelastic/agent/failure/{group_rank}"
 _FAILURE_ACK_KEY = "torchelastic/agent/job_failed_ack"
 _RESTART_BUMP_KEY = "torchelastic/agent/restart_bump"
+# Set to 1 when every node runs the same number of workers of one role: ranks are then computed without the store.
+_WORKER_IDENTICAL_ENV = "TORCH_ELASTIC_WORKER_IDENTICAL"
 # How long a node that failed the job keeps its store up for peers to read the root cause.
 _FAILURE_ACK_TIMEOUT = 5.0
 # How long a node that lost the race to count a failure round waits to see the winner's increment.
@@ -135,22 +139,38 @@ class WorkerSpec:
             raise _validation_error("max_restarts", self.max_restarts, "must be an int >= 0")
         if not isinstance(self.monitor_interval, (int, float)) or self.monitor_interval <= 0:
             raise _validation_error("monitor_interval", self.monitor_interval, "must be a number > 0")
-        if self.fn is not None:
-            # ``fn`` is the deprecated spelling of ``entrypoint``.
-            if self.entrypoint is None:
-                self.entrypoint = self.fn
-        if self.entrypoint is None:
-            raise _validation_error("entrypoint", None, "give a callable or a command string")
+        if self.fn:
+            # ``fn`` is the deprecated spelling of ``entrypoint``; like upstream it wins over ``entrypoint`` when both
+            # are given, and it warns.
+            warnings.warn(
+                "WorkerSpec.fn will be deprecated, please use WorkerSpec.entrypoint instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.entrypoint = self.fn
+        if self.entrypoint is None or isinstance(self.entrypoint, str) and not self.entrypoint.strip():
+            raise _validation_error("entrypoint", self.entrypoint, "give a callable or a non-empty command string")
         if not (callable(self.entrypoint) or isinstance(self.entrypoint, str)):
             raise _validation_error("entrypoint", self.entrypoint, "must be a callable or a command string")
-        if self.master_port is not None and not (0 <= int(self.master_port) <= 65535):
-            raise _validation_error("master_port", self.master_port, "must be in 0..65535")
+        if self.master_port is not None:
+            try:
+                port = int(self.master_port)
+            except (TypeError, ValueError):
+                port = -1
+            if isinstance(self.master_port, bool) or not 0 <= port <= 65535:
+                raise _validation_error("master_port", self.master_port, "must be a port number in 0..65535")
 
     def get_entrypoint_name(self) -> str:
         """The command's base name for a string entrypoint, the function's name for a callable."""
         if isinstance(self.entrypoint, str):
             return os.path.basename(self.entrypoint)
-        return getattr(self.entrypoint, "__qualname__", None) or getattr(self.entrypoint, "__name__", "")
+        entrypoint = self.entrypoint
+        # Beyond upstream (which raises AttributeError for these): a functools.partial is named after the function
+        # it wraps, any other callable object after its class.
+        while isinstance(entrypoint, functools.partial):
+            entrypoint = entrypoint.func
+        name = getattr(entrypoint, "__qualname__", None)
+        return name if isinstance(name, str) else type(entrypoint).__qualname__
 
 
 class Worker:
@@ -181,7 +201,8 @@ class Worker:
         )
 
     def __repr__(self) -> str:
-        return f"Worker({self})"
+        # the same text as str(), as upstream (logs and test expectations written for it compare it)
+        return str(self)
 
 
 class WorkerState(str, Enum):
@@ -313,6 +334,9 @@ class SimpleElasticAgent(ElasticAgent):
         self._exit_barrier_timeout = exit_barrier_timeout
         self._shutdown_timeout = shutdown_timeout
         self._total_execution_time = 0
+        # True while this agent waits at the exit barrier (its workers are done; a health check must not take the
+        # stale worker progress for a hang).
+        self._in_exit_barrier = False
         # Protocol timing goes through the clock seam (tests/simulator may inject their own).
         self._clock: Clock = REAL_CLOCK
         self._node_id = f"{socket.gethostname()}_{os.getpid()}"
@@ -331,6 +355,13 @@ class SimpleElasticAgent(ElasticAgent):
     @property
     def _remaining_restarts(self) -> int:
         return self._decisions.remaining_restarts
+
+    @_remaining_restarts.setter
+    def _remaining_restarts(self, value: int) -> None:
+        # Subclasses may set it (upstream's LocalElasticAgent sets 0 to disable restarts): at 0 the next failure
+        # fails the group instead of restarting it, also under a job-wide restart counter.
+        self._decisions.remaining_restarts = value
+        self._decisions.restarts_disabled = value <= 0
 
     @property
     def _restart_count(self) -> int:
@@ -514,7 +545,21 @@ class SimpleElasticAgent(ElasticAgent):
         computes the same answer: nodes are ordered by group rank; a node's global ranks start after all workers of
         lower group ranks, its role ranks after all workers of the same role on lower group ranks. Deterministic
         for a given rendezvous outcome, O(N) store reads per agent.
+
+        With ``TORCH_ELASTIC_WORKER_IDENTICAL=1`` (every node runs the same number of workers of the same role) the
+        store is not used: global rank = group rank * local_world_size + local rank, and the role ranks and sizes
+        are the global ones.
         """
+        if os.environ.get(_WORKER_IDENTICAL_ENV, "0") == "1":
+            # Every node runs local_world_size workers of this one role (the user vouches for it): the ranks follow
+            # from the group rank alone, without a store round trip.
+            world_size = group_world_size * spec.local_world_size
+            base = group_rank * spec.local_world_size
+            return [
+                Worker(local_rank=lr, global_rank=base + lr, role_rank=base + lr, world_size=world_size,
+                       role_world_size=world_size)
+                for lr in range(spec.local_world_size)
+            ]
         my_info = {"role": spec.role, "local_world_size": spec.local_world_size, "host": socket.gethostname()}
         store.set(_ROLE_INFO_KEY.format(group_rank=group_rank), json.dumps(my_info).encode())
         keys = [_ROLE_INFO_KEY.format(group_rank=r) for r in range(group_world_size)]
@@ -546,8 +591,9 @@ class SimpleElasticAgent(ElasticAgent):
         logger.info("[%s] rendezvous for workers (restart_count=%s)", role, self._restart_count)
         self._rendezvous(worker_group)
         worker_ids = self._start_workers(worker_group)
-        for local_worker in worker_group.workers:
-            local_worker.id = worker_ids[local_worker.local_rank]
+        # ``{local_rank: id}`` for the workers that have an id (a worker left out keeps id None)
+        for local_rank, worker_id in worker_ids.items():
+            worker_group.workers[local_rank].id = worker_id
         worker_group.state = WorkerState.HEALTHY
         self._emit(
             "agent.workers_started",
@@ -572,8 +618,16 @@ class SimpleElasticAgent(ElasticAgent):
         """Wait until every node's workers succeeded (so no node tears down the store under the others).
 
         Beyond upstream: the wait ends early when a peer published that the job failed, or (checked about once a
-        second) when the run was closed, since the missing nodes will never arrive.
+        second) when the run was closed, since the missing nodes will never arrive. ``_in_exit_barrier`` is True
+        while it waits.
         """
+        self._in_exit_barrier = True
+        try:
+            self._wait_at_exit_barrier()
+        finally:
+            self._in_exit_barrier = False
+
+    def _wait_at_exit_barrier(self) -> None:
         rdzv_handler = self._worker_group.spec.rdzv_handler
         store = self._store
         group_world_size = self._worker_group.group_world_size
@@ -639,7 +693,7 @@ class SimpleElasticAgent(ElasticAgent):
             self._put_metric(f"workers.{role}.remaining_restarts", self._remaining_restarts)
             self._put_metric(f"workers.{role}.{state.name.lower()}", 1)
             if state not in {WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.UNHEALTHY, WorkerState.HEALTHY}:
-                raise Exception(f"[{role}] worker group in unexpected state {state.name}")
+                raise Exception(f"[{role}] Worker group in {state.name} state")  # upstream's wording
             if state in {WorkerState.UNHEALTHY, WorkerState.FAILED} and not failure_pending:
                 self._emit_worker_failures(run_result)
             decision = self._decisions.step(state.value, self._clock, self._answer)

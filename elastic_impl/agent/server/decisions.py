@@ -116,6 +116,8 @@ class AgentStepper:
         # as long, so a store gone for good still ends the agent within that bound).
         self.store_outage_window = float(store_outage_window)
         self.remaining_restarts = max_restarts
+        # Set by the agent (upstream's ``_remaining_restarts = 0``): no further restart, whatever the job-wide count.
+        self.restarts_disabled = False
         # Job-wide restart count as of the last rendezvous: TORCHELASTIC_RESTART_COUNT of the running attempt.
         self.restart_count = 0
         self.round: int | None = None
@@ -234,6 +236,8 @@ class AgentStepper:
     def _spend_restart(self) -> Generator[Ask, Any, int | StoreUnavailable | None]:
         """Count this failure against the budget: the job-wide count the restart runs under, None when the budget is
         spent, StoreUnavailable when the job-wide counter did not answer (nothing spent: ask again later)."""
+        if self.restarts_disabled:
+            return None
         claimed = True if self._claim_won else (yield Ask.CLAIM_FAILURE_ROUND)
         if isinstance(claimed, StoreUnavailable):
             return claimed

@@ -335,9 +335,10 @@ class LocalElasticAgent(SimpleElasticAgent):
         pcontext.close(death_sig, timeout)
 
     def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
-        if self._health_check_server is not None:
+        server, self._health_check_server = self._health_check_server, None  # stopped once, like upstream
+        if server is not None:
             try:
-                self._health_check_server.stop()
+                server.stop()
             except Exception as e:
                 logger.warning("health check server did not stop cleanly: %s", e)
         self._close_pcontext(death_sig, timeout)
