@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 
 from conformance.adapters import ApiNotFound
 from conformance.checks._rdzv import Concurrent, c10d_handler, in_threads
@@ -292,6 +293,16 @@ def worker_spec(ctx) -> None:
     ctx.expect_raises((AssertionError, ValueError), ws, role="r", local_world_size=0, rdzv_handler=handler,
                       entrypoint="/bin/true", what="WorkerSpec with local_world_size=0")
 
+    def train():
+        return 0
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        by_fn = ws(role="r", local_world_size=1, rdzv_handler=handler, fn=train)
+    ctx.expect(by_fn.entrypoint is train, f"WorkerSpec(fn=f) (deprecated) sets entrypoint to f, got {by_fn.entrypoint!r}")
+    ctx.expect(any(issubclass(w.category, DeprecationWarning) for w in caught),
+               f"WorkerSpec(fn=...) warns DeprecationWarning, got {[w.category.__name__ for w in caught]}")
+
 
 @check(f"{A}.WorkerSpec.get_entrypoint_name")
 def get_entrypoint_name(ctx) -> None:
@@ -332,6 +343,8 @@ def worker(ctx) -> None:
     full = ctx.get(f"{A}.Worker")(local_rank=1, global_rank=5, role_rank=3, world_size=8, role_world_size=4)
     ctx.expect_equal((full.global_rank, full.role_rank, full.world_size, full.role_world_size), (5, 3, 8, 4),
                      "Worker fields")
+    text = "local_rank=1,global_rank=5,role_rank=3,world_size=8,role_world_size=4"
+    ctx.expect_equal((str(full), repr(full)), (text, text), "str() and repr() of a Worker")
 
 
 @check(f"{A}.WorkerGroup")
@@ -456,6 +469,39 @@ def assign_worker_ranks(ctx) -> None:
         ctx.expect_equal(sorted((w.local_rank, w.global_rank, w.role_rank, w.world_size, w.role_world_size)
                                 for w in workers), ranks,
                          f"(local, global, role rank, world, role world) assigned on the node of group rank {group_rank}")
+    _expect_identical_workers_fast_path(ctx)
+
+
+def _expect_identical_workers_fast_path(ctx) -> None:
+    """Documented: with TORCH_ELASTIC_WORKER_IDENTICAL=1 the ranks follow from the group rank, without the store."""
+
+    class RanksOnly(ctx.get(f"{A}.SimpleElasticAgent")):
+        def _start_workers(self, worker_group):
+            return {}
+
+        def _stop_workers(self, worker_group):
+            return None
+
+        def _monitor_workers(self, worker_group):
+            raise RuntimeError("not used")
+
+        def _shutdown(self, death_sig=None, timeout=30):
+            return None
+
+    spec = ctx.get(f"{A}.WorkerSpec")(role="r", local_world_size=2, rdzv_handler=_handler_for_spec(ctx),
+                                      entrypoint="/bin/true")
+    old = os.environ.get("TORCH_ELASTIC_WORKER_IDENTICAL")
+    os.environ["TORCH_ELASTIC_WORKER_IDENTICAL"] = "1"
+    try:
+        workers = RanksOnly(spec)._assign_worker_ranks(None, 2, 4, spec)  # no store: the fast path must not use one
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_ELASTIC_WORKER_IDENTICAL", None)
+        else:
+            os.environ["TORCH_ELASTIC_WORKER_IDENTICAL"] = old
+    ctx.expect_equal([(w.local_rank, w.global_rank, w.role_rank, w.world_size, w.role_world_size) for w in workers],
+                     [(0, 4, 4, 8, 8), (1, 5, 5, 8, 8)],
+                     "ranks of group rank 2 of 4 with TORCH_ELASTIC_WORKER_IDENTICAL=1 (no store)")
 
 
 @check(f"{A}.SimpleElasticAgent._exit_barrier", timeout=90)
