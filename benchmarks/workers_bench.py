@@ -52,9 +52,8 @@ def _side_env(side: str, marker_dir: Path, lifetime: float) -> dict:
     extra = {"BENCH_MARKER_DIR": str(marker_dir), "BENCH_WORKER_LIFETIME": str(lifetime),
              "ELASTIC_IMPL_EVENTS_FILE": str(marker_dir / "events.jsonl")}
     env = bench_env(extra)
-    env.pop("ELASTIC_IMPL_PREWARM", None)
-    if side == "ours_prewarm":
-        env["ELASTIC_IMPL_PREWARM"] = "1"
+    # elastic-run pre-warms by default for this worker (it imports torch): "ours" is fresh interpreters on purpose.
+    env["ELASTIC_IMPL_PREWARM"] = "1" if side == "ours_prewarm" else "0"
     return env
 
 

@@ -34,7 +34,12 @@ from typing import Any, NoReturn
 
 from elastic_impl.launcher.api import LaunchConfig, LaunchConfigError, elastic_launch
 from elastic_impl.multiprocessing.api import parse_signals_to_handle
-from elastic_impl.multiprocessing.prewarm import close_early, prewarm_from_env, start_early
+from elastic_impl.multiprocessing.prewarm import (
+    close_early,
+    entry_imports_torch,
+    prewarm_setting_from_env,
+    start_early,
+)
 from elastic_impl.rendezvous.options import canonical_rdzv_configs
 
 # torchrun's entry point group for --logs-specs plugins (a plugin for us subclasses our LogsSpecs).
@@ -152,7 +157,10 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--prewarm", action="store_true", default=None,
                         help="Beyond torchrun: start Python workers as forks of an interpreter that already imported "
                              "torch (ELASTIC_IMPL_PREWARM_PRELOAD lists the modules); also ELASTIC_IMPL_PREWARM=1. "
-                             "Anything it cannot start faithfully gets a fresh interpreter (logged once).")
+                             "Default: on when the script (or -m module) imports torch itself. Anything it cannot "
+                             "start faithfully gets a fresh interpreter (logged once).")
+    parser.add_argument("--no-prewarm", "--no_prewarm", dest="prewarm", action="store_false",
+                        help="Start every worker as a fresh interpreter, as torchrun does (also ELASTIC_IMPL_PREWARM=0).")
     parser.add_argument("training_script", type=str, help="The training program (and its arguments after it).")
     parser.add_argument("training_script_args", nargs=REMAINDER)
     return parser
@@ -446,7 +454,9 @@ def run(args: argparse.Namespace) -> None:
 
         for local_rank in range(config.nproc_per_node):
             worker_cpus(config.numa_options, local_rank)
-    if config.prewarm if config.prewarm is not None else prewarm_from_env():
+    if config.prewarm is None:
+        config.prewarm = _default_prewarm(cmd, cmd_args)
+    if config.prewarm:
         # The pool's interpreter imports torch while this one does (next line) and while the rendezvous handler is
         # set up: the workers' environment is final by now (OMP_NUM_THREADS above).
         start_early(cmd, cmd_args)
@@ -455,6 +465,22 @@ def run(args: argparse.Namespace) -> None:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     finally:
         close_early()
+
+
+def _default_prewarm(cmd: Any, cmd_args: list[str]) -> bool:
+    """Neither --prewarm nor --no-prewarm: ELASTIC_IMPL_PREWARM if set, else on for a script that imports torch.
+
+    Pre-warming is what makes a restart take a fraction of a second instead of an interpreter start plus
+    ``import torch`` per worker (issue 15's benchmarks); for any other command it would only cost the pool's memory.
+    """
+    setting = prewarm_setting_from_env()
+    if setting is not None:
+        return setting
+    if isinstance(cmd, str) and entry_imports_torch(cmd, cmd_args):
+        logger.info("prewarm: on by default (the workers' script imports torch); --no-prewarm starts fresh "
+                    "interpreters instead")
+        return True
+    return False
 
 
 def _fail(message: str, code: int) -> None:

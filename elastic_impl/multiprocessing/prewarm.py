@@ -1,4 +1,4 @@
-"""Pre-warmed worker interpreters (opt-in): start workers as forks of an interpreter that already imported torch.
+"""Pre-warmed worker interpreters: start workers as forks of an interpreter that already imported torch.
 
 A restarted worker spends most of its start in the interpreter's own start-up and ``import torch`` (about a second of
 CPU here). With a :class:`WorkerPool` the agent keeps one "zygote" interpreter (``_zygote.py``) that has imported the
@@ -20,8 +20,11 @@ the zygote's string-hash secret, and the objects the preload created are frozen 
 (``gc.freeze``: not in ``gc.get_objects()``, never collected). ``/proc/<pid>/environ`` shows the worker's own
 environment: it is written over the zygote's initial one, which has room for it.
 
-Enable with ``LocalElasticAgent(..., prewarm=True)``, ``elastic-run --prewarm`` or ``ELASTIC_IMPL_PREWARM=1``; the
-preload list is ``ELASTIC_IMPL_PREWARM_PRELOAD`` (comma-separated module names, default ``torch``).
+``elastic-run`` turns the pool on by default for workers that run this interpreter on a script or module that imports
+torch itself (:func:`entry_imports_torch`); ``--prewarm`` turns it on for any Python entrypoint, ``--no-prewarm`` (or
+``ELASTIC_IMPL_PREWARM=0``) off. The API (``LocalElasticAgent(..., prewarm=None)``) keeps upstream's fresh
+interpreters unless ``prewarm=True`` or ``ELASTIC_IMPL_PREWARM=1``. The preload list is ``ELASTIC_IMPL_PREWARM_PRELOAD``
+(comma-separated module names, default ``torch``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,8 +51,8 @@ from elastic_impl.multiprocessing.subprocess_handler.subprocess_handler import (
     die_with_parent,
 )
 
-__all__ = ["PREWARM_ENV", "PRELOAD_ENV", "WorkerPool", "ForkedProcess", "prewarm_from_env", "serving",
-           "current_pool", "start_early", "pool_for", "close_early"]
+__all__ = ["PREWARM_ENV", "PRELOAD_ENV", "WorkerPool", "ForkedProcess", "prewarm_from_env", "prewarm_setting_from_env",
+           "entry_imports_torch", "serving", "current_pool", "start_early", "pool_for", "close_early"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,57 @@ def prewarm_from_env() -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise ValueError(f"invalid {PREWARM_ENV}: {raw!r} (allowed: 1/true/yes/on or 0/false/no/off)")
+
+
+def prewarm_setting_from_env() -> bool | None:
+    """``ELASTIC_IMPL_PREWARM`` as on/off, or None when it is not set (the caller's default applies)."""
+    if not os.environ.get(PREWARM_ENV, "").strip():
+        return None
+    return prewarm_from_env()
+
+
+# A line of the entry script that imports torch itself (``import torch``, ``import os, torch.nn``, ``from torch...``).
+_IMPORTS_TORCH = re.compile(r"^[ \t]*(?:import[ \t]+(?:[\w.]+[ \t]*,[ \t]*)*torch\b|from[ \t]+torch\b)", re.MULTILINE)
+_SCAN_BYTES = 1 << 20
+
+
+def _module_source(name: str) -> Path | None:
+    """The file ``python -m name`` would run, found without importing anything (finding a spec would import the
+    parent packages, running user code in the launcher)."""
+    parts = name.split(".")
+    for base in [os.getcwd(), *sys.path[1:]]:
+        if not base or not os.path.isdir(base):
+            continue
+        stem = Path(base, *parts)
+        for candidate in (stem.with_suffix(".py"), stem / "__main__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def entry_imports_torch(entrypoint: Any, args: Sequence[Any]) -> bool:
+    """Whether workers ``entrypoint *args`` are this interpreter running a script or module that imports torch
+    itself: the launcher's default turns the pool on for those (the pool then saves each start its ``import torch``)
+    and leaves every other command to fresh interpreters, which a pool would not speed up."""
+    if entrypoint != sys.executable:
+        return False
+    rest = [str(a) for a in args]
+    while rest and rest[0] in POOL_FLAGS:
+        rest.pop(0)
+    if not rest:
+        return False
+    if rest[0] == "-m":
+        source = _module_source(rest[1]) if len(rest) > 1 else None
+    else:
+        source = Path(rest[0]) if not rest[0].startswith("-") else None
+    if source is None:
+        return False
+    try:
+        with open(source, "rb") as fh:
+            text = fh.read(_SCAN_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return _IMPORTS_TORCH.search(text) is not None
 
 
 def preload_from_env() -> tuple[str, ...]:

@@ -64,3 +64,33 @@ def test_prewarm_environment_variable_turns_the_pool_on(launcher, tmp_path):
     code, _, observed = _job(launcher, tmp_path, prewarm=False, name="env", ELASTIC_IMPL_PREWARM="1")
     assert code == 1
     assert [w["colorsys_preloaded"] for w in observed] == [True] * 4
+
+
+# A worker that says whether it was forked from the pool (only a pool told to preload colorsys has it loaded before
+# the script runs). The torch import never runs: the launcher's default only reads the script for it.
+_DEFAULT_PROBE = """import json, sys
+print(json.dumps({"forked": "colorsys" in sys.modules}), flush=True)
+if len(sys.argv) > 5:
+    import torch  # noqa: F401
+"""
+
+
+def _default_job(launcher, tmp_path: Path, name: str, source: str, *flags: str) -> list[bool]:
+    script = tmp_path / f"{name}.py"
+    script.write_text(source)
+    logs = tmp_path / name
+    argv = ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1", "--log-dir", str(logs),
+            "--redirects", "3", *flags, str(script)]
+    proc = launcher.start(argv, name=name, ELASTIC_IMPL_PREWARM="", ELASTIC_IMPL_PREWARM_PRELOAD="colorsys")
+    code = launcher.wait(proc, 180)
+    _, err = launcher.output(proc)
+    assert code == 0, err[-3000:]
+    return [json.loads(p.read_text().splitlines()[0])["forked"] for p in sorted(logs.glob("*/attempt_*/*/stdout.log"))]
+
+
+def test_the_pool_is_on_by_default_for_a_script_that_imports_torch(launcher, tmp_path):
+    assert _default_job(launcher, tmp_path, "imports_torch", _DEFAULT_PROBE) == [True, True]
+    assert _default_job(launcher, tmp_path, "turned_off", _DEFAULT_PROBE, "--no-prewarm") == [False, False]
+    no_torch = _DEFAULT_PROBE.replace("import torch", "import colorsys")
+    assert _default_job(launcher, tmp_path, "no_torch", no_torch) == [False, False]
+    assert _default_job(launcher, tmp_path, "forced_on", no_torch, "--prewarm") == [True, True]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic_impl.multiprocessing import DefaultLogsSpecs, Std, start_processes
+from elastic_impl.multiprocessing import DefaultLogsSpecs, Std, prewarm, start_processes
 from elastic_impl.multiprocessing.api import SubprocessContext
 from elastic_impl.multiprocessing.prewarm import (
     ForkedProcess,
@@ -250,3 +250,33 @@ def test_a_pool_started_early_that_no_agent_took_is_closed(monkeypatch):
         assert fresh is not None and fresh is not early and fresh.wait_ready(60) is None
     finally:
         fresh.close()
+
+
+@pytest.mark.parametrize(("source", "imports_torch"), [
+    ("import torch\n", True),
+    ("import os, torch.distributed as dist\n", True),
+    ("from torch import nn\n", True),
+    ("def main():\n    import torch\n", True),
+    ("import torchvision\n", False),  # not torch itself: the default leaves it to fresh interpreters
+    ("# import torch\nprint('torch')\n", False),
+    ("x = 'import torch'\n", False),
+    ("import os\n", False),
+])
+def test_the_launchers_default_looks_for_a_torch_import_in_the_entry_script(tmp_path, source, imports_torch):
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    assert prewarm.entry_imports_torch(sys.executable, ["-u", str(script), "--lr", "1"]) is imports_torch
+    assert prewarm.entry_imports_torch("/usr/bin/env", ["python", str(script)]) is False  # not this interpreter
+
+
+def test_the_launchers_default_finds_a_modules_source_without_importing_it(tmp_path, monkeypatch):
+    package = tmp_path / "trainpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise SystemExit('the launcher must not import the package')\n")
+    (package / "train.py").write_text("import torch\n")
+    (package / "__main__.py").write_text("print('no torch here')\n")
+    monkeypatch.chdir(tmp_path)
+    assert prewarm.entry_imports_torch(sys.executable, ["-u", "-m", "trainpkg.train"]) is True
+    assert prewarm.entry_imports_torch(sys.executable, ["-u", "-m", "trainpkg"]) is False
+    assert prewarm.entry_imports_torch(sys.executable, ["-u", "-m", "no_such_module_here"]) is False
+    assert prewarm.entry_imports_torch(sys.executable, ["-u", str(tmp_path / "missing.py")]) is False
