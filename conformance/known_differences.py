@@ -117,6 +117,54 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "serving raises RuntimeError naming the port instead of leaking a second server (stop() then start() "
         "again works on both: case agent_healthcheck_server_start_stop_twice)"
     ),
+    # --- timer, metrics, events (issue 17.10)
+    "tme_timer_request_hashable": (
+        "upstream's TimerRequest defines __eq__ without __hash__, so Python makes it unhashable (TypeError in a set "
+        "or as a dict key); ours hashes the three fields its __eq__ compares, so equal requests hash alike. No code "
+        "that works upstream changes meaning (hashing raised there)"
+    ),
+    "tme_metrics_configure_none_handler": (
+        "configure(None, group) is accepted upstream and the first put_metric to that group then fails with "
+        "AttributeError ('NoneType' object has no attribute 'emit'); ours refuses it in configure with a "
+        "one-line TypeError naming the value (a handler is anything with emit(), case "
+        "tme_metrics_configure_duck_typed_handler)"
+    ),
+    "tme_metrics_put_metric_bad_name": (
+        "upstream publishes a metric named '', None or 5 as it is (a metric is identified by its (group, name) "
+        "strings, so such a name cannot be told apart or queried); ours raises a one-line ValueError naming the value"
+    ),
+    "tme_metrics_prof_not_callable": (
+        "prof(5) returns a wrapper upstream that fails only when called (TypeError 'int' object is not callable, "
+        "after putting a .failure metric); ours raises a one-line TypeError naming the value when decorating"
+    ),
+    "tme_events_deserialize_malformed": (
+        "Event.deserialize of malformed input raises whatever upstream's parsing step hit (JSONDecodeError, "
+        "KeyError for an unknown or missing source, TypeError for a JSON array or an unknown field); ours raises "
+        "ValueError naming the input and what is wrong (JSONDecodeError is a ValueError, so `except ValueError` "
+        "ports; `except KeyError` for a bad source does not)"
+    ),
+    "tme_events_serialize_non_json_metadata": (
+        "Event.serialize() with a metadata value JSON cannot encode (outside EventMetadataValue, e.g. a Path or an "
+        "object) raises TypeError upstream, and so does record(), inside the agent; ours writes str(value) so "
+        "recording never breaks the caller"
+    ),
+    "tme_events_record_zero_timestamp": (
+        "record() of an Event whose timestamp is 0 (the default) logs timestamp 0 upstream; ours logs a copy stamped "
+        "with the current time in milliseconds (the caller's object keeps 0) so events from several processes can "
+        "be ordered (documented in elastic_impl/events/__init__.py)"
+    ),
+    "tme_events_get_logging_handler_unknown_message": (
+        "an unknown destination raises KeyError on both; upstream's message is only the repr of the destination "
+        "(\"'nowhere'\"), ours names it and the allowed destinations"
+    ),
+    "tme_events_rdzv_event_hostname_default": (
+        "construct_and_record_rdzv_event without hostname uses socket.getfqdn() upstream, which can block on a "
+        "reverse DNS lookup inside rendezvous; ours uses socket.gethostname()"
+    ),
+    "tme_events_rdzv_event_failed_outside_except": (
+        "a FAILED rendezvous event recorded while no exception is being handled carries error_trace "
+        "'NoneType: None\\n' upstream (traceback.format_exc() of nothing); ours leaves it '' as for other states"
+    ),
 }
 
 

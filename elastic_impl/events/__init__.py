@@ -122,7 +122,14 @@ def _dispatch(event: Union[Event, RdzvEvent]) -> None:
 
 
 def record(event: Event, destination: str = "null") -> None:
-    """Record ``event`` to ``destination``'s logger, the listeners and the events file."""
+    """Record ``event`` to ``destination``'s logger, the listeners and the events file.
+
+    Raises before recording anything, as upstream does: ``KeyError`` for an unknown ``destination`` (see
+    :func:`get_logging_handler`), ``AttributeError`` for an ``event`` without ``serialize()``.
+    """
+    get_logging_handler(destination)
+    if not callable(getattr(event, "serialize", None)):
+        raise AttributeError(f"record() expects an Event (an object with serialize()), got {event!r:.80}")
     if isinstance(event, Event) and event.timestamp == 0:
         try:
             event = dataclasses.replace(event, timestamp=int(_clock.time() * 1000))
@@ -153,8 +160,36 @@ def construct_and_record_rdzv_event(
     local_id: int | None = None,
     rank: int | None = None,
 ) -> None:
-    """Build a :class:`RdzvEvent` (filling in caller name, host, pid and the current exception) and record it."""
-    # building an event costs a stack walk; skip it when nobody can observe the result
+    """Build a :class:`RdzvEvent` and record it to the ``dynamic_rendezvous`` destination.
+
+    The event's name is ``"<caller's file name>:<name>"`` (``name`` defaults to the calling function's name), as
+    upstream; ``pid`` defaults (also when 0) to this process, ``hostname`` to this host's name, and a ``FAILED`` event
+    carries the traceback of the exception being handled.
+    """
+    frame = inspect.currentframe()
+    caller = frame.f_back if frame is not None else None
+    filename = os.path.basename(caller.f_code.co_filename) if caller is not None else "no_file"
+    if not name:
+        name = caller.f_code.co_name if caller is not None else ""
+    del frame, caller
+    _construct_and_record(run_id, message, node_state, f"{filename}:{name}", hostname, pid, master_endpoint,
+                          local_id, rank)
+
+
+def _construct_and_record(
+    run_id: str,
+    message: str,
+    node_state: NodeState,
+    name: str,
+    hostname: str = "",
+    pid: int | None = None,
+    master_endpoint: str = "",
+    local_id: int | None = None,
+    rank: int | None = None,
+) -> None:
+    """:func:`construct_and_record_rdzv_event` with ``name`` taken as it is (our rendezvous names its events
+    ``rdzv.<step>`` and the simulator reads them by those names)."""
+    # building an event costs work; skip it when nobody can observe the result
     if (
         not _listeners
         and not os.environ.get(EVENTS_FILE_ENV)
@@ -163,13 +198,8 @@ def construct_and_record_rdzv_event(
         return
     if not hostname:
         hostname = socket.gethostname()  # getfqdn may block on DNS
-    if pid is None:
+    if not pid:
         pid = os.getpid()
-    if not name:
-        frame = inspect.currentframe()
-        caller = frame.f_back if frame is not None else None
-        name = caller.f_code.co_name if caller is not None else ""
-        del frame, caller
     error_trace = ""
     if node_state == NodeState.FAILED:
         error_trace = traceback.format_exc()

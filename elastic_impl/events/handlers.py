@@ -16,6 +16,5 @@ def get_logging_handler(destination: str = "null") -> logging.Handler:
     try:
         return _log_handlers[destination]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown event destination {destination!r}; allowed: {sorted(_log_handlers)}"
-        ) from None
+        # KeyError as upstream (code may catch it), with a message naming the allowed destinations
+        raise KeyError(f"unknown event destination {destination!r}; allowed: {sorted(_log_handlers)}") from None

@@ -91,8 +91,9 @@ _default_metrics_handler: MetricHandler = NullMetricHandler()
 
 def configure(handler: MetricHandler, group: str | None = None):
     """Send metrics of ``group`` to ``handler``; ``group=None`` sets the handler for every unconfigured group."""
-    if not isinstance(handler, MetricHandler):
-        raise TypeError(f"metric handler must be a MetricHandler instance, got {handler!r}")
+    # any object with an emit(metric_data) method will do (upstream does not require the base class either)
+    if not callable(getattr(handler, "emit", None)):
+        raise TypeError(f"metric handler must be a MetricHandler (an object with emit(metric_data)), got {handler!r}")
     if group is not None and not isinstance(group, str):
         raise TypeError(f"metric group must be a str or None, got {group!r}")
     global _default_metrics_handler
@@ -146,9 +147,27 @@ def prof(fn=None, group: str = "torchelastic"):
 
 
 def profile(group=None):
-    """Deprecated upstream spelling of :func:`prof` (only ``<name>.success/failure/duration`` semantics differ)."""
-    warnings.warn("profile is deprecated, use prof instead", DeprecationWarning, stacklevel=2)
-    return prof(group=group if group is not None else "torchelastic")
+    """Deprecated: use :func:`prof`. Puts ``<function __name__>.success/failure/duration.ms`` to ``group`` as it is
+    (None included) through :func:`publish_metric`, as upstream."""
+    warnings.warn("Deprecated, use `@prof` instead", FutureWarning, stacklevel=2)
+
+    def wrap(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            start = time.time()
+            try:
+                result = func(*args, **kwargs)
+                publish_metric(group, f"{func.__name__}.success", 1)
+            except Exception:
+                publish_metric(group, f"{func.__name__}.failure", 1)
+                raise
+            finally:
+                publish_metric(group, f"{func.__name__}.duration.ms", get_elapsed_time_ms(start))
+            return result
+
+        return wrapper
+
+    return wrap
 
 
 def put_metric(metric_name: str, metric_value: int, metric_group: str = "torchelastic"):
@@ -160,8 +179,10 @@ def put_metric(metric_name: str, metric_value: int, metric_group: str = "torchel
 
 def publish_metric(metric_group: str, metric_name: str, metric_value: int):
     """Deprecated: use :func:`put_metric`."""
-    warnings.warn("publish_metric is deprecated, use put_metric instead", DeprecationWarning, stacklevel=2)
-    put_metric(metric_name, metric_value, metric_group)
+    warnings.warn(
+        "Deprecated, use `put_metric(metric_group)(metric_name, metric_value)` instead", FutureWarning, stacklevel=2
+    )
+    getStream(metric_group).add_value(metric_name, metric_value)
 
 
 def get_elapsed_time_ms(start_time_in_seconds: float):

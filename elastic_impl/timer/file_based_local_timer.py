@@ -14,6 +14,7 @@ import select
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,22 +72,37 @@ class FileTimerClient(TimerClient):
         self._file_path = file_path
         self.signal = signal
 
-    def _open_non_blocking(self) -> int | None:
-        try:
-            return os.open(self._file_path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno in (errno.ENXIO, errno.ENOENT):  # no server reading, or no FIFO yet
-                return None
-            raise
+    # a server started at the same time may not have created (or opened) its FIFO yet: retry like upstream
+    # (10 tries, 0.1 s apart) before giving up
+    _OPEN_TRIES = 10
+    _OPEN_RETRY_DELAY = 0.1
+
+    def _open_non_blocking(self) -> int:
+        for attempt in range(self._OPEN_TRIES):
+            try:
+                return os.open(self._file_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                # ENOENT: no FIFO yet; ENXIO: no server reading it. Anything else will not fix itself.
+                if e.errno not in (errno.ENXIO, errno.ENOENT) or attempt == self._OPEN_TRIES - 1:
+                    raise
+                time.sleep(self._OPEN_RETRY_DELAY)
+        raise AssertionError("unreachable")
 
     def _send_request(self, request: FileTimerRequest) -> None:
-        fd = self._open_non_blocking()
-        if fd is None:
-            raise BrokenPipeError(
-                f"no FileTimerServer is listening on {self._file_path!r}; start it before acquiring"
-            )
         try:
-            os.write(fd, (request.to_json() + "\n").encode())
+            fd = self._open_non_blocking()
+        except OSError as e:
+            # upstream's wording (code may match it), plus the path
+            raise BrokenPipeError(
+                "Could not send the FileTimerRequest because FileTimerServer is not available "
+                f"(cannot open {self._file_path!r}: {e.strerror})."
+            ) from e
+        try:
+            line = request.to_json()
+            # one write of at most PIPE_BUF bytes is atomic; a longer one could interleave with other workers'
+            if len(line) > select.PIPE_BUF:
+                raise RuntimeError(f"FileTimerRequest larger than {select.PIPE_BUF} bytes is not supported: {line}")
+            os.write(fd, (line + "\n").encode())
         finally:
             os.close(fd)
 

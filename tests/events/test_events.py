@@ -92,11 +92,20 @@ def test_add_listener_rejects_non_callable():
         events.add_listener(42)
 
 
-def test_unknown_destination_is_clear_error_and_record_survives_it(collected):
-    with pytest.raises(ValueError, match="unknown event destination 'nowhere'"):
+def test_unknown_destination_is_a_key_error_naming_it_and_record_raises_it(collected):
+    # KeyError as upstream (code written against it catches that), message naming the allowed destinations
+    with pytest.raises(KeyError, match="unknown event destination 'nowhere'; allowed: .*'console'"):
         events.get_logging_handler("nowhere")
-    events.record(Event("a", EventSource.AGENT), "nowhere")  # logged, not raised
-    assert [e.name for e in collected] == ["a"]
+    # upstream's record() raises for a typo'd destination before recording anything; it used to be swallowed here
+    with pytest.raises(KeyError, match="unknown event destination 'nowhere'"):
+        events.record(Event("a", EventSource.AGENT), "nowhere")
+    assert collected == []
+
+
+def test_record_of_something_that_is_not_an_event_raises(collected):
+    with pytest.raises(AttributeError, match="record\\(\\) expects an Event"):
+        events.record("not an event")
+    assert collected == []
 
 
 def test_console_destination_logs_serialized_event():
@@ -130,7 +139,17 @@ def test_events_file_gets_one_json_line_per_event(tmp_path, monkeypatch):
     assert first.name == "a" and first.metadata["text"] == "multi\nline"
     rdzv = RdzvEvent.deserialize(lines[1])
     assert (rdzv.run_id, rdzv.rank, rdzv.pid, rdzv.node_state) == ("run1", 2, os.getpid(), NodeState.RUNNING)
-    assert rdzv.name == "test_events_file_gets_one_json_line_per_event"  # the caller's name
+    assert rdzv.name == "test_events.py:test_events_file_gets_one_json_line_per_event"  # the caller's file and name
+
+
+def test_rdzv_event_name_is_prefixed_with_the_callers_file_and_pid_0_means_this_process(collected):
+    # as upstream: "<caller file>:<name>" also for an explicit name; a falsy pid is replaced by this process's
+    events.construct_and_record_rdzv_event("r", "m", NodeState.RUNNING, name="Handler.join", pid=0)
+    events.construct_and_record_rdzv_event("r", "m", NodeState.RUNNING, pid=17)
+    assert [(e.name, e.pid) for e in collected] == [
+        ("test_events.py:Handler.join", os.getpid()),
+        ("test_events.py:test_rdzv_event_name_is_prefixed_with_the_callers_file_and_pid_0_means_this_process", 17),
+    ]
 
 
 def test_unwritable_events_file_does_not_break_record(tmp_path, monkeypatch, collected):

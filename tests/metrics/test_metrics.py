@@ -75,13 +75,44 @@ def test_prof_records_success_failure_and_duration():
 
 
 def test_bad_input_is_clear_error():
-    with pytest.raises(TypeError, match="must be a MetricHandler instance, got 'console'"):
+    with pytest.raises(TypeError, match=r"must be a MetricHandler \(an object with emit\(metric_data\)\), got 'console'"):
         metrics.configure("console")
     with pytest.raises(ValueError, match="non-empty str, got ''"):
         metrics.put_metric("", 1)
     with pytest.raises(TypeError, match="MetricsConfig or None"):
         metrics.initialize_metrics({"a": 1})
     metrics.initialize_metrics(metrics.MetricsConfig({"k": "v"}))
+
+
+def test_a_handler_need_not_subclass_metric_handler():
+    # upstream only calls handler.emit(); a duck-typed handler used to be refused with a TypeError here
+    got = []
+
+    class Duck:
+        def emit(self, metric_data):
+            got.append(metric_data)
+
+    metrics.configure(Duck(), "duck")
+    metrics.put_metric("m", 5, "duck")
+    assert [(d.group_name, d.name, d.value) for d in got] == [("duck", "m", 5)]
+    with pytest.raises(TypeError, match="got None"):
+        metrics.configure(None)
+
+
+def test_profile_is_upstreams_deprecated_decorator():
+    # FutureWarning with upstream's texts; metric names are the function's __name__, the group is used as given
+    sink = Collect()
+    metrics.configure(sink, "old")
+    with pytest.warns(FutureWarning, match="Deprecated, use `@prof` instead"):
+        decorator = metrics.profile("old")
+
+    @decorator
+    def legacy():
+        return "r"
+
+    with pytest.warns(FutureWarning, match=r"use `put_metric\(metric_group\)\(metric_name, metric_value\)`"):
+        assert legacy() == "r"
+    assert [d.name for d in sink.data] == ["legacy.success", "legacy.duration.ms"]
 
 
 def test_publish_metric_is_deprecated_but_works():

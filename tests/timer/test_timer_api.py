@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import select
 import signal
+import threading
 import time
 
 import pytest
@@ -107,8 +110,43 @@ def test_file_server_refuses_a_regular_file(tmp_path):
 
 def test_file_client_without_server_is_clear_error(tmp_path):
     client = timer.FileTimerClient(str(tmp_path / "nobody"))
-    with pytest.raises(BrokenPipeError, match="no FileTimerServer is listening"):
+    start = time.monotonic()
+    with pytest.raises(BrokenPipeError, match="^Could not send the FileTimerRequest because FileTimerServer is not "
+                                              "available .*nobody") as raised:
         client.acquire("s", time.time() + 10)
+    assert time.monotonic() - start >= 0.8  # retried for about a second, as upstream
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(BrokenPipeError) as raised:  # not retried: a directory will not become a FIFO
+        timer.FileTimerClient(str(tmp_path / "dir")).acquire("s", 1.0)
+    assert isinstance(raised.value.__cause__, IsADirectoryError)
+
+
+def test_file_client_waits_for_a_server_that_is_starting(tmp_path):
+    # a worker may acquire before the server has created its FIFO; upstream retries for ~1 s (this raised at once)
+    path = str(tmp_path / "late.fifo")
+    server = timer.FileTimerServer(path, "run", max_interval=0.05)
+    starter = threading.Timer(0.3, server.start)
+    starter.start()
+    try:
+        timer.FileTimerClient(path).acquire("s", 1e12)
+        deadline = time.monotonic() + 2
+        while not server._timers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [r.scope_id for r in server._timers.values()] == ["s"]
+    finally:
+        starter.join()
+        server.clear_timers({os.getpid()})
+        server.stop()
+
+
+def test_file_client_refuses_a_request_larger_than_pipe_buf(tmp_path):
+    # a longer write to the FIFO is not atomic (it could interleave with other workers'); upstream raises too
+    path = tmp_path / "plain-file"
+    path.write_text("")
+    with pytest.raises(RuntimeError, match=f"^FileTimerRequest larger than {select.PIPE_BUF} bytes is not supported"):
+        timer.FileTimerClient(str(path)).acquire("x" * select.PIPE_BUF, 1.0)
+    assert path.read_text() == ""
 
 
 def test_virtual_time_expiry_reaps_real_process(fake_clock, spawn):

@@ -8,7 +8,8 @@ import random
 import threading
 from typing import Any
 
-from elastic_impl.events import construct_and_record_rdzv_event
+# events named as they are (rdzv.<step>), without the public function's '<file>:' prefix
+from elastic_impl.events import _construct_and_record as record_rdzv_event_named
 from elastic_impl.events.api import NodeState
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 
@@ -194,7 +195,7 @@ class RendezvousStepper(KeyedArrivals, PerNodeLiveness):
     def _record_events(self) -> None:
         events, self._events = self._events, []
         for name, message, node_state, rank in events:
-            construct_and_record_rdzv_event(
+            record_rdzv_event_named(
                 run_id=self.settings.run_id,
                 message=message,
                 node_state=node_state,
