@@ -79,8 +79,11 @@ class BoundedEtcdClient(etcd.Client):
         self._connect_timeout = float(connect_timeout)
         kwargs.setdefault("allow_reconnect", False)
         super().__init__(host=host, port=port, read_timeout=read_timeout, **kwargs)
-        # urllib3 would otherwise retry a refused/timed-out connection 3 times before python-etcd sees it.
-        self.http.connection_pool_kw["retries"] = urllib3.Retry(total=None, connect=0, read=0, status=0, redirect=5)
+        # urllib3 would otherwise retry a refused/timed-out connection 3 times before python-etcd sees it. other=0:
+        # with total=None an error of no other class (an SSLError, e.g. an unreadable ca_cert) was retried without
+        # limit, recursing in urllib3 until RecursionError.
+        self.http.connection_pool_kw["retries"] = urllib3.Retry(
+            total=None, connect=0, read=0, other=0, status=0, redirect=5)
 
     @property
     def read_timeout(self):  # type: ignore[override]

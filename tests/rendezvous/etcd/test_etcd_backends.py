@@ -142,6 +142,18 @@ def test_unreachable_endpoint_fails_fast_naming_it(backend, private_etcd_server,
     assert endpoint in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("backend", "ca_option"), [("etcd-v2", "ca_cert"), ("etcd", "cacert")])
+def test_https_with_an_unreadable_ca_cert_is_a_connection_error(backend, ca_option, etcd_server, run_id, tmp_path):
+    """The urllib3 SSLError of a missing CA file used to be retried without limit (RecursionError after ~2 s)."""
+    params = RendezvousParameters(backend, etcd_server.get_endpoint(), run_id, 1, 1, protocol="https",
+                                  **{ca_option: str(tmp_path / "missing-ca.pem")})
+    started = time.monotonic()
+    with pytest.raises(RendezvousConnectionError) as info:
+        rendezvous_handler_registry.create_handler(params)
+    assert time.monotonic() - started < 5
+    assert etcd_server.get_endpoint().split(":")[-1] in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("backend", [*BACKENDS, "etcd"])
 @pytest.mark.parametrize(
     ("endpoint", "options", "named"),
