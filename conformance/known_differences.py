@@ -165,6 +165,44 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "a FAILED rendezvous event recorded while no exception is being handled carries error_trace "
         "'NoneType: None\\n' upstream (traceback.format_exc() of nothing); ours leaves it '' as for other states"
     ),
+    # --- multiprocessing (issue 17.10)
+    "mp_binary_failure_stops_the_others": (
+        "when one binary worker fails, upstream's SubprocessContext stops the others and then also lists them as "
+        "failures (exit code -15, SIGTERM) although they did not fail on their own; its MultiprocessContext does not. "
+        "Ours lists only the ranks that failed on their own, for binaries and functions alike (the stopped ones are "
+        "not root causes, and the report names the failed rank only)"
+    ),
+    "mp_default_logs_specs_devnull_error_and_tee_files": (
+        "DefaultLogsSpecs(log_dir=os.devnull).reify(): upstream names /dev/null as every rank's error file and as the "
+        "file to tee (tail) for every rank even without tee, and /dev/null/filtered_stdout.log (a path under a device "
+        "that cannot be created, so duplicate filters crash there); ours leaves them empty, meaning no file, so no "
+        "thread tails /dev/null and duplicate filters get a one-line ValueError. stdouts/stderrs and the "
+        "TORCHELASTIC_ERROR_FILE='' set in envs are the same (case mp_default_logs_specs_devnull)"
+    ),
+    "mp_logs_specs_redirects_given_as_int": (
+        "DefaultLogsSpecs(redirects=1) (an int, not a Std or a dict): upstream accepts it and reify() later fails "
+        "with AttributeError ('int' object has no attribute 'get'); ours refuses it at construction with a one-line "
+        "ValueError naming the value and what is allowed"
+    ),
+    "mp_multiprocess_context_pids_before_start": (
+        "MultiprocessContext.pids() before start(): a bare AssertionError upstream; ours returns {} (no worker "
+        "started), as SubprocessContext does on both (case mp_subprocess_context_before_start)"
+    ),
+    "mp_reify_same_restart_twice": (
+        "reify() twice with the same TORCHELASTIC_RESTART_COUNT (a membership change re-forms the group without "
+        "using a restart): upstream deletes attempt_<n> with the previous start's logs and error files and reuses "
+        "it; ours keeps them and uses attempt_<n>.1 (docs/differences_from_torchrun.md: worker files are never "
+        "deleted)"
+    ),
+    "mp_start_processes_empty_args": (
+        "start_processes with args={} and envs={}: upstream starts nothing and reports success (a run that did "
+        "nothing); ours raises a one-line ValueError saying args is empty"
+    ),
+    "mp_start_processes_entrypoint_not_callable": (
+        "start_processes(entrypoint=42): upstream starts a worker that fails with TypeError, then wait() raises "
+        "AttributeError ('int' object has no attribute '__qualname__') while building the failure report; ours "
+        "raises a one-line ValueError naming the entrypoint before starting anything"
+    ),
 }
 
 

@@ -215,8 +215,10 @@ class DefaultLogsSpecs(LogsSpecs):
         local_ranks_filter: set[int] | None = None,
     ) -> None:
         if log_dir != os.devnull:
-            if log_dir is None:
+            if not log_dir:  # None or "": a fresh temporary folder, as upstream
                 log_dir = tempfile.mkdtemp(prefix="torchelastic_")
+            elif os.path.isfile(log_dir):  # upstream's wording: tests match it
+                raise LogDirNotADirectoryError(f"log_dir: {log_dir} is a file")
             elif os.path.exists(log_dir) and not os.path.isdir(log_dir):
                 raise LogDirNotADirectoryError(f"bad log_dir {log_dir!r}: exists and is not a directory")
             else:
@@ -229,11 +231,15 @@ class DefaultLogsSpecs(LogsSpecs):
         return str(self._root_log_dir)
 
     def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        """Every rank's files; also sets each rank's ``TORCHELASTIC_ERROR_FILE`` in ``envs`` (as upstream).
+
+        ``stdouts``/``stderrs`` name every rank: ``""`` where the stream is not redirected (it goes to the console).
+        """
         nprocs = len(envs)
         if nprocs == 0:
-            return LogsDest()
-        first = envs[min(envs)]
-        run_id = first.get("TORCHELASTIC_RUN_ID", "none")
+            logger.warning("reify() of %r with no local ranks (empty envs)", self)
+        first = envs[min(envs)] if envs else {}
+        run_id = first.get("TORCHELASTIC_RUN_ID", "test_run_id")  # upstream's default when the agent set none
         restart = first.get("TORCHELASTIC_RESTART_COUNT", "0")
         if self._root_log_dir == os.devnull:
             attempt_log_dir = os.devnull
@@ -250,14 +256,21 @@ class DefaultLogsSpecs(LogsSpecs):
         if attempt_log_dir != os.devnull:
             dest.filtered_stdout = os.path.join(attempt_log_dir, "filtered_stdout.log")
             dest.filtered_stderr = os.path.join(attempt_log_dir, "filtered_stderr.log")
+        console = ""  # a stream that is not redirected goes to the console
+        dest.stdouts = dict.fromkeys(range(nprocs), console)
+        dest.stderrs = dict.fromkeys(range(nprocs), console)
         for local_rank, tee_std in ts.items():
             redirect_std = redirs[local_rank] | tee_std  # teeing needs the file to tail
             if attempt_log_dir == os.devnull:
                 dest.error_files[local_rank] = ""
+                if local_rank in envs:
+                    envs[local_rank]["TORCHELASTIC_ERROR_FILE"] = ""
                 continue
             clogdir = os.path.join(attempt_log_dir, str(local_rank))
             os.makedirs(clogdir, exist_ok=True)
             dest.error_files[local_rank] = os.path.join(clogdir, "error.json")
+            if local_rank in envs:  # the worker's @record writes here (upstream's reify sets it the same way)
+                envs[local_rank]["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]
             if redirect_std & Std.OUT == Std.OUT:
                 dest.stdouts[local_rank] = os.path.join(clogdir, "stdout.log")
             if redirect_std & Std.ERR == Std.ERR:
@@ -270,8 +283,10 @@ class DefaultLogsSpecs(LogsSpecs):
             else:
                 # A filtered-out rank stays off the console: what is not written to a log file goes nowhere (as
                 # torchrun). An empty filter filters nothing, as upstream.
-                dest.stdouts.setdefault(local_rank, os.devnull)
-                dest.stderrs.setdefault(local_rank, os.devnull)
+                if dest.stdouts[local_rank] == console:
+                    dest.stdouts[local_rank] = os.devnull
+                if dest.stderrs[local_rank] == console:
+                    dest.stderrs[local_rank] = os.devnull
         logger.info("log directory for this attempt: %s", attempt_log_dir)
         return dest
 
@@ -469,14 +484,15 @@ class PContext(abc.ABC):
     @abc.abstractmethod
     def _poll(self) -> RunProcsResult | None: ...
 
-    @abc.abstractmethod
     def _wait_for_exit(self, timeout: float) -> None:
         """Block until a worker the last check saw running exits, or ``timeout`` passed.
 
         Waiting on the last check's view, not on a fresh one, matters: a worker that exits between ``_poll`` and
         here must wake us at once (its exit event is already pending), not be filtered out as "already exited"
-        and leave us sleeping the whole period.
+        and leave us sleeping the whole period. This default just sleeps: it is not abstract, so a subclass written
+        for upstream's PContext (``_start``, ``_poll``, ``pids``, ``_close``) works unchanged.
         """
+        self.clock.sleep(timeout)
 
     def wait(self, timeout: float = -1, period: float = 1) -> RunProcsResult | None:
         """Result once all workers finished or one failed; None if still running after ``timeout`` (-1: forever)."""
@@ -533,6 +549,14 @@ class PContext(abc.ABC):
         (a double-forked daemon re-parented to this agent, or to init) with its own descendants."""
         return _group_members(roots | set(pids_with_env(WORKER_GROUP_MARK_ENV, self._group_mark)))
 
+    def _reap_workers(self) -> None:
+        """Collect the exit status of workers that exited, through their own process objects (Popen/Process).
+
+        The workers themselves are never reaped with a bare ``waitpid``: their Popen/Process would then never see
+        the status (Popen reports exit code 0, a multiprocessing Process stays "alive" with no exit code forever).
+        """
+        return None  # the base has no process objects; the contexts override it
+
     def _kill_tree(self, roots: set[int], death_sig: int, timeout: float) -> None:
         self._remember_members()
         members = self._members_now(roots) | self._still_ours()
@@ -540,7 +564,8 @@ class PContext(abc.ABC):
         deadline = self.clock.monotonic() + timeout
         while True:
             members |= self._members_now(roots)
-            _reap(members)
+            self._reap_workers()
+            _reap(members - roots)
             live = {p for p in members if is_alive(p)}
             if not live or self.clock.monotonic() >= deadline:
                 break
@@ -550,11 +575,13 @@ class PContext(abc.ABC):
                            signal.Signals(death_sig).name, timeout)
             while live:
                 _signal_all(roots, live | self._members_now(roots), signal.SIGKILL)
-                _reap(members)
+                self._reap_workers()
+                _reap(members - roots)
                 self.clock.sleep(0.01)
                 members |= self._members_now(roots)
                 live = {p for p in members if is_alive(p)}
-                _reap(live)
+                self._reap_workers()
+                _reap(live - roots)
 
     def _failure(self, local_rank: int, pid: int, exitcode: int) -> ProcessFailure:
         return ProcessFailure(local_rank=local_rank, pid=pid, exitcode=exitcode,
@@ -664,7 +691,7 @@ class MultiprocessContext(PContext):
 
     def _start(self) -> None:
         if self._procs:
-            raise ValueError(f"bad start(): context {self.name!r} was already started")
+            raise ValueError("The process context already initialized. Most likely the start method got called twice.")
         ctx = mp.get_context(self.start_method)
         die_with = _parent_to_die_with()
         for local_rank in sorted(self.args):
@@ -720,6 +747,10 @@ class MultiprocessContext(PContext):
     def pids(self) -> dict[int, int]:
         return {r: p.pid for r, p in self._procs.items() if p.pid is not None}
 
+    def _reap_workers(self) -> None:
+        for p in self._procs.values():
+            p.exitcode  # noqa: B018 -- waitpid(WNOHANG) through the Process, which keeps the status
+
     def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None:
         roots = {p.pid for p in self._procs.values() if p.pid is not None}
         if roots:
@@ -756,7 +787,8 @@ class SubprocessContext(PContext):
 
     def _start(self) -> None:
         if self.subprocess_handlers:
-            raise ValueError(f"bad start(): context {self.name!r} was already started")
+            raise ValueError(
+                "The subprocess handlers already initialized. Most likely the start method got called twice.")
         for local_rank in sorted(self.args):
             env = dict(self.envs[local_rank])
             env[WORKER_GROUP_MARK_ENV] = self._group_mark
@@ -769,7 +801,7 @@ class SubprocessContext(PContext):
                     stderr=self.stderrs.get(local_rank), local_rank_id=local_rank, numa_options=self._numa_options)
             except OSError as e:
                 self.close(timeout=5)
-                raise ValueError(f"bad entrypoint {self.entrypoint!r}: cannot execute ({e.strerror})") from None
+                raise _entrypoint_error(e, self.entrypoint) from None
             self.subprocess_handlers[local_rank] = handler
             if hasattr(os, "pidfd_open"):
                 try:
@@ -811,6 +843,10 @@ class SubprocessContext(PContext):
     def pids(self) -> dict[int, int]:
         return {r: h.proc.pid for r, h in self.subprocess_handlers.items()}
 
+    def _reap_workers(self) -> None:
+        for h in self.subprocess_handlers.values():
+            h.proc.poll()  # waitpid(WNOHANG) through the Popen, which keeps the status
+
     def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None:
         if not self.subprocess_handlers:
             return
@@ -828,6 +864,36 @@ class SubprocessContext(PContext):
             except OSError:
                 pass
         self._pidfds.clear()
+
+
+class EntrypointNotExecutableError(OSError, ValueError):
+    """A binary entrypoint that cannot be executed: the OSError upstream raises (FileNotFoundError when it does not
+    exist, PermissionError when it may not be run) and a ValueError, as this package always raised."""
+
+
+class _EntrypointNotFoundError(EntrypointNotExecutableError, FileNotFoundError):
+    pass
+
+
+class _EntrypointPermissionError(EntrypointNotExecutableError, PermissionError):
+    pass
+
+
+def _entrypoint_error(e: OSError, entrypoint: Any) -> EntrypointNotExecutableError:
+    cls = {FileNotFoundError: _EntrypointNotFoundError, PermissionError: _EntrypointPermissionError}.get(
+        type(e), EntrypointNotExecutableError)
+    return cls(e.errno, f"bad entrypoint {entrypoint!r}: cannot execute ({e.strerror})")
+
+
+class LocalRankMappingError(RuntimeError, ValueError):
+    """args/envs not keyed by exactly the local ranks 0..n-1: the RuntimeError upstream raises (with its wording), and
+    a ValueError as this package always raised."""
+
+
+def _check_local_ranks(d: dict, nprocs: int, what: str) -> None:
+    expected, actual = set(range(nprocs)), set(d)
+    if actual != expected:
+        raise LocalRankMappingError(f"{what}, local rank mapping mismatch, expected: {expected}, actual: {actual}")
 
 
 def _check_numa_options(numa_options: Any) -> None:
@@ -856,10 +922,8 @@ def start_processes(
     if not isinstance(args, dict) or not isinstance(envs, dict):
         raise ValueError(f"bad args/envs: expected dicts keyed by local rank, got {type(args).__name__}"
                          f"/{type(envs).__name__}")
-    if len(args) != len(envs):
-        raise ValueError(f"bad args/envs: {len(args)} args but {len(envs)} envs; need one of each per local rank")
-    if sorted(args) != list(range(len(args))):
-        raise ValueError(f"bad local ranks {sorted(args)}: expected 0..{len(args) - 1}")
+    _check_local_ranks(args, len(args), "args")
+    _check_local_ranks(envs, len(args), "envs")
     if not isinstance(logs_specs, LogsSpecs):
         raise ValueError(f"bad logs_specs {logs_specs!r}: expected a LogsSpecs (e.g. DefaultLogsSpecs())")
     context: PContext

@@ -65,14 +65,16 @@ def test_to_map_and_devnull_logs(tmp_path):
     assert to_map({1: Std.ERR}, 2) == {0: Std.NONE, 1: Std.ERR}
     dest = DefaultLogsSpecs(log_dir=str(tmp_path), redirects={0: Std.OUT}, tee={1: Std.ERR},
                             local_ranks_filter={1}).reify({0: {}, 1: {}})
-    assert set(dest.stdouts) == {0} and set(dest.tee_stderrs) == {1}
+    # every rank is named; "" = not redirected (the console), as upstream
+    assert dest.stdouts[0].endswith("/0/stdout.log") and dest.stdouts[1] == "" and set(dest.tee_stderrs) == {1}
     # rank 0 is filtered out: its stderr, not written to a file, goes nowhere (as upstream)
     assert dest.stderrs[0] == os.devnull and dest.stderrs[1].endswith("/1/stderr.log")
-    assert re.search(r"/none_[^/]+/attempt_0/0/error\.json$", dest.error_files[0]), dest.error_files[0]
+    # no TORCHELASTIC_RUN_ID: upstream's default run id names the run folder
+    assert re.search(r"/test_run_id_[^/]+/attempt_0/0/error\.json$", dest.error_files[0]), dest.error_files[0]
 
 
 def test_bad_log_dir_is_one_line_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(ValueError, match="bad log_dir"):
+    with pytest.raises(ValueError, match=f"^log_dir: {re.escape(str(f))} is a file$"):  # upstream's wording
         DefaultLogsSpecs(log_dir=str(f))

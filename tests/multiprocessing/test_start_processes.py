@@ -202,9 +202,10 @@ def test_std_from_str_values():
 
 
 def test_mismatched_args_envs_one_line_error(tmp_path):
-    with pytest.raises(ValueError, match=r"2 args but 1 envs") as ei:
+    # RuntimeError with upstream's wording (code written against upstream catches it), and a ValueError as before
+    with pytest.raises(RuntimeError, match=r"^envs, local rank mapping mismatch, expected: \{0, 1\}, actual: \{0\}$") as ei:
         start_processes("x", workers.echo_double, {0: (1,), 1: (2,)}, _envs(1), DefaultLogsSpecs(str(tmp_path)))
-    assert "\n" not in str(ei.value)
+    assert "\n" not in str(ei.value) and isinstance(ei.value, ValueError)
 
 
 def test_bad_entrypoint_and_start_method(tmp_path):
@@ -309,3 +310,25 @@ def test_wait_wakes_for_an_exit_between_its_poll_and_its_block(tmp_path, context
     assert time.monotonic() - started < 5
     result = pc.wait(timeout=30, period=30)
     assert result is not None and not result.is_failed()
+
+
+def test_close_keeps_the_exit_status_of_binary_workers(tmp_path, contexts):
+    """close() must not reap the workers behind their Popen's back: Popen then reports exit code 0 for a worker that
+    was killed, and wait() after close() called a stopped group a success."""
+    pc = _start(contexts, "bin", "/bin/sh", {0: ("-c", "exec sleep 30"), 1: ("-c", "trap '' TERM; exec sleep 30")},
+                _envs(2), DefaultLogsSpecs(log_dir=str(tmp_path)))
+    time.sleep(0.2)  # let rank 1's shell install its trap before the exec
+    pc.close(timeout=0.5)
+    result = pc.wait(0)
+    assert result is not None and result.is_failed(), result
+    assert {r: f.exitcode for r, f in result.failures.items()} == {0: -signal.SIGTERM, 1: -signal.SIGKILL}
+
+
+def test_close_keeps_the_exit_status_of_function_workers(tmp_path, contexts):
+    """Reaped behind its back, a multiprocessing Process never learns its exit code and stays "alive" forever:
+    wait() after close() returned None, and wait(-1) would have hung."""
+    pc = _start(contexts, "fn", workers.sleep_forever, {0: ()}, _envs(1), DefaultLogsSpecs(log_dir=str(tmp_path)),
+                start_method="fork")
+    pc.close(death_sig=signal.SIGKILL, timeout=1)
+    result = pc.wait(timeout=5, period=0.05)
+    assert result is not None and {r: f.exitcode for r, f in result.failures.items()} == {0: -signal.SIGKILL}
