@@ -27,6 +27,8 @@ def record(ctx) -> None:
     ctx.expect_equal((payload.get("name"), payload.get("source")), ("conformance-record-marker", "WORKER"),
                      "recorded event JSON")
     ctx.get(f"{EV}.record")(_event(ctx))  # the default 'null' destination accepts and drops the event
+    ctx.expect_raises(KeyError, ctx.get(f"{EV}.record"), _event(ctx), "no-such-destination",
+                      what="record() to an unknown destination")
 
 
 @check(f"{EV}.get_logging_handler")
@@ -38,6 +40,7 @@ def get_logging_handler(ctx) -> None:
     console = get("console")
     ctx.expect(isinstance(console, logging.StreamHandler) and not isinstance(console, logging.NullHandler),
                f"the 'console' destination is {type(console).__name__}, documented a stream handler")
+    ctx.expect_raises(KeyError, get, "no-such-destination", what="get_logging_handler of an unknown destination")
 
 
 @check(f"{EV}.api.Event")

@@ -86,6 +86,16 @@ def configure(ctx) -> None:
         configure(ctx.get(f"{MT}.api.NullMetricHandler")())  # the documented default, for later rows
     ctx.expect_equal([(m.name, m.group_name) for m in default.seen], [("d", unconfigured)],
                      "metrics reaching configure(handler) without a group (the default handler)")
+    # A handler is anything with emit(metric_data): it need not subclass MetricHandler.
+    seen, duck_group = [], _group()
+
+    class DuckHandler:
+        def emit(self, metric_data):
+            seen.append(metric_data)
+
+    configure(DuckHandler(), duck_group)
+    ctx.get(f"{MT}.put_metric")("duck", 6, duck_group)
+    ctx.expect_equal([(m.name, m.value) for m in seen], [("duck", 6)], "metrics seen by a handler with emit()")
 
 
 @check(f"{MT}.prof")

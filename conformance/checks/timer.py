@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import subprocess
 import sys
+import threading
 import time
 
 from conformance.registry import check
@@ -170,6 +172,28 @@ def file_timer_client(ctx) -> None:
     run = _file_timer_run(ctx)
     ctx.expect_equal(run["codes"]["release"], 0, f"worker that released its file timer in time ({run['stderr']})")
     ctx.expect_equal(run["codes"]["expire"], -9, "worker whose file timer expired")
+    client_cls = ctx.get(f"{T}.FileTimerClient")
+    # A worker may acquire before its server has created the FIFO: the client retries for about a second.
+    path = str(ctx.tmpdir / "late-server.pipe")
+    server = ctx.get(f"{T}.FileTimerServer")(path, ctx.run_id("late"), max_interval=0.05)
+    starter = threading.Timer(0.3, server.start)
+    starter.start()
+    try:
+        client_cls(path).acquire("late-scope", time.time() + 3600)
+        client_cls(path).release("late-scope")
+        ctx.expect(True, "acquire() while the FileTimerServer was still starting")
+    except BrokenPipeError as e:
+        ctx.expect(False, f"acquire() 0.3 s before the FileTimerServer started: {e}")
+    finally:
+        starter.join()
+        server.stop()
+    # Nobody listening: BrokenPipeError. A request longer than PIPE_BUF (not atomic on a pipe): RuntimeError.
+    ctx.expect_raises(BrokenPipeError, client_cls(str(ctx.tmpdir / "nobody.pipe")).acquire, "s", time.time() + 60,
+                      what="acquire() with no FileTimerServer")
+    plain = ctx.tmpdir / "plain-file"
+    plain.write_text("")
+    ctx.expect_raises(RuntimeError, client_cls(str(plain)).acquire, "x" * select.PIPE_BUF, time.time() + 60,
+                      what="acquire() of a request longer than PIPE_BUF")
 
 
 @check(f"{T}.TimerRequest")
