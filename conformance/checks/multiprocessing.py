@@ -84,6 +84,11 @@ def pcontext(ctx) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
         time.sleep(0.05)
     ctx.expect(not any(_alive(p) for p in pids.values()), "close() left worker processes alive")
+    # The workers close() stopped did not succeed: a poll afterwards reports them failed (by their signal).
+    stopped = pctx.wait(timeout=0)
+    ctx.expect(stopped is not None and stopped.is_failed() and set(stopped.failures) == {0, 1}
+               and all(f.exitcode != 0 for f in stopped.failures.values()),
+               f"wait(0) after close() must report both stopped workers failed, got {stopped}")
     # close() delivers death_sig (SIGTERM by default) first, so a worker can clean up before the SIGKILL.
     marker = ctx.tmpdir / "sigterm-seen"
     entry, args = ctx.worker_command("trap_sigterm", str(marker))
@@ -94,6 +99,36 @@ def pcontext(ctx) -> None:
     ctx.expect((ctx.tmpdir / "sigterm-seen.ready").exists(), "the SIGTERM-trapping worker never got ready")
     trapper.close()
     ctx.expect(marker.exists(), "close() never delivered SIGTERM (the default death_sig) to a worker before killing it")
+    _user_subclass(ctx)
+
+
+def _user_subclass(ctx) -> None:
+    """A PContext subclass implementing the documented abstract methods (_start, _poll, pids, _close) works."""
+    base, rpr = ctx.get(f"{M}.api.PContext"), ctx.get(f"{M}.api.RunProcsResult")
+
+    class Finished(base):
+        def _start(self):
+            self.started = True
+
+        def _poll(self):
+            return rpr(return_values=dict.fromkeys(range(self.nprocs)))
+
+        def pids(self):
+            return {}
+
+        def _close(self, death_sig, timeout=30):
+            self.closed = True
+
+    try:
+        own = Finished("own", "unused", {0: ()}, {0: {}}, _logs_specs(ctx))
+    except TypeError as e:
+        ctx.expect(False, f"a PContext subclass with _start, _poll, pids and _close cannot be instantiated: {e}")
+        return
+    own.start()
+    result = own.wait(timeout=1, period=0.01)
+    own.close()
+    ctx.expect(own.started and own.closed and result is not None and result.return_values == {0: None},
+               f"a user's PContext subclass: start/wait/close did not use its methods (result {result})")
 
 
 @check(f"{M}.api.MultiprocessContext", timeout=150)  # spawned workers import torch: slow on a loaded machine
@@ -151,6 +186,8 @@ def run_procs_result(ctx) -> None:
     result = _wait(ctx, _start(ctx, "ok", entry, {0: args}, {0: ctx.worker_env()}), 30)
     ctx.expect(isinstance(result, rpr), f"wait() returned {type(result).__name__}, documented RunProcsResult")
     ctx.expect(not result.is_failed() and 0 in result.return_values, f"clean exit result: {result}")
+    # documented: stdouts/stderrs map every local rank, "empty string if no redirect"
+    ctx.expect_equal((result.stdouts, result.stderrs), ({0: ""}, {0: ""}), "stdouts/stderrs without redirects")
 
 
 def _custom_logs_run(ctx):
