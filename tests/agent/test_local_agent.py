@@ -43,3 +43,30 @@ def test_successful_workers_end_the_run_before_the_monitor_interval(tcp_store, t
     start = time.monotonic()
     assert agent.run().state == WorkerState.SUCCEEDED
     assert time.monotonic() - start < 30
+
+
+def test_health_check_port_env_serves_health_while_workers_run(tcp_store, tmp_path, monkeypatch):
+    """TORCHELASTIC_HEALTH_CHECK_PORT (upstream's switch) starts our health check server with the workers; it answers
+    200 while they run and is stopped at shutdown. A value that is not a port is logged and ignored."""
+    import json
+    import urllib.request
+
+    monkeypatch.setenv("TORCHELASTIC_HEALTH_CHECK_PORT", "0")
+    agent = _agent(tcp_store, tmp_path, "import time; time.sleep(1)", monitor_interval=0.1)
+    answers = []
+    monitor = agent._monitor_workers
+
+    def monitor_and_probe(worker_group):
+        if not answers:
+            url = f"http://127.0.0.1:{agent._health_check_server.port}/health"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                answers.append((reply.status, json.loads(reply.read())["alive"]))
+        return monitor(worker_group)
+
+    agent._monitor_workers = monitor_and_probe
+    assert agent.run().state == WorkerState.SUCCEEDED
+    assert answers == [(200, True)] and agent._health_check_server is None
+
+    monkeypatch.setenv("TORCHELASTIC_HEALTH_CHECK_PORT", "not-a-port")
+    agent = _agent(tcp_store, tmp_path, "pass", monitor_interval=0.1)
+    assert agent.run().state == WorkerState.SUCCEEDED

@@ -660,6 +660,42 @@ def case_agent_local_agent_shutdown_stops_health_check_server_once(root, tmp):
     return len(stops), agent._health_check_server
 
 
+def _health_check_during_run(root: str, tmp: Path, port: str) -> tuple:
+    local = module(root, "agent.server.local_elastic_agent")
+    seen: list[Any] = []
+
+    class Agent(local.LocalElasticAgent):
+        def _monitor_workers(self, worker_group):
+            server = self._health_check_server
+            seen.append((type(server).__name__, None if server is None else int(server.alive_callback()) > 0))
+            return super()._monitor_workers(worker_group)
+
+    logs = module(root, "multiprocessing").DefaultLogsSpecs(log_dir=str(tmp / "logs"))
+    spec = _spec(root, _Handler(root, _store()), local_world_size=1, entrypoint="/bin/sh", args=("-c", "sleep 0.2"),
+                 max_restarts=0, monitor_interval=0.05, master_addr="127.0.0.1", master_port=29555)
+    agent = Agent(spec, logs)
+    old = os.environ.get("TORCHELASTIC_HEALTH_CHECK_PORT")
+    os.environ["TORCHELASTIC_HEALTH_CHECK_PORT"] = port
+    try:
+        return _run_local(agent), seen[0], agent._health_check_server
+    finally:
+        if old is None:
+            del os.environ["TORCHELASTIC_HEALTH_CHECK_PORT"]
+        else:
+            os.environ["TORCHELASTIC_HEALTH_CHECK_PORT"] = old
+
+
+@case("agent.server.local_elastic_agent.LocalElasticAgent", "agent.server.health_check_server.HealthCheckServer.start",
+      "agent.server.health_check_server.HealthCheckServer.stop")
+def case_agent_local_agent_health_check_port_env(root, tmp):
+    return _health_check_during_run(root, tmp, "0")
+
+
+@case("agent.server.local_elastic_agent.LocalElasticAgent")
+def case_agent_local_agent_health_check_port_env_not_a_number(root, tmp):
+    return _health_check_during_run(root, tmp, "not-a-port")
+
+
 def _run_local(agent) -> tuple:
     try:
         result = agent.run()

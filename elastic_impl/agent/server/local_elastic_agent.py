@@ -2,6 +2,9 @@
 
 Public name and signature follow ``torch.distributed.elastic.agent.server.local_elastic_agent``.
 
+Health check (upstream's switch): with ``TORCHELASTIC_HEALTH_CHECK_PORT=<port>`` the agent serves ``GET /health`` on
+that port from its first worker start until it shuts down (see ``health_check_server``).
+
 Worker timer server (same switch as upstream; torchrun has no CLI flag for it): with
 ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` in the agent's environment the agent runs a ``FileTimerServer`` on a named pipe
 (``TORCHELASTIC_TIMER_FILE`` if set, else a fresh path in the temp dir) and passes the path to every worker as
@@ -17,6 +20,7 @@ import signal
 import string
 import tempfile
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -289,6 +293,32 @@ class LocalElasticAgent(SimpleElasticAgent):
         logger.error("worker pid %s overran its timer %r; the timer server kills it", pid, scope)
         self._emit("agent.timer_expired", pid=pid, scope=scope)
 
+    def _setup_healthcheck(self) -> None:
+        """With ``TORCHELASTIC_HEALTH_CHECK_PORT`` set, serve ``GET /health`` on that port (once, until shutdown).
+
+        The agent counts as alive while the worker timer server sees progress (its last progress time), or, without
+        a timer server and while at the exit barrier, always (the current time). A value that is not a port number,
+        or a port that cannot be bound, is logged and the agent runs on without a health check server (it is an
+        aid for the job scheduler, not a reason to fail the job).
+        """
+        raw = os.environ.get(TORCHELASTIC_HEALTH_CHECK_PORT)
+        if raw is None or self._health_check_server is not None:
+            return
+        try:
+            server = create_healthcheck_server(alive_callback=self._alive_time, port=int(raw), timeout=60)
+            server.start()
+        except (ValueError, OSError) as e:
+            logger.warning("no health check server: %s=%r: %s", TORCHELASTIC_HEALTH_CHECK_PORT, raw, e)
+            return
+        self._health_check_server = server
+
+    def _alive_time(self) -> int:
+        """The health check's last-alive time (epoch seconds)."""
+        server = self._timer_server
+        if server is None or self._in_exit_barrier:
+            return int(time.time())
+        return server.get_last_progress_time()
+
     def _stop_timer_server(self) -> None:
         server, self._timer_server = self._timer_server, None
         if server is not None:
@@ -301,6 +331,7 @@ class LocalElasticAgent(SimpleElasticAgent):
         spec = worker_group.spec
         envs = self._worker_envs(worker_group)
         self._setup_timer_server(envs)
+        self._setup_healthcheck()
         args = {w.local_rank: _substitute_local_rank(tuple(spec.args), w.local_rank) for w in worker_group.workers}
         with serving(self._pool):
             self._pcontext = self._start_processes(spec, args, envs, worker_group)
