@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import select
@@ -187,6 +188,33 @@ def file_timer_client(ctx) -> None:
     finally:
         starter.join()
         server.stop()
+    # Documented: "Using a negative or zero signal will not kill the process". The request is written to the FIFO
+    # as FileTimerClient(path, signal=0) in that process writes it.
+    path = str(ctx.tmpdir / "signal-zero.pipe")
+    sleeper = subprocess.Popen(["sleep", "30"])
+    server = ctx.get(f"{T}.FileTimerServer")(path, ctx.run_id("sig0"), max_interval=0.01)
+    server.start()
+    try:
+        deadline = time.monotonic() + 10  # upstream's server opens its FIFO in the watchdog thread
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        request = {"version": 1, "pid": sleeper.pid, "scope_id": "s", "expiration_time": 1.0, "signal": 0}
+        try:
+            os.write(fd, (json.dumps(request) + "\n").encode())
+        finally:
+            os.close(fd)
+        time.sleep(0.5)  # many watchdog passes
+        ctx.expect_equal(sleeper.poll(), None, "exit code of a worker whose expired timer has signal 0 (not killed)")
+    finally:
+        server.stop()
+        sleeper.kill()
+        sleeper.wait()
     # Nobody listening: BrokenPipeError. A request longer than PIPE_BUF (not atomic on a pipe): RuntimeError.
     ctx.expect_raises(BrokenPipeError, client_cls(str(ctx.tmpdir / "nobody.pipe")).acquire, "s", time.time() + 60,
                       what="acquire() with no FileTimerServer")

@@ -266,15 +266,22 @@ class FileTimerServer(TimerServer):
         return len(keys)
 
     def _reap_worker(self, worker_id: int) -> bool:
+        now = self._clock.time()
         with self._lock:
             requests = [r for k, r in self._timers.items() if k[0] == worker_id]
-        sig = next((r.signal for r in requests if r.signal), signal.SIGKILL)
-        for request in requests:
+        expired = sorted((r for r in requests if r.expiration_time <= now), key=lambda r: r.expiration_time)
+        for request in expired or requests:
             if self._log_event is not None:
                 try:
                     self._log_event("timer_expired", request)
                 except Exception as e:
                     logger.warning("log_event callback failed: %s", e)
+        # the signal of the earliest expired timer that has one > 0; FileTimerClient(signal=0 or < 0) documents that
+        # the worker is not killed: its timers are then dropped (returning True clears them), as upstream
+        sig = next((r.signal for r in expired or requests if getattr(r, "signal", 0) > 0), None)
+        if sig is None:
+            logger.info("timers of worker pid %s expired with no signal > 0; not reaping it", worker_id)
+            return True
         try:
             os.kill(worker_id, sig)
         except ProcessLookupError:

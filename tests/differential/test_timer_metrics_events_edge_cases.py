@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import re
+import subprocess
 import time
 import typing
 import warnings
@@ -203,6 +204,43 @@ def case_tme_file_timer_client_to_server_round_trip(root, tmp):
     finally:
         server.clear_timers({os.getpid()})
         server.stop()
+
+
+def _open_fifo_for_writing(path):
+    deadline = time.monotonic() + 5  # upstream's server opens its FIFO in the watchdog thread, after start()
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+@case("timer.FileTimerClient", "timer.FileTimerServer")
+def case_tme_file_timer_signal_zero_or_negative_does_not_kill(root, tmp):
+    # FileTimerClient documents: "Using a negative or zero signal will not kill the process". The requests are
+    # written to the FIFO as FileTimerClient(path, signal=0 / -1) in those processes would write them.
+    timer = module(root, "timer")
+    path = str(tmp / "watchdog.fifo")
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    server = timer.FileTimerServer(path, "run", max_interval=0.01)
+    server.start()
+    try:
+        fd = _open_fifo_for_writing(path)
+        try:
+            for proc, sig in zip(sleepers, (0, -1), strict=True):
+                line = {"version": 1, "pid": proc.pid, "scope_id": "s", "expiration_time": 1.0, "signal": sig}
+                os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+        time.sleep(0.3)  # many watchdog passes
+        return [p.poll() for p in sleepers], server.get_expired_timers(time.time())
+    finally:
+        server.stop()
+        for p in sleepers:
+            p.kill()
+            p.wait()
 
 
 @contextlib.contextmanager

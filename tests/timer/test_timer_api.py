@@ -168,3 +168,24 @@ def test_timers_of_exited_processes_are_dropped(spawn):
     server = timer.FileTimerServer("/nonexistent-unused", "run", max_interval=1)
     server.register_timers([FileTimerRequest(done.pid, "s", 1, int(signal.SIGKILL))])
     assert server.get_expired_timers(time.time()) == {}
+
+
+def test_a_signal_of_zero_or_below_does_not_kill_and_the_earliest_expired_signal_is_used(fake_clock, spawn):
+    # FileTimerClient documents: "Using a negative or zero signal will not kill the process" (ours sent SIGKILL for
+    # signal 0 and retried os.kill(pid, -1) forever). The timers are dropped; with several expired timers the signal
+    # of the earliest one with a signal > 0 is sent.
+    zero, negative, mixed = (spawn("import time; time.sleep(60)") for _ in range(3))
+    server = timer.FileTimerServer("/nonexistent-unused", "run", max_interval=1, clock=fake_clock)
+    now = fake_clock.now
+    server.register_timers([
+        FileTimerRequest(zero.pid, "s", now - 1, 0),
+        FileTimerRequest(negative.pid, "s", now - 1, -1),
+        FileTimerRequest(mixed.pid, "late", now - 1, int(signal.SIGKILL)),
+        FileTimerRequest(mixed.pid, "no-signal", now - 3, 0),
+        FileTimerRequest(mixed.pid, "early", now - 2, int(signal.SIGTERM)),
+        FileTimerRequest(mixed.pid, "not-expired", now + 100, int(signal.SIGINT)),
+    ])
+    assert sorted(server.run_once()) == sorted([zero.pid, negative.pid, mixed.pid])
+    assert mixed.wait(timeout=10) == -signal.SIGTERM
+    assert zero.poll() is None and negative.poll() is None
+    assert server.get_expired_timers(now + 1000) == {}
