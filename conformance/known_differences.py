@@ -165,6 +165,11 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "a FAILED rendezvous event recorded while no exception is being handled carries error_trace "
         "'NoneType: None\\n' upstream (traceback.format_exc() of nothing); ours leaves it '' as for other states"
     ),
+    "tme_events_record_loglevel_invalid": (
+        "with an invalid LOGLEVEL (e.g. 'not-a-level') upstream's record() raises ValueError('Unknown level') on "
+        "every call to a destination not used before; ours records at INFO (a valid LOGLEVEL sets the level on both, "
+        "case tme_events_record_loglevel_warning_silences_console)"
+    ),
     # --- multiprocessing (issue 17.10)
     "mp_binary_failure_stops_the_others": (
         "when one binary worker fails, upstream's SubprocessContext stops the others and then also lists them as "

@@ -65,7 +65,11 @@ def _get_or_create_logger(destination: str = "null") -> logging.Logger:
         return _events_loggers[destination]
     handler = get_logging_handler(destination)
     logger = logging.getLogger(f"elastic_impl.events.{destination}")
-    logger.setLevel(logging.INFO)  # events are logged at INFO; the destination's handler decides what to keep
+    # events are logged at INFO: LOGLEVEL (as upstream) can silence them, e.g. LOGLEVEL=WARNING; an invalid value is INFO
+    try:
+        logger.setLevel(os.environ.get("LOGLEVEL", "INFO"))
+    except (ValueError, TypeError):
+        logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     logger.propagate = False  # events go to their destination only, not to the root logger
     _events_loggers[destination] = logger

@@ -664,6 +664,41 @@ def case_tme_events_record_zero_timestamp(root, tmp):
     return json.loads(stream.getvalue())["timestamp"], e.timestamp
 
 
+def _record_console_with_loglevel(root, loglevel):
+    # the destination's logger takes its level from LOGLEVEL when first used
+    events = module(root, "events")
+    api = module(root, "events.api")
+    old_logger = events._events_loggers.pop("console", None)
+    old_level = old_logger.level if old_logger is not None else logging.INFO
+    old_env = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = loglevel
+    try:
+        with _console_stream(root) as stream:
+            result = outcome(lambda: events.record(api.Event("quiet", api.EventSource.AGENT, 5), "console"),
+                             compare_message=False)
+        return result, stream.getvalue()
+    finally:
+        if old_env is None:
+            del os.environ["LOGLEVEL"]
+        else:
+            os.environ["LOGLEVEL"] = old_env
+        new_logger = events._events_loggers.pop("console", None)
+        if new_logger is not None:
+            new_logger.setLevel(old_level)
+        if old_logger is not None:
+            events._events_loggers["console"] = old_logger
+
+
+@case("events.record")
+def case_tme_events_record_loglevel_warning_silences_console(root, tmp):
+    return _record_console_with_loglevel(root, "WARNING")
+
+
+@case("events.record")
+def case_tme_events_record_loglevel_invalid(root, tmp):
+    return _record_console_with_loglevel(root, "not-a-level")
+
+
 @case("events.record")
 def case_tme_events_record_unknown_destination(root, tmp):
     events = module(root, "events")

@@ -188,3 +188,28 @@ def test_concurrent_processes_never_interleave_lines(tmp_path):
     parsed = [json.loads(line) for line in lines]
     for n in range(2):
         assert [d["metadata"]["i"] for d in parsed if d["name"] == f"p{n}"] == list(range(200))
+
+
+def test_loglevel_above_info_silences_a_destination_when_first_used(monkeypatch):
+    # as upstream: the destination's logger takes LOGLEVEL (ours logged at INFO whatever LOGLEVEL said)
+    import io
+
+    handler = events.get_logging_handler("console")
+    stream = io.StringIO()
+    old_stream = handler.setStream(stream)
+    old_logger = events._events_loggers.pop("console", None)
+    monkeypatch.setenv("LOGLEVEL", "WARNING")
+    try:
+        events.record(Event("quiet", EventSource.AGENT, 5), "console")
+        assert stream.getvalue() == ""
+        events._events_loggers.pop("console")
+        monkeypatch.setenv("LOGLEVEL", "not-a-level")  # invalid: INFO (upstream raises ValueError from record())
+        events.record(Event("loud", EventSource.AGENT, 5), "console")
+        assert json.loads(stream.getvalue())["name"] == "loud"
+    finally:
+        handler.setStream(old_stream)
+        new_logger = events._events_loggers.pop("console", None)
+        if new_logger is not None:
+            new_logger.setLevel(logging.INFO)
+        if old_logger is not None:
+            events._events_loggers["console"] = old_logger
