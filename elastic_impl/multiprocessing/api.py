@@ -679,7 +679,8 @@ class MultiprocessContext(PContext):
                          duplicate_stderr_filters, clock=clock)
         self.start_method = start_method
         self._numa_options = numa_options
-        self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{name}_")
+        # the name is free text ("role/trainer" is fine): only its path-safe form names the folder
+        self._ret_dir = tempfile.mkdtemp(prefix=f"elastic_ret_{str(name).replace(os.sep, '_')}_")
         self._procs: dict[int, mp.process.BaseProcess] = {}
         self._running_local_ranks: set[int] = set()  # as the last _poll saw them; _wait_for_exit waits on these
         self._return_values: dict[int, Any] = {}

@@ -539,6 +539,59 @@ def case_mp_start_processes_entrypoint_not_callable(root, tmp):
     return outcome(run, compare_message=False)
 
 
+@case("multiprocessing.start_processes", "multiprocessing.api.PContext")
+def case_mp_duplicate_stdout_filters(root, tmp):
+    api = module(root, "multiprocessing.api")
+    specs = _specs(root, tmp, tee=api.Std.OUT)
+    script = "echo keep 1; echo drop; echo keep 2"
+    with _Started(root, SH, {0: ("-c", script), 1: ("-c", "echo keep from 1")}, _envs(2, TORCHELASTIC_RUN_ID="job"),
+                  specs, duplicate_stdout_filters=["keep"]) as pc:
+        result = pc.wait(-1, period=0.05)
+    filtered = sorted(Path(result.stdouts[0]).parent.parent.glob("filtered_*.log"))
+    return [(p.name, sorted(p.read_text().splitlines())) for p in filtered]
+
+
+@case("multiprocessing.start_processes", "multiprocessing.api.PContext")
+def case_mp_duplicate_filters_without_tee(root, tmp):
+    with _Started(root, SH, {0: ("-c", "echo keep")}, _envs(1, TORCHELASTIC_RUN_ID="job"), _specs(root, tmp),
+                  duplicate_stdout_filters=["keep"], duplicate_stderr_filters=["x"]) as pc:
+        result = _result(pc.wait(-1, period=0.05), tmp)
+    logs = [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files if f.endswith(".log")]
+    return result, sorted((_rel(p, tmp), Path(p).read_text()) for p in logs)
+
+
+@case("multiprocessing.start_processes", "multiprocessing.api.SubprocessContext")
+def case_mp_binary_local_ranks_filter_run(root, tmp):
+    api = module(root, "multiprocessing.api")
+    specs = _specs(root, tmp, redirects={1: api.Std.OUT}, local_ranks_filter={0})
+    args = {r: ("-c", f"echo out{r}; echo err{r} >&2") for r in range(2)}
+    with _Started(root, SH, args, _envs(2), specs) as pc:
+        result = pc.wait(-1, period=0.05)
+    return _result(result, tmp), Path(result.stdouts[1]).read_text()
+
+
+@case("multiprocessing.start_processes", "multiprocessing.api.SubprocessContext")
+def case_mp_binary_env_value_not_a_string(root, tmp):
+    def run():
+        with _Started(root, SH, {0: ("-c", "exit 0")}, {0: {"X": 1}}, _specs(root, tmp)) as pc:
+            return _result(pc.wait(-1, period=0.05), tmp)
+
+    return outcome(run, compare_message=False)
+
+
+@case("multiprocessing.start_processes", "multiprocessing.api.MultiprocessContext")
+def case_mp_function_name_with_a_slash(root, tmp):
+    def run():
+        mp = module(root, "multiprocessing")
+        pc = mp.start_processes("role/trainer", mp_double, {0: (3,)}, _envs(1), _specs(root, tmp), start_method="fork")
+        try:
+            return _result(pc.wait(-1, period=0.05), tmp)
+        finally:
+            pc.close(timeout=1)
+
+    return outcome(run)
+
+
 # ---------------------------------------------------------------------------------------------- PContext lifecycle
 
 
@@ -612,8 +665,8 @@ def case_mp_binary_close_ignoring_sigterm_escalates(root, tmp):
 @case("multiprocessing.api.PContext", "multiprocessing.api.MultiprocessContext")
 def case_mp_function_close_then_wait(root, tmp):
     with _Started(root, mp_sleep, {0: (30,)}, _envs(1), _specs(root, tmp)) as pc:
-        first = outcome(lambda: pc.close(timeout=1))
-        second = outcome(lambda: pc.close(timeout=1))
+        first = outcome(lambda: pc.close(timeout=0.3))
+        second = outcome(lambda: pc.close(timeout=0.3))
         result = pc.wait(0)
         # the exit code depends on the forked worker's SIGTERM handler and the machine's speed: 1 or -9
         return first, second, None if result is None else (result.is_failed(), sorted(result.failures))

@@ -332,3 +332,10 @@ def test_close_keeps_the_exit_status_of_function_workers(tmp_path, contexts):
     pc.close(death_sig=signal.SIGKILL, timeout=1)
     result = pc.wait(timeout=5, period=0.05)
     assert result is not None and {r: f.exitcode for r, f in result.failures.items()} == {0: -signal.SIGKILL}
+
+
+def test_function_workers_name_may_hold_a_slash(tmp_path, contexts):
+    """The name is free text (upstream uses it only in log prefixes); it made the return-value folder's path."""
+    pc = _start(contexts, "role/trainer", workers.echo_double, {0: (3,)}, _envs(1), DefaultLogsSpecs(str(tmp_path)),
+                start_method="fork")
+    assert pc.wait(timeout=30, period=0.05).return_values == {0: 6}
