@@ -208,6 +208,116 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "AttributeError ('int' object has no attribute '__qualname__') while building the failure report; ours "
         "raises a one-line ValueError naming the entrypoint before starting anything"
     ),
+    # --- etcd (issue 17.10): tests/differential/test_etcd_edge_cases.py
+    "etcd_store_prefix_none": (
+        "EtcdStore(client, None) raises AttributeError upstream ('NoneType' has no endswith); ours raises a one-line "
+        "ValueError naming the prefix"
+    ),
+    "etcd_store_relative_prefix_round_trip": (
+        "with a prefix without a leading '/' (e.g. etcd_prefix='p' of the legacy handler) upstream's EtcdStore compares "
+        "etcd's absolute key names with its relative ones and never finds a key: get/wait/check time out (LookupError "
+        "after 300 s by default: the legacy handler with such an etcd_prefix fails next_rendezvous after 5 min). Ours reads each key by name, so "
+        "the key it set is found; the prefix attribute is the same ('p/') on both"
+    ),
+    "etcd_store_bytearray_value": (
+        "upstream's EtcdStore.set/get accept only exact str/bytes (ValueError for a bytearray); ours also takes "
+        "bytearray/memoryview, as the c10d stores do (TCPStore.set(key, bytearray(...)) works)"
+    ),
+    "etcd_store_empty_key_list_on_a_fresh_prefix": (
+        "check([]) is False and wait([]) raises LookupError after the timeout upstream while nothing was ever set under "
+        "the prefix (its directory read fails), True/returns once anything was set; ours: no keys are always all "
+        "present (True / returns at once), as TCPStore.check([]) is True"
+    ),
+    "etcd_store_duplicate_keys": (
+        "a key listed twice is never 'all present' upstream: check(['a', 'a']) is False and wait(['a', 'a']) raises "
+        "LookupError after the timeout although 'a' is set (it counts distinct found keys against the list length); "
+        "ours looks at each distinct key: True / returns"
+    ),
+    "etcd_store_add_float_amount": (
+        "add(key, 1.5) upstream writes '1.5' into the key and then raises ValueError (the counter is now unusable); ours "
+        "raises ValueError naming the amount before writing anything (c10d's Store.add takes an int)"
+    ),
+    "etcd_store_add_str_amount": (
+        "add(key, '3') upstream works on a fresh key (3) and raises TypeError on the next call; ours raises a one-line "
+        "ValueError naming the amount every time (c10d's Store.add takes an int; TCPStore raises TypeError)"
+    ),
+    "etcd_store_key_whose_base64_has_a_slash": (
+        "upstream stores keys as standard base64, so a key like b'\\xff\\xff\\xff' ('////') is not a key name etcd "
+        "can hold: get() of it times out although set() returned; ours uses URL-safe base64 names (documented in "
+        "etcd_store.py; the two layouts are not shared, so both sides of a job must use the same implementation)"
+    ),
+    "etcd_store_unreachable_etcd_is_a_dist_network_error": (
+        "an unreachable etcd: upstream lets python-etcd's EtcdConnectionFailed through; ours raises "
+        "EtcdStoreUnreachableError, which is both that EtcdConnectionFailed (code catching it works unchanged; case "
+        "etcd_store_unreachable_etcd_is_an_etcd_connection_error) and torch.distributed.DistNetworkError, what c10d "
+        "stores raise and what the agent treats as a store outage"
+    ),
+    "etcd_backend_blank_run_id": (
+        "EtcdRendezvousBackend(client, '  ') is accepted upstream (only '' and None are refused); ours refuses a "
+        "whitespace-only run id like RendezvousParameters does (see rendezvous_parameters_empty_run_id)"
+    ),
+    "etcd_backend_fractional_ttl": (
+        "ttl=1.5 is passed to etcd upstream, which refuses it: the first set_state raises RendezvousConnectionError "
+        "('The connection to etcd has failed'); ours writes whole seconds (int(ttl))"
+    ),
+    "etcd_backend_set_state_token_of_another_type": (
+        "set_state(state, token=object()) raises TypeError upstream (only ValueError of int(token) is caught); ours "
+        "treats any token it never handed out alike: it cannot match, the current state comes back with False"
+    ),
+    "etcd_backend_set_state_token_on_missing_state": (
+        "set_state(state, token=5) when no state exists (it expired, or was never written) raises "
+        "RendezvousConnectionError upstream (etcd's 'key not found' for prevIndex is wrapped as a connection failure); "
+        "ours returns None, the documented 'no state' answer, like a lost race"
+    ),
+    "etcd_backend_corrupt_state": (
+        "a state value that is not base64 ('%%%') decodes to b'' upstream (lenient b64decode drops the bad "
+        "characters) and the handler then fails unpickling it; ours raises RendezvousStateError naming the key"
+    ),
+    "etcd_cert_options_over_http": (
+        "ssl_cert (etcd-v2) / cert (legacy etcd) with protocol http are accepted upstream and silently unused (the "
+        "connection is plain HTTP); ours refuses them with a one-line ValueError naming the options and protocol, "
+        "since whoever set a client certificate believes the connection is TLS"
+    ),
+    "etcd_create_backend_endpoint_list": (
+        "an endpoint listing the etcd cluster's members (h1:p1,h2:p2) is a ValueError upstream; ours connects to the "
+        "first one that answers (python-etcd's failover), documented in elastic_impl/rendezvous/_etcd_client.py"
+    ),
+    "etcd_create_backend_fractional_read_timeout": (
+        "read_timeout='0.5' is refused upstream (parsed with get_as_int); ours takes fractional seconds like every "
+        "other time option (elastic_impl/rendezvous/options.py)"
+    ),
+    "etcd_create_backend_ttl_option": (
+        "upstream's create_backend ignores a ttl option (the state always lives 2 h without writes) and so accepts "
+        "ttl='0'; ours honours ttl (documented in create_backend) and refuses a non-positive one with a one-line "
+        "ValueError"
+    ),
+    "etcd_error_messages": (
+        "wording of the etcd one-line errors: ours name the bad value and what is allowed (run_id, protocol, "
+        "read_timeout, a str/bytes value's actual type) or the key and timeout of a LookupError; upstream's are "
+        "fixed sentences ('The protocol must be HTTP or HTTPS.', 'Key missing not found in EtcdStore', ...). The "
+        "exception types are the same"
+    ),
+    "etcd_legacy_set_closed_before_any_rendezvous": (
+        "the legacy handler's set_closed() before any rendezvous state exists raises etcd.EtcdKeyNotFound upstream "
+        "(and the run stays open); ours closes the run (documented in etcd_rendezvous.py)"
+    ),
+    "etcd_legacy_zero_timeout": (
+        "timeout='0' (or negative) is accepted upstream and every next_rendezvous raises RendezvousTimeoutError at "
+        "once; ours refuses it when the handler is created, with a one-line ValueError naming the value"
+    ),
+    "etcd_legacy_fractional_timeout": (
+        "timeout='2.5' is refused upstream (get_as_int); ours takes fractional seconds (documented in "
+        "etcd_rendezvous.py)"
+    ),
+    "etcd_legacy_protocol_in_capitals": (
+        "the legacy handler upstream compares protocol exactly ('HTTP' is a ValueError) while upstream's etcd-v2 "
+        "backend lowercases and strips it; ours parses it the same way for both (lowercased, stripped)"
+    ),
+    "etcd_legacy_unreachable_etcd": (
+        "creating the legacy handler against an unreachable etcd (or https with an unreadable CA file) lets "
+        "python-etcd's bare EtcdException ('Could not get the list of servers ...') through upstream; ours raises "
+        "RendezvousConnectionError naming host:port, as the etcd-v2 backend does on both"
+    ),
 }
 
 

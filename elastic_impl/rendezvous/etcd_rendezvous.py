@@ -95,13 +95,14 @@ class EtcdRendezvous:
 
     def __init__(self, client, prefix: str, run_id: str, num_min_workers: int, num_max_workers: int,
                  timeout: float, last_call_timeout: float, keep_alive_ttl: int = CONST_WORKER_KEEPALIVE_TTL):
-        if not isinstance(run_id, str) or not run_id or "/" in run_id:
-            raise ValueError(f"rendezvous run_id must be a non-empty string without '/', got {run_id!r}")
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"rendezvous run_id must be a non-empty string, got {run_id!r}")
         if not 1 <= num_min_workers <= num_max_workers:
             raise ValueError(f"rendezvous needs 1 <= min_nodes <= max_nodes, got {num_min_workers} and {num_max_workers}")
-        for name, value in (("timeout", timeout), ("last_call_timeout", last_call_timeout)):
-            if not value > 0:
-                raise ValueError(f"rendezvous option {name}={value!r} must be a positive number of seconds")
+        if not timeout > 0:
+            raise ValueError(f"rendezvous option timeout={timeout!r} must be a positive number of seconds")
+        if not last_call_timeout >= 0:  # 0 (as upstream): freeze as soon as min_workers joined
+            raise ValueError(f"rendezvous option last_call_timeout={last_call_timeout!r} must be a number of seconds >= 0")
         if int(keep_alive_ttl) < 1:
             raise ValueError(f"rendezvous option keep_alive_ttl={keep_alive_ttl!r} must be a whole number of seconds >= 1")
         self.client = client
@@ -591,15 +592,25 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._rdzv_impl.stop_leases()
 
 
+def _is_zero(value: Any) -> bool:
+    try:
+        return value is not None and not isinstance(value, bool) and float(str(value).strip()) == 0
+    except ValueError:
+        return False
+
+
 def create_rdzv_handler(params: RendezvousParameters) -> RendezvousHandler:
     """Create an :class:`EtcdRendezvousHandler` from ``params`` (options: see the handler's docstring)."""
     options = connection_options(params, cert_keys=("cert", "key", "cacert"))
     timeout = option_seconds(params, "timeout", _DEFAULT_TIMEOUT)
-    last_call = option_seconds(params, "last_call_timeout", _DEFAULT_LAST_CALL_TIMEOUT)
+    # 0 is allowed here (upstream's legacy handler freezes the round as soon as min_workers joined)
+    last_call = 0.0 if _is_zero(params.get("last_call_timeout")) else option_seconds(
+        params, "last_call_timeout", _DEFAULT_LAST_CALL_TIMEOUT)
     keep_alive_ttl = params.get_as_int("keep_alive_ttl", CONST_WORKER_KEEPALIVE_TTL)
     prefix = params.get("etcd_prefix", _DEFAULT_PREFIX)
-    if not isinstance(prefix, str) or not prefix.strip():
-        raise ValueError(f"rendezvous option etcd_prefix={prefix!r} must be a non-empty etcd path")
+    # '' is the etcd root (as upstream); whitespace alone is a typo, not a directory anyone meant
+    if not isinstance(prefix, str) or (prefix and not prefix.strip()):
+        raise ValueError(f"rendezvous option etcd_prefix={prefix!r} must be an etcd path ('' or '/' for the root)")
     client = options.v2_client()
     try:
         rdzv = EtcdRendezvous(client, prefix, params.run_id, params.min_nodes, params.max_nodes, timeout, last_call,

@@ -46,9 +46,7 @@ class EtcdRendezvousBackend(RendezvousBackend, ChangeNotification):
     _DEFAULT_TTL = 7200
 
     def __init__(self, client, run_id: str, key_prefix: str | None = None, ttl: int | None = None) -> None:
-        check_run_id(run_id)
-        if "/" in run_id:
-            raise ValueError(f"rendezvous run_id {run_id!r} must not contain '/' (it is an etcd key name)")
+        check_run_id(run_id)  # a '/' in it is fine (as upstream): the state key then sits in a sub-directory
         self._client = client
         prefix = (key_prefix or "").rstrip("/")
         if prefix and not prefix.startswith("/"):
@@ -128,6 +126,10 @@ class EtcdRendezvousBackend(RendezvousBackend, ChangeNotification):
                 # Not a token this backend ever handed out: it cannot match; report the current state.
                 current = self.get_state()
                 return None if current is None else (*current, False)
+            if token <= 0:
+                # Never a modifiedIndex; etcd v2 ignores prevIndex=0, so it would overwrite unconditionally.
+                # Like upstream (which tests the token's truth), 0 means "no token": write only if absent.
+                token = None
         condition = {"prevIndex": token} if token is not None else {"prevExist": False}
         try:
             node = self._client.write(self._key, b64encode(bytes(state)).decode(), ttl=self._ttl, **condition)

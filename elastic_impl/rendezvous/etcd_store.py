@@ -8,12 +8,15 @@ the directory listing and a ``get`` of them would wait forever.
 Blocking reads (``get``, ``wait``) read the keys, then watch the prefix from the etcd index of that read, so a key
 written in between is never missed and no time is spent polling. They raise ``LookupError`` after the store's
 timeout (``set_timeout`` / the constructor's ``timeout``; c10d's default of 300 s otherwise). Failing to reach
-etcd raises ``torch.distributed.DistNetworkError`` naming host:port.
+etcd raises :class:`EtcdStoreUnreachableError` naming host:port: a ``torch.distributed.DistNetworkError`` (what
+c10d stores raise) that is also python-etcd's ``etcd.EtcdConnectionFailed`` (what upstream's EtcdStore lets
+through), so code catching either keeps working.
 """
 
 from __future__ import annotations
 
 import datetime
+import operator
 import random
 import time
 from base64 import b64decode, b64encode, urlsafe_b64encode
@@ -23,7 +26,11 @@ from torch.distributed import DistNetworkError, Store
 
 from ._etcd_client import as_bytes, client_endpoint, is_unreachable, one_line
 
-__all__ = ["EtcdStore"]
+__all__ = ["EtcdStore", "EtcdStoreUnreachableError"]
+
+
+class EtcdStoreUnreachableError(DistNetworkError, etcd.EtcdConnectionFailed):
+    """etcd could not be reached: both c10d's DistNetworkError and python-etcd's EtcdConnectionFailed."""
 
 
 def cas_delay() -> None:
@@ -36,11 +43,11 @@ class EtcdStore(Store):
 
     def __init__(self, etcd_client, etcd_store_prefix: str, timeout: datetime.timedelta | None = None):
         super().__init__()  # the pybind11 trampoline needs it
+        if not isinstance(etcd_store_prefix, str):
+            raise ValueError(f"EtcdStore etcd_store_prefix must be a str (an etcd directory), got {etcd_store_prefix!r}")
         self.client = etcd_client
-        prefix = str(etcd_store_prefix)
-        if not prefix.startswith("/"):
-            prefix = "/" + prefix
-        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        # As given, with a trailing '/' (upstream's attribute); keys are absolute either way (python-etcd adds '/').
+        self.prefix = etcd_store_prefix if etcd_store_prefix.endswith("/") else etcd_store_prefix + "/"
         if timeout is not None:
             self.set_timeout(timeout)
 
@@ -63,10 +70,13 @@ class EtcdStore(Store):
             return fn(*args, **kwargs)
         except etcd.EtcdException as e:
             if is_unreachable(e):
-                raise DistNetworkError(f"EtcdStore: etcd at {client_endpoint(self.client)} is unreachable: {one_line(e)}") from None
+                raise self._unreachable(e) from None
             raise
         except OSError as e:
-            raise DistNetworkError(f"EtcdStore: etcd at {client_endpoint(self.client)} is unreachable: {one_line(e)}") from None
+            raise self._unreachable(e) from None
+
+    def _unreachable(self, e: BaseException) -> EtcdStoreUnreachableError:
+        return EtcdStoreUnreachableError(f"EtcdStore: etcd at {client_endpoint(self.client)} is unreachable: {one_line(e)}")
 
     # ------------------------------------------------------------------ Store API
 
@@ -83,7 +93,10 @@ class EtcdStore(Store):
 
     def add(self, key, num: int) -> int:
         """Atomically add ``num`` to the decimal integer stored under ``key`` (0 if absent); return the new value."""
-        num = int(num)
+        try:
+            num = operator.index(num)  # an int (or int-like): 1.5 or "3" is a mistake, not a number to round
+        except TypeError:
+            raise ValueError(f"EtcdStore: add() needs an integer amount, got {num!r}") from None
         etcd_key = self._etcd_key(key)
         try:
             node = self._call(self.client.write, etcd_key, self._encode_value(str(num)), prevExist=False)

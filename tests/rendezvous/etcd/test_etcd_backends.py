@@ -50,6 +50,9 @@ def test_compare_and_set(backend, etcd_server, run_id):
     assert first.set_state(b"stale", token) == (b"two", token2, False)
     # A token this backend never handed out cannot match.
     assert first.set_state(b"junk", "not-a-token") == (b"two", token2, False)
+    # Nor can 0 (etcd v2 ignores prevIndex=0: the write used to land unconditionally) or a negative one.
+    assert first.set_state(b"zero", 0) == (b"two", token2, False)
+    assert first.set_state(b"negative", -1) == (b"two", token2, False)
     assert first.get_state() == (b"two", token2)
 
     other, _ = _create(backend, etcd_server.get_endpoint(), run_id + "-other")
@@ -261,3 +264,13 @@ def test_each_backend_offers_its_capability_protocols(backend, etcd_server, run_
     if backend == "etcd-v3":
         expected |= {KeyedStorage, NodeLiveness}
     assert offered_protocols(created) == expected
+
+
+def test_v2_run_id_with_a_slash_is_a_sub_key(etcd_server, run_id):
+    """As upstream: the state of run 'group/job' lives at <key_prefix>/group/job."""
+    from elastic_impl.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend
+
+    backend = EtcdRendezvousBackend(etcd_server.get_client(), f"{run_id}/job", key_prefix="/test/slash")
+    state, _, ok = backend.set_state(b"s")
+    assert ok and state == b"s"
+    assert etcd_server.get_client().read(f"/test/slash/{run_id}/job").value == "cw=="

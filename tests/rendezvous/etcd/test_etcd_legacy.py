@@ -85,3 +85,30 @@ def test_interoperates_with_upstream_handlers(etcd_server, run_id):
     assert infos[3].store.get("from-ours") == b"1"
     ours[0].set_closed()
     assert theirs[0].is_closed()
+
+
+@pytest.mark.parametrize(
+    ("options", "run_suffix"),
+    [
+        ({"etcd_prefix": ""}, ""),  # the etcd root, as upstream
+        ({"last_call_timeout": "0"}, ""),  # freeze as soon as min_workers joined, as upstream
+        ({}, "/job"),  # a run id with '/', as upstream
+    ],
+)
+def test_options_upstream_accepts_form_a_round(etcd_server, run_id, options, run_suffix):
+    handler = rendezvous_handler_registry.create_handler(
+        _params(etcd_server, run_id + run_suffix, 1, 2, **{"last_call_timeout": 0.3, **options}))
+    try:
+        info = handler.next_rendezvous()
+        assert (info.rank, info.world_size) == (0, 1)
+        assert handler.get_run_id() == run_id + run_suffix
+    finally:
+        handler.shutdown()
+
+
+@pytest.mark.parametrize(("options", "named"), [({"etcd_prefix": "  "}, "etcd_prefix"),
+                                                ({"last_call_timeout": "-1"}, "-1")])
+def test_bad_prefix_or_last_call_is_a_one_line_error(etcd_server, run_id, options, named):
+    with pytest.raises(ValueError, match=named) as info:
+        rendezvous_handler_registry.create_handler(_params(etcd_server, run_id, 1, 1, **options))
+    assert "\n" not in str(info.value)

@@ -150,3 +150,37 @@ def test_the_agents_bounded_round_store_works_over_an_etcd_store(etcd_server):
     store.set("k", b"v")
     assert store.get("k") == b"v" and store.add("n", 2) == 2 and store.check(["k"])
     assert template.get("k") == b"v"  # the same store, not a copy
+
+
+def test_v2_store_prefix_is_kept_as_given_and_must_be_a_str(etcd_server):
+    """Upstream's attribute: the prefix as given plus '/'; a relative one still round-trips (upstream's does not)."""
+    from elastic_impl.rendezvous.etcd_store import EtcdStore
+
+    relative = _v2_store(etcd_server, f"test/relative/{uuid.uuid4().hex[:8]}", timedelta(seconds=2))
+    assert relative.prefix.startswith("test/relative/") and relative.prefix.endswith("/")
+    relative.set("k", "v")
+    assert relative.get("k") == b"v" and relative.check(["k"])
+    with pytest.raises(ValueError, match="etcd_store_prefix.*None"):
+        EtcdStore(relative.client, None)
+
+
+@pytest.mark.parametrize("amount", [1.5, "3", None])
+def test_v2_store_add_refuses_a_non_integer_amount_without_writing(etcd_server, amount):
+    store = _v2_store(etcd_server, f"/test/add/{uuid.uuid4().hex[:8]}", timedelta(seconds=0.2))
+    with pytest.raises(ValueError, match="integer amount") as info:
+        store.add("counter", amount)
+    assert repr(amount) in str(info.value)
+    assert not store.check(["counter"])
+    assert store.add("counter", True) == 1  # an int-like bool counts, as in TCPStore.add
+
+
+def test_v2_store_unreachable_etcd_is_also_python_etcds_connection_error(private_etcd_server):
+    """Code written against upstream catches etcd.EtcdConnectionFailed; c10d code catches DistNetworkError."""
+    import etcd
+
+    store = _v2_store(private_etcd_server, "/test/unreachable", timedelta(seconds=0.2))
+    private_etcd_server.stop()
+    for call in (lambda: store.set("a", "b"), lambda: store.get("a"), lambda: store.add("a", 1)):
+        with pytest.raises(etcd.EtcdConnectionFailed) as info:
+            call()
+        assert isinstance(info.value, dist.DistNetworkError)
