@@ -47,6 +47,12 @@ def create_backend(ctx) -> None:
         backend="etcd-v2", endpoint=etcd.endpoint, run_id="x", min_nodes=1, max_nodes=1, protocol="gopher",
     )
     ctx.expect_raises(ValueError, ctx.get(f"{EB}.create_backend"), bad, what="create_backend() with protocol 'gopher'")
+    unreadable_ca = ctx.get("rendezvous.RendezvousParameters")(
+        backend="etcd-v2", endpoint=etcd.endpoint, run_id="x", min_nodes=1, max_nodes=1, protocol="https",
+        ca_cert=f"/nonexistent/{uuid.uuid4().hex}/ca.pem",
+    )
+    ctx.expect_raises(ctx.get("rendezvous.api.RendezvousConnectionError"), ctx.get(f"{EB}.create_backend"),
+                      unreadable_ca, what="create_backend() over https with an unreadable ca_cert")
 
 
 @check(f"{EB}.EtcdRendezvousBackend", timeout=60)
@@ -77,6 +83,10 @@ def etcd_name(ctx) -> None:
 def etcd_set_state(ctx) -> None:
     first, run_id = _backend(ctx)
     cas_sequence(ctx, first, _backend(ctx, run_id)[0])
+    current = first.get_state()
+    # token 0 was never handed out (etcd v2 ignores prevIndex=0): it must not overwrite the state
+    ctx.expect_equal(first.set_state(b"token-zero", 0), (*current, False), "set_state(token=0) on an existing state")
+    ctx.expect_equal(first.get_state(), current, "state after set_state(token=0)")
 
 
 @check("rendezvous.etcd_rendezvous.EtcdRendezvousHandler", timeout=90)
