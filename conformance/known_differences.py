@@ -318,6 +318,62 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "python-etcd's bare EtcdException ('Could not get the list of servers ...') through upstream; ours raises "
         "RendezvousConnectionError naming host:port, as the etcd-v2 backend does on both"
     ),
+    # --- rendezvous API, dynamic handler, c10d backend (issue 17.10)
+    "rdzv_bootstrap_store_info_is_the_rendezvous_store": (
+        "with the store shared (TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset), upstream's rank 0 opens a second TCPStore "
+        "server on its own address and a free port in next_rendezvous and hands that out as bootstrap_store_info; "
+        "ours hands out the rendezvous TCPStore's own host and port (a store every node already reaches). Both are "
+        "a TCPStore any node can use for env:// bootstrap (case rdzv_single_node_bootstrap_store_info); with the "
+        "opt-out both publish rank 0's address and a free port (case rdzv_bootstrap_store_info_opted_out)"
+    ),
+    "rdzv_late_node_waits_then_joins": (
+        "a node that joins a running job in a later round (scale-up) fails upstream in next_rendezvous with "
+        "DistStoreError: it waits for MASTER_ADDR under the new round's store prefix, which rank 0 published only "
+        "in its first round (upstream rebuilds bootstrap_store_info only when it has none); ours completes the "
+        "round for both nodes (ranks 0 and 1 of 2)"
+    ),
+    "rdzv_c10d_backend_int_run_id": (
+        "C10dRendezvousBackend(store, 5) raises TypeError upstream (str + int while building the key); ours raises "
+        "a one-line ValueError naming the value (an empty or None run id gets upstream's words on both)"
+    ),
+    "rdzv_create_backend_bad_store_type": (
+        "both raise ValueError; upstream's message does not name the value ('Invalid store type given. Currently "
+        "only supports file and tcp.'), ours names it and the allowed types"
+    ),
+    "rdzv_create_backend_file_store_no_endpoint": (
+        "store_type=file without an endpoint: upstream creates a private temporary file, so every node gets its "
+        "own store and nodes never meet (with min_nodes > 1 each waits out the join timeout); ours raises a "
+        "one-line ValueError asking for the shared file's path"
+    ),
+    "rdzv_create_backend_fractional_read_timeout": (
+        "read_timeout='2.5' is refused upstream (parsed with get_as_int); ours takes fractional seconds like every "
+        "other time option (elastic_impl/rendezvous/options.py)"
+    ),
+    "rdzv_create_backend_read_timeout_zero": (
+        "both raise ValueError; upstream's 'The read timeout must be a positive integer.' does not name the value, "
+        "ours names it and the allowed range"
+    ),
+    "rdzv_create_backend_read_timeout_negative": (
+        "both raise ValueError; upstream's 'The read timeout must be a positive integer.' does not name the value, "
+        "ours names it and the allowed range"
+    ),
+    "rdzv_create_backend_read_timeout_not_a_number": (
+        "both raise ValueError naming the option; ours also names the value and the allowed range (upstream: "
+        "'... does not represent a valid integer value.')"
+    ),
+    "rdzv_create_handler_join_timeout_fractional": (
+        "join_timeout='1.5' is refused upstream (create_handler parses the *_timeout options with get_as_int); "
+        "ours takes fractional seconds like every other time option (elastic_impl/rendezvous/options.py)"
+    ),
+    "rdzv_timeout_number_instead_of_timedelta": (
+        "RendezvousTimeout(join=5) raises TypeError upstream (an int compared with a timedelta); ours also takes a "
+        "number of seconds (documented in RendezvousTimeout's docstring); a timedelta works the same on both"
+    ),
+    "rdzv_timeout_one_millisecond_heartbeat": (
+        "RendezvousTimeout(heartbeat=1 ms) is accepted upstream; ours applies the bounds of the option that sets "
+        "it (heartbeat_timeout, at least 10 ms: no store round trip completes sooner) and raises a one-line "
+        "ValueError naming the value"
+    ),
 }
 
 

@@ -69,7 +69,7 @@ class RendezvousStoreInfo:
         """Rank 0 publishes its address and a port through ``store``; every other rank reads them (blocking get)."""
         if rank == 0:
             addr = local_addr or socket.getfqdn()
-            port = server_port if server_port is not None else _free_port()
+            port = server_port or _free_port()  # 0, like None, means "pick a free port" (as upstream)
             store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, addr.encode())
             store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(port).encode())
             return RendezvousStoreInfo(addr, port)

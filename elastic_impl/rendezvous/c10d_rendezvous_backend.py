@@ -25,9 +25,9 @@ from .api import (  # RendezvousError: upstream exposes it here
     RendezvousConnectionError,
     RendezvousError,  # noqa: F401
     RendezvousParameters,
-    RendezvousStateError,
+    RendezvousStateError,  # noqa: F401 -- upstream exposes it here
 )
-from .options import DEFAULT_READ_TIMEOUT, check_run_id, option_seconds, store_liveness_timeout
+from .options import DEFAULT_READ_TIMEOUT, check_handler_run_id, option_seconds, store_liveness_timeout
 from .utils import matches_this_machine, parse_rendezvous_endpoint
 
 __all__ = ["C10dRendezvousBackend", "create_backend"]
@@ -74,7 +74,7 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
     """
 
     def __init__(self, store, run_id: str, where: str | None = None, call_timeout: float | None = None) -> None:
-        check_run_id(run_id)
+        check_handler_run_id(run_id)
         if call_timeout is not None and not call_timeout > 0:
             raise ValueError(f"rendezvous store call_timeout must be positive seconds, got {call_timeout!r}")
         self._store = store
@@ -239,11 +239,18 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         return current, current
 
     def set_state(self, state: bytes, token: Any | None = None) -> tuple[bytes, Any, bool] | None:
-        if token is not None and not isinstance(token, bytes):
-            raise RendezvousStateError(f"c10d rendezvous token must be the state bytes, got {type(token).__name__}")
+        # As upstream: an empty token (None, b"", "") means "only if nothing is stored yet"; a token that is not
+        # bytes was never issued by this backend, so it is stale: no write, the current state and False.
+        if not token:
+            token = None
+        elif not isinstance(token, bytes):
+            current_pair = self.get_state()
+            return None if current_pair is None else (*current_pair, False)
         state = bytes(state)
         current = self._compare_set(token if token is not None else b"", state)
-        if current == _ABSENT or current == b"":
+        # A store answers a compare_set on a missing key with the expected value: a token but no state.
+        absent = current == _ABSENT or current == b"" or (token is not None and current == token and current != state)
+        if absent:
             if self._had_state:
                 raise self._state_lost()
             return None

@@ -26,6 +26,7 @@ __all__ = [
     "RendezvousOptions",
     "canonical_option",
     "canonical_rdzv_configs",
+    "check_handler_run_id",
     "check_run_id",
     "keep_alive_options",
     "node_count_problem",
@@ -49,7 +50,7 @@ DEFAULT_KEEP_ALIVE_MAX_ATTEMPT = 3  # heartbeats missed before a node counts as 
 DEFAULT_READ_TIMEOUT = 60.0  # seconds a store call may block (upstream's default)
 
 MAX_SECONDS = 30 * 24 * 3600.0  # 30 days: longer than any rendezvous wait anyone meant, far from any overflow
-_MIN_SECONDS = {"keep_alive_interval": 0.01}  # options with a floor above "positive"
+_MIN_SECONDS = {"keep_alive_interval": 0.01, "heartbeat_timeout": 0.01}  # options with a floor above "positive"
 _INT_BOUNDS = {"keep_alive_max_attempt": (1, 1000)}
 
 
@@ -106,7 +107,7 @@ _OPTION_OF_ARGUMENT = {
     "join": "join_timeout",
     "last_call": "last_call_timeout",
     "close": "close_timeout",
-    "heartbeat": "keep_alive_interval",
+    "heartbeat": "heartbeat_timeout",
     "keep_alive_interval": "keep_alive_interval",
 }
 
@@ -119,6 +120,8 @@ def timeout_seconds(name: str, value: Any, default: float) -> float:
         return default
     if isinstance(value, str):
         raise ValueError(f"rendezvous {name} timeout must be a timedelta or seconds, got {value!r}")
+    if isinstance(value, timedelta) and value <= timedelta(0):
+        raise ValueError(f"The {name} timeout ({value}) must be positive.")  # upstream's words (its tests match them)
     minimum = _MIN_SECONDS.get(_OPTION_OF_ARGUMENT.get(name, name), 0.0)
     return seconds_value(f"rendezvous {name} timeout", value, minimum=minimum)
 
@@ -167,6 +170,14 @@ def check_run_id(run_id: Any) -> str:
     return run_id
 
 
+def check_handler_run_id(run_id: Any) -> str:
+    """:func:`check_run_id` for the dynamic handler and the backends: an empty or missing run id gets upstream's
+    words there (its handler and backends raise them; code and tests written against upstream match them)."""
+    if run_id is None or run_id == "":
+        raise ValueError("The run id must be a non-empty string.")
+    return check_run_id(run_id)
+
+
 def node_count_problem(min_nodes: int, max_nodes: int) -> tuple[str, str] | None:
     """None if ``1 <= min_nodes <= max_nodes``; else (the bad argument's name, a one-line message naming its value
     and the bound, in upstream's wording). Callers raise it as their own error type."""
@@ -183,8 +194,8 @@ def node_count_problem(min_nodes: int, max_nodes: int) -> tuple[str, str] | None
 # Options any backend reads as seconds / as a bounded integer: checked when the options are built, before anything
 # starts (a store, a connection), whichever backend reads them later.
 SECONDS_OPTIONS = frozenset({
-    "join_timeout", "last_call_timeout", "close_timeout", "keep_alive_interval", "read_timeout", "connect_timeout",
-    "store_liveness_timeout", "timeout",
+    "join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout", "keep_alive_interval", "read_timeout",
+    "connect_timeout", "store_liveness_timeout", "timeout",
 })
 INT_OPTIONS = frozenset(_INT_BOUNDS)
 

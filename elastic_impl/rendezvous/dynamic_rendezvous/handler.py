@@ -457,15 +457,19 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
 
 def create_handler(store, backend: RendezvousBackend, params: RendezvousParameters) -> DynamicRendezvousHandler:
-    """Create a handler from ``params`` (options: join_timeout, last_call_timeout, close_timeout,
+    """Create a handler from ``params`` (options: join_timeout, last_call_timeout, close_timeout, heartbeat_timeout,
     keep_alive_interval, keep_alive_max_attempt; a join rides out a store that does not answer for
     ``store_liveness_timeout``, see options.store_liveness_timeout)."""
+    for key in ("keep_alive_interval", "keep_alive_max_attempt"):
+        if key in params.config and params.config[key] is None:  # upstream's error, word for word
+            raise TypeError(f"You passed '{key}=None' as a rendezvous configuration option")
     keep_alive, max_attempt = keep_alive_options(params)
     timeout = RendezvousTimeout(
         join=option_seconds(params, "join_timeout", None),
         last_call=option_seconds(params, "last_call_timeout", None),
         close=option_seconds(params, "close_timeout", None),
-        heartbeat=keep_alive,
+        # As upstream: the option heartbeat_timeout (not the keep-alive interval, which is separate).
+        heartbeat=option_seconds(params, "heartbeat_timeout", None),
     )
     return DynamicRendezvousHandler.from_backend(
         params.run_id,
@@ -475,7 +479,7 @@ def create_handler(store, backend: RendezvousBackend, params: RendezvousParamete
         params.max_nodes,
         params.local_addr,
         timeout,
-        timeout.heartbeat.total_seconds(),
+        keep_alive,
         max_attempt,
         store_outage_timeout=store_liveness_timeout(params),
     )

@@ -22,7 +22,7 @@ from ..options import (
     DEFAULT_JOIN_TIMEOUT,
     DEFAULT_KEEP_ALIVE_INTERVAL,
     DEFAULT_LAST_CALL_TIMEOUT,
-    check_run_id,
+    check_handler_run_id,
     timeout_seconds,
 )
 
@@ -111,11 +111,17 @@ class RendezvousSettings:
     keep_alive_max_attempt: int
 
     def __post_init__(self) -> None:
-        check_run_id(self.run_id)
-        if not isinstance(self.min_nodes, int) or self.min_nodes < 1:
+        check_handler_run_id(self.run_id)
+        if not isinstance(self.min_nodes, int):
             raise ValueError(f"rendezvous min_nodes must be an integer >= 1, got {self.min_nodes!r}")
-        if not isinstance(self.max_nodes, int) or self.max_nodes < self.min_nodes:
+        if not isinstance(self.max_nodes, int):
             raise ValueError(f"rendezvous max_nodes must be an integer >= min_nodes ({self.min_nodes}), got {self.max_nodes!r}")
+        # upstream's words (DynamicRendezvousHandler's; its tests match them)
+        if self.min_nodes < 1:
+            raise ValueError(f"The minimum number of nodes ({self.min_nodes}) must be greater than zero.")
+        if self.max_nodes < self.min_nodes:
+            raise ValueError(f"The maximum number of nodes ({self.max_nodes}) must be greater than or equal to the "
+                             f"minimum number of nodes ({self.min_nodes}).")
         seconds = timeout_seconds("keep_alive_interval", self.keep_alive_interval, DEFAULT_KEEP_ALIVE_INTERVAL)
         self.keep_alive_interval = timedelta(seconds=seconds)
         if not isinstance(self.keep_alive_max_attempt, int) or self.keep_alive_max_attempt < 1:
