@@ -80,3 +80,12 @@ def c10d_set_state(ctx) -> None:
     first, run_id = _backend(ctx)
     second, _ = _backend(ctx, run_id)
     cas_sequence(ctx, first, second)
+    # A token that does not match (here one never issued, of another type) does not update the state: the existing
+    # state comes back with has_set False (documented on RendezvousBackend.set_state).
+    got = second.set_state(b"four", "never-issued")
+    ctx.expect(got is not None and not got[2] and got[0] == b"two",
+               f"set_state with a token that does not match must fail and return the current state: {got}")
+    fresh, _ = _backend(ctx)
+    got = fresh.set_state(b"x", b"never-issued")
+    ctx.expect((got is None or not got[2]) and fresh.get_state() is None,
+               f"set_state with a token when no state exists must not set it: {got}, then {fresh.get_state()}")
