@@ -149,7 +149,8 @@ class RendezvousHandler(ABC):
     def shutdown(self) -> bool:
         """Release this handler's resources; return whether that succeeded.
 
-        Ours (dynamic handler): this node LEAVES the run; the run is closed only by ``set_closed()``.
+        The dynamic handler also closes the run for every node, as upstream's does (case
+        rdzv_shutdown_without_a_round); a node that only goes away calls its ``leave()`` extension instead.
         """
 
 
