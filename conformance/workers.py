@@ -244,6 +244,13 @@ def _debug_info_logging(run_id: str) -> int:
     return 0
 
 
+def _d_state(fifo: str) -> int:
+    """Stay in uninterruptible sleep (D state) until killed: posix_spawn's child blocks opening a FIFO nobody writes,
+    and the parent waits for it in the kernel (vfork) with every signal but SIGKILL blocked."""
+    os.posix_spawn("/bin/true", ["true"], {}, file_actions=[(os.POSIX_SPAWN_OPEN, 3, fifo, os.O_RDONLY, 0)])
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, args = argv[0], argv[1:]
     if mode == "sleep":
@@ -277,6 +284,8 @@ def main(argv: list[str]) -> int:
         return _worker_main(*args)
     if mode == "debug_info_logging":
         return _debug_info_logging(*args)
+    if mode == "d_state":
+        return _d_state(*args)
     print(f"conformance.workers: unknown mode {mode!r}", file=sys.stderr)
     return 2
 

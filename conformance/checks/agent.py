@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import warnings
 
@@ -546,7 +547,7 @@ def initialize_workers(ctx) -> None:
                f"workers of both attempts did not all start: {sorted(run['envs'])}")
 
 
-@check(f"{A}.SimpleElasticAgent._monitor_workers", timeout=90)
+@check(f"{A}.SimpleElasticAgent._monitor_workers", timeout=150)
 def monitor_workers(ctx) -> None:
     run = shared_run(ctx)
     states = [value.state for value, _ in _calls(run, "_monitor_workers")]
@@ -554,6 +555,35 @@ def monitor_workers(ctx) -> None:
     ctx.expect_equal(states[-1], _state(ctx, "SUCCEEDED"), "last monitor state")
     failed = next(value for value, _ in _calls(run, "_monitor_workers") if value.state == _state(ctx, "FAILED"))
     ctx.expect_failed_ranks(failed.failures, 1, 3, "failed ranks reported by the monitor")
+    if sys.platform.startswith("linux"):
+        _expect_stuck_worker_is_unhealthy(ctx)
+
+
+def _expect_stuck_worker_is_unhealthy(ctx) -> None:
+    """LocalElasticAgent(uninterruptible_state_timeout=S): a worker in D state for S seconds makes the monitor report
+    UNHEALTHY and the agent stop without using its restarts (a new worker would contend for what it holds)."""
+    out_dir = ctx.tmpdir / "d-state"
+    out_dir.mkdir()
+    fifo = out_dir / "nobody-writes"
+    os.mkfifo(fifo)
+    handler = c10d_handler(ctx, ctx.run_id("d-state"), 1, 1)
+    entry, args = ctx.worker_command("d_state", str(fifo))
+    spec = _spec(ctx, handler, out_dir, "never", 2, nproc=1, args=args)
+    logs = ctx.get("multiprocessing.api.DefaultLogsSpecs")(log_dir=str(out_dir / "logs"))
+    agent = _instrumented(ctx)(spec, logs, start_method="spawn", shutdown_timeout=1, uninterruptible_state_timeout=1)
+    started = time.monotonic()
+    try:
+        result = agent.run()
+    finally:
+        handler.shutdown()
+    took = time.monotonic() - started
+    states = [value.state for value, _ in _calls({"agent": agent}, "_monitor_workers")]
+    ctx.expect(_state(ctx, "UNHEALTHY") in states, f"a worker in D state for the timeout never made the group "
+               f"UNHEALTHY: monitor states {states}")
+    ctx.expect_equal(result.state, _state(ctx, "UNHEALTHY"), "run result of a group with a worker stuck in D state")
+    ctx.expect_equal(len(_calls({"agent": agent}, "_start_workers")), 1, "worker starts (restarts must be disabled)")
+    ctx.expect(took < 60, f"the agent took {took:.1f}s to give up on a worker stuck in D state")
+    ctx.expect(not any(_alive(pid) for pid in agent.started_pids), "the stuck worker outlived its agent")
 
 
 @check(f"{A}.SimpleElasticAgent._rendezvous", timeout=90)

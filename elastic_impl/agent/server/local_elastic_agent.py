@@ -15,6 +15,7 @@ Worker timer server (same switch as upstream; torchrun has no CLI flag for it): 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import string
@@ -38,6 +39,7 @@ from elastic_impl.agent.server.health_check_server import (  # noqa: F401 -- ups
 from elastic_impl.metrics.api import prof  # noqa: F401 -- upstream exposes it here
 from elastic_impl.multiprocessing import LogsSpecs, PContext, start_processes  # noqa: F401 -- upstream exposes them here
 from elastic_impl.multiprocessing.api import signals_to_handle_from_env
+from elastic_impl.multiprocessing.errors import ProcessFailure
 from elastic_impl.multiprocessing.prewarm import (
     WorkerPool,
     pool_for,
@@ -101,6 +103,31 @@ def _substitute_local_rank(args: tuple, local_rank: int) -> tuple:
     return tuple(a.replace("${local_rank}", str(local_rank)) if isinstance(a, str) else a for a in args)
 
 
+def _uninterruptible_state_timeout(explicit: float | None) -> float:
+    """Seconds a worker may stay in D state: the argument, else TORCHELASTIC_UNINTERRUPTIBLE_STATE_TIMEOUT, else 0.
+
+    0 (and, as upstream, any non-positive value) disables the check. An unparsable variable disables it too, as
+    upstream, but says so once: a typo must not silently turn a safety check off.
+    """
+    if explicit is not None:
+        value = float(explicit)
+        if math.isnan(value):
+            raise ValueError(f"invalid uninterruptible_state_timeout: {explicit!r} (seconds; <= 0 disables)")
+        return max(0.0, value)
+    raw = os.environ.get(TORCHELASTIC_UNINTERRUPTIBLE_STATE_TIMEOUT, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        logger.warning("%s=%r is not a number of seconds: the uninterruptible-state check is off",
+                       TORCHELASTIC_UNINTERRUPTIBLE_STATE_TIMEOUT, raw)
+        return 0.0
+    return max(0.0, value)
+
+
 class LocalElasticAgent(SimpleElasticAgent):
     """Starts ``spec.local_world_size`` worker processes per rendezvous round and supervises them.
 
@@ -143,6 +170,11 @@ class LocalElasticAgent(SimpleElasticAgent):
         if self._prewarm:
             preload_from_env()
         self._pool: WorkerPool | None = None
+        # How long a worker may stay in uninterruptible kernel sleep (D state: a hung driver, NFS or device) before
+        # the group is UNHEALTHY with restarts disabled -- a fresh worker would contend for what the stuck one holds.
+        self._stuck_timeout = _uninterruptible_state_timeout(uninterruptible_state_timeout)
+        self._d_state_since: dict[int, float] = {}  # pid -> monotonic time it was first seen in D state
+        self._stuck_failures: dict[int, ProcessFailure] = {}  # local rank -> the report of a worker stuck in D state
 
     # ------------------------------------------------------------------ signals
 
@@ -364,6 +396,18 @@ class LocalElasticAgent(SimpleElasticAgent):
         if pcontext is None:
             return
         pcontext.close(death_sig, timeout)
+        stuck, self._stuck_failures = self._stuck_failures, {}
+        if stuck:
+            # The stuck workers' reports said "stopped by the agent" before they were; now they have an exit status
+            # (SIGKILL when the stop signal could not reach them in the kernel).
+            try:
+                ended = pcontext.wait(0)
+            except Exception as e:  # noqa: BLE001 - the report keeps the stop signal it assumed
+                logger.debug("exit status of the stuck workers unknown: %s", e)
+                return
+            for local_rank, failure in stuck.items():
+                if ended is not None and local_rank in ended.failures:
+                    failure.exitcode = ended.failures[local_rank].exitcode
 
     def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
         server, self._health_check_server = self._health_check_server, None  # stopped once, like upstream
@@ -389,6 +433,49 @@ class LocalElasticAgent(SimpleElasticAgent):
             elif pcontext.wait(min(remaining, _SIGNAL_CHECK_SLICE), period=_SIGNAL_CHECK_SLICE) is not None:
                 return
 
+    def _stuck_workers(self, worker_group: WorkerGroup) -> RunResult | None:
+        """UNHEALTHY (restarts disabled) once a worker has stayed in D state for the uninterruptible-state timeout.
+
+        The failure names the worker and why, so the job's report says what happened: the worker has not exited,
+        and the exit code it gets is the agent's stop signal.
+        """
+        now = time.monotonic()
+        live = {w.id: w for w in worker_group.workers if w.id is not None}
+        for pid in [p for p in self._d_state_since if p not in live]:
+            del self._d_state_since[pid]  # exited or restarted: a new worker starts with a clean slate
+        stuck = []
+        for pid, worker in live.items():
+            if not is_uninterruptible_state(read_proc_state(pid)):
+                self._d_state_since.pop(pid, None)
+                continue
+            since = self._d_state_since.setdefault(pid, now)
+            if since == now:
+                logger.warning("[%s] worker local_rank=%s (pid %s) is in uninterruptible sleep (D state); the group "
+                               "is marked UNHEALTHY if it stays there %.1fs", worker_group.spec.role,
+                               worker.local_rank, pid, self._stuck_timeout)
+            elif now - since >= self._stuck_timeout:
+                stuck.append((worker, now - since))
+        if not stuck:
+            return None
+        self._remaining_restarts = 0
+        failures = {}
+        for worker, dwell in stuck:
+            failure = ProcessFailure(local_rank=worker.local_rank, pid=worker.id, exitcode=-signal.SIGTERM,
+                                     error_file=self._error_file_of(worker.local_rank))
+            failure.message = (f"stuck in uninterruptible sleep (D state) for {dwell:.1f}s, at least the "
+                               f"uninterruptible-state timeout of {self._stuck_timeout:g}s: the agent stopped the "
+                               "group and disabled restarts (a new worker would contend for what this one holds)")
+            failures[worker.global_rank] = failure
+            self._stuck_failures[worker.local_rank] = failure
+            logger.error("[%s] worker local_rank=%s (pid %s) %s", worker_group.spec.role, worker.local_rank,
+                         worker.id, failure.message)
+        return RunResult(state=WorkerState.UNHEALTHY, failures=failures)
+
+    def _error_file_of(self, local_rank: int) -> str:
+        pcontext = self._pcontext
+        error_files = getattr(pcontext, "error_files", None) or {}
+        return str(error_files.get(local_rank, ""))
+
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         role = worker_group.spec.role
         pcontext = self._pcontext
@@ -401,7 +488,8 @@ class LocalElasticAgent(SimpleElasticAgent):
             return RunResult(state=WorkerState.UNKNOWN)
         result = pcontext.wait(0)
         if result is None:
-            return RunResult(state=WorkerState.HEALTHY)
+            stuck = self._stuck_workers(worker_group) if self._stuck_timeout > 0 else None
+            return stuck or RunResult(state=WorkerState.HEALTHY)
         by_local = {w.local_rank: w for w in worker_group.workers}
         if result.is_failed():
             failures = {by_local[lr].global_rank: f for lr, f in result.failures.items()}
