@@ -19,6 +19,7 @@ now (the others elect a new leader); healing starts that member again on its dat
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -32,6 +33,8 @@ from fault_injection.base import Fault, FaultError
 from fault_injection.processes import kill_session
 
 __all__ = ["TCPStoreServer", "EtcdStoreServer", "EtcdCluster", "RestartStore", "FreezeStore", "KillStoreLeader"]
+
+logger = logging.getLogger(__name__)
 
 
 class _ServerProcess:
@@ -199,9 +202,21 @@ class EtcdStoreServer(_ServerProcess):
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                exited = self.proc.poll()
                 self.stop()
-                raise FaultError(f"etcd at {self.endpoint} did not become healthy (see {self.data_dir}/etcd.log)")
+                # The reason goes into the error itself: the data dir (and its log) may be removed right after.
+                raise FaultError(f"etcd at {self.endpoint} did not become healthy "
+                                 f"({'exited ' + str(exited) if exited is not None else 'still starting'}; "
+                                 f"{self.data_dir}/etcd.log ends: {self._log_tail()})")
             time.sleep(0.1)
+
+    def _log_tail(self, lines: int = 3) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "etcd.log"), "rb") as fh:
+                tail = fh.read()[-4000:].decode("utf-8", "replace").strip().splitlines()[-lines:]
+        except OSError as e:
+            return f"<unreadable: {e}>"
+        return " | ".join(line.strip()[:300] for line in tail) or "<empty>"
 
     def close(self) -> None:
         self.stop()
@@ -215,28 +230,47 @@ class EtcdCluster:
     """A real etcd cluster of ``size`` members on loopback (each its own process, ports and data dir). Its
     ``endpoint`` lists every member (``h1:p1,h2:p2,...``), as a client configured for a cluster would."""
 
+    # Ports are chosen free, then released for etcd to bind: another process (a parallel test) can take one in
+    # between, and the member then exits ("address already in use"). A start that fails is retried on fresh ports.
+    START_ATTEMPTS = 3
+
     def __init__(self, size: int = 3, binary: str | None = None, start_timeout: float = 60.0) -> None:
         if size < 1:
             raise FaultError(f"invalid etcd cluster size {size!r}; expected >= 1")
-        self.members = [EtcdStoreServer(binary=binary, start_timeout=start_timeout, name=f"m{i}") for i in range(size)]
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        for member in self.members:
+        self._size, self._binary, self._start_timeout = size, binary, start_timeout
+        self.members = self._new_members()
+
+    def _new_members(self) -> list[EtcdStoreServer]:
+        members = [EtcdStoreServer(binary=self._binary, start_timeout=self._start_timeout, name=f"m{i}")
+                   for i in range(self._size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+        for member in members:
             member.initial_cluster = initial
+        return members
 
     @property
     def endpoint(self) -> str:
         return ",".join(m.endpoint for m in self.members)
 
     def start(self) -> EtcdCluster:
-        try:
-            for member in self.members:  # all at once: a member is healthy only once a quorum elected a leader
-                member._launch()
-            for member in self.members:
-                member._wait_healthy()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                for member in self.members:  # all at once: a member is healthy only once a quorum elected a leader
+                    member._launch()
+                for member in self.members:
+                    member._wait_healthy()
+                return self
+            except FaultError as e:
+                self.close()
+                if attempt == self.START_ATTEMPTS:
+                    raise FaultError(f"etcd cluster of {self._size} did not start in {attempt} attempts: {e}") from None
+                logger.warning("etcd cluster start failed (attempt %d of %d), retrying on fresh ports: %s",
+                               attempt, self.START_ATTEMPTS, e)
+                self.members = self._new_members()
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
 
     def leader(self) -> EtcdStoreServer:
         """The member that leads now (asked of each running member through the v3 maintenance API)."""

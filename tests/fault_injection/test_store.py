@@ -138,3 +138,39 @@ def test_etcd_restart_keeps_keys_and_endpoint(tmp_path):
             assert json.loads(reply.read())["node"]["value"] == "kept"
     finally:
         server.close()
+
+
+def _hold_port(port: int):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.etcd
+@pytest.mark.skipif(not os.path.exists("/usr/bin/etcd") and not os.environ.get("ETCD_BINARY"),
+                    reason="needs the etcd binary (/usr/bin/etcd or $ETCD_BINARY)")
+def test_etcd_cluster_start_retries_on_fresh_ports_and_says_why_it_failed(monkeypatch):
+    """CI once failed on 'etcd at ... did not become healthy (see <a log already deleted>)': a port chosen free was
+    taken before etcd bound it. The start retries on fresh ports, and a failure quotes the member's log itself."""
+    from fault_injection.store import EtcdCluster
+
+    cluster = EtcdCluster(3, start_timeout=20)
+    taken = _hold_port(cluster.members[1].port)  # something else got member 1's client port first
+    try:
+        with cluster:
+            assert cluster.leader() is not None
+            assert cluster.members[1].port != taken.getsockname()[1]  # started on fresh ports
+    finally:
+        taken.close()
+
+    monkeypatch.setattr(EtcdCluster, "START_ATTEMPTS", 1)
+    cluster = EtcdCluster(1, start_timeout=20)
+    taken = _hold_port(cluster.members[0].port)
+    try:
+        with pytest.raises(FaultError, match="address already in use"):
+            cluster.start()
+    finally:
+        taken.close()
