@@ -12,6 +12,7 @@ from typing import Any
 
 from elastic_impl.events import construct_and_record_rdzv_event  # noqa: F401 -- upstream exposes it here
 from elastic_impl.events.api import NodeState  # noqa: F401 -- upstream exposes it here
+from elastic_impl.utils.bounded_call import BoundedCalls, StoreCallTimeout
 from elastic_impl.utils.bounded_call import wait_running as _wait_running
 
 from ._backend import (
@@ -88,7 +89,7 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         self._change_prefix = f"{self._key}.changed."
         self._where = where or _describe(store)
         self.call_timeout = call_timeout
-        self._stuck: threading.Event | None = None
+        self._calls = self._bounded_calls()
         self._had_state = False  # whether this connection ever saw the run's state (see get_state)
         # Why the connection is unusable (a reset, or a call stuck on it), until a fresh one replaces it.
         self._broken: str | None = None
@@ -106,40 +107,25 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         if self._broken is not None:
             self._reconnect()
         fn = getattr(self._store, op) if isinstance(op, str) else op
-        if self.call_timeout is None:
-            try:
-                return fn(*args)
-            except (RuntimeError, ValueError, OSError, TimeoutError) as e:
-                self._note_broken(e)
-                raise RendezvousConnectionError(f"rendezvous store {self._where} is gone or unreachable: {_first_line(e)}") from None
-        done = threading.Event()
-        outcome: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                outcome["value"] = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                outcome["error"] = e
-            finally:
-                done.set()
-
-        threading.Thread(target=target, name="rdzv-store-call", daemon=True).start()
-        if not _wait_running(done, self.call_timeout):
-            self._stuck = done
+        try:
+            return self._calls(fn, *args) if self._calls is not None else fn(*args)
+        except StoreCallTimeout:
             self._broken = f"an earlier call got no answer within {self.call_timeout} s"
             raise RendezvousConnectionError(
                 f"rendezvous store {self._where} is gone: no answer within {self.call_timeout} s "
                 f"(the store host died, hangs, or the network to it is cut)"
-            )
-        error = outcome.get("error")
-        if error is not None:
-            if isinstance(error, (RuntimeError, ValueError, OSError, TimeoutError)):
-                self._note_broken(error)
-                raise RendezvousConnectionError(
-                    f"rendezvous store {self._where} is gone or unreachable: {_first_line(error)}"
-                ) from None
-            raise error
-        return outcome["value"]
+            ) from None
+        except (RuntimeError, ValueError, OSError, TimeoutError) as e:
+            self._note_broken(e)
+            raise RendezvousConnectionError(
+                f"rendezvous store {self._where} is gone or unreachable: {_first_line(e)}"
+            ) from None
+
+    def _bounded_calls(self) -> BoundedCalls | None:
+        """Calls on the current connection, each bounded by ``call_timeout`` (None: unbounded)."""
+        if self.call_timeout is None:
+            return None
+        return BoundedCalls(self.call_timeout, f"rendezvous store {self._where}", thread_name="rdzv-store-call")
 
     def _note_broken(self, error: BaseException) -> None:
         """A network error (reset, refused, dead host) leaves a TCPStore connection unusable for good."""
@@ -193,7 +179,7 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
         logger.info("rendezvous store %s: reconnected (%s)", self._where, why)
         self._store = outcome["store"]
         self._broken = None
-        self._stuck = None
+        self._calls = self._bounded_calls()  # the abandoned call was stuck on the old connection
 
     @property
     def name(self) -> str:
@@ -202,7 +188,7 @@ class C10dRendezvousBackend(RendezvousBackend, KeyedStorage, ChangeNotification,
     @property
     def stuck(self) -> bool:
         """Whether a call is still stuck past ``call_timeout`` (the store host counts as gone)."""
-        return self._stuck is not None and not self._stuck.is_set()
+        return self._calls is not None and self._calls.stuck
 
     def connection_for_heartbeats(self) -> C10dRendezvousBackend:
         # A TCPStore client runs one call at a time: a clone is a second connection to the same server.
