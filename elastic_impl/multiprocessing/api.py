@@ -29,6 +29,7 @@ from elastic_impl.multiprocessing.subprocess_handler import SubprocessHandler, g
 from elastic_impl.multiprocessing.tail_log import TailLog
 from elastic_impl.utils.clock import REAL_CLOCK, Clock
 from elastic_impl.utils.proc_tree import descendants, is_alive, pids_with_env, process_table, read_stat
+from elastic_impl.utils.process_state import read_proc_state
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ IS_MACOS = sys.platform == "darwin"
 IS_LINUX = sys.platform.startswith("linux")
 
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
+# How long a stop keeps sending SIGKILL to what outlived its grace before giving up on it (see PContext._kill_tree).
+SIGKILL_WAIT = 10.0
 
 # Which signals stop the workers and end the agent's run (torchrun's --signals-to-handle sets it for the agent).
 SIGNALS_TO_HANDLE_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
@@ -573,7 +576,10 @@ class PContext(abc.ABC):
         if live:
             logger.warning("[%s] %d processes ignored %s for %.1fs; sending SIGKILL", self.name, len(live),
                            signal.Signals(death_sig).name, timeout)
-            while live:
+            # Bounded: a process in uninterruptible kernel sleep (a hung driver or NFS mount) does not die of SIGKILL
+            # until the kernel lets go of it, and an agent blocked here would never report the failure or leave.
+            kill_deadline = self.clock.monotonic() + SIGKILL_WAIT
+            while live and self.clock.monotonic() < kill_deadline:
                 _signal_all(roots, live | self._members_now(roots), signal.SIGKILL)
                 self._reap_workers()
                 _reap(members - roots)
@@ -582,6 +588,10 @@ class PContext(abc.ABC):
                 live = {p for p in members if is_alive(p)}
                 self._reap_workers()
                 _reap(live - roots)
+            if live:
+                states = ", ".join(f"{pid} ({read_proc_state(pid) or '?'})" for pid in sorted(live))
+                logger.error("[%s] %d processes survived SIGKILL for %.0fs (pid (state): %s); D means stuck in the "
+                             "kernel: they end when it lets go of them", self.name, len(live), SIGKILL_WAIT, states)
 
     def _failure(self, local_rank: int, pid: int, exitcode: int) -> ProcessFailure:
         return ProcessFailure(local_rank=local_rank, pid=pid, exitcode=exitcode,
@@ -730,8 +740,9 @@ class MultiprocessContext(PContext):
                     failures[local_rank].message = f"worker exited 0 but its return value is unreadable: {e}"
         self._running_local_ranks = running
         if failures:
-            logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(failures))
-            self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
+            if not self._closed:  # a poll after close() only reports: the group is stopped already
+                logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(failures))
+                self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
             self._result = RunProcsResult(failures=failures, stdouts=self.stdouts, stderrs=self.stderrs)
         elif done == len(self._procs) and self._procs:
             self._result = RunProcsResult(return_values=dict(self._return_values), stdouts=self.stdouts,
@@ -824,9 +835,10 @@ class SubprocessContext(PContext):
                     self._failures[local_rank] = self._failure(local_rank, handler.proc.pid, exitcode)
         self._running_local_ranks.difference_update(done)
         if not self._running_local_ranks or self._failures:
-            if self._failures:
-                logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(self._failures))
-            self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
+            if not self._closed:  # a poll after close() only reports: the group is stopped already
+                if self._failures:
+                    logger.error("[%s] failed local ranks %s; stopping the others", self.name, sorted(self._failures))
+                self.close(timeout=self.failure_close_timeout)  # type: ignore[arg-type]
             result = RunProcsResult(failures=dict(self._failures), stdouts=self.stdouts, stderrs=self.stderrs)
             if not result.is_failed():
                 result.return_values = dict.fromkeys(self.subprocess_handlers)  # binaries return nothing
