@@ -92,7 +92,7 @@ _default_metrics_handler: MetricHandler = NullMetricHandler()
 def configure(handler: MetricHandler, group: str | None = None):
     """Send metrics of ``group`` to ``handler``; ``group=None`` sets the handler for every unconfigured group."""
     # any object with an emit(metric_data) method will do (upstream does not require the base class either)
-    if not callable(getattr(handler, "emit", None)):
+    if isinstance(handler, type) or not callable(getattr(handler, "emit", None)):  # a class is not a handler
         raise TypeError(f"metric handler must be a MetricHandler (an object with emit(metric_data)), got {handler!r}")
     if group is not None and not isinstance(group, str):
         raise TypeError(f"metric group must be a str or None, got {group!r}")

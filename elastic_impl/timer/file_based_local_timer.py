@@ -100,7 +100,7 @@ class FileTimerClient(TimerClient):
         try:
             line = request.to_json()
             # one write of at most PIPE_BUF bytes is atomic; a longer one could interleave with other workers'
-            if len(line) > select.PIPE_BUF:
+            if len(line) + 1 > select.PIPE_BUF:  # + its newline: what is written must fit
                 raise RuntimeError(f"FileTimerRequest larger than {select.PIPE_BUF} bytes is not supported: {line}")
             os.write(fd, (line + "\n").encode())
         finally:

@@ -98,3 +98,15 @@ def test_record_duration_records_how_long_the_block_took(impl):
     ]
     assert recorded[0]["metadata"]["duration_ms"] >= 50
     assert recorded[0]["metadata"]["state"] == "RENDEZVOUS" and recorded[0]["source"] == "AGENT"
+
+
+def test_record_duration_never_replaces_the_blocks_exception():
+    """Ours only (upstream lets the event sink's KeyError replace the block's own exception): an agent whose event
+    log handler is unknown still reports what went wrong in the block, and a block that succeeded still succeeds."""
+    agent = _agent("elastic_impl")
+    agent._worker_group.spec.event_log_handler = "no-such-destination"
+    with pytest.raises(ZeroDivisionError, match="the block's own"):
+        with agent.record_duration("RENDEZVOUS"):
+            raise ZeroDivisionError("the block's own")
+    with agent.record_duration("RENDEZVOUS"):
+        pass

@@ -60,6 +60,8 @@ def test_function_failure_raises_child_failed_error_naming_the_rank():
         ({"max_restarts": -2}, "max_restarts: -2"),
         ({"monitor_interval": 0}, "monitor_interval: 0"),
         ({"start_method": "clone"}, "start_method: 'clone'"),
+        # at construction, not at the agent's first event: an unknown one silently dropped every event of the run
+        ({"event_log_handler": "consol"}, "event_log_handler: 'consol' (allowed: ['console',"),
     ],
 )
 def test_launch_config_validation(overrides, fragment):

@@ -79,6 +79,8 @@ def test_bad_input_is_clear_error():
         metrics.configure("console")
     with pytest.raises(ValueError, match="non-empty str, got ''"):
         metrics.put_metric("", 1)
+    with pytest.raises(TypeError, match="must be a MetricHandler"):  # the class, not an instance: every emit would fail
+        metrics.configure(metrics.ConsoleMetricHandler, "g")
     with pytest.raises(TypeError, match="MetricsConfig or None"):
         metrics.initialize_metrics({"a": 1})
     metrics.initialize_metrics(metrics.MetricsConfig({"k": "v"}))

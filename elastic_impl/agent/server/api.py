@@ -974,7 +974,10 @@ class SimpleElasticAgent(ElasticAgent):
             yield
         finally:
             duration_ms = (self._clock.monotonic() - start) * 1000
-            record(self._status_event(state, duration_ms=duration_ms), self._worker_group.spec.event_log_handler)
+            try:  # never replace the block's own exception (or fail a block that succeeded) over an event sink
+                record(self._status_event(state, duration_ms=duration_ms), self._worker_group.spec.event_log_handler)
+            except Exception as e:
+                logger.warning("event torchelastic.worker.status.%s not recorded: %s", state, e)
 
     def _status_event(self, state: str, raw_error: str | None = None, duration_ms: float | None = None) -> Event:
         # The agent-level status event (upstream's field set, so event consumers written for torchrun read it).

@@ -3,7 +3,8 @@
 Public name and signature follow ``torch.distributed.elastic.agent.server.local_elastic_agent``.
 
 Health check (upstream's switch): with ``TORCHELASTIC_HEALTH_CHECK_PORT=<port>`` the agent serves ``GET /health`` on
-that port from its first worker start until it shuts down (see ``health_check_server``).
+that port, on every interface (the probe comes from outside the node), from its first worker start until it shuts
+down (see ``health_check_server``).
 
 Worker timer server (same switch as upstream; torchrun has no CLI flag for it): with
 ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` in the agent's environment the agent runs a ``FileTimerServer`` on a named pipe
@@ -322,7 +323,11 @@ class LocalElasticAgent(SimpleElasticAgent):
     def _on_timer_expired(self, name: str, request: Any) -> None:
         pid = getattr(request, "worker_pid", None)
         scope = getattr(request, "scope_id", None)
-        logger.error("worker pid %s overran its timer %r; the timer server kills it", pid, scope)
+        sig = getattr(request, "signal", None)
+        if isinstance(sig, int) and sig <= 0:  # FileTimerClient's documented "do not kill" signal
+            logger.error("worker pid %s overran its timer %r (signal %s: not killed)", pid, scope, sig)
+        else:
+            logger.error("worker pid %s overran its timer %r; the timer server kills it", pid, scope)
         self._emit("agent.timer_expired", pid=pid, scope=scope)
 
     def _setup_healthcheck(self) -> None:
@@ -337,7 +342,9 @@ class LocalElasticAgent(SimpleElasticAgent):
         if raw is None or self._health_check_server is not None:
             return
         try:
-            server = create_healthcheck_server(alive_callback=self._alive_time, port=int(raw), timeout=60)
+            # Every interface, not loopback: the probe this port is for (a scheduler's, Kubernetes' httpGet) comes
+            # from outside the node. It says only whether the agent is alive.
+            server = HealthCheckServer(alive_callback=self._alive_time, port=int(raw), timeout=60, host="0.0.0.0")
             server.start()
         except (ValueError, OSError) as e:
             logger.warning("no health check server: %s=%r: %s", TORCHELASTIC_HEALTH_CHECK_PORT, raw, e)
@@ -408,6 +415,10 @@ class LocalElasticAgent(SimpleElasticAgent):
             for local_rank, failure in stuck.items():
                 if ended is not None and local_rank in ended.failures:
                     failure.exitcode = ended.failures[local_rank].exitcode
+                else:  # still alive after SIGKILL: the kernel holds it (see PContext's bounded stop)
+                    failure.exitcode = -signal.SIGKILL
+                    failure.message += ("; it was still alive after SIGKILL (held in the kernel): its exit code is "
+                                        "the signal sent, not one it returned")
 
     def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
         server, self._health_check_server = self._health_check_server, None  # stopped once, like upstream
