@@ -172,6 +172,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "        return num_nodes_waiting_in(state, self._settings, self._stepper.completed_round)",
            "        return 0", RDZV_ROWS + "," + AGENT_ROWS,
            "num_nodes_waiting() always 0: a joining node never makes running nodes re-rendezvous"),
+    # Issue 17 (behaviour matched this session; each row's check was seen failing on the code before the fix).
+    Mutant("d-state-ignored", "agent/server/local_elastic_agent.py",
+           "stuck = self._stuck_workers(worker_group) if self._stuck_timeout > 0 else None", "stuck = None",
+           AGENT_ROWS, "a worker stuck in uninterruptible sleep is never noticed: the agent waits for it forever"),
+    Mutant("timer-signal-zero-kills", "timer/file_based_local_timer.py",
+           'sig = next((r.signal for r in expired or requests if getattr(r, "signal", 0) > 0), None)',
+           'sig = next((r.signal or 9 for r in expired or requests), None)', TIMER_ROWS,
+           "a FileTimerClient(signal=0) worker, documented as never killed, is SIGKILLed when its timer expires"),
+    Mutant("token-without-state-is-state", "rendezvous/c10d_rendezvous_backend.py",
+           "absent = current == _ABSENT or current == b\"\" or (token is not None and current == token and current != state)",
+           "absent = current == _ABSENT or current == b\"\"", RDZV_ROWS,
+           "set_state with a token when no state is stored hands the token back as if it were the state"),
 )
 
 
