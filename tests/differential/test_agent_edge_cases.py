@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
+import logging
 import os
 import shutil
 import signal
@@ -114,6 +116,10 @@ def _stub_agent(root: str, spec, states: list[str] | None = None, ids: dict | No
                 state = "FAILED"
             if state == "SUCCEEDED_NO_VALUES":
                 return api.RunResult(state=api.WorkerState.SUCCEEDED)
+            if state == "FAILED_RANK1":  # rank 1 failed on its own (exit 3, no error file); rank 0 was stopped
+                errors = module(root, "multiprocessing.errors")
+                failure = errors.ProcessFailure(local_rank=1, pid=4242, exitcode=3, error_file="/nonexistent/e.json")
+                return api.RunResult(state=api.WorkerState.FAILED, failures={1: failure})
             values = {w.global_rank: f"r{w.global_rank}" for w in worker_group.workers} if state == "SUCCEEDED" else {}
             return api.RunResult(state=api.WorkerState(state), return_values=values)
 
@@ -552,6 +558,43 @@ def _run(root: str, states: list[str], waiting: list[int] | None = None, **spec_
         value = result[1]
         result = ("ok", None if value is None else (value.state.value, value.return_values, value.failures))
     return result, agent.log, handler.calls.count("next_rendezvous"), agent.get_worker_group().state.value
+
+
+def _worker_events(root: str, states: list[str], **spec_overrides) -> list[tuple]:
+    """The per-worker torchelastic.worker.status.<STATE> events a run records to its event log handler ("null")."""
+    events = module(root, "events")
+    seen: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    events_logger = events._get_or_create_logger("null")
+    capture = Capture()
+    events_logger.addHandler(capture)
+    try:
+        _run(root, states, **spec_overrides)
+    finally:
+        events_logger.removeHandler(capture)
+    observed = []
+    for message in seen:
+        event = json.loads(message)
+        md = event["metadata"]
+        if event["source"] != "WORKER":
+            continue
+        observed.append((event["name"], md["state"], md["global_rank"], md["worker_id"], md["raw_error"],
+                         json.loads(md["metadata"]), md["run_id"], md["rdzv_backend"], md["role"]))
+    return sorted(observed, key=lambda e: e[2])
+
+
+@case("agent.server.SimpleElasticAgent", "agent.server.ElasticAgent.run")
+def case_agent_run_records_an_event_per_worker_on_success(root, tmp):
+    return _worker_events(root, ["SUCCEEDED"])
+
+
+@case("agent.server.SimpleElasticAgent", "agent.server.ElasticAgent.run")
+def case_agent_run_records_failed_and_terminated_workers(root, tmp):
+    return _worker_events(root, ["FAILED_RANK1"], max_restarts=0)
 
 
 @case("agent.server.SimpleElasticAgent", "agent.server.ElasticAgent.run", "agent.server.SimpleElasticAgent._monitor_workers",

@@ -384,6 +384,7 @@ class SimpleElasticAgent(ElasticAgent):
             result = self._invoke_run(role)
             self._total_execution_time = int(self._clock.monotonic() - start)
             self._record_metrics(result)
+            self._record_worker_events(result)
             self._emit("agent.exit", state=result.state.value)
             return result
         except Exception as e:
@@ -594,6 +595,7 @@ class SimpleElasticAgent(ElasticAgent):
         # ``{local_rank: id}`` for the workers that have an id (a worker left out keeps id None)
         for local_rank, worker_id in worker_ids.items():
             worker_group.workers[local_rank].id = worker_id
+            self._record_worker_event("START", worker_group.workers[local_rank])
         worker_group.state = WorkerState.HEALTHY
         self._emit(
             "agent.workers_started",
@@ -979,16 +981,51 @@ class SimpleElasticAgent(ElasticAgent):
             except Exception as e:
                 logger.warning("event torchelastic.worker.status.%s not recorded: %s", state, e)
 
-    def _status_event(self, state: str, raw_error: str | None = None, duration_ms: float | None = None) -> Event:
-        # The agent-level status event (upstream's field set, so event consumers written for torchrun read it).
+    def _record_worker_events(self, result: RunResult) -> None:
+        """One ``torchelastic.worker.status.<STATE>`` event per worker of the final result (source WORKER), as
+        upstream records them (and START for each worker started): exit code, pid and error file for a failed
+        worker; TERMINATED for one the agent stopped because of another's failure. Never fails the run."""
+        for worker in self._worker_group.workers:
+            failure = result.failures.get(worker.global_rank)
+            if failure is not None:
+                state = result.state.value
+            elif result.state in {WorkerState.UNHEALTHY, WorkerState.FAILED}:
+                state = "TERMINATED"  # stopped by the agent, not failed on its own
+            else:
+                state = result.state.value
+            self._record_worker_event(state, worker, failure)
+
+    def _record_worker_event(self, state: str, worker: Worker, failure: Any = None) -> None:
+        """A ``torchelastic.worker.status.<state>`` event of ``worker`` (source WORKER) to the event log handler."""
+        try:
+            event = self._status_event(
+                state, source=EventSource.WORKER, worker=worker,
+                raw_error=json.dumps(failure.error_file_data) if failure is not None else None,
+                exit_code=failure.exitcode if failure is not None else None,
+                worker_pid=failure.pid if failure is not None else None,
+            )
+            record(event, self._worker_group.spec.event_log_handler)
+        except Exception as e:  # an event sink must never break the agent
+            logger.warning("event torchelastic.worker.status.%s of rank %s not recorded: %s", state,
+                           worker.global_rank, e)
+
+    def _status_event(self, state: str, raw_error: str | None = None, duration_ms: float | None = None,
+                      source: EventSource = EventSource.AGENT, worker: Worker | None = None,
+                      exit_code: int | None = None, worker_pid: int | None = None) -> Event:
+        # The status event (upstream's field set, so event consumers written for torchrun read it). Per-worker
+        # fields are one-element lists in the JSON details, as upstream writes them.
         group = self._worker_group
         spec = group.spec
-        details = {"group_world_size": group.group_world_size, "entry_point": spec.get_entrypoint_name()}
+        details: dict[str, Any] = {"group_world_size": group.group_world_size,
+                                   "entry_point": spec.get_entrypoint_name()}
+        if worker is not None:
+            details.update(local_rank=[worker.local_rank], role_rank=[worker.role_rank],
+                           role_world_size=[worker.role_world_size], exit_code=[exit_code], worker_pid=[worker_pid])
         metadata = {
             "run_id": _safe_run_id(spec.rdzv_handler),
-            "global_rank": None,
+            "global_rank": worker.global_rank if worker is not None else None,
             "group_rank": group.group_rank,
-            "worker_id": None,
+            "worker_id": str(worker.id) if worker is not None else None,
             "role": spec.role,
             "hostname": socket.getfqdn(socket.gethostname()),
             "state": state,
@@ -999,7 +1036,7 @@ class SimpleElasticAgent(ElasticAgent):
             "agent_restarts": spec.max_restarts - self._remaining_restarts,
             "duration_ms": duration_ms,
         }
-        return Event(f"torchelastic.worker.status.{state}", source=EventSource.AGENT, metadata=metadata)
+        return Event(f"torchelastic.worker.status.{state}", source=source, metadata=metadata)
 
     def _put_metric(self, name: str, value: int) -> None:
         try:
