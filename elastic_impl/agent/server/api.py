@@ -1027,7 +1027,7 @@ class SimpleElasticAgent(ElasticAgent):
             "group_rank": group.group_rank,
             "worker_id": str(worker.id) if worker is not None else None,
             "role": spec.role,
-            "hostname": socket.getfqdn(socket.gethostname()),
+            "hostname": _fq_hostname(),
             "state": state,
             "total_run_time": self._total_execution_time,
             "rdzv_backend": spec.rdzv_handler.get_backend(),
@@ -1129,3 +1129,10 @@ def _failure_to_dict(rank: int, failure: Any) -> dict[str, Any]:
         # the last lines of the worker's stderr travel with the report: the peer cannot read our files
         "stderr_tail": list(getattr(failure, "stderr_tail", None) or [])[-20:],
     }
+
+
+@functools.lru_cache(maxsize=1)
+def _fq_hostname() -> str:
+    """This host's fully qualified name, resolved once: getfqdn can block on a reverse DNS lookup, and status events
+    are recorded for every worker at every start."""
+    return socket.getfqdn(socket.gethostname())
