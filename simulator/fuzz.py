@@ -9,7 +9,8 @@ the minimal one is written as a replayable scenario whose ``expect.violations`` 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -64,6 +65,37 @@ class _HypothesisDraw:
 
 
 DETERMINISM = "deterministic_replay"
+
+
+@contextmanager
+def import_independent_search() -> Iterator[None]:
+    """Make a seeded search take the same path whatever this process has imported.
+
+    Hypothesis mixes literal constants of every *local* module in ``sys.modules`` (ours: simulator, elastic_impl,
+    fault_injection, ...) into what it generates, about 5% of draws (``providers._get_local_constants``). So the same
+    seed searched differently depending on what else was imported: with ``simulator.live`` imported the stateful
+    finding shrank to 18 faults instead of 4, with ``fault_injection.netns`` nothing was found in 300 examples (seen).
+    The pool of local constants is pinned empty for the search; the global constants stay. Hypothesis offers no
+    setting for this, so an internal is patched; if it is not where it was (another hypothesis version), the search
+    runs unpinned, as before.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+
+        original = providers._get_local_constants
+        cache = providers.CONSTANTS_CACHE
+    except (ImportError, AttributeError):
+        yield
+        return
+    empty = Constants()
+    cache.cache.clear()  # allowed constants were cached with the local pool of earlier searches
+    providers._get_local_constants = lambda: empty
+    try:
+        yield
+    finally:
+        providers._get_local_constants = original
+        cache.cache.clear()
 
 
 def search_settings(examples: int, **more) -> settings:
@@ -184,7 +216,8 @@ def fuzz(
             raise AssertionError(str(checked.violations[0]))
 
     try:
-        property_holds()
+        with import_independent_search():
+            property_holds()
     except AssertionError:
         pass
     wall = time.perf_counter() - wall0

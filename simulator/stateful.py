@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, i
 
 from .checker import INVARIANTS, CheckResult, check
 from .faults import REGISTRY, draw_fault
-from .fuzz import _HypothesisDraw, search_settings
+from .fuzz import _HypothesisDraw, import_independent_search, search_settings
 from .generator import fuzz_base, with_faults
 from .scenario import Fault, Scenario
 from .virtual import run_virtual
@@ -153,7 +153,8 @@ def explore(seed: int, examples: int, base: Scenario | None = None, out_dir: str
     hypothesis_seed(seed)(test)
     wall0 = time.perf_counter()
     try:
-        test()
+        with import_independent_search():
+            test()
     except AssertionError:
         pass
     result = StatefulResult(examples=examples, wall_seconds=time.perf_counter() - wall0)

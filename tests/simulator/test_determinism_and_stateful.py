@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from elastic_impl.agent.server.decisions import AgentStepper
 from simulator.checker import check
 from simulator.fuzz import DETERMINISM, fuzz
-from simulator.generator import random_scenario
+from simulator.generator import fuzz_base, random_scenario
 from simulator.history import Event, History
 from simulator.scenario import load_scenario
 from simulator.stateful import explore
@@ -78,32 +79,21 @@ def test_the_state_machine_over_the_real_steppers_finds_nothing_on_correct_code(
     assert result.ok, result.check and [str(v) for v in result.check.violations]
 
 
-_EXPLORE_WITH_PLANTED_BUG = """
-import json, sys
-from dataclasses import replace
-from elastic_impl.agent.server.decisions import AgentStepper
-from simulator.generator import fuzz_base
-from simulator.stateful import explore
-from tests.simulator.test_agent_bugs_found import _per_node_budget
-AgentStepper._spend_restart = _per_node_budget
-found = explore(seed=0, examples=300, base=replace(fuzz_base(), max_restarts=1), out_dir=sys.argv[1])
-print(json.dumps({"ok": found.ok, "violated": found.check.violated if found.check else [],
-                  "written": str(found.written) if found.written else None, "digest": found.digest,
-                  "replay_digest": found.replay_digest}))
-"""
-
-
 @pytest.mark.slow  # shrinking a stateful run takes a few hundred runs
 def test_a_stateful_finding_is_shrunk_and_written_as_an_exact_replay(tmp_path):
-    # The search runs in a fresh interpreter: hypothesis's search path (not the simulation: the replay below, in this
-    # process, gives the same digest) was seen to depend on what else the process had imported -- after another test
-    # module imported simulator.live the same seed shrank to 16-18 faults instead of 4, and with
-    # fault_injection.netns imported it found nothing in 300 examples. Cause not found yet (open finding).
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _EXPLORE_WITH_PLANTED_BUG, str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    # In this process, with modules imported that used to change the search: hypothesis mixes literal constants of
+    # every local module in sys.modules into its draws, so after simulator.live was imported the same seed shrank to
+    # 18 faults instead of 4, and with fault_injection.netns it found nothing in 300 examples (the test then ran the
+    # search in a fresh interpreter). simulator.fuzz.import_independent_search pins that pool for our searches.
+    import fault_injection.netns  # noqa: F401
+    import simulator.live  # noqa: F401
+
+    with pytest.MonkeyPatch.context() as planted:
+        planted.setattr(AgentStepper, "_spend_restart", _per_node_budget)
+        result = explore(seed=0, examples=300, base=replace(fuzz_base(), max_restarts=1), out_dir=tmp_path)
+    found = {"ok": result.ok, "violated": result.check.violated if result.check else [],
+             "written": str(result.written) if result.written else None, "digest": result.digest,
+             "replay_digest": result.replay_digest}
     assert not found["ok"] and "restart_budget" in found["violated"]
     written = load_scenario(found["written"])
     assert written.expect.violations == found["violated"] and len(written.faults) <= 6
