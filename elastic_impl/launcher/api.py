@@ -103,12 +103,11 @@ class LaunchConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
                 raise bad(name, value, "must be a list of strings, or None")
-        from elastic_impl.events.handlers import get_logging_handler
+        from elastic_impl.events.handlers import known_destinations
 
-        try:  # here, not at the agent's first event: an unknown one would silently drop every event of the run
-            get_logging_handler(self.event_log_handler)
-        except KeyError as e:
-            raise bad("event_log_handler", self.event_log_handler, str(e.args[0]).split("; ", 1)[-1]) from None
+        # here, not at the agent's first event: an unknown one would silently drop every event of the run
+        if self.event_log_handler not in known_destinations():
+            raise bad("event_log_handler", self.event_log_handler, f"allowed: {known_destinations()}")
         if not isinstance(self.virtual_local_rank, bool):
             raise bad("virtual_local_rank", self.virtual_local_rank, "must be True or False")
         if self.rdzv_timeout != -1:

@@ -124,15 +124,20 @@ def _module_source(name: str) -> Path | None:
     return None
 
 
+def _split_pool_flags(args: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """(the leading interpreter options a pool can start with, the rest) of a worker's arguments."""
+    words = [str(a) for a in args]
+    count = next((i for i, w in enumerate(words) if w not in POOL_FLAGS), len(words))
+    return words[:count], words[count:]
+
+
 def entry_imports_torch(entrypoint: Any, args: Sequence[Any]) -> bool:
     """Whether workers ``entrypoint *args`` are this interpreter running a script or module that imports torch
     itself: the launcher's default turns the pool on for those (the pool then saves each start its ``import torch``)
     and leaves every other command to fresh interpreters, which a pool would not speed up."""
     if entrypoint != sys.executable:
         return False
-    rest = [str(a) for a in args]
-    while rest and rest[0] in POOL_FLAGS:
-        rest.pop(0)
+    _, rest = _split_pool_flags(args)
     if not rest:
         return False
     if rest[0] == "-m":
@@ -241,11 +246,7 @@ class WorkerPool:
 
         The pool's interpreter gets the workers' own leading interpreter options (``-u`` from elastic-run; none for
         ``python -m module`` from the API)."""
-        options = []
-        for arg in (str(a) for a in args):
-            if arg not in POOL_FLAGS:
-                break
-            options.append(arg)
+        options, _ = _split_pool_flags(args)
         probe = cls(flags=options, preload=preload)
         reason = probe._command_doubt(entrypoint, [str(a) for a in args])
         if reason:
