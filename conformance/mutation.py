@@ -58,6 +58,10 @@ class Mutant:
     rows: str  # -k pattern: the rows certifying this module
     bug: str  # what a user would see
     equivalent: str = ""  # non-empty: why no caller can observe it (not run)
+    also: tuple[tuple[str, str, str], ...] = ()  # further (path, old, new) edits of the same bug, each exactly once
+
+    def edits(self) -> tuple[tuple[str, str, str], ...]:
+        return ((self.path, self.old, self.new), *self.also)
 
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -75,6 +79,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("group-world-size-env", "agent/server/local_elastic_agent.py",
            '"GROUP_WORLD_SIZE": str(worker_group.group_world_size),', '"GROUP_WORLD_SIZE": "1",', AGENT_ROWS,
            "GROUP_WORLD_SIZE always 1"),
+    Mutant("workers-share-rendezvous-store", "agent/server/api.py",
+           "        if group_rank == 0:\n            addr = spec.master_addr or spec.local_addr",
+           "        if bootstrap is not None:\n            return bootstrap.master_addr, bootstrap.master_port\n"
+           "        if group_rank == 0:\n            addr = spec.master_addr or spec.local_addr", AGENT_ROWS,
+           "workers are handed the agent's rendezvous store (upstream's default, pytorch/pytorch#135712): a restarted "
+           "group's init_process_group reads the previous attempt's addresses and fails",
+           also=(("agent/server/local_elastic_agent.py", '"TORCHELASTIC_USE_AGENT_STORE": "False",',
+                  '"TORCHELASTIC_USE_AGENT_STORE": "True",'),)),
     Mutant("exit-barrier-no-wait", "agent/server/api.py", "if arrived >= group_world_size:", "if arrived >= 1:",
            AGENT_ROWS, "the exit barrier lets a node leave before the others' workers finished"),
     Mutant("stop-workers-noop", "agent/server/local_elastic_agent.py",
@@ -194,12 +206,16 @@ def _copy_tree(dest: Path) -> None:
 
 
 def apply(mutant: Mutant, root: Path) -> bool:
-    """Apply ``mutant`` to the copy under ``root``; False if its snippet does not occur exactly once (stale)."""
-    target = root / "elastic_impl" / mutant.path
-    source = target.read_text()
-    if source.count(mutant.old) != 1:
-        return False
-    target.write_text(source.replace(mutant.old, mutant.new))
+    """Apply ``mutant`` to the copy under ``root``; False if a snippet does not occur exactly once (stale)."""
+    changed = {}
+    for path, old, new in mutant.edits():
+        target = root / "elastic_impl" / path
+        source = changed.get(target, None) or target.read_text()
+        if source.count(old) != 1:
+            return False
+        changed[target] = source.replace(old, new)
+    for target, source in changed.items():
+        target.write_text(source)
     return True
 
 

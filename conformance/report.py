@@ -45,6 +45,15 @@ def terminal_table(results: list[Result]) -> str:
 
 NOT_CERTIFIED = "NOT CERTIFIED"
 
+# Settings the checks apply on purpose, written into every report so that nobody reads a certification as covering
+# what it deliberately sidesteps.
+SCENARIO_SETTINGS = {
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": (
+        "1 during the agent scenarios (upstream's documented switch): with upstream's default shared rendezvous "
+        "store a restarted worker group's init_process_group reads the previous attempt's addresses "
+        "(pytorch/pytorch#135712; gloo connectFullMesh 'Connection refused' on every restart here)"),
+}
+
 
 def _meta(impl: str, device: str, backend: str, table: str) -> dict[str, Any]:
     import torch
@@ -58,6 +67,7 @@ def _meta(impl: str, device: str, backend: str, table: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU(s)",
+        "settings": dict(SCENARIO_SETTINGS),
     }
 
 
@@ -173,6 +183,8 @@ def _markdown(results: list[Result], meta: dict[str, Any]) -> str:
         about,
         "",
         "Summary: " + ", ".join(f"**{k}** {v}" for k, v in meta["summary"].items()),
+        "",
+        *[f"Setting: `{k}`={v}." for k, v in meta.get("settings", {}).items()],
         "",
         "|module|rows|" + "|".join(VERDICT_ORDER) + "|",
         "|--|--|" + "--|" * len(VERDICT_ORDER),

@@ -20,6 +20,10 @@ ENV_KEYS = (
 )
 
 
+NO_COLLECTIVE = "none"  # backend argument of the agent-scenario workers: record env only, no process group
+COLLECTIVE_TIMEOUT_S = 45
+
+
 def impl_module(relative: str):
     root = os.environ.get("CONFORMANCE_IMPL_ROOT", "torch.distributed.elastic")
     return importlib.import_module(f"{root}.{relative}")
@@ -42,9 +46,11 @@ def local_timer_child(mp_queue, impl_root: str, mode: str) -> None:
             time.sleep(0.1)
 
 
-def _agent_worker(out_dir: str, fail_mode: str) -> int:
+def _agent_worker(out_dir: str, fail_mode: str, backend: str = NO_COLLECTIVE, device_kind: str = "cpu") -> int:
     env = {k: os.environ.get(k) for k in ENV_KEYS}
     env["pid"] = os.getpid()
+    if backend != NO_COLLECTIVE:
+        env["collective"] = _collective(backend, device_kind)
     restart = env["TORCHELASTIC_RESTART_COUNT"]
     marker = os.path.join(out_dir, f"rank{env['RANK']}-restart{restart}.json")
     with open(marker + ".tmp", "w") as fh:
@@ -61,15 +67,19 @@ def _agent_worker(out_dir: str, fail_mode: str) -> int:
     return 0
 
 
-def _node_worker(out_dir: str, late_group_rank: str, late_seconds: str, full_world_size: str) -> int:
+def _node_worker(out_dir: str, late_group_rank: str, late_seconds: str, full_world_size: str,
+                 backend: str = NO_COLLECTIVE, device_kind: str = "cpu") -> int:
     """A worker of a multi-node agent scenario: record env + pid, then finish (or hold until the world grows).
 
     Below ``full_world_size`` the worker stays healthy (sleeps) until its agent stops it for a membership change;
     at full size the workers of node ``late_group_rank`` finish ``late_seconds`` after the others. ``w<pid>.done``
-    holds the wall-clock time a worker finished, for exit-barrier timing across nodes.
+    holds the wall-clock time a worker finished, for exit-barrier timing across nodes. With a ``backend`` the worker
+    first joins the job's process group on the device and all-reduces (recorded as ``collective``).
     """
     env = {k: os.environ.get(k) for k in ENV_KEYS}
     env["pid"] = os.getpid()
+    if backend != NO_COLLECTIVE:
+        env["collective"] = _collective(backend, device_kind)
     record = os.path.join(out_dir, f"w{os.getpid()}.json")
     with open(record + ".tmp", "w") as fh:
         json.dump(env, fh)
@@ -136,33 +146,48 @@ def _rdzv_node(port: str, run_id: str, keep_alive_interval: str, keep_alive_max_
     return 0
 
 
-def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
+def _collective(backend: str, device_kind: str) -> dict:
+    """Join the job's process group as the launcher set it up (env://) on ``backend``, all-reduce RANK + 1 in a tensor
+    on this worker's device, and leave the group: what a training script does first, after every (re)start.
+
+    Device index: LOCAL_RANK within this worker's node. The certifier runs several nodes on one machine, so node
+    GROUP_RANK owns the slice starting at GROUP_RANK * LOCAL_WORLD_SIZE (as if each node saw only its own devices).
+    """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
+    index = int(os.environ.get("GROUP_RANK") or 0) * int(os.environ.get("LOCAL_WORLD_SIZE") or 0) + local_rank
     if device_kind == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     elif device_kind == "npu":
         import torch_npu  # noqa: F401
 
-        torch.npu.set_device(local_rank)
-        device = torch.device("npu", local_rank)
+        torch.npu.set_device(index)
+        device = torch.device("npu", index)
     elif device_kind == "hpu":
         import habana_frameworks.torch  # noqa: F401  (registers torch.hpu and its hccl backend)
 
-        device = torch.device("hpu", local_rank)
+        device = torch.device("hpu", index)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend=backend, init_method="env://")
+    # Bounded: a group that cannot form (stale rendezvous data after a restart, a wrong MASTER_PORT) fails this
+    # worker well within the check's timeout instead of hanging for the default 30 minutes.
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         tensor = torch.tensor([float(dist.get_rank() + 1)], device=device)
         dist.all_reduce(tensor)
-        result = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "sum": tensor.item(),
-                  "device": str(tensor.device), "local_rank": local_rank}
+        return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "sum": tensor.item(),
+                "device": str(tensor.device), "local_rank": local_rank, "backend": dist.get_backend()}
     finally:
         dist.destroy_process_group()
+
+
+def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
+    result = _collective(backend, device_kind)
     with open(os.path.join(out_dir, f"allreduce-rank{result['rank']}.json"), "w") as fh:
         json.dump(result, fh)
     return 0

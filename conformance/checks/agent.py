@@ -6,6 +6,7 @@ by the rows of the SimpleElasticAgent hooks: each row asserts the documented eff
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,6 +20,7 @@ from conformance.adapters import ApiNotFound
 from conformance.checks._rdzv import Concurrent, c10d_handler, in_threads
 from conformance.context import kill_pids, run_process_group
 from conformance.registry import check
+from conformance.workers import NO_COLLECTIVE
 
 A = "agent.server"
 HOOKS = ("_rendezvous", "_assign_worker_ranks", "_initialize_workers", "_start_workers", "_monitor_workers",
@@ -68,8 +70,20 @@ def _handler_for_spec(ctx):
         return object()
 
 
-def _spec(ctx, handler, out_dir, fail_mode: str, max_restarts: int, nproc: int = 2, args=None):
-    entry, default_args = ctx.worker_command("agent_worker", str(out_dir), fail_mode)
+def _device_args(ctx, workers: int) -> tuple[tuple[str, str], str | None]:
+    """Worker arguments (backend, device kind) that make a scenario's workers form their process group and
+    all-reduce on the certified device -- or, when this machine has too few devices for the scenario's nodes (they
+    share it, one device per worker), no collective and the reason the device part cannot be exercised."""
+    device = ctx.device
+    if device.kind != "cpu" and device.count < workers:
+        return (NO_COLLECTIVE, device.kind), (f"device part not exercised: {workers} workers at once need {workers} "
+                                             f"{device.kind} devices on this machine, found {device.count}")
+    return (device.backend, device.kind), None
+
+
+def _spec(ctx, handler, out_dir, fail_mode: str, max_restarts: int, nproc: int = 2, args=None, collective=None):
+    entry, default_args = ctx.worker_command("agent_worker", str(out_dir), fail_mode,
+                                             *(collective or (NO_COLLECTIVE, "cpu")))
     return ctx.get(f"{A}.WorkerSpec")(
         role="trainer", local_world_size=nproc, rdzv_handler=handler, entrypoint=entry,
         args=args if args is not None else default_args, max_restarts=max_restarts, monitor_interval=0.1,
@@ -82,15 +96,18 @@ def _run_agent(ctx, tag: str, fail_mode: str, max_restarts: int):
     run_id = ctx.run_id(tag)
     handler = c10d_handler(ctx, run_id, 1, 1)
     logs = ctx.get("multiprocessing.api.DefaultLogsSpecs")(log_dir=str(out_dir / "logs"))
-    agent = _instrumented(ctx)(_spec(ctx, handler, out_dir, fail_mode, max_restarts), logs, start_method="spawn",
-                               exit_barrier_timeout=30)
+    collective, device_skip = _device_args(ctx, 2)
+    agent = _instrumented(ctx)(_spec(ctx, handler, out_dir, fail_mode, max_restarts, collective=collective), logs,
+                               start_method="spawn", exit_barrier_timeout=30)
     started = time.monotonic()
     try:
-        result = agent.run()
+        with _unshared_rendezvous_store():
+            result = agent.run()
     finally:
         handler.shutdown()
     envs = {p.name: json.loads(p.read_text()) for p in out_dir.glob("rank*.json")}
-    return {"agent": agent, "result": result, "envs": envs, "run_id": run_id, "seconds": time.monotonic() - started}
+    return {"agent": agent, "result": result, "envs": envs, "run_id": run_id, "seconds": time.monotonic() - started,
+            "device_skip": device_skip}
 
 
 def shared_run(ctx):
@@ -108,10 +125,10 @@ LATE_SECONDS = 1.5  # how much later than the other node's the late node's worke
 
 
 def _node_agent(ctx, handler, out_dir, full_world_size: int, late_group_rank: int = -1,
-                late_seconds: float = LATE_SECONDS, exit_barrier_timeout: float = 30):
+                late_seconds: float = LATE_SECONDS, exit_barrier_timeout: float = 30, collective=None):
     """An instrumented agent of one node of a multi-node job (``node_worker`` workers)."""
     _, args = ctx.worker_command("node_worker", str(out_dir), str(late_group_rank), str(late_seconds),
-                                 str(full_world_size))
+                                 str(full_world_size), *(collective or (NO_COLLECTIVE, "cpu")))
     spec = _spec(ctx, handler, out_dir, "never", 0, nproc=NPROC, args=args)
     logs = ctx.get("multiprocessing.api.DefaultLogsSpecs")(log_dir=str(out_dir / f"logs-{ctx.run_id('node')}"))
     return _instrumented(ctx)(spec, logs, start_method="spawn", exit_barrier_timeout=exit_barrier_timeout)
@@ -145,12 +162,16 @@ def _multinode_run(ctx, tag: str = "multinode", late_seconds: float = LATE_SECON
     out_dir.mkdir(exist_ok=True)
     run_id = ctx.run_id(tag)
     handlers = [c10d_handler(ctx, run_id, 2, 2) for _ in range(2)]
-    agents = [_node_agent(ctx, h, out_dir, 2 * NPROC, 1, late_seconds, exit_barrier_timeout) for h in handlers]
-    outcomes = in_threads(ctx, [functools.partial(_run_node, a, h) for a, h in zip(agents, handlers, strict=True)], 60)
+    collective, device_skip = _device_args(ctx, 2 * NPROC)
+    agents = [_node_agent(ctx, h, out_dir, 2 * NPROC, 1, late_seconds, exit_barrier_timeout, collective)
+              for h in handlers]
+    with _unshared_rendezvous_store():
+        outcomes = in_threads(ctx, [functools.partial(_run_node, a, h) for a, h in zip(agents, handlers, strict=True)],
+                              60)
     workers = _node_records(out_dir)
     ctx.add_cleanup(lambda: kill_pids(list(workers)))
     return {"agents": agents, "results": [r for r, _ in outcomes], "returned_at": [t for _, t in outcomes],
-            "workers": workers, "run_id": run_id}
+            "workers": workers, "run_id": run_id, "device_skip": device_skip}
 
 
 def multinode_run(ctx):
@@ -172,16 +193,28 @@ def _membership_run(ctx):
     out_dir.mkdir(exist_ok=True)
     run_id = ctx.run_id("membership")
     handlers = [c10d_handler(ctx, run_id, 2, 3) for _ in range(3)]
-    agents = [_node_agent(ctx, h, out_dir, 3 * NPROC) for h in handlers]
+    collective, device_skip = _device_args(ctx, 3 * NPROC)
+    agents = [_node_agent(ctx, h, out_dir, 3 * NPROC, collective=collective) for h in handlers]
     nodes = [functools.partial(_run_node, a, h) for a, h in zip(agents, handlers, strict=True)]
-    # Upstream 2.13 with the rendezvous TCPStore shared (its default): a node joining a running job that is not
-    # rank 0 of the new round blocks in next_rendezvous() on MASTER_ADDR under the new round's prefix, which the
-    # rank 0 that kept its store server never writes; every agent then times out. Opting out of the sharing (a
-    # documented switch, read at each next_rendezvous) keeps this scenario about the agent, not that hang.
+    with _unshared_rendezvous_store():
+        return {**_join_third_node(ctx, out_dir, agents, nodes), "device_skip": device_skip}
+
+
+@contextlib.contextmanager
+def _unshared_rendezvous_store():
+    """Upstream's documented opt-out TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for an agent scenario's duration.
+
+    Upstream 2.13 shares the c10d rendezvous TCPStore with the workers (its default) without a per-attempt prefix
+    (pytorch/pytorch#135712): a restarted group's init_process_group can read the previous attempt's addresses (gloo:
+    connectFullMesh "Connection refused", seen here on every restart) or NCCL id, and a node joining a running job
+    that is not rank 0 of the new round blocks on MASTER_ADDR under a prefix nobody writes. With the switch (read at
+    each next_rendezvous) the scenarios certify the agent and the device's backend, not that known launcher
+    setting; the reports say so (``conformance.report.SCENARIO_SETTINGS``).
+    """
     saved = os.environ.get(SHARE_OPT_OUT)
     os.environ[SHARE_OPT_OUT] = "1"
     try:
-        return _join_third_node(ctx, out_dir, agents, nodes)
+        yield
     finally:
         if saved is None:
             os.environ.pop(SHARE_OPT_OUT, None)
@@ -212,6 +245,37 @@ def _expect_node_layout(ctx, workers: dict, nodes: int, what: str) -> None:
     layout = sorted((int(w["GROUP_RANK"]), int(w["LOCAL_RANK"]), int(w["RANK"])) for w in workers.values())
     ctx.expect_equal(layout, [(g, lr, g * NPROC + lr) for g in range(nodes) for lr in range(NPROC)],
                      f"{what}: (GROUP_RANK, LOCAL_RANK, RANK) of every worker")
+
+
+def _expect_collectives(ctx, scenario: dict, workers, world_size: int, what: str) -> None:
+    """Every worker formed its job's process group on the certified device's backend (re-formed after a restart or a
+    membership change: a fresh group each start), its tensor on its own device, and the all-reduce summed every rank.
+
+    Where the machine has too few devices for the scenario, nothing about the device is claimed: the row ends
+    SKIPPED with the reason -- but only after its other expectations held.
+    """
+    if scenario.get("device_skip"):
+        scenario.setdefault("device_unchecked", []).append(what)
+        return
+    device = ctx.device
+    want_sum = float(world_size * (world_size + 1) // 2)
+    for env in workers:
+        got = env.get("collective")
+        ctx.expect(got is not None, f"{what}: the worker of RANK {env.get('RANK')} recorded no collective")
+        ctx.expect_equal((got["rank"], got["world_size"], got["backend"], got["sum"]),
+                         (int(env["RANK"]), world_size, device.backend, want_sum),
+                         f"{what}: (rank, world size, backend, all-reduce sum) of the worker of RANK {env['RANK']}")
+        if device.kind != "cpu":
+            index = int(env["GROUP_RANK"]) * int(env["LOCAL_WORLD_SIZE"]) + int(env["LOCAL_RANK"])
+            ctx.expect_equal(got["device"], f"{device.kind}:{index}",
+                             f"{what}: device of the worker of RANK {env['RANK']} (LOCAL_RANK -> its node's device)")
+
+
+def _device_part_done(ctx, *scenarios: dict) -> None:
+    """End a device row: SKIPPED (not CONFORMS) when a scenario it relies on could not run on the device."""
+    reasons = sorted({s["device_skip"] for s in scenarios if s.get("device_skip")})
+    if reasons:
+        ctx.skip("; ".join(reasons))
 
 
 def _hook_returns(agent, name, phase="exit"):
@@ -266,7 +330,7 @@ def get_worker_group(ctx) -> None:
                          f"global ranks of the workers of group rank {g.group_rank}")
 
 
-@check(f"{A}.ElasticAgent.run", timeout=90)
+@check(f"{A}.ElasticAgent.run", device=True, timeout=90)
 def agent_run(ctx) -> None:
     run = shared_run(ctx)
     result = run["result"]
@@ -277,10 +341,13 @@ def agent_run(ctx) -> None:
     ctx.expect_equal(failed.state, _state(ctx, "FAILED"), "run() state when a worker always exits 3 (max_restarts=0)")
     ctx.expect(failed.is_failed(), "failed run() result is not is_failed()")
     ctx.expect_failed_ranks(failed.failures, 1, 3, "failed global ranks")
-    for group_rank, _, node_result in _by_group_rank(multinode_run(ctx)):
+    multinode = multinode_run(ctx)
+    for group_rank, _, node_result in _by_group_rank(multinode):
         ctx.expect_equal(node_result.state, _state(ctx, "SUCCEEDED"), f"run() state on the node of group rank {group_rank}")
         ctx.expect_equal(sorted(node_result.return_values), [group_rank * NPROC + lr for lr in range(NPROC)],
                          f"run() return_values keys on the node of group rank {group_rank} (its global ranks)")
+    _expect_collectives(ctx, multinode, multinode["workers"].values(), 2 * NPROC, "2 nodes x 2 workers")
+    _device_part_done(ctx, multinode)
 
 
 @check(f"{A}.WorkerSpec")
@@ -374,6 +441,9 @@ def local_elastic_agent(ctx) -> None:
         got = {k: env.get(k) for k in want}
         ctx.expect_equal(got, want, f"worker env of rank {rank}")
         ctx.expect(env.get("MASTER_ADDR") and env.get("MASTER_PORT"), f"MASTER_ADDR/PORT missing for rank {rank}")
+    for attempt in (0, 1):
+        _expect_collectives(ctx, run, [envs[f"rank{r}-restart{attempt}.json"] for r in (0, 1)], 2,
+                            f"attempt {attempt} of a 1-node job")
     _expect_multinode_env(ctx)
     device = ctx.device
     nproc = 2 if device.kind == "cpu" else min(2, device.count)
@@ -391,6 +461,7 @@ def local_elastic_agent(ctx) -> None:
         if device.kind != "cpu":
             ctx.expect_equal(out["device"], f"{device.kind}:{out['local_rank']}", "LOCAL_RANK -> device index")
     _launcher_job(ctx, nproc)
+    _device_part_done(ctx, run, multinode_run(ctx))
 
 
 def _expect_multinode_env(ctx) -> None:
@@ -398,6 +469,7 @@ def _expect_multinode_env(ctx) -> None:
     run = multinode_run(ctx)
     workers = run["workers"]
     ctx.expect_equal(len(workers), 2 * NPROC, "workers recorded in a 2-node x 2-worker job")
+    _expect_collectives(ctx, run, workers.values(), 2 * NPROC, "2 nodes x 2 workers (MASTER_ADDR/PORT as given)")
     _expect_node_layout(ctx, workers, 2, "2 nodes x 2 workers")
     for w in workers.values():
         want = {"WORLD_SIZE": str(2 * NPROC), "LOCAL_WORLD_SIZE": str(NPROC), "GROUP_WORLD_SIZE": "2",
@@ -600,12 +672,14 @@ def rendezvous_hook(ctx) -> None:
                      "rendezvous rounds per node of a 2-node job without failures")
 
 
-@check(f"{A}.SimpleElasticAgent._restart_workers", timeout=90)
+@check(f"{A}.SimpleElasticAgent._restart_workers", device=True, timeout=90)
 def restart_workers(ctx) -> None:
     run = shared_run(ctx)
     order = _order(run)
     ctx.expect_equal(order.count("_restart_workers"), 1, "restarts with max_restarts=1 and one failure")
     ctx.expect_equal(run["envs"]["rank1-restart1.json"]["TORCHELASTIC_RESTART_COUNT"], "1", "restart count seen by workers")
+    _expect_collectives(ctx, run, [run["envs"][f"rank{r}-restart1.json"] for r in (0, 1)], 2,
+                        "the process group re-formed after a restart")
     failing = failing_run(ctx)
     ctx.expect_equal(_order(failing).count("_restart_workers"), 0, "restarts with max_restarts=0")
     # A membership change restarts the running nodes' groups (no worker failed) at the new size.
@@ -619,6 +693,9 @@ def restart_workers(ctx) -> None:
                      "(GROUP_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) after a membership change (not a restart)")
     ctx.expect(all(r.state == _state(ctx, "SUCCEEDED") for r in membership["results"]),
                f"run() states after the membership change: {[r.state for r in membership['results']]}")
+    _expect_collectives(ctx, membership, membership["before"].values(), 2 * NPROC, "2 nodes before the third joined")
+    _expect_collectives(ctx, membership, after.values(), 3 * NPROC, "the process group re-formed after a third node joined")
+    _device_part_done(ctx, run, membership)
 
 
 @check(f"{A}.SimpleElasticAgent._shutdown", timeout=90)

@@ -122,3 +122,57 @@ def test_certify_on_an_absent_device_certifies_nothing(kind, backend, present, t
     suite = ET.parse(tmp_path / "junit.xml").getroot()
     assert (suite.get("tests"), suite.get("errors")) == ("1", "1")
     assert "CONFORMS" not in (tmp_path / "junit.xml").read_text()
+
+
+def _agent_check_context(tmp_path, device):
+    from conformance.context import CheckContext
+
+    return CheckContext("torch.distributed.elastic.agent.server.ElasticAgent.run",
+                        SuiteResources(get_adapter("elastic_impl"), device, tmp_path))
+
+
+def test_agent_scenarios_run_their_collectives_on_the_device_when_it_has_a_device_per_worker(tmp_path):
+    from conformance.checks import agent
+    from conformance.device import Device
+
+    cpu = _agent_check_context(tmp_path, Device("cpu", "cpu", True, "host CPU"))
+    assert agent._device_args(cpu, 6) == (("gloo", "cpu"), None)
+    four_gpus = _agent_check_context(tmp_path, Device("cuda", "cuda", True, "4 cuda device(s)", 4))
+    assert agent._device_args(four_gpus, 4) == (("nccl", "cuda"), None)
+    args, reason = agent._device_args(four_gpus, 6)
+    assert args[0] == "none" and "6 workers at once need 6 cuda devices" in reason and "found 4" in reason
+
+
+def test_a_device_row_whose_scenario_could_not_use_the_device_is_skipped_not_passed(tmp_path):
+    # Verdicts never lie: the row's other expectations held, but the device was not exercised, so SKIPPED.
+    from conformance.checks import agent
+    from conformance.device import Device
+    from conformance.registry import CheckSkipped
+
+    ctx = _agent_check_context(tmp_path, Device("cuda", "cuda", True, "1 cuda device(s)", 1))
+    scenario = {"device_skip": "device part not exercised: 4 workers at once need 4 cuda devices on this machine, "
+                               "found 1"}
+    worker = {"RANK": "0", "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # no collective recorded
+    agent._expect_collectives(ctx, scenario, [worker], 4, "2 nodes")
+    with pytest.raises(CheckSkipped, match="found 1"):
+        agent._device_part_done(ctx, scenario, {"device_skip": None})
+    agent._device_part_done(ctx, {"device_skip": None})  # a scenario that did run on the device: no skip
+
+
+def test_collectives_are_checked_per_worker_rank_backend_sum_and_device_index(tmp_path):
+    from conformance.checks import agent
+    from conformance.device import Device
+    from conformance.registry import CheckFailed
+
+    ctx = _agent_check_context(tmp_path, Device("cuda", "cuda", True, "4 cuda device(s)", 4))
+    workers = [{"RANK": str(g * 2 + lr), "GROUP_RANK": str(g), "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": str(lr),
+                "collective": {"rank": g * 2 + lr, "world_size": 4, "backend": "nccl", "sum": 10.0,
+                               "device": f"cuda:{g * 2 + lr}"}} for g in (0, 1) for lr in (0, 1)]
+    agent._expect_collectives(ctx, {}, workers, 4, "2 nodes")
+    workers[3]["collective"]["device"] = "cuda:1"  # node 1's second worker on node 0's device
+    with pytest.raises(CheckFailed, match="device of the worker of RANK 3"):
+        agent._expect_collectives(ctx, {}, workers, 4, "2 nodes")
+    workers[3]["collective"]["device"] = "cuda:3"
+    workers[2]["collective"]["sum"] = 3.0  # a group that did not include every rank
+    with pytest.raises(CheckFailed, match=r"all-reduce sum\) of the worker of RANK 2"):
+        agent._expect_collectives(ctx, {}, workers, 4, "2 nodes")

@@ -18,15 +18,28 @@ def _by_name(name: str) -> mutation.Mutant:
 
 def test_every_mutant_snippet_occurs_exactly_once_in_the_source():
     # A mutant whose code moved on would be reported STALE and silently leave its bug unmeasured.
-    stale = [m.name for m in mutation.MUTANTS
-             if (REPO_ROOT / "elastic_impl" / m.path).read_text().count(m.old) != 1]
+    stale = [m.name for m in mutation.MUTANTS for path, old, _ in m.edits()
+             if (REPO_ROOT / "elastic_impl" / path).read_text().count(old) != 1]
     assert not stale, f"update these mutants to the current source: {stale}"
 
 
 def test_mutant_names_are_unique_and_each_changes_its_snippet():
     names = [m.name for m in mutation.MUTANTS]
     assert len(names) == len(set(names))
-    assert all(m.old != m.new and m.rows for m in mutation.MUTANTS)
+    assert all(m.rows and all(old != new for _, old, new in m.edits()) for m in mutation.MUTANTS)
+
+
+def test_a_mutant_of_several_edits_applies_all_or_none(tmp_path):
+    (tmp_path / "elastic_impl").mkdir()
+    (tmp_path / "elastic_impl" / "a.py").write_text("x = 1\n")
+    (tmp_path / "elastic_impl" / "b.py").write_text("y = 2\n")
+    both = mutation.Mutant("two", "a.py", "x = 1", "x = 0", "rows", "bug", also=(("b.py", "y = 2", "y = 0"),))
+    assert mutation.apply(both, tmp_path)
+    assert (tmp_path / "elastic_impl" / "a.py").read_text() == "x = 0\n"
+    assert (tmp_path / "elastic_impl" / "b.py").read_text() == "y = 0\n"
+    half = mutation.Mutant("half", "a.py", "x = 0", "x = 5", "rows", "bug", also=(("b.py", "absent", "z"),))
+    assert not mutation.apply(half, tmp_path)
+    assert (tmp_path / "elastic_impl" / "a.py").read_text() == "x = 0\n"  # nothing written when one edit is stale
 
 
 def test_a_planted_bug_is_killed_and_the_working_tree_is_untouched():
