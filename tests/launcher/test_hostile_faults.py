@@ -68,7 +68,9 @@ def _two_node_args(port: int, max_restarts: int, log_dir, run_id: str = "hostile
     ]
 
 
-@pytest.mark.parametrize("content", ["[1]", "null", '{"message": {"extraInfo": "x"}}'], ids=["list", "null", "bad-extra"])
+@pytest.mark.parametrize(
+    "content", ["[1]", '"s"', "null", '{"message": {"extraInfo": "x"}}'], ids=["list", "string", "null", "bad-extra"]
+)
 def test_error_file_that_is_not_a_record_fails_the_job_on_every_node(launcher, tmp_path, content):
     markers = tmp_path / "markers"
     markers.mkdir()
