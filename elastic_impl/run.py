@@ -90,7 +90,7 @@ def get_args_parser() -> ArgumentParser:
 
     opt("--nnodes", env="nnodes", type=str, default="1:1", help="Number of nodes, or MIN:MAX.")
     opt("--nproc-per-node", "--nproc_per_node", env="nproc_per_node", type=str, default="1",
-        help="Workers per node: an int, or cpu, gpu, auto.")
+        help="Workers per node: an int, or cpu, gpu, xpu, auto, or a device plugin's name (e.g. npu).")
     opt("--rdzv-backend", "--rdzv_backend", env="rdzv_backend", type=str, default="static",
         help="Rendezvous backend (c10d, etcd, etcd-v2, etcd-v3, static, ...).")
     opt("--rdzv-endpoint", "--rdzv_endpoint", env="rdzv_endpoint", type=str, default="",
@@ -212,25 +212,54 @@ def parse_min_max_nnodes(nnodes: str) -> tuple[int, int]:
     return min_nodes, max_nodes
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def determine_local_world_size(nproc_per_node: str) -> int:
+    """``--nproc-per-node``: an integer, ``cpu`` (usable CPUs), ``gpu`` (CUDA devices), ``xpu``, the name of the
+    accelerator a device plugin registered (``npu`` with torch_npu loaded), or ``auto`` (the current accelerator's
+    devices, else the usable CPUs)."""
     value = str(nproc_per_node).strip()
-    allowed = "expected an integer >= 1, or one of cpu, gpu, auto"
+    allowed = "expected an integer >= 1, or one of cpu, gpu, xpu, auto or a device plugin's name (e.g. npu)"
     if value.lstrip("-").isdigit():
         number = int(value)
         if number < 1:
             raise _bad("--nproc-per-node", nproc_per_node, allowed)
         return number
     if value == "cpu":
-        return os.cpu_count() or 1
-    if value in ("gpu", "auto"):
-        _quiet_store_waits()
-        import torch  # only here: importing torch costs ~1 s
+        return _usable_cpus()
+    if not value.isidentifier():
+        raise _bad("--nproc-per-node", nproc_per_node, allowed)
+    _quiet_store_waits()
+    import torch  # only here: importing torch costs ~1 s
 
+    def count(kind: str, module) -> int:
+        if module is None or not module.is_available() or module.device_count() < 1:
+            raise _bad("--nproc-per-node", nproc_per_node, f"no {kind} device is available on this machine")
+        return module.device_count()
+
+    if value == "gpu":
+        return count("CUDA", torch.cuda)
+    if value == "xpu":
+        return count("XPU", getattr(torch, "xpu", None))
+    if value == "auto":
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is not None and accelerator.is_available():
+            return accelerator.device_count()
         if torch.cuda.is_available():
             return torch.cuda.device_count()
-        if value == "gpu":
-            raise _bad("--nproc-per-node", nproc_per_node, "no CUDA GPU is available on this machine")
-        return os.cpu_count() or 1
+        return _usable_cpus()
+    plugin = torch._C._get_privateuse1_backend_name()
+    if value == plugin:
+        return count(plugin, getattr(torch, plugin, None))
+    if value in ("npu", "hpu", "mlu", "musa"):  # a vendor's device whose plugin is not loaded here
+        raise _bad("--nproc-per-node", nproc_per_node,
+                   f"no {value} device plugin is loaded (the registered plugin device is {plugin!r}); {allowed}")
     raise _bad("--nproc-per-node", nproc_per_node, allowed)
 
 

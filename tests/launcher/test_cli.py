@@ -246,6 +246,40 @@ def test_shutdown_grace_from_environment(monkeypatch):
 
 
 @needs_mp
-def test_nproc_per_node_cpu():
+def test_nproc_per_node_cpu_counts_the_cpus_this_process_may_use():
+    # As torchrun 2.13 (torch._utils.cpu_count): the affinity mask (taskset, cpusets), not the machine's count.
     config, _, _ = config_from_args(parse_args(["--nproc-per-node", "cpu", "x.py"]))
-    assert config.nproc_per_node == (os.cpu_count() or 1)
+    assert config.nproc_per_node == len(os.sched_getaffinity(0))
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c",
+         "from elastic_impl.run import determine_local_world_size as d; print(d('cpu'), d('auto'))"],
+        capture_output=True, text=True, timeout=60)
+    assert pinned.stdout.split() == ["1", "1"], pinned.stderr
+
+
+@pytest.mark.parametrize("value, why", [
+    ("gpu", "no CUDA device is available on this machine"),
+    ("xpu", "no XPU device is available on this machine"),
+    ("npu", "no npu device plugin is loaded (the registered plugin device is 'privateuseone')"),
+])
+def test_nproc_per_node_for_an_absent_accelerator_is_a_one_line_error(value, why):
+    from elastic_impl.run import determine_local_world_size
+
+    with pytest.raises(ValueError) as info:
+        determine_local_world_size(value)
+    assert str(info.value).startswith(f"invalid --nproc-per-node value {value!r}: {why}")
+    assert "\n" not in str(info.value)
+
+
+def test_nproc_per_node_names_a_device_plugin_by_its_registered_name():
+    # What torch_npu does on import: rename the privateuse1 backend ("npu") and register torch.npu. Run apart:
+    # the rename is process-wide and cannot be undone.
+    script = """
+import types, torch
+torch.utils.rename_privateuse1_backend("fakedev")
+torch._register_device_module("fakedev", types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 3))
+from elastic_impl.run import determine_local_world_size
+print(determine_local_world_size("fakedev"))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "3", proc.stderr
