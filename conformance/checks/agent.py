@@ -444,6 +444,9 @@ def local_elastic_agent(ctx) -> None:
     for attempt in (0, 1):
         _expect_collectives(ctx, run, [envs[f"rank{r}-restart{attempt}.json"] for r in (0, 1)], 2,
                             f"attempt {attempt} of a 1-node job")
+    # A restart must not point the new workers at the files of the failed attempt (its error.json is the evidence).
+    _expect_error_files(ctx, [envs[f"rank{r}-restart{a}.json"] for r in (0, 1) for a in (0, 1)],
+                        "2 workers x 2 attempts")
     _expect_multinode_env(ctx)
     device = ctx.device
     nproc = 2 if device.kind == "cpu" else min(2, device.count)
@@ -476,6 +479,7 @@ def _expect_multinode_env(ctx) -> None:
                 "ROLE_RANK": w["RANK"], "ROLE_WORLD_SIZE": str(2 * NPROC), "ROLE_NAME": "trainer",
                 "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": run["run_id"]}
         ctx.expect_equal({k: w.get(k) for k in want}, want, f"env of the worker of RANK {w['RANK']} (2 nodes)")
+    _expect_error_files(ctx, list(workers.values()), "2 nodes x 2 workers")
     masters = {(w["MASTER_ADDR"], w["MASTER_PORT"]) for w in workers.values()}
     ctx.expect_equal(len(masters), 1, f"(MASTER_ADDR, MASTER_PORT) pairs among one job's workers {sorted(masters)}")
     addr, port = masters.pop()
@@ -484,6 +488,15 @@ def _expect_multinode_env(ctx) -> None:
         socket.getaddrinfo(addr, int(port))
     except OSError as exc:
         ctx.expect(False, f"MASTER_ADDR={addr!r} does not resolve: {exc}")
+
+
+def _expect_error_files(ctx, workers: list[dict], what: str) -> None:
+    """TORCHELASTIC_ERROR_FILE: set for every worker, absolute, in an existing folder, and one per worker and attempt
+    (two workers, or a restarted worker, sharing one would overwrite the other's root cause)."""
+    files = [w.get("TORCHELASTIC_ERROR_FILE") for w in workers]
+    ctx.expect(all(f and os.path.isabs(f) and os.path.isdir(os.path.dirname(f)) for f in files),
+               f"{what}: TORCHELASTIC_ERROR_FILE not an absolute path in an existing folder: {files}")
+    ctx.expect_equal(len(set(files)), len(files), f"{what}: distinct TORCHELASTIC_ERROR_FILE paths")
 
 
 def _launcher_job(ctx, nproc: int) -> None:
