@@ -95,6 +95,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "    def _stop_workers(self, worker_group: WorkerGroup) -> None:\n        self._pcontext = None",
            AGENT_ROWS, "_stop_workers forgets the workers instead of stopping them (healthy workers keep running)"),
     # -- metrics -------------------------------------------------------------------------------------------------
+    Mutant("put-metric-default-group", "metrics/api.py",
+           'def put_metric(metric_name: str, metric_value: int, metric_group: str = "torchelastic"):',
+           'def put_metric(metric_name: str, metric_value: int, metric_group: str = "default"):', METRIC_ROWS,
+           "put_metric without a group lands in a group nobody configured (the documented default is torchelastic)"),
+    Mutant("bare-prof-untimed", "metrics/api.py", "    if fn:\n        return wrap(fn)\n    return wrap",
+           "    if fn:\n        return fn\n    return wrap", METRIC_ROWS,
+           "a bare @prof returns the function undecorated: no success/failure/duration metrics"),
     Mutant("prof-seconds", "metrics/api.py", "return int((time.time() - start_time_in_seconds) * 1000)",
            "return int(time.time() - start_time_in_seconds)", METRIC_ROWS, "prof durations in seconds, not ms"),
     Mutant("configure-default-ignored", "metrics/api.py", "        _default_metrics_handler = handler\n",

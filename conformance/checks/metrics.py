@@ -26,6 +26,21 @@ def _collector(ctx):
     return Collector()
 
 
+DEFAULT_GROUP = "torchelastic"  # the documented default group of put_metric and prof
+
+
+@contextlib.contextmanager
+def _configured(ctx, group: str):
+    """A collector as ``group``'s handler for the block (then the documented NullMetricHandler again); yields what
+    it saw."""
+    collector = _collector(ctx)
+    ctx.get(f"{MT}.configure")(collector, group)
+    try:
+        yield collector.seen
+    finally:
+        ctx.get(f"{MT}.configure")(ctx.get(f"{MT}.api.NullMetricHandler")(), group)
+
+
 def _group() -> str:
     # A fresh group per check, so the process-wide handler table of other groups is never touched.
     return f"conformance-{uuid.uuid4().hex[:8]}"
@@ -131,6 +146,17 @@ def prof(ctx) -> None:
     (duration,) = [m.value for m in collector.seen if m.name.endswith(".duration.ms")] or [None]
     ctx.expect(duration is not None and SLEEP_S * 1000 * 0.9 <= duration <= elapsed_ms + 50,
                f"duration.ms of a call that slept {SLEEP_S} s (took {elapsed_ms:.0f} ms): {duration!r}")
+    # Bare @prof (no arguments): the same metrics, in the documented default group "torchelastic".
+    with _configured(ctx, DEFAULT_GROUP) as default_seen:
+        @prof_
+        def profiled_bare():
+            return "bare"
+
+        ctx.expect_equal(profiled_bare(), "bare", "return value through a bare @prof")
+    bare = [(m.name, m.group_name) for m in default_seen if "profiled_bare" in m.name]
+    ctx.expect(any(n.endswith(".success") for n, _ in bare) and any(n.endswith(".duration.ms") for n, _ in bare)
+               and {g for _, g in bare} == {DEFAULT_GROUP},
+               f"a bare @prof's metrics (name, group) in group {DEFAULT_GROUP!r}: {bare}")
 
 
 @check(f"{MT}.put_metric")
@@ -142,3 +168,8 @@ def put_metric(ctx) -> None:
     data = collector.seen[0]
     ctx.expect_equal((data.name, data.value, data.group_name), ("conformance.metric", 17, group), "MetricData")
     ctx.expect(isinstance(data.timestamp, float) and data.timestamp > 1e9, f"MetricData.timestamp {data.timestamp!r}")
+    # Without a group: the documented default group "torchelastic".
+    with _configured(ctx, DEFAULT_GROUP) as default_seen:
+        ctx.get(f"{MT}.put_metric")("conformance.default_group", 3)
+    ctx.expect_equal([(m.name, m.value, m.group_name) for m in default_seen],
+                     [("conformance.default_group", 3, DEFAULT_GROUP)], "put_metric(name, value) without a group")
