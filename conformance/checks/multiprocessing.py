@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 from conformance.context import free_port
@@ -99,7 +100,42 @@ def pcontext(ctx) -> None:
     ctx.expect((ctx.tmpdir / "sigterm-seen.ready").exists(), "the SIGTERM-trapping worker never got ready")
     trapper.close()
     ctx.expect(marker.exists(), "close() never delivered SIGTERM (the default death_sig) to a worker before killing it")
+    _close_grace(ctx)
     _user_subclass(ctx)
+
+
+CLOSE_GRACE_S = 1.0  # close(timeout=...) given to a worker that ignores SIGTERM
+CLOSE_BOUND_S = 8.0  # slack for a loaded machine; a grace that fell back to the 30 s default still fails it
+
+
+def _close_grace(ctx) -> None:
+    """close(death_sig, timeout) is documented to wait ``timeout`` for the processes to finish after death_sig, then
+    SIGKILL them: a worker that ignores SIGTERM gets the signal, lives through (most of) the grace, and is gone when
+    close() returns, not much later than the grace."""
+    marker = ctx.tmpdir / "sigterm-ignored"
+    entry, args = ctx.worker_command("ignore_sigterm", str(marker))
+    stubborn = _start(ctx, "stubborn", entry, {0: args}, {0: ctx.worker_env()})
+    ready = ctx.tmpdir / "sigterm-ignored.ready"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not ready.exists():
+        time.sleep(0.02)
+    ctx.expect(ready.exists(), "the SIGTERM-ignoring worker never got ready")
+    pid = stubborn.pids()[0]
+    started = time.monotonic()
+    stubborn.close(timeout=CLOSE_GRACE_S)
+    took = time.monotonic() - started
+    ctx.expect(not _alive(pid), f"close(timeout={CLOSE_GRACE_S}) returned with a SIGTERM-ignoring worker still running")
+    ctx.expect(took <= CLOSE_GRACE_S + CLOSE_BOUND_S,
+               f"close(timeout={CLOSE_GRACE_S}) took {took:.2f} s to end a worker that ignores SIGTERM")
+    if not marker.exists():
+        ctx.expect(False, f"close(timeout={CLOSE_GRACE_S}) killed a SIGTERM-ignoring worker without delivering SIGTERM "
+                          "(the default death_sig) first")
+        return
+    alive = ctx.tmpdir / "sigterm-ignored.alive"
+    lived = float(alive.read_text()) - float(marker.read_text()) if alive.exists() else 0.0
+    ctx.expect(lived >= CLOSE_GRACE_S / 2,
+               f"a worker that ignores SIGTERM was seen running only {lived:.2f} s after it, not through "
+               f"close()'s grace ({CLOSE_GRACE_S} s): killed before its timeout")
 
 
 def _user_subclass(ctx) -> None:
@@ -257,6 +293,14 @@ def logs_dest(ctx) -> None:
                      "RunProcsResult.stdouts reports LogsDest.stdouts")
 
 
+def _layout(dest) -> tuple[dict, ...]:
+    """A LogsDest's per-rank paths as '<rank>/<file>' below the attempt folder ('' for the console)."""
+    def rel(paths: dict) -> dict:
+        return {rank: "/".join(p.split("/")[-2:]) if p else "" for rank, p in paths.items()}
+
+    return rel(dest.stdouts), rel(dest.stderrs), rel(dest.tee_stdouts), rel(dest.tee_stderrs)
+
+
 def _reify_two_ranks(ctx, **kwargs):
     specs = ctx.get(f"{M}.api.DefaultLogsSpecs")(log_dir=str(ctx.tmpdir / "default-logs"), **kwargs)
     envs = {r: {"TORCHELASTIC_RUN_ID": "conf-run", "TORCHELASTIC_RESTART_COUNT": "0"} for r in range(2)}
@@ -272,7 +316,13 @@ def default_logs_specs(ctx) -> None:
     a_file = ctx.tmpdir / "a-file"
     a_file.write_text("")
     ctx.expect_raises(NotADirectoryError, specs, log_dir=str(a_file), what="DefaultLogsSpecs(log_dir=<a file>)")
-    ctx.expect(ctx.get(f"{M}.api.LogsSpecs") in type(specs()).__mro__, "DefaultLogsSpecs is not a LogsSpecs")
+    default = specs()
+    ctx.expect(ctx.get(f"{M}.api.LogsSpecs") in type(default).__mro__, "DefaultLogsSpecs is not a LogsSpecs")
+    # log_dir=None (the default): a fresh folder of its own in the temp dir.
+    root = default.root_log_dir
+    ctx.expect(root and os.path.isdir(root) and os.path.dirname(root) == tempfile.gettempdir()
+               and os.path.basename(root).startswith("torchelastic_") and root != specs().root_log_dir,
+               f"DefaultLogsSpecs() root_log_dir {root!r}: a new torchelastic_* folder in {tempfile.gettempdir()!r}")
 
 
 @check(f"{M}.api.DefaultLogsSpecs.reify")
@@ -292,3 +342,12 @@ def default_logs_specs_reify(ctx) -> None:
     _, plain = _reify_two_ranks(ctx)
     ctx.expect_equal((plain.stdouts.get(0, ""), plain.stderrs.get(0, "")), ("", ""),
                      "redirects=NONE: no file, the console (an empty path or none)")
+    # Per-rank maps: a rank missing from the map gets Std.NONE; teeing a stream needs (and makes) its file.
+    _, mapped = _reify_two_ranks(ctx, redirects={0: std.OUT}, tee={1: std.ERR})
+    ctx.expect_equal(_layout(mapped), ({0: "0/stdout.log", 1: ""}, {0: "", 1: "1/stderr.log"}, {}, {1: "1/stderr.log"}),
+                     "(stdouts, stderrs, tee_stdouts, tee_stderrs) of redirects={0: OUT}, tee={1: ERR}")
+    # local_ranks_filter narrows what is teed to the console, not what is written to the files.
+    _, filtered = _reify_two_ranks(ctx, tee=std.ALL, local_ranks_filter={1})
+    ctx.expect_equal(_layout(filtered), ({0: "0/stdout.log", 1: "1/stdout.log"}, {0: "0/stderr.log", 1: "1/stderr.log"},
+                                         {1: "1/stdout.log"}, {1: "1/stderr.log"}),
+                     "(stdouts, stderrs, tee_stdouts, tee_stderrs) of tee=ALL, local_ranks_filter={1}")
