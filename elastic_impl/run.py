@@ -23,6 +23,7 @@ import atexit
 import logging
 import os
 import runpy
+import shutil
 import signal
 import socket
 import sys
@@ -476,6 +477,7 @@ def run(args: argparse.Namespace) -> None:
         args.rdzv_id = str(uuid.uuid4())
         logger.info("standalone: c10d rendezvous at %s, run id %s", args.rdzv_endpoint, args.rdzv_id)
     config, cmd, cmd_args = config_from_args(args)
+    _check_training_program(args)
     if config.numa_options is not None and isinstance(cmd, str):
         # The agent chooses each binary worker's CPUs when it starts it: find out now, before this node joins the
         # rendezvous, whether it can (one line, exit 1 -- not a failed agent's traceback after the job formed).
@@ -494,6 +496,31 @@ def run(args: argparse.Namespace) -> None:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     finally:
         close_early()
+
+
+def _check_training_program(args: argparse.Namespace) -> None:
+    """A training script or binary that is not there is one line before this node joins anything.
+
+    torchrun starts the workers anyway: a missing script fails every worker (after the rendezvous, with a failure
+    report per rank), and a missing --no-python binary fails the agent with a traceback. Modules (-m) are left to
+    the interpreter: finding one without importing its parent packages is not reliable.
+    """
+    program = args.training_script
+    if args.module:
+        return
+    if args.no_python:
+        if os.sep in program:
+            if not os.path.isfile(program):
+                raise LaunchConfigError(f"training program {program!r} not found (no such file; cwd {os.getcwd()})")
+            if not os.access(program, os.X_OK):
+                raise LaunchConfigError(f"training program {program!r} is not executable (--no-python runs it "
+                                        "directly: chmod +x, or drop --no-python for a Python script)")
+        elif shutil.which(program) is None:
+            raise LaunchConfigError(f"training program {program!r} not found on PATH (--no-python runs it directly)")
+        return
+    if not os.path.exists(program):
+        raise LaunchConfigError(f"training script {program!r} not found (cwd {os.getcwd()}; "
+                                "-m runs a module, --no-python a binary)")
 
 
 def _default_prewarm(cmd: Any, cmd_args: list[str]) -> bool:

@@ -883,6 +883,11 @@ class EntrypointNotExecutableError(OSError, ValueError):
     """A binary entrypoint that cannot be executed: the OSError upstream raises (FileNotFoundError when it does not
     exist, PermissionError when it may not be run) and a ValueError, as this package always raised."""
 
+    def __str__(self) -> str:
+        # The message names the entrypoint and the reason; OSError's "[Errno N] " prefix would only repeat the
+        # reason as a number (errno stays available as .errno).
+        return str(self.strerror) if self.strerror else super().__str__()
+
 
 class _EntrypointNotFoundError(EntrypointNotExecutableError, FileNotFoundError):
     pass

@@ -128,6 +128,36 @@ def test_missing_training_script_is_one_line(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["no_such_script.py"], "training script 'no_such_script.py' not found (cwd {cwd}; -m runs a module, "
+                            "--no-python a binary)"),
+    (["--no-python", "./no_such_binary"], "training program './no_such_binary' not found (no such file; cwd {cwd})"),
+    (["--no-python", "no-such-program-on-path"],
+     "training program 'no-such-program-on-path' not found on PATH (--no-python runs it directly)"),
+    (["--no-python", "README.md"], "training program 'README.md' not found on PATH (--no-python runs it directly)"),
+    (["--no-python", "./README.md"],
+     "training program './README.md' is not executable (--no-python runs it directly: chmod +x, or drop "
+     "--no-python for a Python script)"),
+])
+def test_a_training_program_that_is_not_there_is_one_line_before_joining_anything(argv, line):
+    # torchrun starts the workers anyway: every worker fails (a failure report per rank) for a missing script, and a
+    # missing --no-python binary fails its agent with a traceback. Here the node has not even looked for its peers:
+    # the endpoint below has nothing listening, and a 2-node job would otherwise wait there for them.
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastic_impl.run", "--nnodes", "2", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", "127.0.0.1:9", *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"elastic-run: error: {line.format(cwd=REPO)}"]
+
+
+def test_an_entrypoint_that_cannot_execute_is_named_without_an_errno_prefix():
+    from elastic_impl.multiprocessing.api import EntrypointNotExecutableError, _entrypoint_error
+
+    err = _entrypoint_error(OSError(8, "Exec format error"), "/data.bin")
+    assert str(err) == "bad entrypoint '/data.bin': cannot execute (Exec format error)"  # was "[Errno 8] bad ..."
+    assert err.errno == 8 and isinstance(err, EntrypointNotExecutableError) and isinstance(err, ValueError)
+
+
 def test_real_process_bad_input_has_no_traceback():
     """The console path end to end: the interpreter prints exactly the one line and exits 2."""
     proc = subprocess.run(

@@ -59,6 +59,7 @@ from elastic_impl.agent.server.decisions import Action, AgentStepper, Ask, Store
 from elastic_impl.events import Event, EventSource, record
 from elastic_impl.metrics import prof, put_metric  # noqa: F401 -- upstream exposes them here
 from elastic_impl.multiprocessing import ProcessFailure, SignalException  # noqa: F401 -- upstream exposes them here
+from elastic_impl.multiprocessing.api import EntrypointNotExecutableError
 from elastic_impl.rendezvous.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -399,7 +400,10 @@ class SimpleElasticAgent(ElasticAgent):
                                                RendezvousClosedError):
                     # The job ends here (the launcher closes the run): without a published root cause a peer
                     # waiting at its exit barrier would take the closed run for a finished job and exit 0.
-                    logger.error("the elastic agent failed: %s: %s", type(e).__name__, e, exc_info=True)
+                    # A worker program that cannot be executed is the user's input, said in one line; anything
+                    # else is our failure and keeps its traceback.
+                    logger.error("the elastic agent failed: %s: %s", type(e).__name__, e,
+                                 exc_info=not isinstance(e, EntrypointNotExecutableError))
                     self._publish_agent_error(e)
                 raise
             sigval = signal.Signals(sigval)
