@@ -69,6 +69,10 @@ class FileTimerClient(TimerClient):
 
     def __init__(self, file_path: str, signal=signal.SIGKILL) -> None:
         super().__init__()
+        # Upstream takes anything and fails later, far from the mistake: a TypeError at the first acquire, or (with
+        # its server running) a request the server cannot act on. A signal is a number (signal.Signals is an int).
+        if isinstance(signal, bool) or not isinstance(signal, int):
+            raise TypeError(f"FileTimerClient signal {signal!r}: expected a signal number such as signal.SIGKILL")
         self._file_path = file_path
         self.signal = signal
 

@@ -119,6 +119,13 @@ def case_tme_file_timer_client_defaults(root, tmp):
 
 
 @case("timer.FileTimerClient")
+def case_tme_file_timer_client_signal_not_a_number(root, tmp):
+    timer = module(root, "timer")
+    return [outcome(lambda s=s: timer.FileTimerClient(str(tmp / "fifo"), signal=s).acquire("s", 1.0),
+                    compare_message=False) for s in (None, "SIGTERM", True)]
+
+
+@case("timer.FileTimerClient")
 def case_tme_file_timer_client_missing_fifo(root, tmp):
     timer = module(root, "timer")
     client = timer.FileTimerClient(str(tmp / "no-server.fifo"))
