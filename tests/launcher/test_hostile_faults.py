@@ -159,9 +159,9 @@ def test_agent_error_on_one_node_is_a_job_failure_on_every_node(launcher, tmp_pa
     assert "plugin bug" in report, healthy_err[-4000:]
 
 
-def test_membership_restart_and_rerun_keep_every_log(launcher, tmp_path):
-    """A restart that keeps TORCHELASTIC_RESTART_COUNT (a membership change) and a rerun with the same run id and
-    log dir both start workers again: no log of an earlier start may be deleted."""
+def test_a_rerun_with_the_same_run_id_and_log_dir_keeps_every_log(launcher, tmp_path):
+    """A standalone job run twice with the same ``--rdzv-id`` and ``--log-dir``: the second run's workers must not
+    delete (or reuse the folders of) the first run's logs. (A membership restart within one run is the next test.)"""
     markers = tmp_path / "markers"
     markers.mkdir()
     worker = _write_worker(tmp_path)
@@ -177,6 +177,85 @@ def test_membership_restart_and_rerun_keep_every_log(launcher, tmp_path):
     assert len(stdouts) == 4, stdouts  # 2 runs x 2 workers, each in its own folder
     texts = sorted(open(p).read() for p in stdouts)
     assert texts == sorted(f"worker rank {r} attempt 0 says hello\n" for r in (0, 1) for _ in range(2)), texts
+
+
+# A worker that leaves a trace of everything a worker may write in its log folder (its stdout and stderr lines, a file of
+# its own next to its error file, the error file itself), records where (a marker in MARKER_DIR), and runs until the
+# test creates RELEASE_FILE.
+_TRACING_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    env = os.environ
+    tag = f"pid {os.getpid()} rank {env['RANK']} world {env['WORLD_SIZE']} restart {env['TORCHELASTIC_RESTART_COUNT']}"
+    print(f"stdout of {tag}", flush=True)
+    print(f"stderr of {tag}", file=sys.stderr, flush=True)
+    folder = os.path.dirname(env["TORCHELASTIC_ERROR_FILE"])
+    with open(os.path.join(folder, "own.txt"), "w") as f:
+        f.write(tag)
+    with open(env["TORCHELASTIC_ERROR_FILE"], "w") as f:
+        json.dump({"message": f"error file of {tag}"}, f)
+    marker = {"pid": os.getpid(), "WORLD_SIZE": env["WORLD_SIZE"], "tag": tag, "folder": folder}
+    path = os.path.join(env["MARKER_DIR"], f"attempt_pid{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(marker, f)
+    os.rename(path + ".tmp", path)
+    while not os.path.exists(env["RELEASE_FILE"]):
+        time.sleep(0.1)
+    """
+)
+
+
+def test_membership_restarts_keep_every_earlier_start_s_logs(launcher, tmp_path):
+    """Two agents, ``--nnodes 1:2``, c10d: the first runs alone, a second joins (the first restarts its workers at
+    the new world size without using a restart: TORCHELASTIC_RESTART_COUNT stays 0), then the second is SIGTERMed
+    and leaves (the survivor restarts its workers again). Every start's stdout, stderr, error file and the file a
+    worker wrote itself must still be there, with what that start wrote, when the job is over."""
+    import signal
+
+    from tests.launcher.conftest import new_markers, read_markers, wait_for
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    release = tmp_path / "release"
+    worker = tmp_path / "tracing_worker.py"
+    worker.write_text(_TRACING_WORKER)
+    port = free_port()
+    env = dict(MARKER_DIR=markers, RELEASE_FILE=release)
+
+    def args(log_dir):
+        return [
+            "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "membership",
+            "--rdzv-conf", "join_timeout=60,last_call_timeout=1,close_timeout=10,heartbeat=2,missed_heartbeats=5",
+            "--monitor-interval", "0.1", "--shutdown-grace", "3", "--log-dir", str(log_dir), "--redirects", "3",
+            str(worker),
+        ]
+
+    host = launcher.start(args(tmp_path / "logs_host"), name="host", **env)
+    wait_for(lambda: len(new_markers(markers, set(), 2)) == 2, 120, "the first node's workers, alone (WORLD_SIZE 2)")
+    seen = {m["pid"] for m in read_markers(markers)}
+    joiner = launcher.start(args(tmp_path / "logs_joiner"), name="joiner", **env)
+    wait_for(lambda: len(new_markers(markers, seen, 4)) == 4, 120, "both nodes' workers (WORLD_SIZE 4)")
+    seen = {m["pid"] for m in read_markers(markers)}
+    os.kill(joiner.pid, signal.SIGTERM)
+    assert launcher.wait(joiner, 60) == 128 + signal.SIGTERM, launcher.output(joiner)[1][-3000:]
+    wait_for(lambda: len(new_markers(markers, seen, 2)) == 2, 60, "the survivor's workers re-formed (WORLD_SIZE 2)")
+    release.touch()
+    assert launcher.wait(host, 60) == 0, launcher.output(host)[1][-3000:]
+
+    starts = read_markers(markers)
+    host_starts = [m for m in starts if m["folder"].startswith(str(tmp_path / "logs_host"))]
+    # 3 starts of the host's 2 workers (alone, with the joiner, alone again), none of them a restart, in 3 folders
+    assert sorted(m["WORLD_SIZE"] for m in host_starts) == ["2", "2", "2", "2", "4", "4"], starts
+    assert all(m["tag"].endswith("restart 0") for m in host_starts), starts
+    assert len({os.path.dirname(m["folder"]) for m in host_starts}) == 3, starts
+    assert len(starts) == len(host_starts) + 2  # and the joiner's 2 workers, once
+    for m in starts:
+        folder = m["folder"]
+        assert open(os.path.join(folder, "stdout.log")).read() == f"stdout of {m['tag']}\n", folder
+        assert f"stderr of {m['tag']}\n" in open(os.path.join(folder, "stderr.log")).read(), folder
+        assert open(os.path.join(folder, "own.txt")).read() == m["tag"], folder
+        assert json.load(open(os.path.join(folder, "error.json"))) == {"message": f"error file of {m['tag']}"}, folder
 
 
 # A worker that double-forks a daemon into a session of its own (the classic way to escape a process group), writes
