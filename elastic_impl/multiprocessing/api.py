@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import atexit
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -12,6 +13,7 @@ import re
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -326,8 +328,70 @@ _PR_SET_CHILD_SUBREAPER = 36
 WORKER_GROUP_MARK_ENV = "ELASTIC_IMPL_WORKER_GROUP"
 
 
+_process_token: tuple[int, str] | None = None  # (pid, token): a forked child makes its own
+
+
+def _mark_prefix() -> str:
+    """``<pid>.<token>.``: what every group mark of this process starts with (the guardian sweeps by it)."""
+    global _process_token
+    if _process_token is None or _process_token[0] != os.getpid():
+        _process_token = (os.getpid(), uuid.uuid4().hex[:12])
+    return f"{_process_token[0]}.{_process_token[1]}."
+
+
 def _new_group_mark() -> str:
-    return f"{os.getpid()}.{uuid.uuid4().hex[:16]}"
+    return _mark_prefix() + uuid.uuid4().hex[:8]
+
+
+# The guardian of this process (see _guardian.py): stops the marked processes its workers leave once it is gone.
+_guardian: tuple[int, subprocess.Popen] | None = None
+_guardian_lock = threading.Lock()
+GUARDIAN_EXIT_WAIT_S = 5.0
+
+
+def _ensure_guardian() -> None:
+    """Start this process's guardian once (Linux): if the agent is SIGKILLed, its workers' double-forked daemons
+    (no parent-death signal reaches them) and workers started from other threads are still stopped."""
+    global _guardian
+    if not IS_LINUX:
+        return
+    with _guardian_lock:
+        if _guardian is not None and _guardian[0] == os.getpid() and _guardian[1].poll() is None:
+            return
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_guardian.py")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", script, str(os.getpid()), _mark_prefix()],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True,  # not stopped with the agent's process group or session
+            )
+        except (OSError, ValueError) as e:  # not fatal: the agent still stops its groups itself while it lives
+            logger.warning("could not start the guardian that stops workers' daemons if this agent is killed: %s", e)
+            return
+        first = _guardian is None
+        _guardian = (os.getpid(), proc)
+    if first:
+        atexit.register(_stop_guardian)
+
+
+def guardian_pid() -> int | None:
+    """The pid of this process's guardian while it runs (None: none started, or it ended)."""
+    if _guardian is None or _guardian[0] != os.getpid() or _guardian[1].poll() is not None:
+        return None
+    return _guardian[1].pid
+
+
+def _stop_guardian() -> None:
+    """At a normal exit: the guardian sweeps what is left of this process's groups now, and the exit waits for it,
+    so that no pipe of ours (its stderr) stays open after we are gone."""
+    if _guardian is None or _guardian[0] != os.getpid():
+        return
+    proc = _guardian[1]
+    try:
+        proc.terminate()
+        proc.wait(GUARDIAN_EXIT_WAIT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def _become_subreaper() -> None:
@@ -466,6 +530,7 @@ class PContext(abc.ABC):
                 previous = signal.signal(sig, _terminate_process_handler)
                 self._previous_signal_handlers.setdefault(sig, previous)
         _become_subreaper()
+        _ensure_guardian()
         self._start()
         for tail in self._tail_logs:
             tail.start()

@@ -306,34 +306,38 @@ def test_double_forked_daemon_does_not_survive_the_job(launcher, tmp_path):
             _kill_quietly(int(daemon_pid_file.read_text()))
 
 
-def test_workers_do_not_outlive_a_sigkilled_agent(launcher, tmp_path):
+def test_workers_and_their_daemons_do_not_outlive_a_sigkilled_agent(launcher, tmp_path):
+    """SIGKILL to the agent alone: its workers (own sessions) and the daemon one of them double-forked (own session,
+    re-parented to the agent, then to init once the agent is gone) must all end within 5 s."""
     import signal
     import time
 
     script = tmp_path / "daemonize.py"
     script.write_text(_DAEMONIZING_WORKER)
+    daemon_pid_file = tmp_path / "daemon.pid"
     agent = launcher.start(
         ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1", str(script)],
-        DAEMON_PID_FILE=tmp_path / "daemon.pid", PID_DIR=tmp_path, WORKER_SLEEP="600",
+        DAEMON_PID_FILE=daemon_pid_file, PID_DIR=tmp_path, WORKER_SLEEP="600",
     )
-    pid_files = [tmp_path / "worker0", tmp_path / "worker1"]
+    pid_files = [tmp_path / "worker0", tmp_path / "worker1", daemon_pid_file]
     deadline = time.monotonic() + 60
     while not all(p.exists() and p.read_text() for p in pid_files):
         assert time.monotonic() < deadline, launcher.output(agent)[1][-3000:]
         time.sleep(0.1)
-    workers = [int(p.read_text()) for p in pid_files]
+    workers = [int(p.read_text()) for p in pid_files[:2]]
+    daemon = int(daemon_pid_file.read_text())
     try:
-        agent.send_signal(signal.SIGKILL)  # the agent alone (its workers have sessions of their own)
+        assert is_alive(daemon)
+        agent.send_signal(signal.SIGKILL)  # the agent alone (its workers and the daemon have sessions of their own)
         agent.wait(10)
         deadline = time.monotonic() + 5
-        while any(is_alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(is_alive(p) for p in [*workers, daemon]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(is_alive(w) for w in workers), "workers outlived their SIGKILLed agent"
+        assert not is_alive(daemon), f"the daemon {daemon} a worker double-forked outlived the SIGKILLed agent"
     finally:
-        for pid in workers:
+        for pid in [*workers, daemon]:
             _kill_quietly(pid)
-        if (tmp_path / "daemon.pid").exists():
-            _kill_quietly(int((tmp_path / "daemon.pid").read_text()))
 
 
 def test_waiting_for_peers_is_silent(launcher, tmp_path):

@@ -3,13 +3,14 @@ import signal
 
 import pytest
 
-from elastic_impl.multiprocessing.api import _group_members
+from elastic_impl.multiprocessing.api import _group_members, guardian_pid
 from elastic_impl.utils.proc_tree import descendants
 
 
 def descendants_of_us() -> set[int]:
-    """Live descendants of this test process (from /proc)."""
-    return set(descendants(os.getpid()))
+    """Live descendants of this test process (from /proc), but its guardian: a process of the runtime that lives as
+    long as this one (elastic_impl/multiprocessing/_guardian.py), never a worker's."""
+    return set(descendants(os.getpid())) - {guardian_pid()}
 
 
 @pytest.fixture
