@@ -97,6 +97,13 @@ API_BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "upstream's worker store prefix, so re-formed workers read the previous round's stale addresses); "
         "a fixed master_addr+master_port is used as given by both (case agent_rendezvous_fixed_master)"
     ),
+    "rdzv_surplus_node_when_the_run_closes": (
+        "a node that joined when the round already held max_nodes and is still waiting when the run is closed: "
+        "upstream's next_rendezvous() raises RendezvousGracefulExitError (it kept the node on a 'redundancy list'), "
+        "ours raises RendezvousClosedError, as for any node joining a closed run (our agent treats both alike: no "
+        "failure published; our launcher reports a peer's root cause for the closed run where there is one, which it "
+        "would not for a graceful exit)"
+    ),
     "agent_local_agent_unknown_start_method": (
         "LocalElasticAgent(start_method='bogus'): upstream accepts it and a function entrypoint fails only when the "
         "workers start, after the rendezvous; ours refuses it in the constructor with a one-line ValueError naming "

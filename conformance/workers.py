@@ -34,11 +34,20 @@ def square(value: int) -> int:
     return value * value
 
 
-def local_timer_child(mp_queue, impl_root: str, mode: str) -> None:
-    """Function entrypoint: hold a LocalTimerClient timer that either expires (and we get killed) or is released."""
+def _stamp(path: str) -> None:
+    """Write the wall time (time.time(), the timers' clock) to ``path``: when this worker was about to acquire."""
+    if path:
+        with open(path, "w") as fh:
+            fh.write(repr(time.time()))
+
+
+def local_timer_child(mp_queue, impl_root: str, mode: str, stamp: str = "") -> None:
+    """Function entrypoint: hold a LocalTimerClient timer that either expires (and we get killed) or is released.
+    ``stamp``: a file the expiring worker writes the time to just before it acquires its 0.5 s timer."""
     timer = importlib.import_module(f"{impl_root}.timer")
     timer.configure(timer.LocalTimerClient(mp_queue))
     if mode == "expire":
+        _stamp(stamp)
         with timer.expires(after=0.5, scope="conformance-expire"):
             time.sleep(30)
     else:
@@ -106,6 +115,27 @@ def _trap_sigterm(marker: str) -> int:
     signal.signal(signal.SIGTERM, on_term)
     open(marker + ".ready", "w").close()
     time.sleep(60)
+    return 0
+
+
+def _ignore_sigterm(marker: str) -> int:
+    """Ignore SIGTERM, noting when it came (``marker``: its wall time); ``marker.alive``: the last time this process
+    was seen running, rewritten every 20 ms; ``marker.ready`` says the handler is installed."""
+    import signal
+
+    def on_term(signum, frame):
+        with open(marker, "w") as fh:
+            fh.write(repr(time.time()))
+
+    signal.signal(signal.SIGTERM, on_term)
+    open(marker + ".ready", "w").close()
+    alive, tmp = marker + ".alive", marker + ".alive.tmp"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with open(tmp, "w") as fh:
+            fh.write(repr(time.time()))
+        os.replace(tmp, alive)  # never a half-written file
+        time.sleep(0.02)
     return 0
 
 
@@ -193,10 +223,11 @@ def _allreduce(out_dir: str, backend: str, device_kind: str) -> int:
     return 0
 
 
-def _file_timer(file_path: str, mode: str) -> int:
+def _file_timer(file_path: str, mode: str, stamp: str = "") -> int:
     timer = impl_module("timer")
     timer.configure(timer.FileTimerClient(file_path))
     if mode == "expire":
+        _stamp(stamp)
         with timer.expires(after=0.5, scope="conformance-expire"):
             time.sleep(30)
         return 0
@@ -222,6 +253,34 @@ def _record_event(destination: str, name: str) -> int:
     events = impl_module("events")
     api = impl_module("events.api")
     events.record(api.Event(name=name, source=api.EventSource.WORKER, metadata={"k": 7}), destination)
+    return 0
+
+
+def _record_rdzv_events(run_id: str) -> int:
+    """Route the ``dynamic_rendezvous`` event destination to stdout, then record rendezvous events through
+    construct_and_record_rdzv_event: one RUNNING with every field, one with defaults, one FAILED while handling an
+    exception. Each is one line of the serialized event on stdout."""
+    import logging
+
+    events, handlers = impl_module("events"), impl_module("events.handlers")
+    console = logging.StreamHandler(sys.stdout)
+    # The destination's handler lives in the handlers module's table (upstream: "Available destination could be
+    # found in handlers.py"); get_logging_handler() hands it out. A NullHandler there means "nobody listens".
+    handlers._log_handlers["dynamic_rendezvous"] = console
+    if events.get_logging_handler("dynamic_rendezvous") is not console:
+        print("the dynamic_rendezvous destination did not take the handler", file=sys.stderr)
+        return 3
+    states = events.NodeState
+    events.construct_and_record_rdzv_event(run_id=run_id, message="all fields", node_state=states.RUNNING,
+                                           name="Handler.next_rendezvous", hostname="conf-host", pid=4321,
+                                           master_endpoint="conf-host:29400", local_id=2, rank=1)
+    events.construct_and_record_rdzv_event(run_id, "defaults", states.INIT)
+    try:
+        raise RuntimeError("conformance-rdzv-failure")
+    except RuntimeError:
+        events.construct_and_record_rdzv_event(run_id, "failed", states.FAILED)
+    sys.stdout.flush()
+    print(f"pid={os.getpid()}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -293,6 +352,8 @@ def main(argv: list[str]) -> int:
         return _node_worker(*args)
     if mode == "trap_sigterm":
         return _trap_sigterm(*args)
+    if mode == "ignore_sigterm":
+        return _ignore_sigterm(*args)
     if mode == "tee_run":
         return _tee_run(*args)
     if mode == "rdzv_node":
@@ -305,6 +366,8 @@ def main(argv: list[str]) -> int:
         return _file_timer_server(*args)
     if mode == "record_event":
         return _record_event(*args)
+    if mode == "record_rdzv_events":
+        return _record_rdzv_events(*args)
     if mode == "worker_main":
         return _worker_main(*args)
     if mode == "debug_info_logging":

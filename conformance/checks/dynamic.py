@@ -18,6 +18,11 @@ DR = "rendezvous.dynamic_rendezvous"
 # make a node that heartbeats once per ~1 s poll look dead to itself under load.
 KEEP_ALIVE = (1, 3)
 LAST_CALL_S = 3.5  # longer than that expiry, so a node judging staleness by its own clock evicts in time
+# The node that must NOT evict yet: 2 s x 4 = 8 s. A peer joining (heartbeating about every second) is killed; this
+# node completes about 3 s later, when the peer's last heartbeat is at most ~5 s old: well inside 8 s, and older than
+# a wrong expiry of one interval (2 s).
+EARLY_KEEP_ALIVE = (2, 4)
+EARLY_JOIN_AFTER_S = 2.5
 
 
 def _memory_backend_class(ctx):
@@ -253,34 +258,64 @@ def timeout_close(ctx) -> None:
     ctx.expect(handler.is_closed(), "is_closed() after set_closed() once the contention ended")
 
 
-@check(f"{DR}.RendezvousTimeout.heartbeat", timeout=60)
+@check(f"{DR}.RendezvousTimeout.heartbeat", timeout=90)
 def timeout_heartbeat(ctx) -> None:
     _timeout_property(ctx, "heartbeat", 5)
-    # Behaviour (heartbeat expiry): a participant (a process waiting for a 2-node round) is SIGKILLed and stops
-    # heartbeating; once its last heartbeat is older than keep_alive_interval x keep_alive_max_attempt (here 1 s x 3)
-    # it is evicted, so a node joining later (min 1, max 3) completes the round at the end of its last call alone
-    # instead of counting the dead node in (world size 2).
-    run_id = ctx.run_id("evict")
-    port = str(ctx.resources.tcp_store().port)
-    entry, args = ctx.worker_command("rdzv_node", port, run_id, *map(str, KEEP_ALIVE))
-    peer = subprocess.Popen([entry, *args], stdout=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **ctx.worker_env()}, cwd=str(ctx.tmpdir))
-    ctx.add_cleanup(lambda: _kill_group(peer))
-    _expect_line(ctx, peer, "joining", 60)
-    time.sleep(1)  # it joins and heartbeats (a participant of the open round)
+    # Behaviour (heartbeat expiry, both bounds): two participants (processes waiting for a 2-node round, one per run)
+    # are SIGKILLed together and stop heartbeating.
+    # - Not before: keep_alive_max_attempt is "the maximum number of failed heartbeat attempts after which a node is
+    #   considered dead", so a node joining one run ~2.5 s after the kill, with keep-alive 2 s x 4 (min 1, max 3), still
+    #   counts the dead peer in (world size 2): evicting it there means a node is declared dead too early.
+    # - Not much after: once the other run's peer's last heartbeat is older than keep_alive_interval x
+    #   keep_alive_max_attempt (1 s x 3) it is evicted, so a node joining later (min 1, max 3) completes the round at
+    #   the end of its last call alone instead of counting the dead node in (world size 2).
+    run_id, early_run_id = ctx.run_id("evict"), ctx.run_id("evict-early")
+    peer, early_peer = (_rdzv_peer(ctx, run, KEEP_ALIVE) for run in (run_id, early_run_id))
+    for proc in (peer, early_peer):
+        _expect_line(ctx, proc, "joining", 60)
+    time.sleep(1)  # they join and heartbeat (participants of their open rounds)
     _kill_group(peer)
-    # Its last heartbeat (written at most one poll, ~1 s, before the kill) is stale after this; upstream counts a
-    # stale node it has not evicted yet into a join for good, so the survivor must not arrive earlier.
+    _kill_group(early_peer)
+    killed = time.monotonic()
+    time.sleep(EARLY_JOIN_AFTER_S)
+    # min 2: upstream starts the last call when a join makes the count reach min_nodes exactly (not when it passes it)
+    early = c10d_handler(ctx, early_run_id, 2, 3, keep_alive=EARLY_KEEP_ALIVE, join=10, last_call=0.5)
+    early_expiry = EARLY_KEEP_ALIVE[0] * EARLY_KEEP_ALIVE[1]
+    too_early = (f"the only other participant, killed {EARLY_JOIN_AFTER_S} s before this node joined, was evicted "
+                 f"with keep-alive {EARLY_KEEP_ALIVE[0]} s x {EARLY_KEEP_ALIVE[1]} (dead only once its last heartbeat "
+                 f"is {early_expiry} s old)")
+    try:
+        info = early.next_rendezvous()
+    except ctx.get("rendezvous.api.RendezvousTimeoutError"):
+        ctx.expect(False, f"{too_early}: the 2-node round never completed "
+                          f"({time.monotonic() - killed:.1f} s after the kill)")
+    else:
+        done = time.monotonic() - killed
+        ctx.expect_equal(info.world_size, 2, f"world size of a round completed {done:.1f} s after the kill ({too_early} "
+                                             f"if not 2)")
+    # The other peer's last heartbeat (written at most one poll, ~1 s, before the kill) is stale after this;
+    # upstream counts a stale node it has not evicted yet into a join for good, so the survivor must not arrive
+    # earlier.
     expiry = KEEP_ALIVE[0] * KEEP_ALIVE[1]
-    time.sleep(expiry + 1)
+    time.sleep(max(0.0, killed + expiry + 1 - time.monotonic()))
     survivor = c10d_handler(ctx, run_id, 1, 3, keep_alive=KEEP_ALIVE, join=20, last_call=LAST_CALL_S)
     started = time.monotonic()
     info = survivor.next_rendezvous()
     ctx.expect_equal((info.rank, info.world_size), (0, 1),
-                     f"(rank, world size) of a node joining {expiry + 1} s after the only other participant was "
-                     f"killed (keep-alive {KEEP_ALIVE[0]} s x {KEEP_ALIVE[1]}): the dead node was not evicted")
+                     f"(rank, world size) of a node joining {started - killed:.1f} s after the only other participant "
+                     f"was killed (keep-alive {KEEP_ALIVE[0]} s x {KEEP_ALIVE[1]}): the dead node was not evicted")
     waited = time.monotonic() - started
     ctx.expect(waited >= LAST_CALL_S * 0.9, f"the lone node completed after {waited:.2f} s, before its last call")
+
+
+def _rdzv_peer(ctx, run_id: str, keep_alive: tuple[int, int]):
+    """A process joining ``run_id`` (min 2, max 2) and heartbeating until it is killed."""
+    port = str(ctx.resources.tcp_store().port)
+    entry, args = ctx.worker_command("rdzv_node", port, run_id, *map(str, keep_alive))
+    proc = subprocess.Popen([entry, *args], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **ctx.worker_env()}, cwd=str(ctx.tmpdir))
+    ctx.add_cleanup(lambda: _kill_group(proc))
+    return proc
 
 
 def _kill_group(proc) -> None:
@@ -326,3 +361,5 @@ def timeout_last_call(ctx) -> None:
     waited = time.monotonic() - started
     ctx.expect_equal(info.world_size, 1, "world size after last call with one node")
     ctx.expect(waited >= 0.9, f"rendezvous completed after {waited:.2f} s, before last_call (1 s) passed")
+    # ... and not much after it: a last_call that was ignored (the 30 s default) must not pass.
+    ctx.expect(waited <= 8, f"rendezvous completed after {waited:.2f} s, long after last_call (1 s) passed")

@@ -74,10 +74,39 @@ def event_metadata_value(ctx) -> None:
                      "metadata value types after a round trip")
 
 
-@check(f"{EV}.construct_and_record_rdzv_event")
+@check(f"{EV}.construct_and_record_rdzv_event", timeout=60)
 def construct_and_record_rdzv_event(ctx) -> None:
     """Recording goes to the 'dynamic_rendezvous' destination (a null handler unless replaced): every node state
-    and every optional field is accepted and nothing is returned."""
+    and every optional field is accepted and nothing is returned. With a handler at that destination (in a worker
+    process: the handler table is per process) each call records one serialized RdzvEvent there, named
+    '<caller's file>:<name or caller's function>', the defaults filled in (pid: the process; hostname: the host),
+    and a FAILED event carries the traceback of the exception being handled."""
+    proc = ctx.run_python("record_rdzv_events", "conf-rdzv-run")
+    ctx.expect_equal(proc.returncode, 0, f"recording rendezvous events in a worker failed: {proc.stderr.strip()[-300:]!r}")
+    records = []
+    for line in proc.stdout.splitlines():
+        try:
+            records.append(json.loads(line[line.index("{"):]))
+        except ValueError:
+            pass
+    ctx.expect_equal(len(records), 3, f"events recorded to the 'dynamic_rendezvous' handler ({proc.stdout[-300:]!r})")
+    if len(records) == 3:
+        full, defaults, failed = records
+        ctx.expect_equal(full, {"name": "workers.py:Handler.next_rendezvous", "run_id": "conf-rdzv-run",
+                                "message": "all fields", "hostname": "conf-host", "pid": 4321, "node_state": "RUNNING",
+                                "master_endpoint": "conf-host:29400", "rank": 1, "local_id": 2, "error_trace": ""},
+                         "the recorded event with every field given")
+        pid = next((int(ln[4:]) for ln in proc.stderr.splitlines() if ln.startswith("pid=")), None)
+        ctx.expect_equal({k: defaults.get(k) for k in ("name", "run_id", "message", "node_state", "pid", "rank",
+                                                       "local_id", "master_endpoint", "error_trace")},
+                         {"name": "workers.py:_record_rdzv_events", "run_id": "conf-rdzv-run", "message": "defaults",
+                          "node_state": "INIT", "pid": pid, "rank": None, "local_id": None, "master_endpoint": "",
+                          "error_trace": ""}, "the recorded event with the defaults (name from the caller)")
+        ctx.expect(isinstance(defaults.get("hostname"), str) and defaults["hostname"],
+                   f"default hostname of a recorded event: {defaults.get('hostname')!r}")
+        ctx.expect_equal(failed.get("node_state"), "FAILED", "node_state of the FAILED event")
+        ctx.expect("conformance-rdzv-failure" in (failed.get("error_trace") or ""),
+                   f"a FAILED event's error_trace lacks the exception being handled: {failed.get('error_trace')!r}")
     record = ctx.get(f"{EV}.construct_and_record_rdzv_event")
     states = ctx.get(f"{EV}.api.NodeState")
     ctx.expect_equal(list(states.__members__), ["INIT", "RUNNING", "SUCCEEDED", "FAILED"], "NodeState members")

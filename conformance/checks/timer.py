@@ -14,6 +14,10 @@ import time
 from conformance.registry import check
 
 T = "timer"
+# The servers' max_interval here: an expired timer's worker should die within about that much after its expiry.
+MAX_INTERVAL_S = 0.1
+EXPIRE_AFTER_S = 0.5  # the expiring worker's expires(after=...)
+REAP_BOUND_S = 8.0  # generous for a loaded machine; a server that waits for some 30 s default still fails it
 
 
 def _recording_client(ctx):
@@ -86,34 +90,61 @@ def _local_timer_scenario(ctx):
 
     mp = multiprocessing.get_context("spawn")
     queue = mp.Queue()
-    server = ctx.get(f"{T}.LocalTimerServer")(queue, max_interval=0.1)
+    server = ctx.get(f"{T}.LocalTimerServer")(queue, max_interval=MAX_INTERVAL_S)
     server.start()
-    procs = {mode: mp.Process(target=local_timer_child, args=(queue, ctx.impl_root, mode), daemon=True)
+    stamp = ctx.resources.workdir / "local-timer-expire.stamp"
+    procs = {mode: mp.Process(target=local_timer_child,
+                              args=(queue, ctx.impl_root, mode, str(stamp) if mode == "expire" else ""), daemon=True)
              for mode in ("expire", "release")}
+    died = None
     try:
         for p in procs.values():
             p.start()
-        for p in procs.values():
-            p.join(60)
+        procs["expire"].join(60)  # first: when it returns is when the expiring worker died
+        if procs["expire"].exitcode is not None:
+            died = time.time()
+        procs["release"].join(60)
     finally:
         for p in procs.values():
             if p.is_alive():
                 p.kill()
                 p.join(5)
         server.stop()
-    return {mode: p.exitcode for mode, p in procs.items()}
+    return {"codes": {mode: p.exitcode for mode, p in procs.items()}, "reap": _reap_delay(stamp, died)}
+
+
+def _reap_delay(stamp, died: float | None) -> float | None:
+    """Seconds from just before the expiring worker acquired its timer to its death (None: not known)."""
+    if died is None or not stamp.exists():
+        return None
+    return died - float(stamp.read_text())
+
+
+def _expect_reaped_in_time(ctx, delay: float | None, server: str) -> None:
+    """Killed after its timer expired (never before), and within REAP_BOUND_S of that (max_interval 0.1 s)."""
+    if delay is None:
+        ctx.expect(False, f"{server}: the expiring worker's acquire time or death was not observed")
+        return
+    ctx.expect(delay >= EXPIRE_AFTER_S - 0.05,
+               f"{server} killed a worker {delay:.2f} s after it acquired expires(after={EXPIRE_AFTER_S}): before "
+               "its timer expired")
+    ctx.expect(delay <= EXPIRE_AFTER_S + REAP_BOUND_S,
+               f"{server} (max_interval {MAX_INTERVAL_S} s) killed a worker {delay:.2f} s after it acquired "
+               f"expires(after={EXPIRE_AFTER_S}): more than {REAP_BOUND_S} s after its timer expired")
 
 
 @check(f"{T}.LocalTimerServer", timeout=150)
 def local_timer_server(ctx) -> None:
-    codes = _local_timer_run(ctx)
-    ctx.expect_equal(codes["expire"], -9, "exit code of a worker whose LocalTimerClient timer expired (SIGKILL)")
+    run = _local_timer_run(ctx)
+    ctx.expect_equal(run["codes"]["expire"], -9,
+                     "exit code of a worker whose LocalTimerClient timer expired (SIGKILL)")
+    _expect_reaped_in_time(ctx, run["reap"], "LocalTimerServer")
     ctx.expect(issubclass(ctx.get(f"{T}.LocalTimerServer"), ctx.get(f"{T}.TimerServer")), "not a TimerServer")
 
 
 @check(f"{T}.LocalTimerClient", timeout=150)
 def local_timer_client(ctx) -> None:
-    codes = _local_timer_run(ctx)
+    codes = _local_timer_run(ctx)["codes"]
     ctx.expect_equal(codes["release"], 0, "exit code of a worker that released its timer in time")
     ctx.expect_equal(codes["expire"], -9, "exit code of a worker whose timer expired")
     ctx.expect(issubclass(ctx.get(f"{T}.LocalTimerClient"), ctx.get(f"{T}.TimerClient")), "not a TimerClient")
@@ -136,7 +167,9 @@ def _file_timer_scenario(ctx):
 
     # It lives long enough for both workers even on a loaded machine; it is killed as soon as they are done.
     server = spawn("filetimer_server", path, ctx.run_id("ft"), str(ready), "140")
+    stamp = ctx.resources.workdir / "file-timer-expire.stamp"
     procs = {}
+    died = None
     try:
         deadline = time.monotonic() + 60  # the server process imports the implementation (torch: slow under load)
         while not ready.exists() and server.poll() is None and time.monotonic() < deadline:
@@ -144,15 +177,16 @@ def _file_timer_scenario(ctx):
         ctx.expect(ready.exists(), f"FileTimerServer process did not start: {server.poll()} {_tail(server)}")
         codes = {}
         for mode in ("release", "expire"):  # release first: the server may end itself after a reap
-            procs[mode] = spawn("filetimer", path, mode)
+            procs[mode] = spawn("filetimer", path, mode, *([str(stamp)] if mode == "expire" else []))
             codes[mode] = procs[mode].wait(60)
+        died = time.time()
         errs = {mode: _tail(p) for mode, p in procs.items()}
     finally:
         for p in [*procs.values(), server]:
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
-    return {"codes": codes, "stderr": errs}
+    return {"codes": codes, "stderr": errs, "reap": _reap_delay(stamp, died)}
 
 
 def _tail(proc) -> str:
@@ -166,6 +200,7 @@ def _tail(proc) -> str:
 def file_timer_server(ctx) -> None:
     run = _file_timer_run(ctx)
     ctx.expect_equal(run["codes"]["expire"], -9, f"exit code of a worker whose file timer expired ({run['stderr']})")
+    _expect_reaped_in_time(ctx, run["reap"], "FileTimerServer")
 
 
 @check(f"{T}.FileTimerClient", timeout=150)

@@ -756,6 +756,29 @@ def case_rdzv_closed_seen_by_another_handler(root, tmp):
         b.shutdown()
 
 
+@case(_DYN_HANDLER, "rendezvous.RendezvousHandler.next_rendezvous", "rendezvous.RendezvousHandler.set_closed",
+      "rendezvous.api.RendezvousGracefulExitError", "rendezvous.api.RendezvousClosedError")
+def case_rdzv_surplus_node_when_the_run_closes(root, tmp):
+    """A node joining a run whose round already holds max_nodes waits (not counted as waiting); when the run is
+    closed, its next_rendezvous() ends with the error observed here."""
+    store = _store()
+    a, b = _handler(root, store, join=20), _handler(root, store, join=20)
+    try:
+        a.next_rendezvous()
+        ended: dict = {}
+        surplus = threading.Thread(target=lambda: ended.update(r=outcome(b.next_rendezvous, compare_message=False)),
+                                   daemon=True)
+        surplus.start()
+        time.sleep(1.5)  # it has joined and waits
+        waiting, still_waiting = a.num_nodes_waiting(), surplus.is_alive()
+        a.set_closed()
+        surplus.join(15)
+        return waiting, still_waiting, ended.get("r", "still waiting 15 s after the run closed")
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
 @case(_DYN_HANDLER, "rendezvous.RendezvousHandler.shutdown", "rendezvous.RendezvousHandler.is_closed")
 def case_rdzv_shutdown_twice(root, tmp):
     store = _store()
