@@ -351,14 +351,19 @@ def _create_tcp_store(params: RendezvousParameters):
 # TCPStore's own connect retries overshoot its timeout (up to about twice it, seen under load), and a refused or
 # unreachable host must still get TCPStore's own error: only a wait well past that is a handshake nobody answers.
 _CONNECT_SLACK_SECONDS = 5.0
+# A port that accepts connections answers a store's handshake in milliseconds; this much more after connect_timeout
+# covers a store host that came up just as the timeout ran out.
+_HANDSHAKE_GRACE_SECONDS = 1.0
 
 
 def _bounded_connect(connect, host: str, port: int, connect_timeout: float):
-    """``connect()`` on a thread, given up after twice ``connect_timeout`` (+ slack).
+    """``connect()`` on a thread, given up on soon after ``connect_timeout`` when something accepts connections on
+    the port but never completes the handshake, and at the latest after twice ``connect_timeout`` (+ slack).
 
     TCPStore's client handshake waits for the server's answer with no timeout: when something that is not a store
-    holds the port (an HTTP server, say) it blocks for good (seen: 10+ minutes). The stuck thread is a daemon and
-    holds only its own socket.
+    holds the port (an HTTP server, say) it blocks for good (seen: 10+ minutes). A port that refuses connections
+    (no store yet) is left to TCPStore's own retries and error. The stuck thread is a daemon and holds only its own
+    socket.
     """
     outcome: dict[str, Any] = {}
     done = threading.Event()
@@ -372,14 +377,31 @@ def _bounded_connect(connect, host: str, port: int, connect_timeout: float):
             done.set()
 
     threading.Thread(target=attempt, name=f"tcpstore-connect-{host}:{port}", daemon=True).start()
-    if not done.wait(2 * connect_timeout + _CONNECT_SLACK_SECONDS):
-        raise RendezvousConnectionError(
-            f"rendezvous endpoint {host}:{port}: no TCPStore answered within {connect_timeout:g} s "
-            f"({_what_answers(host, port)}); is --rdzv-endpoint the store's address?"
-        )
+    answered = done.wait(connect_timeout)
+    if not answered and _accepts_connections(host, port):
+        answered = done.wait(_HANDSHAKE_GRACE_SECONDS)
+        if not answered:
+            _raise_not_a_store(host, port, connect_timeout)
+    if not answered and not done.wait(connect_timeout + _CONNECT_SLACK_SECONDS):
+        _raise_not_a_store(host, port, connect_timeout)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["store"]
+
+
+def _raise_not_a_store(host: str, port: int, connect_timeout: float) -> None:
+    raise RendezvousConnectionError(
+        f"rendezvous endpoint {host}:{port}: no TCPStore answered within {connect_timeout:g} s "
+        f"({_what_answers(host, port)}); is --rdzv-endpoint the store's address?"
+    )
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _what_answers(host: str, port: int) -> str:
