@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 import etcd
@@ -25,6 +26,7 @@ __all__ = [
     "BoundedEtcdClient",
     "EtcdConnectionOptions",
     "connection_options",
+    "is_retriable_answer",
     "is_unreachable",
     "one_line",
 ]
@@ -32,6 +34,15 @@ __all__ = [
 DEFAULT_PORT = 2379
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# How long a request answered "the cluster is in transition" (see RETRIABLE_ANSWERS) is retried before it fails.
+DEFAULT_FAILOVER_TIMEOUT = 10.0
+
+# Answers of a healthy cluster in transition (a leader election, a slow quorum): the same request succeeds a moment
+# later, on this member or another.
+RETRIABLE_ANSWERS = ("leader changed", "no leader", "request timed out", "timed out", "not capable",
+                     "too many requests", "unhealthy cluster", "election")
+
+logger = logging.getLogger(__name__)
 
 
 def one_line(exc: BaseException) -> str:
@@ -71,12 +82,33 @@ def is_unreachable(exc: BaseException) -> bool:
     ) or (type(exc) is etcd.EtcdException)
 
 
+def is_retriable_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` is etcd's (v2) answer that the cluster is in transition: "Raft Internal Error: etcdserver:
+    request timed out" (a write forwarded to a leader that died), leader changed, no leader, election in progress."""
+    if isinstance(exc, etcd.EtcdLeaderElectionInProgress):
+        return True
+    payload = getattr(exc, "payload", None)
+    if type(exc) is not etcd.EtcdException or not isinstance(payload, dict):
+        return False  # a protocol answer (key not found, compare failed, ...) or no answer at all
+    if payload.get("errorCode") not in (300, 301) and payload.get("status") not in (429, 500, 503, 504):
+        return False
+    return any(answer in str(exc).lower() for answer in RETRIABLE_ANSWERS)
+
+
 class BoundedEtcdClient(etcd.Client):
-    """A python-etcd v2 client whose connects are bounded by ``connect_timeout`` and never retried."""
+    """A python-etcd v2 client whose connects are bounded by ``connect_timeout`` and never retried.
+
+    An answer that the cluster is in transition (:func:`is_retriable_answer`) is retried, with a short backoff, for
+    up to ``failover_timeout`` seconds, as the etcd-v3 client does; python-etcd alone raised it at once (a write
+    reaching a follower while the leader was being replaced failed after etcd's own 7 s request timeout). Like any
+    retried write, one whose first answer was lost may land twice: a compare-and-swap then reports a lost compare.
+    """
 
     def __init__(self, host: str, port: int, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> None:
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT, **kwargs: Any) -> None:
         self._connect_timeout = float(connect_timeout)
+        self.failover_timeout = float(failover_timeout)
         kwargs.setdefault("allow_reconnect", False)
         super().__init__(host=host, port=port, read_timeout=read_timeout, **kwargs)
         # urllib3 would otherwise retry a refused/timed-out connection 3 times before python-etcd sees it. other=0:
@@ -88,6 +120,27 @@ class BoundedEtcdClient(etcd.Client):
     @property
     def read_timeout(self):  # type: ignore[override]
         return self.timeout_for(self._read_timeout)
+
+    def api_execute(self, path, method, params=None, timeout=None):  # type: ignore[override]
+        return self._retrying(super().api_execute, path, method, params, timeout)
+
+    def api_execute_json(self, path, method, params=None, timeout=None):  # type: ignore[override]
+        return self._retrying(super().api_execute_json, path, method, params, timeout)
+
+    def _retrying(self, call, path, method, params, timeout):
+        deadline = time.monotonic() + self.failover_timeout
+        pause = 0.05
+        while True:
+            try:
+                return call(path, method, params=params, timeout=timeout)
+            except etcd.EtcdException as e:
+                if not is_retriable_answer(e):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise type(e)(f"{e} (still after {self.failover_timeout:g} s of retries)", e.payload) from None
+                logger.info("etcd at %s answered %s; retrying", self.endpoint, one_line(e))
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
 
     @property
     def endpoint(self) -> str:

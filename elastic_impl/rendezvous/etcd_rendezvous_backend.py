@@ -53,7 +53,6 @@ class EtcdRendezvousBackend(RendezvousBackend, ChangeNotification):
             prefix = "/" + prefix
         self._key = f"{prefix}/{run_id}"
         self._ttl = int(ttl) if ttl and ttl > 0 else self._DEFAULT_TTL
-        self._where = client_endpoint(client)
         # Off by default: measured on the loaded 2-core machine, waking on watches did not beat polling (4 nodes
         # arriving together: 1030 vs 473 ms; a late 4th node: 698 vs 756 ms) and costs an extra read per change.
         self.watch_state = False
@@ -68,7 +67,9 @@ class EtcdRendezvousBackend(RendezvousBackend, ChangeNotification):
         return self._key
 
     def _failed(self, e: BaseException) -> RendezvousConnectionError:
-        return RendezvousConnectionError(f"etcd at {self._where} failed on key {self._key}: {one_line(e)}")
+        # the member the client talks to now: with several, it may have moved on from the first
+        return RendezvousConnectionError(
+            f"etcd at {client_endpoint(self._client)} failed on key {self._key}: {one_line(e)}")
 
     def _decode(self, node) -> tuple[bytes, Any]:
         try:
