@@ -213,6 +213,37 @@ MUTANTS: tuple[Mutant, ...] = (
            "absent = current == _ABSENT or current == b\"\" or (token is not None and current == token and current != state)",
            "absent = current == _ABSENT or current == b\"\"", RDZV_ROWS,
            "set_state with a token when no state is stored hands the token back as if it were the state"),
+    # Issue 12 item 1 follow-ups: timed upper/lower bounds and behaviour of rows that only checked shapes.
+    Mutant("last-call-is-heartbeat-expiry", "rendezvous/dynamic_rendezvous/keyed.py",
+           "proposed = repr(now + settings.timeout.last_call.total_seconds()).encode()",
+           "proposed = repr(now + settings.heartbeat_expiry_seconds).encode()", RDZV_ROWS,
+           "the last call (c10d/store path) lasts one heartbeat expiry (keep-alive interval x attempts, 15 s by "
+           "default) instead of timeout.last_call"),
+    Mutant("evict-after-one-interval", "rendezvous/dynamic_rendezvous/state.py",
+           "return self.keep_alive_seconds * self.keep_alive_max_attempt", "return self.keep_alive_seconds",
+           RDZV_ROWS, "a node is declared dead after one missed heartbeat interval, not keep_alive_max_attempt"),
+    Mutant("timer-watchdog-default-wait", "timer/api.py", "self.run_once(self._max_interval)", "self.run_once(10.0)",
+           TIMER_ROWS, "the timer watchdog waits FileTimerServer's default 10 s for requests between passes, not the "
+           "max_interval given: a worker whose timer expired is killed up to 10 s late"),
+    Mutant("close-grace-ignored", "multiprocessing/api.py", "self._close(death_sig=death_sig, timeout=timeout)",
+           "self._close(death_sig=death_sig)", MP_ROWS,
+           "PContext.close(timeout=...) ignores its timeout: a worker ignoring death_sig is killed after 30 s"),
+    Mutant("corrupt-state-escapes", "rendezvous/dynamic_rendezvous/state.py",
+           "except (ValueError, KeyError, TypeError, AttributeError) as e:",
+           "except (KeyError, TypeError, AttributeError) as e:", RDZV_ROWS,
+           "a stored rendezvous state that is not JSON escapes as JSONDecodeError/UnicodeDecodeError, not "
+           "RendezvousStateError"),
+    Mutant("graceful-exit-skips-shutdown", "agent/server/api.py",
+           '            sigval = getattr(e, "sigval", None)  # ours or elastic_impl.multiprocessing\'s SignalException',
+           "            if _is_rendezvous_error_of(e, RendezvousGracefulExitError):\n"
+           "                shutdown_called = True  # never part of the round: nothing to shut down\n"
+           '            sigval = getattr(e, "sigval", None)  # ours or elastic_impl.multiprocessing\'s SignalException',
+           AGENT_ROWS + ",rendezvous.api.RendezvousGracefulExitError",
+           "an agent whose rendezvous ends with RendezvousGracefulExitError skips _shutdown (its workers and health "
+           "server stay up)"),
+    Mutant("rdzv-events-to-null", "events/__init__.py", 'record(event, "dynamic_rendezvous")',
+           'record(event, "null")', EVENT_ROWS,
+           "rendezvous events go to the 'null' destination: a handler at 'dynamic_rendezvous' never sees them"),
 )
 
 

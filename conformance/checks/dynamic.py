@@ -287,8 +287,11 @@ def timeout_heartbeat(ctx) -> None:
     try:
         info = early.next_rendezvous()
     except ctx.get("rendezvous.api.RendezvousTimeoutError"):
-        ctx.expect(False, f"{too_early}: the 2-node round never completed "
-                          f"({time.monotonic() - killed:.1f} s after the kill)")
+        ctx.expect(False, f"a node joining a run whose other participant was killed {EARLY_JOIN_AFTER_S} s earlier "
+                          f"(keep-alive {EARLY_KEEP_ALIVE[0]} s x {EARLY_KEEP_ALIVE[1]}, last call 0.5 s) did not "
+                          f"complete the 2-node round within its join timeout (10 s; "
+                          f"{time.monotonic() - killed:.1f} s after the kill): either the dead participant was "
+                          f"evicted before its heartbeat was {early_expiry} s old, or the last call ran far too long")
     else:
         done = time.monotonic() - killed
         ctx.expect_equal(info.world_size, 2, f"world size of a round completed {done:.1f} s after the kill ({too_early} "
