@@ -106,7 +106,6 @@ class EtcdRendezvous:
         if int(keep_alive_ttl) < 1:
             raise ValueError(f"rendezvous option keep_alive_ttl={keep_alive_ttl!r} must be a whole number of seconds >= 1")
         self.client = client
-        self._endpoint = client_endpoint(client)
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
         if not self._prefix.startswith("/"):
             self._prefix = "/" + self._prefix
@@ -133,6 +132,11 @@ class EtcdRendezvous:
 
     def __del__(self):
         self.stop_leases()
+
+    @property
+    def _endpoint(self) -> str:
+        # the member the client talks to now: given several, python-etcd moves on from a dead first one
+        return client_endpoint(self.client)
 
     def stop_leases(self) -> None:
         """Stop renewing this node's keys (the run directory and the rank keep-alive)."""

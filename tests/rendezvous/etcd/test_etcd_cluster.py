@@ -199,3 +199,29 @@ def test_only_answers_of_a_cluster_in_transition_are_retried():
     assert not is_retriable_answer(answer(101, "[1 != 2]"))  # compare failed
     assert not is_retriable_answer(answer(300, "etcdserver: request is too large"))
     assert not is_retriable_answer(etcd.EtcdConnectionFailed("No more machines in the cluster"))
+
+
+def test_legacy_handler_names_the_member_it_talks_to_after_failing_over(etcd_cluster, run_id):
+    """The legacy ``etcd`` handler, given every member, keeps working when its first member dies; an error it
+    reports afterwards names the member it talks to now, not the dead first one (it used to remember the first)."""
+    from elastic_impl.rendezvous import RendezvousStateError
+    from elastic_impl.rendezvous._etcd_client import BoundedEtcdClient
+
+    first, *others = etcd_cluster.members
+    endpoint = ",".join(m.endpoint for m in etcd_cluster.members)
+    handler = rendezvous_handler_registry.create_handler(RendezvousParameters(
+        "etcd", endpoint, run_id, 1, 1, timeout=30, last_call_timeout=0.3, connect_timeout=1))
+    try:
+        assert handler._rdzv_impl.client.endpoint == first.endpoint
+        first.stop()  # SIGKILL
+        # another node leaves a state this one cannot read (as a foreign or corrupted writer would); its client
+        # retries while the cluster elects a new leader, if the first member led it
+        BoundedEtcdClient(others[0].host, others[0].port).write(
+            f"/torchelastic/p2p/run_{run_id}/rdzv/active_version", "not json")
+        with pytest.raises(RendezvousStateError) as raised:
+            handler.next_rendezvous()
+        message = str(raised.value)
+        assert "is not JSON" in message and first.endpoint not in message, message
+        assert any(m.endpoint in message for m in others), message
+    finally:
+        handler.shutdown()
