@@ -212,11 +212,12 @@ def _no_duplicates(source: str, rows: list[Row]) -> list[Row]:
     return rows
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, hint: str = "") -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte order mark, which is no part of the header
+        return path.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise TableError(f"cannot read table {str(path)!r}: {exc.strerror or exc}") from None
+        raise TableError(f"cannot read table {str(path)!r}: {exc.strerror or exc}{hint}") from None
     except UnicodeDecodeError:
         raise TableError(f"table {str(path)!r} is not UTF-8 text") from None
 
@@ -275,7 +276,9 @@ def load_claims(spec: str | Path | None, hardware: str | None = None) -> Claims:
         rows = [Row(e.api, True, "-", e.line, e.section) for e in hw.entries]
         return Claims(ALL_SUPPORTED, rows)
     path = default_table_path() if spec is None else _named(str(spec)) if str(spec) in NAMED_TABLES else Path(spec)
-    text = _read(path)
+    names = ", ".join([*NAMED_TABLES, ALL_SUPPORTED])
+    text = _read(path, "" if spec is None or str(spec) in NAMED_TABLES else
+                 f"; --table takes a table file (.md or .csv) or one of {names}")
     header = next((ln for ln in text.splitlines() if ln.strip().startswith("|")), "")
     if path.suffix.lower() != ".csv" and _is_hardware_header(header):
         layout = parse_hardware_markdown(text, path.name)
