@@ -194,20 +194,41 @@ class BaselineError(ValueError):
     """The --baseline report cannot be used; one-line message."""
 
 
-def load_baseline(path: str | Path, device_key: str) -> dict[str, str]:
-    """api -> observed ("pass"/"fail"/"skip") of an earlier report.json certified on the same device/backend."""
+def read_baseline(path: str | Path) -> tuple[str, dict[str, str]]:
+    """(``device/backend`` it was certified on, api -> observed) of an earlier report.json."""
+    shown = f"--baseline {str(path)!r}"
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        meta, results = data["meta"], data["results"]
-        observed = {r["api"]: r["observed"] for r in results}
     except OSError as exc:
-        raise BaselineError(f"cannot read --baseline {str(path)!r}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BaselineError(f"--baseline {str(path)!r} is not a report.json written by certify ({exc})") from None
-    kind = str(meta.get("device", "")).split("->")[-1]
-    then = f"{kind}/{meta.get('backend') or backend_for(kind)}"
+        raise BaselineError(f"cannot read {shown}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise BaselineError(f"{shown} is not a report.json written by certify ({exc})") from None
+    meta = data.get("meta") if isinstance(data, dict) else None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or not isinstance(results, list):
+        raise BaselineError(f"{shown} is not a report.json written by certify (expected a 'meta' object and a "
+                            "'results' list)")
+    device = meta.get("device")
+    if not isinstance(device, str) or not device:
+        raise BaselineError(f"{shown} is not a report.json written by certify (its meta names no device)")
+    try:
+        observed = {r["api"]: r["observed"] for r in results}
+    except (KeyError, TypeError) as exc:
+        raise BaselineError(f"{shown} is not a report.json written by certify (a result without "
+                            f"api/observed: {exc})") from None
+    kind = device.split("->")[-1]
+    return f"{kind}/{meta.get('backend') or backend_for(kind)}", observed
+
+
+def check_baseline_device(path: str | Path, then: str, device_key: str) -> None:
     if then != device_key:
         raise BaselineError(f"--baseline {str(path)!r} was certified on {then}; this run is on {device_key}")
+
+
+def load_baseline(path: str | Path, device_key: str) -> dict[str, str]:
+    """api -> observed ("pass"/"fail"/"skip") of an earlier report.json certified on the same device/backend."""
+    then, observed = read_baseline(path)
+    check_baseline_device(path, then, device_key)
     return observed
 
 

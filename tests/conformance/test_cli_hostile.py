@@ -6,6 +6,10 @@ row runs; an interrupt while the CLI starts (torch loading) still interrupts it.
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from conformance.cli import main
 
 ONE_ROW = ["certify", "--impl", "torch", "--device", "cpu", "--jobs", "1", "-q", "-k", "RendezvousTimeout.close"]
@@ -19,6 +23,21 @@ def _one_line_error(capsys, *needles: str) -> str:
         assert needle in err, err
     assert "certifying" not in captured.out, "the rows ran before the bad input was found: " + captured.out
     return err
+
+
+# -- --baseline -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    json.dumps({"meta": [], "results": []}),
+    json.dumps({"meta": {}, "results": []}),
+    json.dumps({"meta": "cpu", "results": []}),
+    json.dumps({"meta": {"device": "cpu"}, "results": [{"api": "x", "observed": "pass"}, 3]}),
+])
+def test_a_baseline_of_the_wrong_shape_is_a_one_line_error(tmp_path, content, capsys):
+    path = tmp_path / "report.json"
+    path.write_text(content)
+    assert main([*ONE_ROW, "--baseline", str(path)]) == 2
+    _one_line_error(capsys, f"--baseline {str(path)!r}", "is not a report.json written by certify")
 
 
 # -- --table ----------------------------------------------------------------------------------------------------------
