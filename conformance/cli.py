@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,6 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"elastic-conformance: error: {message}", file=sys.stderr)
     return 2
+
+
+REPORT_NAMES = ("report.json", "report.md", "junit.xml", "wpt.json", "observed_table.md")
+
+
+def _out_problem(out: str) -> str | None:
+    """Why the reports could not be written to ``--out``, found before any row runs (the folder is made here);
+    None if they can. Nothing already there is removed: the reports overwrite their own names only."""
+    path, shown = Path(out), f"--out {out!r}"
+    if path.exists() and not path.is_dir():
+        return f"{shown} is a file, not a directory; give a directory for the reports ({', '.join(REPORT_NAMES[:4])})"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{shown} cannot be made a directory: {exc.strerror or exc}"
+    for name in REPORT_NAMES:
+        if (path / name).exists() and not (path / name).is_file():
+            return f"{shown} holds {name} that is not a file, so that report cannot be written; choose another --out"
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"{shown} is not writable: {exc.strerror or exc}"
+    return None
 
 
 def _quiet_implementation_logs() -> None:
@@ -143,12 +168,19 @@ def _main(argv: list[str] | None) -> int:
     from conformance.runner import BaselineError, apply_baseline, certify, exit_code, load_baseline, select
 
     device_label = args.device if device.requested != "auto" else f"auto->{device.kind}"
+    if args.out:
+        problem = _out_problem(args.out)
+        if problem:
+            return _fail(problem)
     if not device.available:
         # Rows that never touch the device would pass and read as a certification of it: run none.
         line = f"{device.reason}; nothing certified"
         if args.out:
-            write_reports([], Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
-                          claims=claims, not_certified=line)
+            try:
+                write_reports([], Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
+                              claims=claims, not_certified=line)
+            except OSError as exc:
+                return _fail(f"cannot write the reports to --out {args.out!r}: {exc.strerror or exc}")
         print(line, file=sys.stderr)
         return DEVICE_ABSENT
     baseline = None
@@ -184,9 +216,13 @@ def _main(argv: list[str] | None) -> int:
     print(terminal_table(results))
     print(f"wall time: {time.monotonic() - started:.1f} s with {jobs} job(s)")
     if args.out:
-        paths = write_reports(results, Path(args.out), impl=adapter.name, device=device_label, backend=device.backend,
-                              claims=claims, run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1),
-                                                  **({"baseline": args.baseline} if args.baseline else {})})
+        try:
+            paths = write_reports(results, Path(args.out), impl=adapter.name, device=device_label,
+                                  backend=device.backend, claims=claims,
+                                  run={"jobs": jobs, "wall_s": round(time.monotonic() - started, 1),
+                                       **({"baseline": args.baseline} if args.baseline else {})})
+        except OSError as exc:  # e.g. the folder was removed or the disk filled during the run
+            return _fail(f"cannot write the reports to --out {args.out!r}: {exc.strerror or exc}")
         print("reports: " + ", ".join(str(p) for p in paths))
     code = exit_code(results)
     if code:

@@ -25,6 +25,52 @@ def _one_line_error(capsys, *needles: str) -> str:
     return err
 
 
+# -- --out ------------------------------------------------------------------------------------------------------------
+
+def test_out_naming_an_existing_file_is_refused_before_any_row_runs_and_the_file_is_kept(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("the user's own file\n")
+    assert main([*ONE_ROW, "--out", str(mine)]) == 2
+    _one_line_error(capsys, f"--out {str(mine)!r}", "not a directory")
+    assert mine.read_text() == "the user's own file\n"
+
+
+def test_out_that_cannot_be_made_is_refused_before_any_row_runs(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([*ONE_ROW, "--out", str(afile / "sub")]) == 2
+    _one_line_error(capsys, f"--out {str(afile / 'sub')!r}")
+
+
+def test_out_holding_a_folder_where_a_report_goes_is_refused_and_kept(tmp_path, capsys):
+    (tmp_path / "report.json").mkdir()
+    (tmp_path / "report.json" / "mine.txt").write_text("kept")
+    assert main([*ONE_ROW, "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "report.json")
+    assert (tmp_path / "report.json" / "mine.txt").read_text() == "kept"
+
+
+def test_out_naming_a_file_with_an_absent_device_is_bad_input_not_a_traceback(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert main(["certify", "--impl", "torch", "--device", "npu", "--out", str(mine)]) == 2
+    _one_line_error(capsys, f"--out {str(mine)!r}")
+    assert mine.read_text() == "mine"
+
+
+def test_reports_that_fail_to_write_after_the_run_are_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import conformance.report
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conformance.report, "write_reports", full_disk)
+    assert main([*ONE_ROW, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot write the reports to --out {str(tmp_path / 'out')!r}: No space left on device" in err, err
+
+
 # -- --baseline -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content", [
