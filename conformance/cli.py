@@ -165,10 +165,37 @@ def _main(argv: list[str] | None) -> int:
     except (AdapterError, DeviceError) as exc:
         return _fail(str(exc))
     from conformance.report import progress_line, terminal_table, write_reports
-    from conformance.runner import BaselineError, apply_baseline, certify, exit_code, load_baseline, select
+    from conformance.runner import (
+        BaselineError,
+        apply_baseline,
+        certify,
+        check_baseline_device,
+        exit_code,
+        read_baseline,
+        select,
+        unmatched,
+    )
 
+    # Every option is checked before the device's absence ends the run (exit 3): bad input is exit 2 whatever the
+    # device, and the user learns of all of it at once rather than after installing the device's toolkit.
+    jobs = _jobs(args.jobs)
+    if jobs is None:
+        return _fail(f"--jobs {args.jobs!r} is not a positive whole number")
+    selected = select(rows, args.pattern)
+    if not selected:
+        return _fail(f"-k {args.pattern!r} matches no api in {claims.name}")
+    missed = unmatched(rows, args.pattern)
+    if missed:  # a typo in one of several substrings would silently leave its rows uncertified
+        return _fail(f"-k {args.pattern!r}: {', '.join(repr(n) for n in missed)} matches no api in {claims.name} "
+                     "(each comma-separated substring must match at least one row)")
+    baseline_then = baseline = None
+    if args.baseline:
+        try:
+            baseline_then, baseline = read_baseline(args.baseline)
+        except BaselineError as exc:
+            return _fail(str(exc))
     device_label = args.device if device.requested != "auto" else f"auto->{device.kind}"
-    if args.out:
+    if args.out:  # last: it makes the folder
         problem = _out_problem(args.out)
         if problem:
             return _fail(problem)
@@ -183,18 +210,11 @@ def _main(argv: list[str] | None) -> int:
                 return _fail(f"cannot write the reports to --out {args.out!r}: {exc.strerror or exc}")
         print(line, file=sys.stderr)
         return DEVICE_ABSENT
-    baseline = None
-    if args.baseline:
+    if baseline_then is not None:
         try:
-            baseline = load_baseline(args.baseline, device.key)
+            check_baseline_device(args.baseline, baseline_then, device.key)
         except BaselineError as exc:
             return _fail(str(exc))
-    jobs = _jobs(args.jobs)
-    if jobs is None:
-        return _fail(f"--jobs {args.jobs!r} is not a positive whole number")
-    selected = select(rows, args.pattern)
-    if not selected:
-        return _fail(f"-k {args.pattern!r} matches no api in {claims.name}")
     against = claims.name + (f" [{claims.hardware}]" if claims.hardware else "")
     print(f"certifying {adapter.name} ({adapter.root}) on {device.describe()} against {against}: "
           f"{len(selected)} rows, {jobs} job(s)", flush=True)

@@ -73,6 +73,13 @@ def select(rows: Iterable[Row], pattern: str | None) -> list[Row]:
     return [r for r in rows if any(n in r.api.lower() for n in needles)]
 
 
+def unmatched(rows: Iterable[Row], pattern: str | None) -> list[str]:
+    """The comma-separated substrings of ``pattern`` that match no row (see :func:`select`)."""
+    apis = [r.api.lower() for r in rows]
+    needles = [p.strip() for p in (pattern or "").split(",") if p.strip()]
+    return [n for n in needles if not any(n.lower() in api for api in apis)]
+
+
 def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any], waived: list[str]) -> None:
     try:
         obj = ctx.adapter.resolve(check.api)

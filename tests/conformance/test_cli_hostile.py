@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from conformance import mutation
 from conformance.cli import main
 
 ONE_ROW = ["certify", "--impl", "torch", "--device", "cpu", "--jobs", "1", "-q", "-k", "RendezvousTimeout.close"]
@@ -69,6 +70,36 @@ def test_reports_that_fail_to_write_after_the_run_are_a_one_line_error(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"cannot write the reports to --out {str(tmp_path / 'out')!r}: No space left on device" in err, err
+
+
+# -- input checked before the device's absence ends the run --------------------------------------------------------
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--jobs", "abc"], "--jobs 'abc'"),
+    (["-k", "zzz-no-such-api"], "-k 'zzz-no-such-api'"),
+])
+def test_bad_input_with_an_absent_device_is_exit_2_not_3(extra, needle, capsys):
+    assert main(["certify", "--impl", "torch", "--device", "npu", *extra]) == 2
+    _one_line_error(capsys, needle)
+
+
+# -- -k ---------------------------------------------------------------------------------------------------------------
+
+def test_a_k_substring_matching_no_row_is_named_even_when_another_matches(capsys):
+    assert main([*ONE_ROW[:-1], "RendezvousTimeout.close,zzz-typo"]) == 2
+    err = _one_line_error(capsys, "'zzz-typo'", "matches no api")
+    assert "'RendezvousTimeout.close'" not in err.split(":", 2)[-1].split("matches")[0]
+
+
+def test_every_mutation_row_pattern_matches_a_row_of_the_table_it_certifies():
+    # The mutation runner passes these -k patterns; each substring must keep matching a row.
+    from conformance.runner import select
+    from conformance.table import load_claims
+
+    rows = load_claims("all-supported").rows
+    for mutant in mutation.MUTANTS:
+        for needle in mutant.rows.split(","):
+            assert select(rows, needle), (mutant.name, needle)
 
 
 # -- --baseline -------------------------------------------------------------------------------------------------------
