@@ -119,6 +119,32 @@ def raise_terminated(signum: int, frame) -> None:
     raise Terminated(signum)
 
 
+def _import_torch() -> None:
+    """Import torch with SIGINT/SIGTERM held back until it is loaded, then acted on.
+
+    torch's C++ start-up imports numpy and swallows any exception raised in it, so a KeyboardInterrupt (or our
+    Terminated) delivered then vanished: Ctrl-C in the first fraction of a second was ignored and the whole run went
+    on. Only in the main thread with the handlers main() installs (or Python's default for SIGINT)."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        return
+    held: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_terminated}
+    for sig, handler in previous.items():
+        if handler is ours[sig]:
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signal.SIGTERM in held:
+        raise Terminated(signal.SIGTERM)
+    if held:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     previous_disable = logging.root.manager.disable
     previous_term = None
@@ -145,6 +171,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "certify" and not args.verbose:
         _quiet_implementation_logs()  # before the first torch import: the C++ log level is read at load
+    _import_torch()
     try:
         claims = load_claims(args.table, args.hardware)
         validate_paths(claims.rows, reference_adapter().exists, claims.name)

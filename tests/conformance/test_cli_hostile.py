@@ -7,11 +7,16 @@ row runs; an interrupt while the CLI starts (torch loading) still interrupts it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from conformance import mutation
 from conformance.cli import main
+from tests.conformance.conftest import REPO_ROOT
 
 ONE_ROW = ["certify", "--impl", "torch", "--device", "cpu", "--jobs", "1", "-q", "-k", "RendezvousTimeout.close"]
 
@@ -129,3 +134,37 @@ def test_a_csv_table_saved_with_a_byte_order_mark_is_read(tmp_path, capsys):
     table.write_bytes("\ufeffapi,supported,notes\ntorch.distributed.elastic.timer.configure,yes,-\n".encode())
     assert main(["list", "--table", str(table)]) == 0
     assert "torch.distributed.elastic.timer.configure" in capsys.readouterr().out
+
+
+# -- an interrupt while torch loads -----------------------------------------------------------------------------------
+
+_KICK = textwrap.dedent("""
+    import os, signal, sys
+
+    class Kick:  # sends the signal the moment torch starts importing numpy
+        done = False
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "numpy" and not self.done:
+                self.done = True
+                os.kill(os.getpid(), signal.{sig})
+            return None
+
+    sys.meta_path.insert(0, Kick())
+    sys.argv = ["elastic-conformance", *sys.argv[1:]]
+    from conformance.cli import console_main
+    console_main()
+""")
+
+
+@pytest.mark.parametrize("sig, code, needle", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_while_torch_loads_still_stops_the_cli(sig, code, needle):
+    # torch's C++ import of numpy swallows any exception raised in it, KeyboardInterrupt included: Ctrl-C in
+    # the first fraction of a second was ignored and the run went on to exit 0.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                         if p))
+    proc = subprocess.run([sys.executable, "-c", _KICK.format(sig=sig), *ONE_ROW], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=str(REPO_ROOT))
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "certifying" not in proc.stdout
