@@ -108,13 +108,32 @@ def get_adapter(name: str) -> Adapter:
         return Adapter("torch", UPSTREAM_ROOT, "torch.distributed.run")
     if not name or not all(part.isidentifier() for part in name.split(".")):
         raise AdapterError(f"--impl {name!r} is not a package name; use 'elastic_impl', 'torch' or a package path")
+    absent = f"--impl {name!r} is not importable; use 'elastic_impl', 'torch' or an importable package"
     try:
         found = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        found = None
+    except ModuleNotFoundError as exc:  # a parent package of a dotted name is absent
+        raise (AdapterError(absent) if _is_absent(name, exc) else _broken(name, exc)) from None
+    except (Exception, SystemExit) as exc:  # a parent package that fails to import
+        raise _broken(name, exc) from None
     if found is None:
-        raise AdapterError(f"--impl {name!r} is not importable; use 'elastic_impl', 'torch' or an importable package")
+        raise AdapterError(absent)
+    # Imported here so a package that cannot be imported is one error, not a failure of every row it would certify.
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise (AdapterError(absent) if _is_absent(name, exc) else _broken(name, exc)) from None
+    except (Exception, SystemExit) as exc:
+        raise _broken(name, exc) from None
     return Adapter(name, name, f"{name}.run")
+
+
+def _is_absent(name: str, exc: ModuleNotFoundError) -> bool:
+    return bool(exc.name) and (name == exc.name or name.startswith(exc.name + "."))
+
+
+def _broken(name: str, exc: BaseException) -> AdapterError:
+    text = " ".join(str(exc).split())
+    return AdapterError(f"--impl {name!r} cannot be imported: {type(exc).__name__}{': ' + text if text else ''}")
 
 
 def reference_adapter() -> Adapter:

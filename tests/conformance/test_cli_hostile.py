@@ -16,7 +16,7 @@ import pytest
 
 from conformance import mutation
 from conformance.cli import main
-from tests.conformance.conftest import REPO_ROOT
+from tests.conformance.conftest import REPO_ROOT, run_cli
 
 ONE_ROW = ["certify", "--impl", "torch", "--device", "cpu", "--jobs", "1", "-q", "-k", "RendezvousTimeout.close"]
 
@@ -134,6 +134,22 @@ def test_a_csv_table_saved_with_a_byte_order_mark_is_read(tmp_path, capsys):
     table.write_bytes("\ufeffapi,supported,notes\ntorch.distributed.elastic.timer.configure,yes,-\n".encode())
     assert main(["list", "--table", str(table)]) == 0
     assert "torch.distributed.elastic.timer.configure" in capsys.readouterr().out
+
+
+# -- --impl -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["raising_impl", "raising_impl.sub"])
+def test_an_impl_that_raises_on_import_is_a_one_line_error_naming_the_error(tmp_path, impl):
+    (tmp_path / "raising_impl" / "sub").mkdir(parents=True)
+    (tmp_path / "raising_impl" / "__init__.py").write_text("raise RuntimeError('boom on import')\n")
+    (tmp_path / "raising_impl" / "sub" / "__init__.py").write_text("")
+    proc = run_cli(["certify", "--impl", impl, "--device", "cpu", "-k", "RendezvousTimeout.close"],
+                   extra_path=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--impl {impl!r} cannot be imported" in proc.stderr, proc.stderr
+    assert "RuntimeError: boom on import" in proc.stderr, proc.stderr
+    assert "certifying" not in proc.stdout
 
 
 # -- an interrupt while torch loads -----------------------------------------------------------------------------------
