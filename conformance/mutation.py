@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -324,22 +325,61 @@ def select_mutants(only: str | None) -> list[Mutant]:
     return [known[n] for n in names]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _timeout(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _json_problem(path: str) -> str | None:
+    target = Path(path)
+    if target.is_dir():
+        return f"--json {path!r} is a directory; give a file name for the results"
+    parent = target.parent
+    if not parent.is_dir():
+        return f"--json {path!r}: {str(parent)!r} is not an existing directory"
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"--json {path!r} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformance.mutation", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m conformance.mutation", description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated mutant names (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="mutants certified side by side (default 1)")
-    parser.add_argument("--timeout", type=float, default=MUTANT_TIMEOUT_S, help="seconds per certification")
+    parser.add_argument("--timeout", default=str(MUTANT_TIMEOUT_S),
+                        help=f"seconds per certification (default {MUTANT_TIMEOUT_S}); a mutant still running then "
+                             "counts as KILLED")
     parser.add_argument("--skip-baseline", action="store_true", help="do not certify the unmutated copy first")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be at least 1")
+    timeout = _timeout(args.timeout)
+    if timeout is None:  # 0 or less would count every mutant KILLED (by its time limit) in no time
+        parser.error(f"--timeout {args.timeout!r} is not a positive number of seconds")
     if args.list:
         for m in MUTANTS:
             print(f"{m.name:28} {m.path:40} {m.bug}{' (equivalent: ' + m.equivalent + ')' if m.equivalent else ''}")
         return 0
-    mutants = select_mutants(args.only)
+    try:
+        mutants = select_mutants(args.only)
+    except SystemExit as exc:  # an unknown name: select_mutants' one-line message
+        parser.error(str(exc).removeprefix("conformance.mutation: "))
+    if not mutants:
+        parser.error(f"--only {args.only!r} names no mutant")
+    if args.json and (problem := _json_problem(args.json)):
+        parser.error(problem)
+    args.timeout = timeout
     started = time.monotonic()
     if not args.skip_baseline:
         outcome, seconds, detail = baseline(mutants, args.timeout)
@@ -365,10 +405,18 @@ def main(argv: list[str] | None = None) -> int:
           f"not scored: {', '.join(other) or 'none'}; equivalent (not run): "
           f"{', '.join(m.name for m in MUTANTS if m.equivalent) or 'none'}; wall {time.monotonic() - started:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"score_percent": round(score, 1), "killed": killed,
-                                               "survived": survived, "results": results}, indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps({"score_percent": round(score, 1), "killed": killed,
+                                                   "survived": survived, "results": results}, indent=2) + "\n")
+        except OSError as exc:
+            print(f"{parser.prog}: error: cannot write --json {args.json!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0 if not survived and not other else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -184,3 +184,45 @@ def test_a_signal_while_torch_loads_still_stops_the_cli(sig, code, needle):
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "certifying" not in proc.stdout
+
+
+# -- python -m conformance.mutation -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--timeout", "0", "--only", "interleaved-ranks", "--skip-baseline"], "--timeout '0'"),
+    (["--timeout", "-5", "--only", "interleaved-ranks", "--skip-baseline"], "--timeout '-5'"),
+    (["--timeout", "nan", "--only", "interleaved-ranks", "--skip-baseline"], "--timeout 'nan'"),
+    (["--only", ",", "--skip-baseline"], "--only ','"),
+    (["--only", "no-such-mutant", "--skip-baseline"], "unknown mutant(s) no-such-mutant"),
+    (["--jobs", "abc"], "--jobs"),
+    (["--bogus"], "--bogus"),
+])
+def test_mutation_bad_input_is_one_line_and_exit_2_before_any_certification(argv, needle, capsys):
+    try:
+        code = mutation.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and needle in captured.err, captured.err
+    assert "KILLED" not in captured.out and "score" not in captured.out, captured.out
+
+
+def test_mutation_json_that_cannot_be_written_is_refused_before_any_certification(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    try:
+        code = mutation.main(["--only", "interleaved-ranks", "--skip-baseline", "--timeout", "1", "--json",
+                              str(afile / "out.json")])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "--json" in captured.err, captured.err
+    assert "KILLED" not in captured.out
+
+
+def test_mutation_list_piped_into_head_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} -m conformance.mutation --list | head -1", shell=True, text=True,
+                          capture_output=True, cwd=str(REPO_ROOT), timeout=60)
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
