@@ -65,20 +65,22 @@ REPORT_NAMES = ("report.json", "report.md", "junit.xml", "wpt.json", "observed_t
 
 
 def _out_problem(out: str) -> str | None:
-    """Why the reports could not be written to ``--out``, found before any row runs (the folder is made here);
-    None if they can. Nothing already there is removed: the reports overwrite their own names only."""
+    """Why the reports could not be written to ``--out``, found before any row runs; None if they can. Makes
+    nothing (a run stopped before its end leaves no folder behind) and removes nothing: the reports overwrite
+    their own names only."""
     path, shown = Path(out), f"--out {out!r}"
     if path.exists() and not path.is_dir():
         return f"{shown} is a file, not a directory; give a directory for the reports ({', '.join(REPORT_NAMES[:4])})"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"{shown} cannot be made a directory: {exc.strerror or exc}"
     for name in REPORT_NAMES:
         if (path / name).exists() and not (path / name).is_file():
             return f"{shown} holds {name} that is not a file, so that report cannot be written; choose another --out"
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:  # the folder the reports' mkdir starts in
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{shown} cannot be made a directory: {str(existing)!r} is a file"
     try:
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):  # an unnamed file on Linux: nothing visible is made
             pass
     except OSError as exc:
         return f"{shown} is not writable: {exc.strerror or exc}"
@@ -222,7 +224,7 @@ def _main(argv: list[str] | None) -> int:
         except BaselineError as exc:
             return _fail(str(exc))
     device_label = args.device if device.requested != "auto" else f"auto->{device.kind}"
-    if args.out:  # last: it makes the folder
+    if args.out:
         problem = _out_problem(args.out)
         if problem:
             return _fail(problem)

@@ -64,6 +64,14 @@ def test_out_naming_a_file_with_an_absent_device_is_bad_input_not_a_traceback(tm
     assert mine.read_text() == "mine"
 
 
+def test_checking_out_makes_no_folder(tmp_path):
+    # A run stopped after the check (Ctrl-C, a failing row's crash) leaves nothing behind in the user's tree.
+    from conformance.cli import _out_problem
+
+    assert _out_problem(str(tmp_path / "new" / "deeper")) is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_reports_that_fail_to_write_after_the_run_are_a_one_line_error(tmp_path, monkeypatch, capsys):
     import conformance.report
 
