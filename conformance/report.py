@@ -100,11 +100,37 @@ def write_reports(results: list[Result], out_dir: Path, *, impl: str, device: st
     wpt_path = out_dir / "wpt.json"
     wpt_path.write_text(json.dumps(wpt_report(results, meta), indent=1) + "\n")
     paths = [json_path, md_path, xml_path, wpt_path]
+    observed_path = out_dir / "observed_table.md"
     if claims is not None and claims.layout is not None and not_certified is None:
-        observed_path = out_dir / "observed_table.md"
         observed_path.write_text(observed_table(results, claims, meta))
         paths.append(observed_path)
+    elif _is_observed_table(observed_path):
+        # An earlier run's table next to this run's report would read as this run's measurement: say it is not.
+        observed_path.write_text(_no_observed_table(meta))
+        paths.append(observed_path)
     return paths
+
+
+_OBSERVED_TITLE = "# Observed support: "
+_NO_OBSERVED_TITLE = "# No observed support table: "
+
+
+def _is_observed_table(path: Path) -> bool:
+    """Whether ``path`` holds a table an earlier certify wrote (a file of the user's by that name is left alone)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith((_OBSERVED_TITLE, _NO_OBSERVED_TITLE))
+
+
+def _no_observed_table(meta: dict[str, Any]) -> str:
+    why = (f"nothing was certified ({meta['reason']})" if meta.get("outcome") == NOT_CERTIFIED
+           else f"table `{meta['table']}` has no per-hardware columns (use --table ascend-2.13 --hardware ...)")
+    return (f"{_NO_OBSERVED_TITLE}`{meta['impl']}` on `{meta['device']}`, {meta['created']}\n\n"
+            f"This run wrote no per-hardware table: {why}. The table an earlier run left here was replaced, so that "
+            "it cannot be read as this run's measurement; see report.md.\n")
 
 
 def wpt_report(results: list[Result], meta: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +169,7 @@ def observed_table(results: list[Result], claims: Claims, meta: dict[str, Any]) 
     assert layout is not None and claims.hardware is not None
     measured = {r.api: {"pass": "✔", "fail": "✘"}.get(r.observed, "?") for r in results}
     column = layout.columns.index(claims.hardware)
-    lines = [f"# Observed support: `{meta['impl']}` on `{meta['device']}` (backend `{meta['backend']}`), "
+    lines = [f"{_OBSERVED_TITLE}`{meta['impl']}` on `{meta['device']}` (backend `{meta['backend']}`), "
              f"column {claims.hardware} measured",
              "", f"Measured {meta['created']}; the other columns are copied from `{layout.source}` (claimed, not "
              "measured here). ✔ the row's check passed, ✘ it failed, ? not run (skipped or not selected).", "",

@@ -136,3 +136,25 @@ def test_a_per_hardware_certification_writes_the_observed_table_in_the_vendor_la
     assert f"|{ETCD_SERVER}|✘|✔|" in text.split("## Measured vs claimed")[1]
     assert "|Elastic Agent|torch.distributed.elastic.agent.server.ElasticAgent|?|✔|✘|" in text  # not selected
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["hardware"] == "Atlas A2 training"
+
+
+def test_a_later_run_without_a_hardware_column_does_not_leave_an_earlier_observed_table_behind(tmp_path):
+    """The same --out, first a per-hardware run, then a run of the 104-row table and one on an absent device: the
+    earlier observed_table.md must not stand beside the new report as if it were this run's measurement. A file of
+    the user's by that name (not written by certify) is left as it was."""
+    common = ["--impl", "elastic_impl", "--jobs", "1", "-k", "RendezvousParameters.get_as_int", "--out", str(tmp_path)]
+    first = run_cli(["certify", "--device", "cpu", "--table", "ascend-2.13", "--hardware", "Atlas A2", *common],
+                    timeout=120)
+    assert first.returncode == 0 and "|section|API|" in (tmp_path / "observed_table.md").read_text(), first.stderr
+    second = run_cli(["certify", "--device", "cpu", *common], timeout=120)
+    assert second.returncode == 0, second.stderr
+    text = (tmp_path / "observed_table.md").read_text()
+    assert text.startswith("# No observed support table:") and "|section|API|" not in text, text
+    assert "has no per-hardware columns" in text
+    absent = run_cli(["certify", "--device", "npu", *common], timeout=120)
+    assert absent.returncode == 3, absent.stderr
+    assert "nothing was certified (npu: not available" in (tmp_path / "observed_table.md").read_text()
+    mine = "my own notes\n"
+    (tmp_path / "observed_table.md").write_text(mine)
+    assert run_cli(["certify", "--device", "cpu", *common], timeout=120).returncode == 0
+    assert (tmp_path / "observed_table.md").read_text() == mine
