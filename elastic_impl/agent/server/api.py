@@ -414,6 +414,10 @@ class SimpleElasticAgent(ElasticAgent):
             # shutdown grace (its workers may spend it checkpointing) with their collectives hung on it.
             self._leave_rendezvous()
             self._shutdown(sigval, timeout=self._shutdown_timeout)
+            if getattr(e, "sigval", None) is None:
+                # The run broke off because of the signal (the join ended by the leave above, say): what the caller
+                # learns is the signal, not the error it caused (the launcher exits with 128 + its number).
+                raise AgentSignalError(f"agent received {sigval.name}", sigval) from e
             raise
         finally:
             if not shutdown_called:

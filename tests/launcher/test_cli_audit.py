@@ -1,0 +1,65 @@
+"""elastic-run, a new user's hostile inputs and endings (the launcher audit): each bad input is one line naming the
+value and what is allowed, exit 2; a signal ends the run with 128 + its number whatever the agent was doing."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.launcher.conftest import free_port, needs_runtime
+
+pytestmark = needs_runtime
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("elastic-run: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+OK_SCRIPT = "import os\nprint('rank', os.environ['RANK'], flush=True)\n"
+
+
+def _run(launcher, argv, timeout: float = 60, **env) -> tuple[int, str, str]:
+    proc = launcher.start(argv, **env)
+    rc = launcher.wait(proc, timeout)
+    out, err = launcher.output(proc)
+    return rc, out, err
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_waiting_for_peers_exits_with_its_code(launcher, tmp_path, sig):
+    """Before: 'elastic-run: error: RendezvousGracefulExitError: rendezvous node ... left run' and exit 1 (the
+    rendezvous the agent left on the signal broke off the join; the signal was forgotten). torchrun dies of it."""
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    port = free_port()
+    proc = launcher.start(["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                           "--rdzv-id", "audit", "--rdzv-conf", "join_timeout=60", script])
+    deadline = time.monotonic() + 30
+    while not _listening(port):  # this node hosts the store: listening means it is in the rendezvous
+        assert proc.poll() is None, launcher.output(proc)
+        assert time.monotonic() < deadline, "the store never came up"
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the join, waiting for the second node
+    proc.send_signal(sig)
+    rc = launcher.wait(proc, 30)
+    err = launcher.output(proc)[1]
+    assert rc == 128 + sig, err
+    assert err.strip().splitlines()[-1] == f"elastic-run: agent stopped by {sig.name}; workers stopped", err
