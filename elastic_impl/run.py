@@ -316,6 +316,35 @@ def _parse_std(option: str, value: str):
         raise _bad(option, value, "expected 0-3 (none, out, err, all) or local_rank:value,...") from None
 
 
+def _check_log_dir(log_dir: str | None) -> None:
+    """A --log-dir that names a file, or lies under one, is one line before anything starts (torchrun: a
+    traceback)."""
+    if not log_dir or log_dir == os.devnull:
+        return
+    allowed = "expected a directory for the workers' logs (made if missing)"
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise _bad("--log-dir", log_dir, f"it is a file; {allowed}")
+    ancestor = os.path.dirname(os.path.abspath(log_dir))
+    while not os.path.exists(ancestor) and ancestor != os.path.dirname(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise _bad("--log-dir", log_dir, f"{ancestor!r} is a file; {allowed}")
+
+
+def _check_log_dir_writable(log_dir: str) -> None:
+    """Each run's logs go in a new folder inside --log-dir, made after the rendezvous: a folder that takes no files
+    would fail the agent only then (with its peers waiting on it). Probed with an unnamed temporary file."""
+    if log_dir == os.devnull or not os.path.isdir(log_dir):
+        return  # a custom LogsSpecs may use the value otherwise
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=log_dir):
+            pass
+    except OSError as e:
+        raise _bad("--log-dir", log_dir, f"is not writable: {e.strerror or e}") from None
+
+
 def _is_std_none(value) -> bool:
     if isinstance(value, dict):
         return all(int(v) == 0 for v in value.values())
@@ -416,9 +445,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
             ranks_filter = {int(r) for r in args.local_ranks_filter.split(",") if r.strip()}
         except ValueError:
             raise _bad("--local-ranks-filter", args.local_ranks_filter, "expected comma-separated ints") from None
-    logs_specs = _logs_specs_class(args.logs_specs)(
-        log_dir=args.log_dir, redirects=redirects, tee=tee, local_ranks_filter=ranks_filter
-    )
+    logs_specs_class = _logs_specs_class(args.logs_specs)
+    _check_log_dir(args.log_dir)
+    try:
+        logs_specs = logs_specs_class(log_dir=args.log_dir, redirects=redirects, tee=tee, local_ranks_filter=ranks_filter)
+    except OSError as e:  # the folder could not be made (the checks above cover the common causes)
+        raise _bad("--log-dir", args.log_dir, f"cannot be made a directory: {e.strerror or e}") from None
+    if args.log_dir:
+        _check_log_dir_writable(args.log_dir)
 
     if nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Like torchrun: N workers each using every core would oversubscribe the machine.

@@ -63,3 +63,25 @@ def test_a_signal_while_waiting_for_peers_exits_with_its_code(launcher, tmp_path
     err = launcher.output(proc)[1]
     assert rc == 128 + sig, err
     assert err.strip().splitlines()[-1] == f"elastic-run: agent stopped by {sig.name}; workers stopped", err
+
+
+@pytest.mark.parametrize("log_dir, fragment", [
+    ("afile", "it is a file; expected a directory"),
+    ("afile/sub", "afile' is a file"),
+    ("/proc/nope", "cannot be made a directory"),
+    ("/proc/self", "is not writable"),  # a directory nothing can be written to (root or not)
+])
+def test_a_log_dir_that_cannot_be_used_is_one_line_exit_2(launcher, tmp_path, log_dir, fragment):
+    """Before: 'elastic-run: error: LogDirNotADirectoryError: log_dir: afile is a file' / 'NotADirectoryError: [Errno
+    20] Not a directory: ...' / 'FileNotFoundError: ...', exit 1 (torchrun: a traceback, exit 1); an existing folder
+    that takes no files failed only after the rendezvous, when the first attempt's folder was made (the agent's
+    traceback, exit 1)."""
+    (tmp_path / "afile").write_text("the user's file\n")
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    path = log_dir if log_dir.startswith("/") else str(tmp_path / log_dir)
+    rc, out, err = _run(launcher, ["--standalone", "--log-dir", path, script])
+    line = _one_line_error(err)
+    assert rc == 2, err
+    assert f"--log-dir value {path!r}" in line and fragment in line, line
+    assert "rank 0" not in out  # nothing started
+    assert (tmp_path / "afile").read_text() == "the user's file\n"
