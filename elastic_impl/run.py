@@ -65,6 +65,48 @@ def _env_default(name: str, default: Any) -> Any:
     return os.environ.get(f"PET_{name.upper()}", default)
 
 
+# torchrun's flags read PET_<FLAG> as an integer, nonzero meaning on (its check_env action).
+_ENV_FLAGS = {"standalone": "--standalone", "module": "--module", "no_python": "--no-python",
+              "run_path": "--run-path", "virtual_local_rank": "--virtual-local-rank"}
+
+
+def _env_flag(name: str) -> bool:
+    """PET_<NAME> as torchrun reads a flag's variable: an integer, nonzero for on (unset or empty: off). A value
+    that is not an integer reads as off here; parse_args reports it."""
+    value = os.environ.get(f"PET_{name.upper()}", "").strip()
+    try:
+        return int(value) != 0 if value else False
+    except ValueError:
+        return False
+
+
+def _check_env_flags(parser: ArgumentParser) -> None:
+    for name, option in _ENV_FLAGS.items():
+        variable = f"PET_{name.upper()}"
+        value = os.environ.get(variable, "").strip()
+        if value:
+            try:
+                int(value)
+            except ValueError:
+                parser.error(f"invalid {variable} value {os.environ[variable]!r}: expected 0 or 1 (an integer; "
+                             f"nonzero turns {option} on, as torchrun reads it)")
+
+
+# Options whose value came from a PET_* variable in the last parse_args, not from the command line: the error
+# for a bad value names the variable ({'--nproc-per-node': 'PET_NPROC_PER_NODE'}).
+_from_env: dict[str, str] = {}
+
+
+class _StoreGiven(argparse._StoreAction):
+    """store, and note that the option was given on the command line (see _from_env)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        given = set(getattr(namespace, "_given_on_command_line", ()))
+        given.add(self.dest)
+        namespace._given_on_command_line = given
+
+
 _EPILOG = """\
 environment (beyond torchrun's options):
   TORCHELASTIC_SHUTDOWN_GRACE=S      default for --shutdown-grace (seconds; default 30)
@@ -84,10 +126,17 @@ def get_args_parser() -> ArgumentParser:
         epilog=_EPILOG,
     )
 
-    def opt(*names: str, env: str, **kwargs):
+    env_options: dict[str, tuple[str, list[str]]] = {}
+    parser._env_options = env_options  # type: ignore[attr-defined]  (dest -> option, its PET_* variables)
+
+    def opt(*names: str, env: str, env_alias: str | None = None, **kwargs):
         kwargs.setdefault("default", None)
+        if env_alias is not None:  # a second spelling of the variable, read when the first is not set
+            kwargs["default"] = _env_default(env_alias, kwargs["default"])
         kwargs["default"] = _env_default(env, kwargs["default"])
-        parser.add_argument(*names, **kwargs)
+        action = parser.add_argument(*names, action=_StoreGiven, **kwargs)
+        option = next(n for n in names if n.startswith("--"))
+        env_options[action.dest] = (option, [f"PET_{e.upper()}" for e in (env, env_alias) if e])
 
     opt("--nnodes", env="nnodes", type=str, default="1:1", help="Number of nodes, or MIN:MAX.")
     opt("--nproc-per-node", "--nproc_per_node", env="nproc_per_node", type=str, default="1",
@@ -101,7 +150,7 @@ def get_args_parser() -> ArgumentParser:
         help="Extra rendezvous settings: key1=value1,key2=value2 (join_timeout, last_call_timeout, close_timeout, "
              "read_timeout, is_host, heartbeat=S (= keep_alive_interval), missed_heartbeats=N "
              "(= keep_alive_max_attempt); a silent node is dropped after S x N seconds).")
-    parser.add_argument("--standalone", action="store_true",
+    parser.add_argument("--standalone", action="store_true", default=_env_flag("standalone"),
                         help="Single-node job: local c10d rendezvous on a free port (ignores --rdzv-*).")
     opt("--max-restarts", "--max_restarts", env="max_restarts", type=str, default="0",
         help="Worker group restarts allowed before the job fails.")
@@ -112,10 +161,10 @@ def get_args_parser() -> ArgumentParser:
     opt("--event-log-handler", "--event_log_handler", env="event_log_handler", type=str, default="null",
         help="Registered event handler name.")
     opt("--role", env="role", type=str, default="default", help="Worker role name.")
-    parser.add_argument("-m", "--module", action="store_true", help="Run the script as a module (python -m).")
-    parser.add_argument("--no-python", "--no_python", action="store_true",
+    parser.add_argument("-m", "--module", action="store_true", default=_env_flag("module"), help="Run the script as a module (python -m).")
+    parser.add_argument("--no-python", "--no_python", action="store_true", default=_env_flag("no_python"),
                         help="Execute the script directly instead of with python.")
-    parser.add_argument("--run-path", "--run_path", action="store_true",
+    parser.add_argument("--run-path", "--run_path", action="store_true", default=_env_flag("run_path"),
                         help="Run the script with runpy.run_path in the worker interpreter.")
     opt("--log-dir", "--log_dir", env="log_dir", type=str, default=None, help="Base directory for worker logs.")
     opt("-r", "--redirects", env="redirects", type=str, default="0",
@@ -132,7 +181,7 @@ def get_args_parser() -> ArgumentParser:
     opt("--local-addr", "--local_addr", env="local_addr", type=str, default=None,
         help="Address of this node as seen by peers.")
     opt("--shutdown-grace", "--shutdown_grace", "--shutdown-timeout", "--shutdown_timeout", env="shutdown_grace",
-        type=str, default=None, dest="shutdown_grace",
+        env_alias="shutdown_timeout", type=str, default=None, dest="shutdown_grace",
         help="Seconds between SIGTERM and SIGKILL when stopping workers (default: $TORCHELASTIC_SHUTDOWN_GRACE or 30).")
     opt("--log-line-prefix-template", "--log_line_prefix_template", env="log_line_prefix_template", type=str,
         default=None, help="Per-line prefix template for worker output (${role_name}, ${rank}, ${local_rank}).")
@@ -152,7 +201,7 @@ def get_args_parser() -> ArgumentParser:
         default="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
         help="Signals that make the agent stop its workers and leave (comma-separated names, e.g. add SIGUSR1).")
     parser.add_argument("--virtual-local-rank", "--virtual_local_rank", action="store_true",
-                        default=os.environ.get("PET_VIRTUAL_LOCAL_RANK", "0") not in ("", "0"),
+                        default=_env_flag("virtual_local_rank"),
                         help="Every worker gets LOCAL_RANK=0 and sees only its own GPU, as device 0 "
                              "(CUDA_VISIBLE_DEVICES).")
     parser.add_argument("--prewarm", action="store_true", default=None,
@@ -168,11 +217,23 @@ def get_args_parser() -> ArgumentParser:
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
-    return get_args_parser().parse_args(args)
+    parser = get_args_parser()
+    _check_env_flags(parser)
+    parsed = parser.parse_args(args)
+    given = getattr(parsed, "_given_on_command_line", set())
+    if hasattr(parsed, "_given_on_command_line"):
+        del parsed._given_on_command_line
+    _from_env.clear()
+    for dest, (option, variables) in parser._env_options.items():  # type: ignore[attr-defined]
+        variable = next((v for v in variables if v in os.environ), None)
+        if variable is not None and dest not in given:
+            _from_env[option] = variable
+    return parsed
 
 
 def _bad(option: str, value: Any, allowed: str) -> LaunchConfigError:
-    return LaunchConfigError(f"invalid {option} value {value!r}: {allowed}")
+    origin = f" (from {_from_env[option]})" if option in _from_env else ""
+    return LaunchConfigError(f"invalid {option} value {value!r}{origin}: {allowed}")
 
 
 def _parse_int(option: str, value: str, minimum: int) -> int:

@@ -85,3 +85,65 @@ def test_a_log_dir_that_cannot_be_used_is_one_line_exit_2(launcher, tmp_path, lo
     assert f"--log-dir value {path!r}" in line and fragment in line, line
     assert "rank 0" not in out  # nothing started
     assert (tmp_path / "afile").read_text() == "the user's file\n"
+
+
+@pytest.mark.parametrize("env, dest", [
+    ("PET_STANDALONE", "standalone"),
+    ("PET_MODULE", "module"),
+    ("PET_NO_PYTHON", "no_python"),
+    ("PET_RUN_PATH", "run_path"),
+    ("PET_VIRTUAL_LOCAL_RANK", "virtual_local_rank"),
+])
+def test_torchruns_flag_environment_variables_set_the_flags(monkeypatch, env, dest):
+    """torchrun reads every flag from PET_<FLAG> as an integer (nonzero: on). Before: only PET_VIRTUAL_LOCAL_RANK
+    was read here, so PET_MODULE=1 ran the module name as a script ('training script ... not found') and
+    PET_STANDALONE=1 used the static backend."""
+    from elastic_impl.run import parse_args
+
+    monkeypatch.setenv(env, "1")
+    assert getattr(parse_args(["x.py"]), dest) is True
+    monkeypatch.setenv(env, "0")
+    assert getattr(parse_args(["x.py"]), dest) is False
+
+
+@pytest.mark.parametrize("env", ["PET_STANDALONE", "PET_MODULE", "PET_VIRTUAL_LOCAL_RANK"])
+def test_a_flag_environment_variable_that_is_no_integer_is_one_line_exit_2(monkeypatch, capsys, env):
+    """torchrun: 'ValueError: invalid literal for int() with base 10: 'yes'' in a traceback. Before: ignored here
+    (PET_VIRTUAL_LOCAL_RANK=yes turned the flag on, 'no' too)."""
+    from elastic_impl.run import main
+
+    monkeypatch.setenv(env, "yes")
+    with pytest.raises(SystemExit) as info:
+        main(["x.py"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert f"invalid {env} value 'yes'" in line and "0 or 1" in line, line
+
+
+def test_torchruns_pet_shutdown_timeout_sets_the_grace(monkeypatch):
+    """torchrun's --shutdown-timeout reads PET_SHUTDOWN_TIMEOUT; before, only our PET_SHUTDOWN_GRACE was read."""
+    from elastic_impl.run import config_from_args, parse_args
+
+    monkeypatch.setenv("PET_SHUTDOWN_TIMEOUT", "7")
+    config, _, _ = config_from_args(parse_args(["--standalone", "x.py"]))
+    assert config.shutdown_timeout == 7.0
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(monkeypatch, capsys):
+    """Before: PET_NPROC_PER_NODE=abc said only "invalid --nproc-per-node value 'abc'", an option the user never
+    typed."""
+    from elastic_impl.run import main
+
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "abc")
+    with pytest.raises(SystemExit) as info:
+        main(["--standalone", "x.py"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert "invalid --nproc-per-node value 'abc' (from PET_NPROC_PER_NODE)" in line, line
+
+
+def test_pet_module_runs_a_module(launcher, tmp_path):
+    (tmp_path / "audit_mod_xyz.py").write_text("print('module ran', flush=True)\n")
+    rc, out, err = _run(launcher, ["--standalone", "audit_mod_xyz"], PET_MODULE="1", PYTHONPATH=str(tmp_path))
+    assert rc == 0, err
+    assert "module ran" in out
