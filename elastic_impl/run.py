@@ -377,6 +377,25 @@ def _parse_std(option: str, value: str):
         raise _bad(option, value, "expected 0-3 (none, out, err, all) or local_rank:value,...") from None
 
 
+def _parse_local_ranks_filter(value: str | None, nproc_per_node: int) -> set[int] | None:
+    """--local-ranks-filter: the local ranks whose console output is shown (empty: all). A rank no worker has would
+    hide that output silently (torchrun shows nothing for '9' on a one-worker node)."""
+    if value is None or not str(value).strip():
+        return None
+    ranks_allowed = f"local ranks: 0..{nproc_per_node - 1} with --nproc-per-node {nproc_per_node}"
+    ranks: set[int] = set()
+    for item in str(value).split(","):
+        try:
+            rank = int(item.strip())
+        except ValueError:
+            raise _bad("--local-ranks-filter", value,
+                       f"expected comma-separated local ranks, e.g. 0,1 ({ranks_allowed})") from None
+        if not 0 <= rank < nproc_per_node:
+            raise _bad("--local-ranks-filter", value, f"local rank {rank} does not exist ({ranks_allowed})")
+        ranks.add(rank)
+    return ranks
+
+
 def _check_log_dir(log_dir: str | None) -> None:
     """A --log-dir that names a file, or lies under one, is one line before anything starts (torchrun: a
     traceback)."""
@@ -500,12 +519,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
 
         tee = Std.ERR
         capture_stderr = True
-    ranks_filter = None
-    if args.local_ranks_filter:
-        try:
-            ranks_filter = {int(r) for r in args.local_ranks_filter.split(",") if r.strip()}
-        except ValueError:
-            raise _bad("--local-ranks-filter", args.local_ranks_filter, "expected comma-separated ints") from None
+    ranks_filter = _parse_local_ranks_filter(args.local_ranks_filter, nproc_per_node)
     logs_specs_class = _logs_specs_class(args.logs_specs)
     _check_log_dir(args.log_dir)
     try:

@@ -147,3 +147,29 @@ def test_pet_module_runs_a_module(launcher, tmp_path):
     rc, out, err = _run(launcher, ["--standalone", "audit_mod_xyz"], PET_MODULE="1", PYTHONPATH=str(tmp_path))
     assert rc == 0, err
     assert "module ran" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--local-ranks-filter", "9"], "invalid --local-ranks-filter value '9': local rank 9 does not exist"),
+    (["--local-ranks-filter", "-1"], "local rank -1 does not exist"),
+    (["--nproc-per-node", "2", "--local-ranks-filter", "0,2"], "local rank 2 does not exist (local ranks: 0..1"),
+    (["--local-ranks-filter", ","], "expected comma-separated local ranks"),
+    (["--local-ranks-filter", "0,,1"], "expected comma-separated local ranks"),
+])
+def test_a_local_ranks_filter_naming_no_local_rank_is_one_line_exit_2(capsys, argv, fragment):
+    """Before: '9' and '-1' ran the job with every worker's console output hidden (torchrun too), ',' showed all of
+    it (torchrun: a ValueError traceback)."""
+    from elastic_impl.run import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--standalone", *argv, "x.py"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert fragment in line, line
+
+
+def test_a_local_ranks_filter_of_existing_ranks_is_kept():
+    from elastic_impl.run import config_from_args, parse_args
+
+    config, _, _ = config_from_args(parse_args(["--nproc-per-node", "3", "--local-ranks-filter", " 2,0 ", "x.py"]))
+    assert config.logs_specs._local_ranks_filter == {0, 2}
