@@ -655,16 +655,19 @@ def _fail(message: str, code: int) -> None:
 
 
 def _quiet_store_waits() -> None:
-    """Load torch with its C++ log level at ERROR for this process only.
+    """Load torch with its C++ log level at FATAL for this process only.
 
     A node waiting for its peers waits on the TCPStore with short timeouts, and every timed-out wait makes torch's
     C++ socket code print two ``[c10d] waitForInput ... timed out`` warnings (about 3 lines a second, for as long
-    as the wait lasts). The level is read once, when torch loads, so the variable is set around the import and then
-    removed again: the workers inherit the user's environment unchanged. A level the user set wins.
+    as the wait lasts). A node whose store does not answer yet (its host not up, a wrong port) retries it, and each
+    try logs a C++ error with its stack (some 20 ``frame #N`` lines). The agent's only C++ is the store, whose
+    failures reach Python as exceptions the launcher words itself, so nothing below FATAL is kept. The level is read
+    once, when torch loads, so the variable is set around the import and then removed again: the workers inherit
+    the user's environment unchanged. A level the user set wins.
     """
     if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ:
         return
-    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
     try:
         import torch  # noqa: F401
     except ImportError:

@@ -173,3 +173,32 @@ def test_a_local_ranks_filter_of_existing_ranks_is_kept():
 
     config, _, _ = config_from_args(parse_args(["--nproc-per-node", "3", "--local-ranks-filter", " 2,0 ", "x.py"]))
     assert config.logs_specs._local_ranks_filter == {0, 2}
+
+
+def test_a_store_that_does_not_answer_yet_prints_no_cpp_stack_dumps(launcher, tmp_path):
+    """A node started before its store's host (or pointed at the wrong port) retries the store. Before (seen): each
+    try printed torch's C++ error with its stack ('[E... TCPStore.cpp:328] [c10d] TCP client failed to connect ...',
+    'Exception raised from throwTimeoutError ...', some 20 'frame #N: ...' lines): 60 lines in 3 s here, and
+    torchrun's the same. The outcome is still said once, naming the endpoint."""
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    port = free_port()  # nothing listens there
+    rc, _, err = _run(launcher, ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                 "--rdzv-id", "audit", "--rdzv-conf", "is_host=false,connect_timeout=3", script])
+    assert rc == 1, err
+    assert "frame #" not in err and "[c10d]" not in err and "Exception raised from" not in err, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("elastic-run: error: RendezvousConnectionError:") and f"127.0.0.1:{port}" in last, err
+
+
+def test_a_rendezvous_that_times_out_is_said_without_a_traceback(launcher, tmp_path):
+    """The second node never came. Before (seen): the agent logged 'the elastic agent failed: RendezvousTimeoutError:
+    ...' with an 18-line Python traceback before the one-line error (torchrun: 41 lines)."""
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    rc, _, err = _run(launcher, ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                                 "--rdzv-id", "audit", "--rdzv-conf", "join_timeout=2", script])
+    assert rc == 1, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("elastic-run: error: RendezvousTimeoutError:") and "1 of min 2 nodes joined" in last, err
+    assert len(err.strip().splitlines()) <= 3, err

@@ -64,6 +64,7 @@ from elastic_impl.rendezvous.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousGracefulExitError,
+    RendezvousTimeoutError,
 )
 from elastic_impl.rendezvous.extensions import (
     LeavingHandler,
@@ -400,10 +401,12 @@ class SimpleElasticAgent(ElasticAgent):
                                                RendezvousClosedError):
                     # The job ends here (the launcher closes the run): without a published root cause a peer
                     # waiting at its exit barrier would take the closed run for a finished job and exit 0.
-                    # A worker program that cannot be executed is the user's input, said in one line; anything
-                    # else is our failure and keeps its traceback.
-                    logger.error("the elastic agent failed: %s: %s", type(e).__name__, e,
-                                 exc_info=not isinstance(e, EntrypointNotExecutableError))
+                    # A worker program that cannot be executed is the user's input, and a rendezvous that timed out
+                    # (the peers never came) an outcome, each said in one line; anything else is our failure and
+                    # keeps its traceback.
+                    said_in_full = isinstance(e, EntrypointNotExecutableError) or _is_rendezvous_error_of(
+                        e, RendezvousTimeoutError)
+                    logger.error("the elastic agent failed: %s: %s", type(e).__name__, e, exc_info=not said_in_full)
                     self._publish_agent_error(e)
                 raise
             sigval = signal.Signals(sigval)
