@@ -95,6 +95,8 @@ def _check_env_flags(parser: ArgumentParser) -> None:
 # Options whose value came from a PET_* variable in the last parse_args, not from the command line: the error
 # for a bad value names the variable ({'--nproc-per-node': 'PET_NPROC_PER_NODE'}).
 _from_env: dict[str, str] = {}
+# The options (dests) given on the command line in the last parse_args.
+_given_on_command_line: set[str] = set()
 
 
 class _StoreGiven(argparse._StoreAction):
@@ -223,6 +225,8 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     given = getattr(parsed, "_given_on_command_line", set())
     if hasattr(parsed, "_given_on_command_line"):
         del parsed._given_on_command_line
+    _given_on_command_line.clear()
+    _given_on_command_line.update(given)
     _from_env.clear()
     for dest, (option, variables) in parser._env_options.items():  # type: ignore[attr-defined]
         variable = next((v for v in variables if v in os.environ), None)
@@ -581,6 +585,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
 def run(args: argparse.Namespace) -> None:
     """Launch the job described by parsed ``args`` (raises on failure; see ``main`` for exit codes)."""
     if args.standalone:
+        _check_standalone(args)
         args.rdzv_backend = "c10d"
         args.rdzv_endpoint = f"localhost:{_get_free_port()}"
         args.rdzv_id = str(uuid.uuid4())
@@ -605,6 +610,22 @@ def run(args: argparse.Namespace) -> None:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     finally:
         close_early()
+
+
+def _check_standalone(args: argparse.Namespace) -> None:
+    """--standalone hosts the rendezvous on a free local port that no other node is told of: one node only, and the
+    --rdzv-* options it replaces are named (torchrun drops them silently)."""
+    min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
+    if max_nodes > 1:
+        raise _bad("--nnodes", args.nnodes, "--standalone runs a single node on a private local rendezvous (expected "
+                   "1; for several nodes drop --standalone and give --rdzv-backend and --rdzv-endpoint)")
+    ignored = [f"{option} {getattr(args, dest)!r}"
+               for dest, option in (("rdzv_backend", "--rdzv-backend"), ("rdzv_endpoint", "--rdzv-endpoint"),
+                                    ("rdzv_id", "--rdzv-id"))
+               if dest in _given_on_command_line or option in _from_env]
+    if ignored:
+        logger.warning("--standalone ignores %s: it hosts its own c10d rendezvous on a free local port",
+                       ", ".join(ignored))
 
 
 def _check_training_program(args: argparse.Namespace) -> None:

@@ -202,3 +202,32 @@ def test_a_rendezvous_that_times_out_is_said_without_a_traceback(launcher, tmp_p
     last = err.strip().splitlines()[-1]
     assert last.startswith("elastic-run: error: RendezvousTimeoutError:") and "1 of min 2 nodes joined" in last, err
     assert len(err.strip().splitlines()) <= 3, err
+
+
+@pytest.mark.parametrize("nnodes", ["2", "1:2"])
+def test_standalone_with_more_than_one_node_is_one_line_exit_2(capsys, nnodes):
+    """--standalone hosts its rendezvous on a free local port no other node is told of. Before (seen): --nnodes 2
+    waited out the join timeout (600 s by default) for a node that could not come, and 1:2 waited the whole 30 s
+    last call, silently, before starting (torchrun the same)."""
+    from elastic_impl.run import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--standalone", "--nnodes", nnodes, "x.py"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert f"invalid --nnodes value {nnodes!r}" in line and "--standalone" in line, line
+
+
+def test_standalone_names_the_rendezvous_options_it_ignores(launcher, tmp_path):
+    """Before: --standalone --rdzv-endpoint/--rdzv-backend were dropped without a word (torchrun too): a user who
+    meant to join that endpoint got a private single-node run."""
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    rc, out, err = _run(launcher, ["--standalone", "--rdzv-endpoint", "otherhost:1234", "--rdzv-backend", "etcd",
+                                   script])
+    assert rc == 0, err
+    assert "rank 0" in out
+    warnings = [line for line in err.splitlines() if "--standalone" in line]
+    assert len(warnings) == 1, err
+    assert "--rdzv-backend 'etcd'" in warnings[0] and "--rdzv-endpoint 'otherhost:1234'" in warnings[0], err
+    rc, _, err = _run(launcher, ["--standalone", script])
+    assert rc == 0 and "--standalone" not in err, err
