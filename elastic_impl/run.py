@@ -467,6 +467,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
     if args.rdzv_backend not in rendezvous_handler_registry.names():
         raise _bad("--rdzv-backend", args.rdzv_backend,
                    f"registered backends: {', '.join(rendezvous_handler_registry.names())}")
+    if args.rdzv_backend != "static" and max_nodes > 1 and args.rdzv_id == "":
+        # torchrun gives an empty id a random one: each node would wait in a run of its own until the join timeout
+        raise _bad("--rdzv-id", args.rdzv_id, "expected the job's id, the same on every node (with an empty one each "
+                   "node would get a random id of its own and the nodes would never meet)")
     rdzv_configs: dict[str, Any] = _parse_rdzv_conf(args.rdzv_conf)
     shutdown_grace = (
         _parse_float("--shutdown-grace", args.shutdown_grace, 0.0, inclusive=True)
@@ -731,6 +735,7 @@ def console_main(args: list[str] | None = None) -> NoReturn:
     own code, seen in a live scenario. So the exit handlers run (log files, temporary directories, logging), the
     output is flushed, and the process ends without the teardown, where nothing is left to do."""
     code: int | str | None = 0
+    _open_closed_std_fds()
     try:
         main(args)
     except SystemExit as e:
@@ -741,6 +746,23 @@ def console_main(args: list[str] | None = None) -> NoReturn:
         traceback.print_exc()
         code = 1
     exit_now(code)
+
+
+def _open_closed_std_fds() -> None:
+    """Give a closed stdin/stdout/stderr (``elastic-run ... 2>&-``) /dev/null. Otherwise sys.stderr is None (every
+    error line failed: exit 1 and an AttributeError traceback instead of exit 2), and the next file or socket opened
+    would take descriptor 2 and receive what is written to stderr (torch's C++ log, the workers' stderr)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # the lowest free descriptor is taken first: the closed one, unless a lower one is too
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def exit_now(code: int | str | None) -> NoReturn:

@@ -3,13 +3,16 @@ value and what is allowed, exit 2; a signal ends the run with 128 + its number w
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.launcher.conftest import free_port, needs_runtime
+from tests.launcher.conftest import REPO, free_port, needs_runtime
 
 pytestmark = needs_runtime
 
@@ -231,3 +234,27 @@ def test_standalone_names_the_rendezvous_options_it_ignores(launcher, tmp_path):
     assert "--rdzv-backend 'etcd'" in warnings[0] and "--rdzv-endpoint 'otherhost:1234'" in warnings[0], err
     rc, _, err = _run(launcher, ["--standalone", script])
     assert rc == 0 and "--standalone" not in err, err
+
+
+def test_an_empty_rdzv_id_for_several_nodes_is_one_line_exit_2(capsys):
+    """torchrun (and ours before) generates a random run id for an empty --rdzv-id: each node then waits in a run of
+    its own until the join timeout (seen: 'RendezvousTimeoutError: rendezvous run '2339...' round 0 did not complete
+    ... (1 of min 2 nodes joined)', 600 s by default). One node alone keeps torchrun's random id."""
+    from elastic_impl.run import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--nnodes", "1:2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "",
+              "x.py"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert "invalid --rdzv-id value ''" in line and "same on every node" in line, line
+
+
+def test_a_closed_stderr_keeps_the_exit_code(tmp_path):
+    """elastic-run 2>&- with a bad option. Before (seen): exit 1 and, on whatever file took descriptor 2, an
+    AttributeError traceback ('NoneType' object has no attribute 'flush'/'write'): sys.stderr is None."""
+    proc = subprocess.run([sys.executable, "-m", "elastic_impl.run", "--nproc-per-node", "abc", "x.py"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60,
+                          preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 2, proc.stdout
+    assert b"Traceback" not in proc.stdout
