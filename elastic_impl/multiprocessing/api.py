@@ -518,6 +518,7 @@ class PContext(abc.ABC):
         self._previous_signal_handlers: dict[signal.Signals, Any] = {}
         self._closed = False
         self._group_mark = _new_group_mark()  # see WORKER_GROUP_MARK_ENV
+        self._grace_cut = threading.Event()  # see cut_grace_short
         self._seen: dict[int, str] = {}  # pid -> /proc start time of every group member observed
         self._result: RunProcsResult | None = None  # terminal result, kept so later polls do not re-close
         # SIGTERM->SIGKILL grace when a failure makes the poll stop the surviving workers (an agent sets its own).
@@ -600,6 +601,11 @@ class PContext(abc.ABC):
                 f.close()
         self._restore_signal_handlers()
 
+    def cut_grace_short(self) -> None:
+        """End the grace of a stop (now or to come): what is still alive gets SIGKILL at once. Only sets an event,
+        so a signal handler may call it (the agent does, on a second termination signal)."""
+        self._grace_cut.set()
+
     def _remember_members(self) -> None:
         """Note every process in the group (with its start time) so one that later leaves the tree is still found."""
         roots = set(self.pids().values())
@@ -635,12 +641,16 @@ class PContext(abc.ABC):
             self._reap_workers()
             _reap(members - roots)
             live = {p for p in members if is_alive(p)}
-            if not live or self.clock.monotonic() >= deadline:
+            if not live or self.clock.monotonic() >= deadline or self._grace_cut.is_set():
                 break
             _wait_any_exit(live, 0.05, self.clock)
         if live:
-            logger.warning("[%s] %d processes ignored %s for %.1fs; sending SIGKILL", self.name, len(live),
-                           signal.Signals(death_sig).name, timeout)
+            if self._grace_cut.is_set() and self.clock.monotonic() < deadline:
+                logger.warning("[%s] %d processes still alive after %s; the grace was cut short: sending SIGKILL",
+                               self.name, len(live), signal.Signals(death_sig).name)
+            else:
+                logger.warning("[%s] %d processes ignored %s for %.1fs; sending SIGKILL", self.name, len(live),
+                               signal.Signals(death_sig).name, timeout)
             # Bounded: a process in uninterruptible kernel sleep (a hung driver or NFS mount) does not die of SIGKILL
             # until the kernel lets go of it, and an agent blocked here would never report the failure or leave.
             kill_deadline = self.clock.monotonic() + SIGKILL_WAIT

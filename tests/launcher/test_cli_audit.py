@@ -258,3 +258,39 @@ def test_a_closed_stderr_keeps_the_exit_code(tmp_path):
                           preexec_fn=lambda: os.close(2))
     assert proc.returncode == 2, proc.stdout
     assert b"Traceback" not in proc.stdout
+
+
+STUBBORN = """\
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(os.path.join(sys.argv[1], f"ready.{os.environ['LOCAL_RANK']}"), "w").write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_a_second_signal_cuts_the_shutdown_grace_short(launcher, tmp_path):
+    """Ctrl-C twice: workers that ignore the stop signal get SIGKILL at the second one. Before (seen): the second
+    was logged 'agent already stopping; ignoring SIGINT' and the agent waited out the whole grace (30 s here and
+    with torchrun, whose second Ctrl-C adds a traceback)."""
+    script = _write(tmp_path, "stubborn.py", STUBBORN)
+    proc = launcher.start(["--standalone", "--nproc-per-node", "2", "--shutdown-grace", "60", script, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready.{r}").exists() for r in (0, 1)):
+        assert proc.poll() is None and time.monotonic() < deadline, launcher.output(proc)
+        time.sleep(0.1)
+    time.sleep(0.3)
+    pids = [int((tmp_path / f"ready.{r}").read_text()) for r in (0, 1)]
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    assert proc.poll() is None  # still in the grace: the workers ignore SIGINT
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = launcher.wait(proc, 30)
+    took = time.monotonic() - start
+    err = launcher.output(proc)[1]
+    assert rc == 128 + signal.SIGINT, err
+    assert took < 15, f"exited {took:.1f} s after the second SIGINT (the grace is 60 s)\n{err}"
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    assert err.strip().splitlines()[-1] == "elastic-run: agent stopped by SIGINT; workers stopped", err

@@ -162,6 +162,8 @@ class LocalElasticAgent(SimpleElasticAgent):
         self._health_check_server = health_check_server
         self._previous_handlers: dict[int, Any] = {}
         self._terminating = False
+        self._stop_now = False  # a second termination signal: no grace for the workers (see _on_signal)
+        self._closing_pcontext = None  # the worker context being stopped, while it is
         self._signal_event = threading.Event()
         self._timer_server = None
         self._timer_file: str | None = None
@@ -219,7 +221,13 @@ class LocalElasticAgent(SimpleElasticAgent):
         # Record only, never raise here (see SimpleElasticAgent._check_signal): the run loop acts on it within
         # one wait slice, and the watcher thread leaves the rendezvous at once (which also ends a join in progress).
         if self._terminating:
-            logger.warning("agent already stopping; ignoring %s", signal.Signals(signum).name)
+            # A second Ctrl-C (or SIGTERM) means "now": workers still spending their grace get SIGKILL.
+            self._stop_now = True
+            closing = self._closing_pcontext
+            if closing is not None:
+                closing.cut_grace_short()
+            logger.warning("agent already stopping; %s again: stopping the workers now (SIGKILL)",
+                           signal.Signals(signum).name)
             return
         self._terminating = True
         self._pending_signal = signal.Signals(signum)
@@ -402,7 +410,13 @@ class LocalElasticAgent(SimpleElasticAgent):
         pcontext, self._pcontext = self._pcontext, None
         if pcontext is None:
             return
-        pcontext.close(death_sig, timeout)
+        self._closing_pcontext = pcontext
+        if self._stop_now:
+            pcontext.cut_grace_short()
+        try:
+            pcontext.close(death_sig, timeout)
+        finally:
+            self._closing_pcontext = None
         stuck, self._stuck_failures = self._stuck_failures, {}
         if stuck:
             # The stuck workers' reports said "stopped by the agent" before they were; now they have an exit status
