@@ -498,6 +498,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         rdzv_configs["rank"] = node_rank
         if not rdzv_endpoint:
             master_addr = args.master_addr.strip()
+            if not master_addr:
+                raise _bad("--master-addr", args.master_addr, "expected the host name or IP address of node rank 0")
             # torchrun documents IPv6 as [addr]; a bare IPv6 address gets its brackets here
             bare_ipv6 = ":" in master_addr and not master_addr.startswith("[")
             rdzv_endpoint = f"[{master_addr}]:{master_port}" if bare_ipv6 else f"{master_addr}:{master_port}"

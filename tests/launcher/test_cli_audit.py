@@ -294,3 +294,14 @@ def test_a_second_signal_cuts_the_shutdown_grace_short(launcher, tmp_path):
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
     assert err.strip().splitlines()[-1] == "elastic-run: agent stopped by SIGINT; workers stopped", err
+
+
+def test_an_empty_master_addr_is_named(capsys):
+    """Before: "bad rendezvous endpoint ':29500': expected host[:port] ..." -- an endpoint the user never gave."""
+    from elastic_impl.run import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--master-addr", " ", "x.py"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert "invalid --master-addr value ' '" in line, line
