@@ -7,9 +7,15 @@ Exit codes: 0 all invariants hold; 1 an invariant was violated (or fuzzing found
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
+import signal
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .checker import CheckResult, check
@@ -22,6 +28,81 @@ LIVE_PROGRESS_EVERY = 5.0
 
 class CliError(Exception):
     """Bad input or an unavailable feature: printed as one line, exit code 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP during a live run: raised in the main thread so the cluster is stopped (agents,
+    workers, store, namespaces) and its history written before the exit, as for Ctrl-C."""
+
+    def __init__(self, signum: int, logs: Path | None = None) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.logs = logs
+
+
+# Signals that stop a live run cleanly (instead of the default SIGTERM/SIGHUP death, which left the store, the
+# agents and the network namespaces behind). One that is ignored when elastic-sim starts (nohup, a background job)
+# stays ignored.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_cleanly_on_signals() -> Iterator[None]:
+    """The first stop signal raises :class:`Interrupted`; later ones while the cluster is being stopped (bounded by
+    the agents' shutdown grace) are reported and otherwise ignored, so a second Ctrl-C cannot cut the cleanup short
+    and leave processes behind."""
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if stopping:
+            os.write(2, b"elastic-sim: stopping the cluster first (agents, workers, store); please wait\n")
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _prepare_out(value: str | None, what: str = "--out") -> Path | None:
+    """The output directory, made now (before a run of minutes); bad ones are a one-line error."""
+    if not value:
+        return None
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{what} {value!r} is an existing file, not a directory (give a directory to write into)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"{what} {value!r}: cannot create the directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CliError(f"{what} {value!r}: the directory is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def _runtime_logs(shown: bool) -> Iterator[None]:
+    """Unless ``shown``, drop the simulated nodes' runtime log lines (thousands over a fuzz run; each node's story is
+    in its history): they would bury the progress line and the summary."""
+    if shown:
+        yield
+        return
+    target = logging.getLogger("elastic_impl")
+    quiet = logging.NullHandler()
+    target.addHandler(quiet)
+    propagate, target.propagate = target.propagate, False
+    try:
+        yield
+    finally:
+        target.removeHandler(quiet)
+        target.propagate = propagate
 
 
 class Progress:
@@ -137,16 +218,29 @@ def _run_scenario(scenario: Scenario, out: Path | None, progress: Progress) -> t
         ]
         return result.history, extra
     try:
+        from fault_injection import FaultError
+
+        from .live import LiveError
         from .live import run_scenario as run_live
     except ImportError as e:
         raise CliError(f"live mode is not available ({e}); run a scenario with mode: virtual") from None
-    progress.update(f"live scenario {scenario.name!r} starting...", force=True)
+    # Without --out the agents' logs and the history still go somewhere the user is told about.
+    logs = out if out is not None else Path(tempfile.mkdtemp(prefix="elastic-sim-live-"))
+    progress.update(f"live scenario {scenario.name!r} starting (logs in {logs})...", force=True)
     try:
-        history = run_live(scenario, out, progress=lambda status: progress.update(status.line()))
+        with _stop_cleanly_on_signals():
+            history = run_live(scenario, logs, progress=lambda status: progress.update(status.line()))
+    except Interrupted as e:
+        e.logs = logs
+        raise
+    except (LiveError, FaultError) as e:
+        # The cluster is already stopped (run_scenario cleans up whatever it started).
+        raise CliError(f"live run of {scenario.name!r} failed: {e} (logs in {logs})") from None
     finally:
         progress.done()
     network = next((e.detail for e in history if e.event == "op" and e.detail.get("op") == "network"), None)
-    return history, [("network", f"{network['mode']} ({network['why']})")] if network else []
+    extra = [("network", f"{network['mode']} ({network['why']})")] if network else []
+    return history, [*extra, ("logs", str(logs))]
 
 
 def as_virtual(scenario: Scenario) -> Scenario:
@@ -171,11 +265,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if getattr(args, "virtual", False) and scenario.mode != "virtual":
         scenario = as_virtual(scenario)
-    out = Path(args.out) if args.out else None
+    out = _prepare_out(args.out)
     wall0 = time.perf_counter()
-    # A live run takes minutes: off a terminal it still says where it is, a line every few seconds.
-    line_every = LIVE_PROGRESS_EVERY if scenario.mode == "live" else None
-    history, extra = _run_scenario(scenario, out, Progress(args.progress, line_every=line_every))
+    # A live run takes minutes (a large virtual one too): off a terminal it still says where it is, a line every
+    # few seconds.
+    history, extra = _run_scenario(scenario, out, Progress(args.progress, line_every=LIVE_PROGRESS_EVERY))
     wall = time.perf_counter() - wall0
     result = check(history, scenario)
     written = _write_outputs(out, history, result, scenario, args.plot)
@@ -202,14 +296,16 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         raise CliError(f"--runs must be >= 1, got {args.runs}")
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
-    progress = Progress(args.progress)
+    out = _prepare_out(args.out)
+    progress = Progress(args.progress, line_every=LIVE_PROGRESS_EVERY)
 
     def report(count: int, runs: int, phase: str) -> None:
         progress.update(f"fuzz {phase}: schedule {count} {_bar(count / runs) if phase == 'searching' else ''}")
 
     try:
-        result = fuzz(args.seed, args.runs, broken_cas=args.broken_cas, out_dir=args.out, progress=report,
-                      vary_cluster=args.vary_cluster, twice=not args.once)
+        with _runtime_logs(args.verbose):
+            result = fuzz(args.seed, args.runs, broken_cas=args.broken_cas, out_dir=out, progress=report,
+                          vary_cluster=args.vary_cluster, twice=not args.once)
     finally:
         progress.done()
     rows = [
@@ -247,7 +343,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
-    result = explore(args.seed, args.examples, out_dir=args.out, steps=args.steps)
+    out = _prepare_out(args.out)
+    with _runtime_logs(args.verbose):
+        result = explore(args.seed, args.examples, out_dir=out, steps=args.steps)
     rows = [
         ("seed", str(args.seed)),
         ("runs", f"up to {args.examples} of up to {args.steps} steps"),
@@ -284,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run each schedule once (default: twice, failing on any difference in the history digest)")
     fz.add_argument("--out", help="directory for the shrunk failing scenario")
     fz.add_argument("--progress", action="store_true", default=None)
+    fz.add_argument("--verbose", action="store_true", help="also print the simulated nodes' runtime log lines")
     fz.set_defaults(func=cmd_fuzz)
     ex = sub.add_parser("explore", help="stateful fuzzing: a hypothesis state machine acting on a running virtual "
                         "simulation step by step, shrunk on failure")
@@ -291,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--examples", type=int, default=100, help="runs of the state machine")
     ex.add_argument("--steps", type=int, default=30, help="steps per run at most")
     ex.add_argument("--out", help="directory for the shrunk failing scenario")
+    ex.add_argument("--verbose", action="store_true", help="also print the simulated nodes' runtime log lines")
     ex.set_defaults(func=cmd_explore)
     rp = sub.add_parser("replay", help="re-run a scenario (e.g. a shrunk fuzz finding) and check it")
     rp.add_argument("scenario", help="scenario file written by fuzz (or any scenario)")
@@ -309,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, CliError, ValueError, FileNotFoundError) as e:
         print(f"elastic-sim: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        where = f"; cluster stopped, its history and logs are in {e.logs}" if e.logs is not None else ""
+        print(f"elastic-sim: interrupted by {name}{where}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("elastic-sim: interrupted", file=sys.stderr)
         return 130

@@ -378,11 +378,19 @@ def validate_fault(fault: Fault, scenario: Scenario, where: str, error: Callable
     def bad(name: str, value: Any, allowed: str) -> Exception:
         return error(f"{where}.{name}={value!r} is invalid ({allowed})")
 
-    kind = REGISTRY.get(fault.fault)
+    kind = REGISTRY.get(fault.fault) if isinstance(fault.fault, str) else None
     if kind is None:
         raise bad("fault", fault.fault, f"allowed: {', '.join(REGISTRY)}")
     if not _is_number(fault.at) or fault.at < 0:
         raise bad("at", fault.at, "must be a number of seconds >= 0.0")
+    limit = scenario.time_limit
+    if _is_number(limit) and fault.at >= limit:
+        # Never injected: the run ends at time_limit (and a live nemesis would sleep until then).
+        raise bad("at", fault.at, f"must be < time_limit ({limit:g} s): the run ends before a fault that late")
+    if fault.signal is not None:
+        # No kind takes one: kill_worker/kill_agent always SIGKILL, remove_node always SIGTERMs.
+        raise bad("signal", fault.signal, "no fault kind takes a signal: kill_worker and kill_agent send SIGKILL, "
+                  "remove_node SIGTERM")
     total = scenario.total_nodes
     if fault.node is None and kind.node == "one":
         raise error(f"{where}.node is required for fault {fault.fault} (a node index 0..{total - 1})")

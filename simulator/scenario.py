@@ -301,7 +301,24 @@ class Scenario:
             raise _err(where, "expect.outcome", self.expect.outcome, f"allowed: {', '.join(OUTCOMES)}")
         if not isinstance(self.expect.violations, list) or not all(isinstance(v, str) for v in self.expect.violations):
             raise _err(where, "expect.violations", self.expect.violations, "must be a list of invariant names")
+        from .checker import INVARIANTS  # the checker imports this module
+
+        for name in self.expect.violations:
+            if name not in INVARIANTS:
+                raise _err(where, "expect.violations", name, f"not an invariant; allowed: {', '.join(INVARIANTS)}")
+        self._validate_expect_extra(where)
         return self
+
+    def _validate_expect_extra(self, where: str) -> None:
+        """The ``expect`` keys the checker reads must have values it can compare (other keys are the scenario's own)."""
+        extra = self.expect.extra
+        if "restarts" in extra:
+            _int(where, "expect.restarts", extra["restarts"], 0)
+        if "final_world_size" in extra:
+            _int(where, "expect.final_world_size", extra["final_world_size"], 1)
+        for name in ("failure_bound", "detection_bound"):
+            if name in extra:
+                _num(where, f"expect.{name}", extra[name], 0.0, strict=True)
 
     def _validate_live_store(self, where: str) -> None:
         if not isinstance(self.job.daemon, bool):
@@ -431,15 +448,51 @@ def scenario_from_dict(data: Any, source: str = "") -> Scenario:
     except TypeError as e:
         # Sorting faults or comparing defaults on a wrongly typed field: name it without a traceback.
         raise ScenarioError(f"{where}: a field has the wrong type ({e})") from None
-    return scenario.validate()
+    scenario.validate()
+    _check_size(scenario, where)
+    return scenario
+
+
+# What a scenario file may ask for. Virtual: a run's cost grows about N^3 with the nodes (every node reads and
+# writes the whole rendezvous state; 200 nodes take ~6 s, 500 ~1 min on 2 cores) and its memory with N^2 (100,000
+# nodes grew past 3.8 GB within a minute without finishing t=0.01 s). Live: every agent is a process importing
+# torch (~230 MB), every worker one more process. Scale measurements build their Scenario in code
+# (simulator.virtual.run_rendezvous_round) and are not limited.
+MAX_VIRTUAL_NODES = 1000
+MAX_LIVE_NODES = 16
+MAX_LIVE_WORKERS = 64
+
+
+def _check_size(scenario: Scenario, where: str) -> None:
+    total = scenario.total_nodes
+    plus = " with add_node faults" if total != scenario.nodes else ""
+    if scenario.mode == "virtual" and total > MAX_VIRTUAL_NODES:
+        raise ScenarioError(f"{where}: nodes={total}{plus} is too many for virtual mode (at most {MAX_VIRTUAL_NODES}: "
+                            "its cost grows about N^3, 500 nodes take ~1 min; for rendezvous cost at scale use "
+                            "simulator.virtual.run_rendezvous_round)")
+    if scenario.mode == "live":
+        if total > MAX_LIVE_NODES:
+            raise ScenarioError(f"{where}: nodes={total}{plus} is too many for live mode (at most {MAX_LIVE_NODES} "
+                                "agents, each a process of ~230 MB; use mode: virtual for more)")
+        workers = total * scenario.workers_per_node
+        if workers > MAX_LIVE_WORKERS:
+            raise ScenarioError(f"{where}: workers_per_node={scenario.workers_per_node} x {total} nodes = {workers} "
+                                f"worker processes is too many for live mode (at most {MAX_LIVE_WORKERS})")
 
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read a scenario from a ``.yaml``/``.yml`` or ``.toml`` file and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise ScenarioError(f"scenario file {str(path)!r} is a directory (give a .yaml/.yml or .toml file)")
     if not path.is_file():
         raise ScenarioError(f"scenario file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"scenario {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ScenarioError(f"scenario file {str(path)!r} cannot be read ({e.strerror})") from None
     is_toml = path.suffix.lower() == ".toml"
     if is_toml:
         try:

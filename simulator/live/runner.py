@@ -150,7 +150,8 @@ def _run_schedule(cluster: Cluster, scenario, limit: float, reporter: _Reporter)
     reporter.set("faults")
     while queue:
         at, _, action, item = heapq.heappop(queue)
-        delay = t0 + at - time.monotonic()
+        # Never past the time limit: a heal (or a fault counted from job_running) due after it is abandoned there.
+        delay = min(t0 + at, t0 + limit + 0.01) - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         if time.monotonic() - t0 > limit:
