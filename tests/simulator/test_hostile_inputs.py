@@ -94,8 +94,9 @@ def test_etcd_missing_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     # was: a FaultError traceback, exit 1 (fails before any agent starts)
     monkeypatch.setenv("ETCD_BINARY", str(tmp_path / "no-etcd"))
     scenario = write(tmp_path, BASE.replace("mode: virtual", "mode: live\nbackend: etcd-v3"))
-    last = one_line_exit_2(capsys, ["run", scenario], "failed: etcd store:", "no-etcd", "is not an executable etcd")
-    assert "logs in " in last
+    out = tmp_path / "out"
+    one_line_exit_2(capsys, ["run", scenario, "--out", str(out)], "failed: etcd store:", "no-etcd",
+                    "is not an executable etcd", f"(logs in {out})")
 
 
 def test_fuzz_keeps_the_simulated_nodes_log_lines_off_stderr():
