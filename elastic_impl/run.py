@@ -459,6 +459,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         raise _bad("--role", args.role, "expected a non-empty name")
     if args.module and args.no_python:
         raise LaunchConfigError("--module and --no-python cannot be used together")
+    for flag, given in (("--no-python", args.no_python), ("--module", args.module)):
+        if args.run_path and given:
+            raise LaunchConfigError(f"--run-path and {flag} cannot be used together (--run-path runs a Python script "
+                                    "file in the worker's interpreter)")
     if not args.rdzv_backend or not args.rdzv_backend.strip():
         raise _bad("--rdzv-backend", args.rdzv_backend, "expected a backend name such as c10d, etcd or static")
     from elastic_impl.rendezvous import rendezvous_handler_registry

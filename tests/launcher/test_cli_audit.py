@@ -305,3 +305,18 @@ def test_an_empty_master_addr_is_named(capsys):
     line = _one_line_error(capsys.readouterr().err)
     assert info.value.code == 2
     assert "invalid --master-addr value ' '" in line, line
+
+
+@pytest.mark.parametrize("flag", ["--no-python", "--module"])
+def test_run_path_with_no_python_or_module_is_one_line_exit_2(capsys, tmp_path, flag):
+    """--run-path runs a script file in the worker's interpreter. Before (seen): with --no-python the script was
+    looked up on PATH ("training program 'exit3.py' not found on PATH"), with -m it was not checked at all and every
+    worker failed in runpy; torchrun silently drops the other flag."""
+    from elastic_impl.run import main
+
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    with pytest.raises(SystemExit) as info:
+        main(["--standalone", "--run-path", flag, script])
+    line = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2
+    assert f"--run-path and {flag} cannot be used together" in line, line
