@@ -400,6 +400,19 @@ def _parse_local_ranks_filter(value: str | None, nproc_per_node: int) -> set[int
     return ranks
 
 
+def _warn_filters_without_tee(tee, nproc_per_node: int, stdout_filters: list[str], stderr_filters: list[str]) -> None:
+    """The duplicate filters copy teed lines only: without a tee of their stream their file stays empty (torchrun
+    says nothing)."""
+    from elastic_impl.multiprocessing.api import Std, to_map
+
+    teed = to_map(tee, nproc_per_node).values()
+    for option, filters, stream, flag in (("--duplicate-stdout-filters", stdout_filters, "stdout", Std.OUT),
+                                          ("--duplicate-stderr-filters", stderr_filters, "stderr", Std.ERR)):
+        if filters and not any(std & flag for std in teed):
+            logger.warning("%s copies teed %s lines only, and no local rank tees %s: filtered_%s.log will stay "
+                           "empty (add --tee %d or --tee 3)", option, stream, stream, stream, int(flag))
+
+
 def _check_log_dir(log_dir: str | None) -> None:
     """A --log-dir that names a file, or lies under one, is one line before anything starts (torchrun: a
     traceback)."""
@@ -523,6 +536,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LaunchConfig, Any, list[
         )
 
         numa_options = NumaOptions(affinity_mode=AffinityMode(args.numa_binding))
+    _warn_filters_without_tee(tee, nproc_per_node, duplicate_stdout_filters, duplicate_stderr_filters)
     capture_stderr = False
     # (Not with stderr filters: they copy what the user tees, and the capture would tee stderr unasked.)
     if (_is_std_none(redirects) and _is_std_none(tee) and not duplicate_stderr_filters

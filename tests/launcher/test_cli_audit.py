@@ -320,3 +320,19 @@ def test_run_path_with_no_python_or_module_is_one_line_exit_2(capsys, tmp_path, 
     line = _one_line_error(capsys.readouterr().err)
     assert info.value.code == 2
     assert f"--run-path and {flag} cannot be used together" in line, line
+
+
+@pytest.mark.parametrize("argv, stream", [
+    (["--duplicate-stdout-filters", "rank"], "stdout"),
+    (["--duplicate-stderr-filters", "rank", "--tee", "1"], "stderr"),
+])
+def test_duplicate_filters_without_the_tee_they_read_are_named(launcher, tmp_path, argv, stream):
+    """The filters copy teed lines only. Before (seen): without --tee for that stream the job ran and left an empty
+    filtered_<stream>.log, without a word (torchrun the same)."""
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    rc, _, err = _run(launcher, ["--standalone", *argv, script])
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if f"--duplicate-{stream}-filters" in line]
+    assert len(warnings) == 1 and "--tee" in warnings[0], err
+    rc, _, err = _run(launcher, ["--standalone", "--tee", "3", *argv[:2], script])
+    assert rc == 0 and "--duplicate" not in err, err
