@@ -336,3 +336,19 @@ def test_duplicate_filters_without_the_tee_they_read_are_named(launcher, tmp_pat
     assert len(warnings) == 1 and "--tee" in warnings[0], err
     rc, _, err = _run(launcher, ["--standalone", "--tee", "3", *argv[:2], script])
     assert rc == 0 and "--duplicate" not in err, err
+
+
+def test_a_signal_while_a_static_node_waits_for_its_master_exits_with_its_code(launcher, tmp_path):
+    """Static backend, node rank 1, no master yet: the join blocks in TCPStore's C++ connect (up to the 900 s
+    rendezvous timeout). Before (seen): SIGTERM from 'timeout 40' was recorded and nothing more; the agent was still
+    waiting 11 minutes later. Now the join runs where the agent can act on the signal."""
+    script = _write(tmp_path, "ok.py", OK_SCRIPT)
+    proc = launcher.start(["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                           "--master-port", str(free_port()), script])
+    time.sleep(4)
+    assert proc.poll() is None, launcher.output(proc)
+    proc.send_signal(signal.SIGTERM)
+    rc = launcher.wait(proc, 20)
+    err = launcher.output(proc)[1]
+    assert rc == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "elastic-run: agent stopped by SIGTERM; workers stopped", err

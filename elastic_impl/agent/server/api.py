@@ -480,10 +480,37 @@ class SimpleElasticAgent(ElasticAgent):
 
     # ------------------------------------------------------------------ lifecycle steps
 
+    def _next_rendezvous(self, rdzv_handler: Any) -> Any:
+        """``rdzv_handler.next_rendezvous()``, given up on a termination signal.
+
+        A handler that can be left (ours: the signal's leave ends the join) is called directly. Any other may block
+        where no signal reaches Python (the static backend's node waits in TCPStore's C++ connect for its master,
+        up to the rendezvous timeout): it joins on a daemon thread while this one acts on a signal within a tenth of
+        a second (AgentSignalError; the abandoned join ends with the process)."""
+        if isinstance(rdzv_handler, LeavingHandler):
+            return rdzv_handler.next_rendezvous()
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def join() -> None:
+            try:
+                outcome["info"] = rdzv_handler.next_rendezvous()
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the agent's thread
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=join, name="rendezvous-join", daemon=True).start()
+        while not done.wait(0.1):
+            self._check_signal()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["info"]
+
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
         """Join the next rendezvous round and take this node's group rank, store and master address from it."""
         spec = worker_group.spec
-        info = spec.rdzv_handler.next_rendezvous()
+        info = self._next_rendezvous(spec.rdzv_handler)
         if isinstance(info, tuple):  # older handlers return (store, rank, world_size)
             store, group_rank, group_world_size = info
             bootstrap = None
