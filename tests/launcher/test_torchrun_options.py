@@ -16,14 +16,18 @@ pytestmark = [pytest.mark.slow, needs_runtime]
 
 TOOLS = ("elastic-run", "torchrun")
 
+# Each line is one write(2) (atomic on a pipe): under torchrun both workers share the launcher's stdout, and print()
+# in an unbuffered interpreter writes a line in pieces, which interleaved across ranks ('apple pie from rankENV 0 ...').
 _WORKER = """
 import os, sys, time
 rank = os.environ["RANK"]
-print("apple pie from rank", rank, flush=True)
-print("banana from rank", rank, flush=True)
-print("orange, on stderr from rank", rank, file=sys.stderr, flush=True)
-print("lemon on stderr from rank", rank, file=sys.stderr, flush=True)
-print("ENV", rank, os.environ["LOCAL_RANK"], os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
+def say(fd, *words):
+    os.write(fd, (" ".join(str(w) for w in words) + "\\n").encode())
+say(1, "apple pie from rank", rank)
+say(1, "banana from rank", rank)
+say(2, "orange, on stderr from rank", rank)
+say(2, "lemon on stderr from rank", rank)
+say(1, "ENV", rank, os.environ["LOCAL_RANK"], os.environ.get("CUDA_VISIBLE_DEVICES"))
 if os.environ.get("PID_DIR"):
     open(os.path.join(os.environ["PID_DIR"], str(os.getpid())), "w").close()
     time.sleep(120)
