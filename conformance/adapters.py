@@ -131,9 +131,14 @@ def _is_absent(name: str, exc: ModuleNotFoundError) -> bool:
     return bool(exc.name) and (name == exc.name or name.startswith(exc.name + "."))
 
 
-def _broken(name: str, exc: BaseException) -> AdapterError:
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (just ``Type`` when the message is empty)."""
     text = " ".join(str(exc).split())
-    return AdapterError(f"--impl {name!r} cannot be imported: {type(exc).__name__}{': ' + text if text else ''}")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _broken(name: str, exc: BaseException) -> AdapterError:
+    return AdapterError(f"--impl {name!r} cannot be imported: {one_line(exc)}")
 
 
 def reference_adapter() -> Adapter:

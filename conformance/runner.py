@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conformance.adapters import Adapter, ApiNotFound
+from conformance.adapters import Adapter, ApiNotFound, one_line
 from conformance.context import CheckContext, SuiteResources, descendants, kill_pids, process_start_ticks
 from conformance.device import Device, backend_for
 from conformance.known_differences import known_difference, signature_difference
@@ -59,9 +59,9 @@ def verdict_for(supported: bool, observed: str) -> str:
     return UNDOCUMENTED_SUPPORT if observed == "pass" else CLAIMED_UNSUPPORTED
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _needles(pattern: str | None) -> list[str]:
+    """The comma-separated substrings of a -k ``pattern`` (blank ones dropped)."""
+    return [p.strip() for p in (pattern or "").split(",") if p.strip()]
 
 
 def select(rows: Iterable[Row], pattern: str | None) -> list[Row]:
@@ -69,15 +69,14 @@ def select(rows: Iterable[Row], pattern: str | None) -> list[Row]:
     rows = list(rows)
     if not pattern:
         return rows
-    needles = [p.strip().lower() for p in pattern.split(",") if p.strip()]
+    needles = [n.lower() for n in _needles(pattern)]
     return [r for r in rows if any(n in r.api.lower() for n in needles)]
 
 
 def unmatched(rows: Iterable[Row], pattern: str | None) -> list[str]:
     """The comma-separated substrings of ``pattern`` that match no row (see :func:`select`)."""
     apis = [r.api.lower() for r in rows]
-    needles = [p.strip() for p in (pattern or "").split(",") if p.strip()]
-    return [n for n in needles if not any(n.lower() in api for api in apis)]
+    return [n for n in _needles(pattern) if not any(n.lower() in api for api in apis)]
 
 
 def _execute(check: Check, ctx: CheckContext, snapshot: dict[str, Any], waived: list[str]) -> None:
@@ -115,7 +114,7 @@ def run_row(row: Row, resources: SuiteResources, snapshot: dict[str, Any]) -> Re
         except CheckSkipped as exc:
             recorded.update(observed="skip", error=str(exc))
         except BaseException as exc:  # any failure of the implementation is a finding, not a crash of the suite
-            recorded.update(observed="fail", error=_one_line(exc), detail=traceback.format_exc(limit=8))
+            recorded.update(observed="fail", error=one_line(exc), detail=traceback.format_exc(limit=8))
 
     started = time.monotonic()
     thread = threading.Thread(target=target, name=f"check:{row.short_api}", daemon=True)
@@ -230,13 +229,6 @@ def read_baseline(path: str | Path) -> tuple[str, dict[str, str]]:
 def check_baseline_device(path: str | Path, then: str, device_key: str) -> None:
     if then != device_key:
         raise BaselineError(f"--baseline {str(path)!r} was certified on {then}; this run is on {device_key}")
-
-
-def load_baseline(path: str | Path, device_key: str) -> dict[str, str]:
-    """api -> observed ("pass"/"fail"/"skip") of an earlier report.json certified on the same device/backend."""
-    then, observed = read_baseline(path)
-    check_baseline_device(path, then, device_key)
-    return observed
 
 
 def apply_baseline(results: list[Result], baseline: dict[str, str], source: str) -> list[Result]:
